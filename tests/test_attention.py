@@ -1,0 +1,203 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import requires_cuda
+from reference import dense_group_mask, masked_attention
+from vitblocks.attention import (
+    ENV_VAR,
+    AttentionBackendError,
+    TokenGroups,
+    attention_backend,
+    available_backends,
+    group_attention,
+    select_backend,
+)
+from vitblocks.attention import backends as backends_module
+
+CPU_BACKENDS = available_backends("cpu")
+
+
+@st.composite
+def grouped_inputs(draw):
+    batch = draw(st.integers(1, 3))
+    heads = draw(st.integers(1, 3))
+    head_dim = draw(st.sampled_from([2, 4, 8]))
+    n = draw(st.integers(1, 40))
+    g = draw(st.integers(1, n))
+    prefix = draw(st.integers(0, 2))
+    seed = draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, prefix + n, heads, head_dim, generator=gen, dtype=torch.float64) for _ in range(3))
+    return q, k, v, n, g, prefix
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@given(inputs=grouped_inputs())
+def test_grouped_attention_equals_dense_block_diagonal_mask(backend, inputs):
+    q, k, v, n, g, prefix = inputs
+    out = group_attention(q, k, v, g, num_prefix_tokens=prefix, backend=backend)
+    expected = masked_attention(q, k, v, dense_group_mask(n, g, prefix))
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@given(inputs=grouped_inputs())
+def test_backends_match_math_in_float32(backend, inputs):
+    q, k, v, _, g, prefix = (t.float() if torch.is_tensor(t) else t for t in inputs)
+    out = group_attention(q, k, v, g, num_prefix_tokens=prefix, backend=backend)
+    reference = group_attention(q, k, v, g, num_prefix_tokens=prefix, backend="math")
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 2])
+def test_one_group_is_full_attention(prefix):
+    q, k, v = torch.randn(3, 2, 17 + prefix, 4, 8).unbind(0)
+    full = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    for backend in CPU_BACKENDS:
+        out = group_attention(q, k, v, 1, num_prefix_tokens=prefix, backend=backend)
+        torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
+
+
+def test_custom_scale_and_token_groups_object():
+    q, k, v = torch.randn(3, 2, 12, 2, 4, dtype=torch.float64).unbind(0)
+    out = group_attention(q, k, v, TokenGroups(11, 3, num_prefix_tokens=1), scale=0.3)
+    expected = masked_attention(q, k, v, dense_group_mask(11, 3, 1), scale=0.3)
+    torch.testing.assert_close(out, expected)
+
+
+def test_mismatched_token_groups_raise():
+    q = torch.randn(1, 12, 2, 4)
+    with pytest.raises(ValueError, match="describe 0 \\+ 10 tokens but the input has 12"):
+        group_attention(q, q, q, TokenGroups(10, 2))
+
+
+def test_mismatched_shapes_raise():
+    q = torch.randn(1, 12, 2, 4)
+    with pytest.raises(ValueError, match="share one shape"):
+        group_attention(q, q[:, :6], q)
+
+
+def test_too_many_groups_raise():
+    q = torch.randn(1, 5, 2, 4)
+    with pytest.raises(ValueError, match="groups=6"):
+        group_attention(q, q, q, 6)
+
+
+def test_gradients_flow_through_every_backend():
+    for backend in CPU_BACKENDS:
+        q, k, v = (torch.randn(2, 13, 2, 4, requires_grad=True) for _ in range(3))
+        group_attention(q, k, v, 3, num_prefix_tokens=1, backend=backend).square().sum().backward()
+        for t in (q, k, v):
+            assert t.grad is not None and t.grad.abs().sum() > 0
+
+
+def test_auto_picks_sdpa_on_cpu_even_with_xformers_installed():
+    assert select_backend(torch.randn(1, 4, 1, 2), backend="auto").name == "sdpa"
+
+
+def test_auto_falls_back_to_math_for_float64_only_if_sdpa_refuses():
+    chosen = select_backend(torch.randn(1, 4, 1, 2, dtype=torch.float64), backend="auto").name
+    assert chosen in ("sdpa", "math")
+
+
+def test_forcing_xformers_on_cpu_says_why():
+    q = torch.randn(1, 8, 2, 4)
+    with pytest.raises(AttentionBackendError, match="runs on CUDA only"):
+        group_attention(q, q, q, 2, backend="xformers")
+
+
+def test_missing_xformers_package_is_reported(monkeypatch):
+    monkeypatch.setattr(backends_module, "_xformers_installed", lambda: False)
+    q = torch.randn(1, 8, 2, 4)
+    with pytest.raises(AttentionBackendError, match="not installed"):
+        group_attention(q, q, q, 2, backend="xformers")
+
+
+def test_integer_inputs_are_refused_with_the_dtype():
+    q = torch.ones(1, 4, 1, 2, dtype=torch.int64)
+    with pytest.raises(AttentionBackendError, match="torch.int64 is not a floating-point type"):
+        group_attention(q, q, q, backend="sdpa")
+
+
+def test_unknown_backend_name_lists_the_choices():
+    q = torch.randn(1, 4, 1, 2)
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'.*'sdpa'"):
+        group_attention(q, q, q, backend="flash")
+
+
+def test_environment_variable_selects_backend(monkeypatch):
+    q = torch.randn(1, 4, 1, 2)
+    monkeypatch.setenv(ENV_VAR, "math")
+    assert select_backend(q).name == "math"
+    monkeypatch.setenv(ENV_VAR, "xformers")
+    with pytest.raises(AttentionBackendError):
+        select_backend(q)
+    monkeypatch.setenv(ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match=ENV_VAR):
+        select_backend(q)
+
+
+def test_context_manager_overrides_environment_and_nests(monkeypatch):
+    q = torch.randn(1, 4, 1, 2)
+    monkeypatch.setenv(ENV_VAR, "sdpa")
+    with attention_backend("math"):
+        assert select_backend(q).name == "math"
+        with attention_backend("sdpa"):
+            assert select_backend(q).name == "sdpa"
+        assert select_backend(q).name == "math"
+        assert select_backend(q, backend="sdpa").name == "sdpa"  # an explicit argument wins
+    assert select_backend(q).name == "sdpa"
+
+
+def test_context_manager_restores_after_an_exception():
+    q = torch.randn(1, 4, 1, 2)
+    with pytest.raises(RuntimeError), attention_backend("math"):
+        raise RuntimeError
+    assert select_backend(q).name == "sdpa"
+
+
+def test_math_backend_is_visible_to_the_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    b, n, h, d, g = 2, 64, 4, 16, 4
+    q = torch.randn(b, n, h, d)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        group_attention(q, q, q, g, backend="math")
+    # two matmuls of (n/g x d) @ (d x n/g) per group, head and sample, 2 FLOPs per MAC
+    assert counter.get_total_flops() == 2 * 2 * b * h * g * (n // g) ** 2 * d
+
+
+@pytest.mark.parametrize("n, g, prefix", [(10, 4, 0), (10, 4, 2), (12, 4, 1), (7, 7, 0), (9, 2, 3)])
+def test_xformers_block_diagonal_path_builds_the_right_bias(monkeypatch, n, g, prefix):
+    """Runs the xformers grouping logic on CPU with the kernel swapped for a dense one."""
+    pytest.importorskip("xformers.ops.fmha.attn_bias")
+
+    class DenseOps:
+        @staticmethod
+        def memory_efficient_attention(q, k, v, attn_bias=None, p=0.0, scale=None):
+            mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool)
+            if attn_bias is not None:
+                mask = attn_bias.materialize((q.shape[1], k.shape[1])) == 0
+            return masked_attention(q, k, v, mask, scale).to(q.dtype)
+
+    monkeypatch.setattr(backends_module, "_import_xformers_ops", lambda: DenseOps)
+    q, k, v = torch.randn(3, 2, prefix + n, 2, 4, dtype=torch.float64).unbind(0)
+    out = backends_module.XformersBackend().attend_groups(q, k, v, TokenGroups(n, g, prefix), 4**-0.5, 0.0)
+    torch.testing.assert_close(out, masked_attention(q, k, v, dense_group_mask(n, g, prefix)))
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n, g, prefix", [(196, 8, 0), (196, 8, 1), (197, 8, 0), (49, 1, 1)])
+def test_cuda_backends_match_math(dtype, n, g, prefix):
+    q, k, v = torch.randn(3, 4, prefix + n, 4, 32, device="cuda", dtype=dtype).unbind(0)
+    reference = group_attention(q.float(), k.float(), v.float(), g, num_prefix_tokens=prefix, backend="math")
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for backend in available_backends("cuda", dtype):
+        out = group_attention(q, k, v, g, num_prefix_tokens=prefix, backend=backend)
+        torch.testing.assert_close(out.float(), reference, rtol=tolerance, atol=tolerance)

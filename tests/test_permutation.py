@@ -1,0 +1,55 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vitblocks.layers import fixed_permutation, inverse_permutation, permute_tokens, random_permutation
+from vitblocks.layers.permutation import check_policy
+
+
+@given(st.integers(1, 500), st.integers(0, 2**40))
+def test_fixed_permutation_is_a_permutation_and_repeatable(n, seed):
+    perm = fixed_permutation(n, seed)
+    assert perm.dtype == torch.int64
+    assert sorted(perm.tolist()) == list(range(n))
+    assert perm.equal(fixed_permutation(n, seed))
+
+
+def test_fixed_permutation_depends_on_seed_and_actually_shuffles():
+    a, b = fixed_permutation(196, 0), fixed_permutation(196, 1)
+    assert not a.equal(b)
+    assert not a.equal(torch.arange(196))
+    # tokens that share a contiguous chunk after shuffling come from all over the image
+    chunk = a[: 196 // 2].float()
+    assert chunk.min() < 20 and chunk.max() > 176
+
+
+@given(st.integers(1, 300), st.integers(0, 1000))
+def test_inverse_permutation_is_exact(n, seed):
+    perm = fixed_permutation(n, seed)
+    inverse = inverse_permutation(perm)
+    assert perm[inverse].equal(torch.arange(n))
+    assert inverse[perm].equal(torch.arange(n))
+
+
+@given(st.integers(1, 50), st.integers(0, 3), st.integers(0, 100))
+def test_permute_then_inverse_is_identity_and_keeps_prefix(n, prefix, seed):
+    x = torch.randn(2, prefix + n, 5)
+    perm = fixed_permutation(n, seed)
+    shuffled = permute_tokens(x, perm, prefix)
+    assert shuffled[:, :prefix].equal(x[:, :prefix])
+    assert shuffled[:, prefix:].equal(x[:, prefix:][:, perm])
+    assert permute_tokens(shuffled, inverse_permutation(perm), prefix).equal(x)
+
+
+def test_random_permutation_follows_the_global_cpu_seed():
+    torch.manual_seed(7)
+    a = random_permutation(50)
+    torch.manual_seed(7)
+    assert a.equal(torch.randperm(50))
+    assert not a.equal(random_permutation(50))
+
+
+def test_unknown_policy_names_the_argument():
+    with pytest.raises(ValueError, match="eval_permutation='shuffle'"):
+        check_policy("shuffle", "eval_permutation")

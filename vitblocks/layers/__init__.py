@@ -1,0 +1,32 @@
+"""Composable layers: recursion, sliced group attention, mixing, and SReT's stem parts."""
+
+from vitblocks.layers.block import TransformerBlock
+from vitblocks.layers.mix import NonLinearMix
+from vitblocks.layers.permutation import (
+    PERMUTATION_POLICIES,
+    fixed_permutation,
+    inverse_permutation,
+    permute_tokens,
+    random_permutation,
+)
+from vitblocks.layers.pool import ConvPool
+from vitblocks.layers.position import PositionMap, resize_position_map
+from vitblocks.layers.recursive import Recursive
+from vitblocks.layers.sliced import SlicedGroupAttention
+from vitblocks.layers.stem import ConvStem
+
+__all__ = [
+    "PERMUTATION_POLICIES",
+    "ConvPool",
+    "ConvStem",
+    "NonLinearMix",
+    "PositionMap",
+    "Recursive",
+    "SlicedGroupAttention",
+    "TransformerBlock",
+    "fixed_permutation",
+    "inverse_permutation",
+    "permute_tokens",
+    "random_permutation",
+    "resize_position_map",
+]

@@ -1,0 +1,105 @@
+"""A pre-norm transformer block that knows which loop it is on."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from timm.layers import DropPath, Mlp
+from torch import nn
+
+from vitblocks.layers.loop import accepts_loop, call_with_loop
+from vitblocks.layers.scalar import learnable_scalar
+from vitblocks.layers.sliced import SlicedGroupAttention
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block with optional learnable residual scalars.
+
+    Without residual scalars::
+
+        u   = x + DropPath(Attn(LN1(x)))
+        out = u + DropPath(MLP(LN2(u)))
+
+    With `residual_scalars=True` (SReT's block) each of the four terms gets its own
+    learnable scalar, initialised to 1::
+
+        u   = a1*x + a2*DropPath(Attn(LN1(x)))
+        out = a3*u + a4*DropPath(MLP(LN2(u)))
+
+    The loop index given to `forward` is passed on to the attention layer when it
+    accepts one, so a block wrapped in `Recursive` can slice differently per loop.
+
+    Args:
+        dim: Token channels.
+        num_heads: Attention heads.
+        mlp_ratio: MLP hidden width as a multiple of `dim` (hidden = int(dim * ratio)).
+        qkv_bias: Bias on the qkv projection.
+        proj_drop: Dropout after the attention projection and in the MLP.
+        attn_drop: Dropout on attention weights.
+        drop_path: Stochastic-depth rate of both residual branches.
+        residual_scalars: Add the four learnable residual scalars.
+        attn_layer: Attention class, called as
+            `attn_layer(dim, num_heads=..., qkv_bias=..., attn_drop=..., proj_drop=..., **attn_kwargs)`.
+        norm_layer: Norm class, called as `norm_layer(dim)`.
+        act_layer: Activation class of the MLP.
+        mlp_layer: MLP class, called as `mlp_layer(in_features, hidden_features, act_layer=..., drop=...)`.
+        **attn_kwargs: Further arguments for `attn_layer`, e.g. `groups=(8, 2)`.
+
+    Example:
+        >>> import torch
+        >>> block = TransformerBlock(dim=192, num_heads=3, groups=(8, 2))
+        >>> block(torch.randn(2, 64, 192), loop=1).shape
+        torch.Size([2, 64, 192])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        residual_scalars: bool = False,
+        attn_layer: type[nn.Module] = SlicedGroupAttention,
+        norm_layer: type[nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        act_layer: type[nn.Module] = nn.GELU,
+        mlp_layer: type[nn.Module] = Mlp,
+        **attn_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = attn_layer(
+            dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **attn_kwargs
+        )
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = mlp_layer(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.residual_scalars = residual_scalars
+        if residual_scalars:
+            self.skip_scale1 = learnable_scalar()
+            self.branch_scale1 = learnable_scalar()
+            self.skip_scale2 = learnable_scalar()
+            self.branch_scale2 = learnable_scalar()
+        self._attn_takes_loop = accepts_loop(self.attn)
+
+    def forward(self, x: torch.Tensor, loop: int = 0) -> torch.Tensor:
+        """Apply the block once.
+
+        Args:
+            x: Tokens of shape (B, N, C).
+            loop: Index of this application of the block's weights.
+
+        Returns:
+            Tensor of shape (B, N, C).
+        """
+        attn = self.drop_path1(call_with_loop(self.attn, self.norm1(x), loop, self._attn_takes_loop))
+        if self.residual_scalars:
+            x = x * self.skip_scale1 + attn * self.branch_scale1
+            return x * self.skip_scale2 + self.drop_path2(self.mlp(self.norm2(x))) * self.branch_scale2
+        x = x + attn
+        return x + self.drop_path2(self.mlp(self.norm2(x)))

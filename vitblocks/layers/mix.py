@@ -1,0 +1,51 @@
+"""NonLinearMix: the unshared layer placed after each application of a shared block."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.layers import Mlp
+from torch import nn
+
+from vitblocks.layers.scalar import learnable_scalar
+
+
+class NonLinearMix(nn.Module):
+    """Gated MLP residual that keeps repeated applications of one block apart.
+
+    Computes `z = b1 * y + b2 * MLP(LN(y))` with a GELU MLP and learnable scalars b1, b2
+    initialised to 1 — SReT's non-linear projection layer. It has no attention and no
+    drop path, so it is cheap next to the block it follows.
+
+    Args:
+        dim: Token channels.
+        mlp_ratio: Hidden width as a multiple of `dim` (hidden = int(dim * mlp_ratio)).
+        act_layer: Activation class of the MLP.
+        norm_layer: Norm class, called as `norm_layer(dim)`.
+        drop: Dropout inside the MLP.
+
+    Example:
+        >>> import torch
+        >>> mix = NonLinearMix(192)
+        >>> mix(torch.randn(2, 49, 192)).shape
+        torch.Size([2, 49, 192])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        mlp_ratio: float = 1.0,
+        act_layer: type[nn.Module] = nn.GELU,
+        norm_layer: type[nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.skip_scale = learnable_scalar()
+        self.branch_scale = learnable_scalar()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mix tokens of shape (B, N, C); returns the same shape."""
+        return x * self.skip_scale + self.mlp(self.norm(x)) * self.branch_scale

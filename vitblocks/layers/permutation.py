@@ -1,0 +1,90 @@
+"""Token permutations that shuffle which tokens share an attention group.
+
+Policies:
+
+- `"random"`: a fresh permutation per call, drawn with `torch.randperm` on the CPU
+  default generator (as the paper's code does), so `torch.manual_seed` reproduces it
+  whatever device the model runs on.
+- `"fixed"`: a permutation that depends only on the token count and a seed, computed by
+  hashing token positions on the input's device; repeatable and free of host-device
+  copies, so inference is deterministic and compiles into one graph.
+- `"none"`: no permutation; groups stay contiguous raster-order chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PERMUTATION_POLICIES = ("random", "fixed", "none")
+
+_MASK32 = 0xFFFFFFFF
+
+
+def check_policy(policy: str, argument: str) -> str:
+    """Return `policy` if it is a known policy name, else raise a ValueError naming `argument`."""
+    if policy not in PERMUTATION_POLICIES:
+        raise ValueError(f"{argument}={policy!r} is not a permutation policy; choose one of {PERMUTATION_POLICIES}")
+    return policy
+
+
+def random_permutation(num_tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """A uniformly random permutation of `num_tokens` positions.
+
+    Args:
+        num_tokens: Length of the permutation.
+        device: Where the result should live; it is drawn on the CPU generator.
+
+    Returns:
+        int64 tensor of shape (num_tokens,).
+    """
+    return torch.randperm(num_tokens).to(device)
+
+
+def fixed_permutation(num_tokens: int, seed: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
+    """A deterministic pseudo-random permutation of `num_tokens` positions.
+
+    Positions are ranked by a 32-bit integer hash of (position, seed), so the result is
+    the same on every device and in every process.
+
+    Args:
+        num_tokens: Length of the permutation.
+        seed: Any non-negative integer; different seeds give unrelated permutations.
+        device: Device of the result.
+
+    Returns:
+        int64 tensor of shape (num_tokens,).
+
+    Example:
+        >>> fixed_permutation(6, seed=1).sort().values.tolist()
+        [0, 1, 2, 3, 4, 5]
+    """
+    h = torch.arange(num_tokens, dtype=torch.int64, device=device)
+    h = (h * 0x9E3779B1 + ((seed * 0x85EBCA77 + 0x165667B1) & _MASK32)) & _MASK32
+    for shift, multiplier in ((16, 0x7FEB352D), (15, 0x2C1B3C6D), (16, 0x297A2D39)):
+        h = ((h ^ (h >> shift)) * multiplier) & _MASK32
+    return torch.argsort(h ^ (h >> 16), stable=True)
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """The permutation that undoes `perm`: `perm[inverse_permutation(perm)] == arange`."""
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inverse
+
+
+def permute_tokens(x: torch.Tensor, perm: torch.Tensor, num_prefix_tokens: int = 0) -> torch.Tensor:
+    """Reorder the patch tokens of `x`, leaving prefix tokens in front.
+
+    Args:
+        x: Tokens of shape (B, P + N, C).
+        perm: Permutation of the N patch tokens; output token P + i is input token
+            P + perm[i].
+        num_prefix_tokens: P.
+
+    Returns:
+        Tensor of the same shape as `x`.
+    """
+    if not num_prefix_tokens:
+        return x.index_select(1, perm)
+    prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
+    return torch.cat([prefix, patches.index_select(1, perm)], dim=1)

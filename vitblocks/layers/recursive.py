@@ -1,0 +1,111 @@
+"""Recursive: apply one module's weights several times in a row."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vitblocks.layers.loop import accepts_loop, call_with_loop
+
+MixSpec = nn.Module | Callable[[], nn.Module] | None
+
+
+class Recursive(nn.Module):
+    """Weight-shared recursion: `loops` applications of one block, each optionally mixed.
+
+    Loop `i` computes `x = mix_i(block(x, loop=i))`. The block is stored once, so the
+    wrapper has exactly the block's parameters plus those of its mix layers, and it
+    saves with `torch.save` and safetensors (no tensor is stored twice). Blocks whose
+    `forward` takes a `loop` argument are told the loop index; any other module is
+    called as `block(x)`.
+
+    Args:
+        block: The module to apply repeatedly; maps a tensor to one of the same shape.
+        loops: Number of applications, >= 1.
+        mix: What follows each application: a factory (a class or a zero-argument
+            callable such as `lambda: NonLinearMix(192)`) called once per loop for
+            unshared layers, as in the paper; a module, shared by every loop; or None.
+        grad_checkpointing: Recompute each loop in the backward pass instead of storing
+            its activations, so training memory stays flat as `loops` grows.
+
+    Raises:
+        ValueError: If `loops` is not an int >= 1.
+        TypeError: If `block` or what `mix` gives is not an nn.Module.
+
+    Example:
+        >>> import torch
+        >>> from vitblocks import NonLinearMix, Recursive, TransformerBlock
+        >>> stage = Recursive(TransformerBlock(dim=192, num_heads=3), loops=2,
+        ...                   mix=lambda: NonLinearMix(192))
+        >>> stage(torch.randn(2, 49, 192)).shape
+        torch.Size([2, 49, 192])
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        loops: int = 2,
+        mix: MixSpec = None,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(block, nn.Module):
+            raise TypeError(f"block must be an nn.Module, got {type(block).__name__}")
+        if isinstance(loops, bool) or not isinstance(loops, int) or loops < 1:
+            raise ValueError(f"loops must be an int >= 1, got {loops!r}")
+        self.block = block
+        self.loops = loops
+        self.grad_checkpointing = grad_checkpointing
+        self.mix: nn.Module | None
+        if mix is None or isinstance(mix, nn.Module):
+            self.mix = mix
+            self.shared_mix = True
+        elif callable(mix):
+            layers = [mix() for _ in range(loops)]
+            for layer in layers:
+                if not isinstance(layer, nn.Module):
+                    raise TypeError(f"the mix factory must return nn.Module instances, got {type(layer).__name__}")
+            self.mix = nn.ModuleList(layers)
+            self.shared_mix = False
+        else:
+            raise TypeError(f"mix must be an nn.Module, a factory of them, or None; got {type(mix).__name__}")
+        self._block_takes_loop = accepts_loop(block)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Turn per-loop activation checkpointing on or off."""
+        self.grad_checkpointing = enable
+
+    def mix_at(self, loop: int) -> nn.Module | None:
+        """The mix layer that follows application `loop`, or None."""
+        if self.mix is None or self.shared_mix:
+            return self.mix
+        return self.mix[loop]
+
+    def _apply_once(self, x: torch.Tensor, loop: int) -> torch.Tensor:
+        x = call_with_loop(self.block, x, loop, self._block_takes_loop)
+        mix = self.mix_at(loop)
+        return x if mix is None else mix(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the block `loops` times.
+
+        Args:
+            x: Input of the block's expected shape.
+
+        Returns:
+            The output of the last application (and its mix layer).
+        """
+        use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for loop in range(self.loops):
+            if use_checkpoint:
+                x = checkpoint(self._apply_once, x, loop, use_reentrant=False)
+            else:
+                x = self._apply_once(x, loop)
+        return x
+
+    def extra_repr(self) -> str:
+        mix = "none" if self.mix is None else ("shared" if self.shared_mix else "per-loop")
+        return f"loops={self.loops}, mix={mix}, grad_checkpointing={self.grad_checkpointing}"

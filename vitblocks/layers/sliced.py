@@ -1,0 +1,168 @@
+"""Sliced group self-attention: attention restricted to groups of tokens, per loop."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from vitblocks.attention import TokenGroups, group_attention
+from vitblocks.layers.permutation import (
+    check_policy,
+    fixed_permutation,
+    inverse_permutation,
+    permute_tokens,
+    random_permutation,
+)
+
+
+def _group_schedule(groups: int | Sequence[int]) -> tuple[int, ...]:
+    schedule = tuple(groups) if isinstance(groups, Sequence) else (groups,)
+    if not schedule or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in schedule):
+        raise ValueError(
+            f"groups must be a positive int or a non-empty sequence of positive ints (one per loop), got {groups!r}"
+        )
+    return schedule
+
+
+class SlicedGroupAttention(nn.Module):
+    """Multi-head self-attention within groups of tokens, with a group count per loop.
+
+    On loop 0 the patch tokens are cut into contiguous raster-order chunks. On later
+    loops with more than one group the patch tokens are first permuted (see
+    `permutation` / `eval_permutation`), cut into chunks, and put back in order before
+    the output projection, so tokens far apart on the image can meet. Groups differ in
+    size by at most one token when the count does not divide evenly.
+
+    Prefix tokens (class / distillation tokens, the first `num_prefix_tokens`) are never
+    permuted; they attend to every token and every token attends to them. With
+    `groups=1` the layer is standard multi-head attention, and its parameters (`qkv`,
+    `q_norm`, `k_norm`, `proj`) are named and shaped as in `timm.layers.Attention`,
+    so weights load either way.
+
+    Args:
+        dim: Token channels C.
+        num_heads: Attention heads; must divide `dim`.
+        groups: Groups per loop: an int for every loop, or a schedule like `(8, 2)`
+            whose last entry repeats for further loops.
+        qkv_bias: Bias on the qkv projection.
+        qk_norm: Normalize queries and keys per head with `norm_layer`.
+        attn_drop: Dropout on the attention weights.
+        proj_drop: Dropout after the output projection.
+        norm_layer: Norm for `qk_norm`.
+        num_prefix_tokens: Tokens at the front excluded from slicing.
+        permutation: Policy in training mode: "random", "fixed" or "none".
+        eval_permutation: Policy in eval mode; "fixed" makes inference repeatable.
+        seed: Seed of the "fixed" policy (combined with the loop index).
+        backend: Attention backend name, or None to follow the global choice.
+
+    Raises:
+        ValueError: For a `dim` not divisible by `num_heads`, a bad `groups` schedule
+            or an unknown policy; at call time, for more groups than patch tokens.
+
+    Example:
+        >>> import torch
+        >>> attn = SlicedGroupAttention(dim=64, num_heads=2, groups=(8, 2))
+        >>> attn(torch.randn(2, 196, 64), loop=1).shape
+        torch.Size([2, 196, 64])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        groups: int | Sequence[int] = 1,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        num_prefix_tokens: int = 0,
+        permutation: str = "random",
+        eval_permutation: str = "fixed",
+        seed: int = 0,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        if num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.groups = _group_schedule(groups)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.permutation = check_policy(permutation, "permutation")
+        self.eval_permutation = check_policy(eval_permutation, "eval_permutation")
+        self.seed = seed
+        self.backend = backend
+
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def groups_at(self, loop: int) -> int:
+        """Group count used on loop `loop` (the schedule's last entry repeats)."""
+        return self.groups[min(loop, len(self.groups) - 1)]
+
+    def permutation_at(self, num_tokens: int, loop: int, device: torch.device | None = None) -> torch.Tensor | None:
+        """The patch-token permutation for one call, or None when tokens keep their order.
+
+        Args:
+            num_tokens: Number of patch tokens.
+            loop: Loop index of the call.
+            device: Device of the permutation.
+        """
+        if loop == 0 or self.groups_at(loop) == 1:
+            return None
+        policy = self.permutation if self.training else self.eval_permutation
+        if policy == "random":
+            return random_permutation(num_tokens, device)
+        if policy == "fixed":
+            return fixed_permutation(num_tokens, self.seed * 1_000_003 + loop, device)
+        return None
+
+    def forward(self, x: torch.Tensor, loop: int = 0) -> torch.Tensor:
+        """Attend within groups.
+
+        Args:
+            x: Tokens of shape (B, P + N, C), prefix tokens first.
+            loop: Index of the current application of the shared weights.
+
+        Returns:
+            Tensor of shape (B, P + N, C).
+        """
+        batch, length, channels = x.shape
+        num_tokens = length - self.num_prefix_tokens
+        num_groups = self.groups_at(loop)
+        if not 1 <= num_groups <= num_tokens:
+            raise ValueError(
+                f"groups={num_groups} (loop {loop}) does not fit {num_tokens} patch tokens: "
+                f"need 1 <= groups <= number of patch tokens; use fewer groups or a larger input"
+            )
+        perm = self.permutation_at(num_tokens, loop, x.device)
+        if perm is not None:
+            x = permute_tokens(x, perm, self.num_prefix_tokens)
+        q, k, v = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim).unbind(2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = group_attention(
+            q, k, v,
+            TokenGroups(num_tokens, num_groups, self.num_prefix_tokens),
+            scale=self.scale,
+            dropout_p=self.attn_drop if self.training else 0.0,
+            backend=self.backend,
+        ).reshape(batch, length, channels)
+        if perm is not None:
+            x = permute_tokens(x, inverse_permutation(perm), self.num_prefix_tokens)
+        return self.proj_drop(self.proj(x))
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, groups={self.groups}, num_prefix_tokens={self.num_prefix_tokens}, "
+            f"permutation={self.permutation!r}, eval_permutation={self.eval_permutation!r}"
+        )

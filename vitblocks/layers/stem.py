@@ -1,0 +1,44 @@
+"""Convolutional stem: three stride-2 3x3 convolutions (total stride 8)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ConvStem(nn.Module):
+    """SReT's stem: Conv3x3/2 + BN + ReLU, three times: in -> C/2 -> C -> C.
+
+    Args:
+        in_chans: Image channels.
+        embed_dim: Output channels C.
+        norm_layer: Norm class after each conv, called as `norm_layer(channels)`.
+        act_layer: Activation class after each norm.
+
+    Example:
+        >>> import torch
+        >>> ConvStem(3, 64)(torch.randn(1, 3, 224, 224)).shape
+        torch.Size([1, 64, 28, 28])
+    """
+
+    stride = 8
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        embed_dim: int = 64,
+        norm_layer: type[nn.Module] = nn.BatchNorm2d,
+        act_layer: type[nn.Module] = nn.ReLU,
+    ) -> None:
+        super().__init__()
+        widths = (in_chans, embed_dim // 2, embed_dim, embed_dim)
+        for i in range(3):
+            self.add_module(f"conv{i + 1}", nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1))
+            self.add_module(f"bn{i + 1}", norm_layer(widths[i + 1]))
+            self.add_module(f"act{i + 1}", act_layer())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map images (B, in_chans, H, W) to feature maps (B, C, ceil(H/8), ceil(W/8))."""
+        for i in (1, 2, 3):
+            x = getattr(self, f"act{i}")(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
+        return x
