@@ -110,7 +110,7 @@ def test_forcing_xformers_on_cpu_says_why():
 
 
 def test_missing_xformers_package_is_reported(monkeypatch):
-    monkeypatch.setattr(backends_module, "_xformers_installed", lambda: False)
+    monkeypatch.setattr(backends_module, "XFORMERS_INSTALLED", False)
     q = torch.randn(1, 8, 2, 4)
     with pytest.raises(AttentionBackendError, match="not installed"):
         group_attention(q, q, q, 2, backend="xformers")

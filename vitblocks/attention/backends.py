@@ -153,10 +153,8 @@ class SdpaBackend(AttentionBackend):
         return out.transpose(1, 2)
 
 
-@functools.lru_cache(maxsize=None)
-def _xformers_installed() -> bool:
-    # find_spec does not import: importing xformers where it cannot run prints warnings.
-    return importlib.util.find_spec("xformers") is not None
+# find_spec does not import: importing xformers where it cannot run prints warnings.
+XFORMERS_INSTALLED = importlib.util.find_spec("xformers") is not None
 
 
 @functools.lru_cache(maxsize=None)
@@ -178,7 +176,7 @@ class XformersBackend(AttentionBackend):
 
     def unsupported_reasons(self, q, dropout_p):
         reasons = []
-        if not _xformers_installed():
+        if not XFORMERS_INSTALLED:
             reasons.append("the xformers package is not installed (pip install 'vitblocks[xformers]')")
         if q.device.type != "cuda":
             reasons.append(

@@ -1,0 +1,37 @@
+"""The README's commands and examples are executed, so they cannot drift from the code."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README = (Path(__file__).parents[1] / "README.md").read_text()
+CI_SCRIPT = (Path(__file__).parents[1] / ".ci" / "run").read_text()
+
+
+def setup_commands():
+    head = README.split("---")[0]
+    return [line.strip() for line in head.splitlines() if line.startswith("    ")]
+
+
+def test_readme_opens_with_exactly_two_setup_commands():
+    commands = setup_commands()
+    assert len(commands) == 2
+    assert all(c.startswith("python -m venv .venv && ") for c in commands)
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    assert setup_commands()[1] in CI_SCRIPT.splitlines()
+
+
+def test_demo_prints_what_the_readme_says():
+    demo = setup_commands()[0]
+    code = re.search(r'python -c "(.*)"$', demo).group(1)
+    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    expected = re.search(r"The demo's first command prints:\n\n    (.*)\n", README).group(1)
+    assert printed.strip() == expected
+
+
+def test_python_examples_run():
+    for block in re.findall(r"```python\n(.*?)```", README, flags=re.S):
+        exec(compile(block, "README.md", "exec"), {})
