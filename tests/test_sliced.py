@@ -70,9 +70,31 @@ def test_one_group_matches_timm_attention_with_the_same_weights():
     assert timm_attn.load_state_dict(ours.state_dict())  # and back
 
 
-def test_qk_norm_keeps_timm_parameter_names():
-    timm_keys = set(Attention(32, num_heads=2, qkv_bias=True, qk_norm=True, norm_layer=torch.nn.LayerNorm).state_dict())
-    assert set(SlicedGroupAttention(32, 2, qk_norm=True).state_dict()) == timm_keys
+@pytest.mark.parametrize("options", [dict(qk_norm=True), dict(scale_norm=True), dict(proj_bias=False)])
+def test_options_keep_timm_parameter_names_and_outputs(options):
+    timm_attn = Attention(32, num_heads=2, qkv_bias=True, norm_layer=torch.nn.LayerNorm, **options)
+    ours = SlicedGroupAttention(32, 2, **options)
+    ours.load_state_dict(timm_attn.state_dict())
+    x = torch.randn(2, 10, 32)
+    torch.testing.assert_close(ours(x), timm_attn(x), rtol=1e-5, atol=1e-5)
+
+
+def test_drops_into_timm_vit_block_as_attn_layer():
+    from timm.models.vision_transformer import Block
+
+    torch.manual_seed(0)
+    reference = Block(32, 2, qkv_bias=True)
+    torch.manual_seed(0)
+    ours = Block(32, 2, qkv_bias=True, attn_layer=SlicedGroupAttention)
+    assert isinstance(ours.attn, SlicedGroupAttention)
+    x = torch.randn(2, 17, 32)
+    torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_masks_are_refused_with_a_reason():
+    module = SlicedGroupAttention(16, 2)
+    with pytest.raises(ValueError, match="takes no attn_mask"):
+        module(torch.randn(1, 4, 16), attn_mask=torch.ones(4, 4, dtype=torch.bool))
 
 
 def test_first_loop_uses_contiguous_chunks_without_permutation():

@@ -37,9 +37,10 @@ class SlicedGroupAttention(nn.Module):
 
     Prefix tokens (class / distillation tokens, the first `num_prefix_tokens`) are never
     permuted; they attend to every token and every token attends to them. With
-    `groups=1` the layer is standard multi-head attention, and its parameters (`qkv`,
-    `q_norm`, `k_norm`, `proj`) are named and shaped as in `timm.layers.Attention`,
-    so weights load either way.
+    `groups=1` the layer is standard multi-head attention. Its parameters (`qkv`,
+    `q_norm`, `k_norm`, `norm`, `proj`) and constructor arguments match
+    `timm.layers.Attention`, so weights load either way and the class can be passed as
+    `attn_layer` to timm's ViT blocks.
 
     Args:
         dim: Token channels C.
@@ -48,14 +49,18 @@ class SlicedGroupAttention(nn.Module):
             whose last entry repeats for further loops.
         qkv_bias: Bias on the qkv projection.
         qk_norm: Normalize queries and keys per head with `norm_layer`.
+        scale_norm: Normalize the attention output before the projection.
+        proj_bias: Bias on the output projection.
         attn_drop: Dropout on the attention weights.
         proj_drop: Dropout after the output projection.
-        norm_layer: Norm for `qk_norm`.
+        norm_layer: Norm class for `qk_norm` and `scale_norm` (default LayerNorm).
         num_prefix_tokens: Tokens at the front excluded from slicing.
         permutation: Policy in training mode: "random", "fixed" or "none".
         eval_permutation: Policy in eval mode; "fixed" makes inference repeatable.
         seed: Seed of the "fixed" policy (combined with the loop index).
         backend: Attention backend name, or None to follow the global choice.
+        device: Device of the parameters.
+        dtype: Dtype of the parameters.
 
     Raises:
         ValueError: For a `dim` not divisible by `num_heads`, a bad `groups` schedule
@@ -75,14 +80,18 @@ class SlicedGroupAttention(nn.Module):
         groups: int | Sequence[int] = 1,
         qkv_bias: bool = True,
         qk_norm: bool = False,
+        scale_norm: bool = False,
+        proj_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        norm_layer: type[nn.Module] = nn.LayerNorm,
+        norm_layer: type[nn.Module] | None = None,
         num_prefix_tokens: int = 0,
         permutation: str = "random",
         eval_permutation: str = "fixed",
         seed: int = 0,
         backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if num_heads < 1 or dim % num_heads:
@@ -99,11 +108,14 @@ class SlicedGroupAttention(nn.Module):
         self.seed = seed
         self.backend = backend
 
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        factory = {"device": device, "dtype": dtype}
+        norm_layer = norm_layer or nn.LayerNorm
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **factory)
+        self.q_norm = norm_layer(self.head_dim, **factory) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim, **factory) if qk_norm else nn.Identity()
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.norm = norm_layer(dim, **factory) if scale_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, **factory)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def groups_at(self, loop: int) -> int:
@@ -127,16 +139,34 @@ class SlicedGroupAttention(nn.Module):
             return fixed_permutation(num_tokens, self.seed * 1_000_003 + loop, device)
         return None
 
-    def forward(self, x: torch.Tensor, loop: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        loop: int = 0,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
         """Attend within groups.
 
         Args:
             x: Tokens of shape (B, P + N, C), prefix tokens first.
             loop: Index of the current application of the shared weights.
+            attn_mask: Accepted for timm compatibility; must be None (the groups are
+                the mask).
+            is_causal: Accepted for timm compatibility; must be False.
 
         Returns:
             Tensor of shape (B, P + N, C).
+
+        Raises:
+            ValueError: If the loop's group count exceeds the patch tokens, or a mask
+                or causal attention is requested.
         """
+        if attn_mask is not None or is_causal:
+            raise ValueError(
+                "SlicedGroupAttention takes no attn_mask or is_causal: its token groups define the mask; "
+                "use timm.layers.Attention for masked attention"
+            )
         batch, length, channels = x.shape
         num_tokens = length - self.num_prefix_tokens
         num_groups = self.groups_at(loop)
@@ -159,7 +189,7 @@ class SlicedGroupAttention(nn.Module):
         ).reshape(batch, length, channels)
         if perm is not None:
             x = permute_tokens(x, inverse_permutation(perm), self.num_prefix_tokens)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(self.proj(self.norm(x)))
 
     def extra_repr(self) -> str:
         return (
