@@ -1,5 +1,7 @@
 """vitblocks: composable building blocks for efficient vision transformers.
 
+Importing the package registers its models with timm (`timm.create_model("sret_t")`).
+
 Example:
     >>> from vitblocks import Recursive, TransformerBlock
     >>> stage = Recursive(TransformerBlock(dim=192, num_heads=3), loops=2)
@@ -7,6 +9,7 @@ Example:
     444864
 """
 
+from vitblocks import models
 from vitblocks.attention import AttentionBackendError, TokenGroups, attention_backend, group_attention
 from vitblocks.layers import (
     ConvPool,
@@ -17,6 +20,7 @@ from vitblocks.layers import (
     SlicedGroupAttention,
     TransformerBlock,
 )
+from vitblocks.models import SReT
 
 __version__ = "0.1.0"
 
@@ -27,9 +31,11 @@ __all__ = [
     "NonLinearMix",
     "PositionMap",
     "Recursive",
+    "SReT",
     "SlicedGroupAttention",
     "TokenGroups",
     "TransformerBlock",
     "attention_backend",
     "group_attention",
+    "models",
 ]

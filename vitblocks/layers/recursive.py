@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -11,6 +12,17 @@ from torch.utils.checkpoint import checkpoint
 from vitblocks.layers.loop import accepts_loop, call_with_loop
 
 MixSpec = nn.Module | Callable[[], nn.Module] | None
+CheckpointMode = bool | str
+"""False (off), True or "loop" (each loop), or "sqrt" (nested segments)."""
+CHECKPOINT_MODES = (False, True, "loop", "sqrt")
+
+
+def _checkpoint_mode(mode: CheckpointMode) -> str | None:
+    if isinstance(mode, bool):
+        return "loop" if mode else None
+    if mode in ("loop", "sqrt"):
+        return mode
+    raise ValueError(f"grad_checkpointing={mode!r} is not one of {CHECKPOINT_MODES}")
 
 
 class Recursive(nn.Module):
@@ -28,11 +40,16 @@ class Recursive(nn.Module):
         mix: What follows each application: a factory (a class or a zero-argument
             callable such as `lambda: NonLinearMix(192)`) called once per loop for
             unshared layers, as in the paper; a module, shared by every loop; or None.
-        grad_checkpointing: Recompute each loop in the backward pass instead of storing
-            its activations, so training memory stays flat as `loops` grows.
+        grad_checkpointing: Activation checkpointing in training. True (or "loop"):
+            each loop is recomputed in the backward pass, so only its input is kept —
+            memory grows by one token tensor per loop instead of a block's worth of
+            activations. "sqrt": loops are also grouped into about sqrt(loops) segments
+            that are checkpointed as a whole (nested checkpointing), so memory grows
+            with sqrt(loops) at the cost of one more forward pass; for very deep
+            recursion.
 
     Raises:
-        ValueError: If `loops` is not an int >= 1.
+        ValueError: If `loops` is not an int >= 1 or `grad_checkpointing` is unknown.
         TypeError: If `block` or what `mix` gives is not an nn.Module.
 
     Example:
@@ -58,7 +75,7 @@ class Recursive(nn.Module):
             raise ValueError(f"loops must be an int >= 1, got {loops!r}")
         self.block = block
         self.loops = loops
-        self.grad_checkpointing = grad_checkpointing
+        self.set_grad_checkpointing(grad_checkpointing)
         self.mix: nn.Module | None
         if mix is None or isinstance(mix, nn.Module):
             self.mix = mix
@@ -74,8 +91,9 @@ class Recursive(nn.Module):
             raise TypeError(f"mix must be an nn.Module, a factory of them, or None; got {type(mix).__name__}")
         self._block_takes_loop = accepts_loop(block)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Turn per-loop activation checkpointing on or off."""
+    def set_grad_checkpointing(self, enable: CheckpointMode = True) -> None:
+        """Set the activation checkpointing mode: False, True / "loop", or "sqrt"."""
+        self._checkpoint_mode = _checkpoint_mode(enable)
         self.grad_checkpointing = enable
 
     def mix_at(self, loop: int) -> nn.Module | None:
@@ -89,6 +107,11 @@ class Recursive(nn.Module):
         mix = self.mix_at(loop)
         return x if mix is None else mix(x)
 
+    def _apply_checkpointed(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        for loop in range(start, stop):
+            x = checkpoint(self._apply_once, x, loop, use_reentrant=False)
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the block `loops` times.
 
@@ -98,12 +121,17 @@ class Recursive(nn.Module):
         Returns:
             The output of the last application (and its mix layer).
         """
-        use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for loop in range(self.loops):
-            if use_checkpoint:
-                x = checkpoint(self._apply_once, x, loop, use_reentrant=False)
-            else:
+        mode = self._checkpoint_mode if self.training and torch.is_grad_enabled() else None
+        if mode is None:
+            for loop in range(self.loops):
                 x = self._apply_once(x, loop)
+        elif mode == "loop" or self.loops < 4:
+            x = self._apply_checkpointed(x, 0, self.loops)
+        else:
+            segment = math.isqrt(self.loops - 1) + 1  # ceil(sqrt(loops))
+            for start in range(0, self.loops, segment):
+                stop = min(start + segment, self.loops)
+                x = checkpoint(self._apply_checkpointed, x, start, stop, use_reentrant=False)
         return x
 
     def extra_repr(self) -> str:

@@ -1,0 +1,546 @@
+"""SReT: the Sliced Recursive Transformer, assembled from `vitblocks.layers`.
+
+A conv stem (stride 8) and a learnable position map feed three stages of weight-shared
+transformer blocks, joined by strided depthwise-conv pooling (PiT-style), then global
+average pooling, LayerNorm and a linear classifier. Each stage holds a few unique blocks;
+each is applied `loops` times, every application followed by a NonLinearMix layer, and
+its attention is sliced into a per-loop number of token groups.
+
+After `import vitblocks`, the variants are in timm's registry::
+
+    model = timm.create_model("sret_t", num_classes=100, img_size=224, drop_path_rate=0.1)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from einops import rearrange
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import nn
+
+from vitblocks.layers import ConvPool, ConvStem, NonLinearMix, PositionMap, Recursive, TransformerBlock
+from vitblocks.layers.recursive import CheckpointMode
+
+_LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+MIX_MODES = ("per_loop", "shared", "none")
+
+
+def _per_stage(value: Any, num_stages: int, name: str) -> tuple:
+    """Broadcast a scalar to every stage, or check that a sequence has one entry per stage."""
+    if isinstance(value, (int, float)):
+        return (value,) * num_stages
+    value = tuple(value)
+    if len(value) != num_stages:
+        raise ValueError(f"{name} needs one entry per stage ({num_stages}), got {value!r}")
+    return value
+
+
+def stage_grids(img_size: tuple[int, int], num_stages: int) -> list[tuple[int, int]]:
+    """Token-map size of each stage for an input of `img_size` (stride-8 stem, then /2 per stage)."""
+    height, width = -(-img_size[0] // ConvStem.stride), -(-img_size[1] // ConvStem.stride)
+    grids = [(height, width)]
+    for _ in range(num_stages - 1):
+        height, width = -(-height // 2), -(-width // 2)
+        grids.append((height, width))
+    return grids
+
+
+def official_drop_path_rates(drop_path_rate: float, unique_blocks: Sequence[int], loops: Sequence[int]) -> list[list[float]]:
+    """Per-block drop-path rates as the paper's code assigns them.
+
+    The rate grows linearly over all block applications ("virtual layers"), but stage s's
+    unique blocks take the first values of that stage's slice, and every loop of a block
+    uses the block's rate.
+
+    Returns:
+        One list of rates per stage, one rate per unique block.
+    """
+    depths = [u * n for u, n in zip(unique_blocks, loops)]
+    total = sum(depths)
+    rates, start = [], 0
+    for unique, depth in zip(unique_blocks, depths):
+        rates.append([drop_path_rate * (start + i) / total for i in range(unique)])
+        start += depth
+    return rates
+
+
+class SReTStage(nn.Module):
+    """One SReT stage: optional pooling, then recursive blocks over the flattened map.
+
+    Args:
+        dim: Token channels.
+        num_heads: Attention heads.
+        unique_blocks: Blocks with their own weights.
+        loops: Applications of each block.
+        groups: Per-loop group schedule shared by the stage's blocks, e.g. `(8, 2)`.
+        mlp_ratio: Block MLP width ratio.
+        mix: "per_loop" (a NonLinearMix after every application), "shared" (one per
+            block, reused by its loops) or "none".
+        mix_mlp_ratio: NonLinearMix MLP width ratio.
+        drop_path_rates: Drop-path rate of each unique block.
+        downsample: Pooling applied first (None for the first stage).
+        block_kwargs: Further `TransformerBlock` arguments (dropouts, permutation
+            policies, attention backend).
+        seed: Base seed of the blocks' fixed permutations.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        unique_blocks: int,
+        loops: int,
+        groups: Sequence[int],
+        mlp_ratio: float,
+        mix: str,
+        mix_mlp_ratio: float,
+        drop_path_rates: Sequence[float],
+        downsample: nn.Module | None = None,
+        block_kwargs: dict[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if mix not in MIX_MODES:
+            raise ValueError(f"mix={mix!r} is not one of {MIX_MODES}")
+        self.downsample = downsample or nn.Identity()
+        self.groups = tuple(groups)
+        block_kwargs = block_kwargs or {}
+        mix_factory = partial(NonLinearMix, dim, mix_mlp_ratio, drop=block_kwargs.get("proj_drop", 0.0))
+        self.blocks = nn.ModuleList(
+            Recursive(
+                TransformerBlock(
+                    dim, num_heads, mlp_ratio=mlp_ratio, drop_path=drop_path_rates[i],
+                    residual_scalars=True, groups=self.groups, seed=seed + i, **block_kwargs,
+                ),
+                loops=loops,
+                mix={"per_loop": mix_factory, "shared": mix_factory() if mix == "shared" else None, "none": None}[mix],
+            )
+            for i in range(unique_blocks)
+        )
+        self.loops = loops
+
+    def check_grid(self, height: int, width: int) -> None:
+        """Raise a ValueError if a (height x width) map has fewer tokens than a loop's groups."""
+        tokens = height * width
+        needed = max(self.groups[: self.loops])
+        if tokens < needed:
+            raise ValueError(
+                f"this stage gets a {height}x{width} map ({tokens} tokens) but its group schedule "
+                f"{self.groups} needs at least {needed} tokens; use a larger image or fewer groups"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map (B, C_in, H, W) to (B, dim, H', W')."""
+        x = self.downsample(x)
+        height, width = x.shape[-2:]
+        self.check_grid(height, width)
+        x = rearrange(x, "b c h w -> b (h w) c")
+        for block in self.blocks:
+            x = block(x)
+        return rearrange(x, "b (h w) c -> b c h w", h=height, w=width)
+
+
+class SReT(nn.Module):
+    """Sliced Recursive Transformer.
+
+    Args:
+        img_size: Input resolution the position map is stored at (stride-8 grid).
+        in_chans: Image channels.
+        num_classes: Classifier outputs; 0 for no classifier.
+        global_pool: "avg" (the paper) or "" (forward_head returns the normed map).
+        embed_dims: Channels per stage.
+        num_heads: Heads per stage.
+        unique_blocks: Blocks with their own weights, per stage.
+        loops: Applications of each block: one int, or one per stage. The paper uses 2;
+            raise it for very deep recursion (1000 applications fit in ~5M params with
+            `mix="shared"`).
+        groups: Group schedule per stage, e.g. `((8, 2), (4, 1), (1, 1))`: stage s
+            slices loop l into `groups[s][l]` groups (the last entry repeats).
+        mlp_ratio: Block MLP width ratio.
+        mix: "per_loop" (the paper), "shared" or "none" — see `SReTStage`.
+        mix_mlp_ratio: NonLinearMix MLP width ratio.
+        drop_rate: Dropout in the blocks, the mix layers and before the classifier.
+        pos_drop_rate: Dropout after adding the position map.
+        attn_drop_rate: Dropout on attention weights.
+        drop_path_rate: Stochastic depth, spread over blocks as in the paper's code.
+        permutation: Token permutation policy of later loops in training.
+        eval_permutation: Policy in eval mode: "fixed" (deterministic, the default),
+            "none", or "official" / "random" to draw a fresh `torch.randperm` per call
+            as the paper's code does at eval.
+        attn_backend: Attention backend for every block, or None for the global choice.
+        grad_checkpointing: Activation checkpointing mode of every recursive block
+            (False, True / "loop", or "sqrt"); see `Recursive`.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        embed_dims: Sequence[int] = (64, 128, 256),
+        num_heads: Sequence[int] = (2, 4, 8),
+        unique_blocks: Sequence[int] = (2, 5, 3),
+        loops: int | Sequence[int] = 2,
+        groups: Sequence[Sequence[int]] = ((8, 2), (4, 1), (1, 1)),
+        mlp_ratio: float = 3.6,
+        mix: str = "per_loop",
+        mix_mlp_ratio: float = 1.0,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        permutation: str = "random",
+        eval_permutation: str = "fixed",
+        attn_backend: str | None = None,
+        grad_checkpointing: CheckpointMode = False,
+    ) -> None:
+        super().__init__()
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool={global_pool!r}: SReT supports 'avg' or ''")
+        num_stages = len(embed_dims)
+        num_heads = _per_stage(num_heads, num_stages, "num_heads")
+        unique_blocks = _per_stage(unique_blocks, num_stages, "unique_blocks")
+        loops = _per_stage(loops, num_stages, "loops")
+        groups = tuple(tuple(g) if isinstance(g, Sequence) else (g,) for g in _per_stage(groups, num_stages, "groups"))
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        eval_permutation = "random" if eval_permutation == "official" else eval_permutation
+
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.img_size = img_size
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.grad_checkpointing = grad_checkpointing
+
+        self.patch_embed = ConvStem(in_chans, embed_dims[0])
+        self.pos_embed = PositionMap(embed_dims[0], (img_size[0] // ConvStem.stride, img_size[1] // ConvStem.stride))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+
+        block_kwargs = dict(
+            proj_drop=drop_rate, attn_drop=attn_drop_rate, permutation=permutation,
+            eval_permutation=eval_permutation, backend=attn_backend, norm_layer=_LayerNorm,
+        )
+        rates = official_drop_path_rates(drop_path_rate, unique_blocks, loops)
+        stages, self.feature_info = [], []
+        reduction = ConvStem.stride
+        for s in range(num_stages):
+            downsample = None if s == 0 else ConvPool(embed_dims[s - 1], embed_dims[s])
+            reduction *= 1 if s == 0 else 2
+            stages.append(
+                SReTStage(
+                    embed_dims[s], num_heads[s], unique_blocks[s], loops[s], groups[s], mlp_ratio, mix,
+                    mix_mlp_ratio, rates[s], downsample, block_kwargs, seed=100 * s,
+                )
+            )
+            self.feature_info.append(dict(num_chs=embed_dims[s], reduction=reduction, module=f"stages.{s}"))
+        self.stages = nn.ModuleList(stages)
+        self.norm = _LayerNorm(self.num_features)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+        self._check_image_size(img_size)
+        self.apply(self._init_layer_norm)
+        self.set_grad_checkpointing(grad_checkpointing)
+
+    @staticmethod
+    def _init_layer_norm(module: nn.Module) -> None:
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def _check_image_size(self, img_size: tuple[int, int]) -> None:
+        for s, (stage, grid) in enumerate(zip(self.stages, stage_grids(img_size, len(self.stages)))):
+            try:
+                stage.check_grid(*grid)
+            except ValueError as error:
+                raise ValueError(f"img_size={img_size} is too small for stage {s + 1}: {error}") from None
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay (besides 1-D parameters and biases)."""
+        return {"pos_embed.weight"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Regexes that group parameters by depth, for layer-wise learning-rate decay."""
+        return dict(
+            stem=r"^patch_embed|^pos_embed",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: CheckpointMode = True) -> None:
+        """Checkpoint activations in every recursive block (see `Recursive`)."""
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            for block in stage.blocks:
+                block.set_grad_checkpointing(enable)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classifier head."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier (0 classes: identity) and optionally the pooling."""
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool={global_pool!r}: SReT supports 'avg' or ''")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pos_drop(self.pos_embed(self.patch_embed(x)))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) to the last stage's map (B, C, H/32, W/32)."""
+        x = self._stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool, normalize and classify a feature map from `forward_features`."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))
+            x = self.norm(x)
+        else:
+            x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images to logits."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage output maps, timm style.
+
+        Args:
+            x: Images.
+            indices: Stages to return: the last n if an int, all if None, or a list.
+            norm: Unused (SReT normalizes only the pooled vector); kept for timm's API.
+            stop_early: Stop after the last requested stage.
+            output_fmt: Only "NCHW".
+            intermediates_only: Return only the stage maps.
+
+        Returns:
+            The stage maps, or (last stage's map, stage maps).
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r}: SReT returns NCHW maps only")
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages[: max_index + 1] if stop_early else self.stages
+        intermediates = []
+        x = self._stem(x)
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages (and head) not needed to produce stage maps `indices`."""
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        if prune_norm or max_index < len(self.feature_info) - 1:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+            self.reset_classifier(0, "")
+        return take
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: SReT) -> dict[str, torch.Tensor]:
+    """Adapt a state dict (ours or the official code's layout) to `model` for timm loading."""
+    from vitblocks.models.official import convert_official_state_dict, is_official_state_dict
+
+    if is_official_state_dict(state_dict):
+        return convert_official_state_dict(state_dict, model)
+    from vitblocks.models.official import resize_position_weight
+
+    return resize_position_weight(dict(state_dict), model)
+
+
+def _create_sret(variant: str, pretrained: bool = False, **kwargs: Any) -> SReT:
+    out_indices = kwargs.pop("out_indices", (0, 1, 2))
+    return build_model_with_cfg(
+        SReT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.conv1",
+        "classifier": "head",
+        "license": "mit",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "sret_t.in1k": _cfg(),
+    "sret_t_unsliced.in1k": _cfg(),
+    "sret_lt.in1k": _cfg(),
+    "sret_lt_unsliced.in1k": _cfg(),
+    "sret_lt_g16_14_1.in1k": _cfg(),
+    "sret_s.in1k": _cfg(),
+    "sret_s_unsliced.in1k": _cfg(),
+    "sret_t_distill.in1k": _cfg(),
+    "sret_lt_distill.in1k": _cfg(),
+    "sret_t_unsliced_distill.in1k": _cfg(),
+    "sret_lt_unsliced_distill.in1k": _cfg(),
+    "sret_t_unsliced_384.in1k": _cfg(input_size=(3, 384, 384), crop_pct=1.0),
+    "sret_s_unsliced_384.in1k": _cfg(input_size=(3, 384, 384), crop_pct=1.0),
+    "sret_s_unsliced_512.in1k": _cfg(input_size=(3, 512, 512), crop_pct=1.0),
+})
+
+PAPER_TOP1: dict[str, float] = {
+    "sret_t": 76.0,
+    "sret_t_unsliced": 76.1,
+    "sret_lt": 76.7,
+    "sret_lt_unsliced": 76.8,
+    "sret_lt_g16_14_1": 76.6,
+    "sret_s": 81.9,
+    "sret_s_unsliced": 82.0,
+    "sret_t_distill": 77.6,
+    "sret_lt_distill": 77.7,
+    "sret_t_unsliced_distill": 77.7,
+    "sret_lt_unsliced_distill": 77.9,
+    "sret_t_unsliced_384": 79.7,
+    "sret_s_unsliced_384": 83.8,
+    "sret_s_unsliced_512": 84.3,
+}
+"""ImageNet-1k top-1 (%) the paper reports for each variant."""
+
+_TINY = dict(embed_dims=(64, 128, 256), num_heads=(2, 4, 8), unique_blocks=(2, 5, 3), mlp_ratio=3.6, mix_mlp_ratio=1.0)
+_LARGER_TINY = dict(_TINY, mlp_ratio=4.0)
+_SMALL = dict(
+    embed_dims=(126, 252, 504), num_heads=(3, 6, 12), unique_blocks=(2, 5, 3), mlp_ratio=3.0, mix_mlp_ratio=2.0,
+    drop_path_rate=0.2,
+)
+_SLICED = ((8, 2), (4, 1), (1, 1))
+_UNSLICED = ((1,), (1,), (1,))
+
+
+def _build(variant: str, pretrained: bool, arch: dict[str, Any], kwargs: dict[str, Any], **overrides: Any) -> SReT:
+    return _create_sret(variant, pretrained=pretrained, **{**arch, **overrides, **kwargs})
+
+
+@register_model
+def sret_t(pretrained: bool = False, **kwargs: Any) -> SReT:
+    """SReT-T, groups [8-4-1, 2-1-1]: 4,755,979 params, 1.11 GMACs at 224."""
+    return _build("sret_t", pretrained, _TINY, kwargs, groups=_SLICED)
+
+
+@register_model
+def sret_t_unsliced(pretrained: bool = False, **kwargs: Any) -> SReT:
+    """SReT-T without slicing: 1.37 GMACs at 224."""
+    return _build("sret_t_unsliced", pretrained, _TINY, kwargs, groups=_UNSLICED)
+
+
+@register_model
+def sret_lt(pretrained: bool = False, **kwargs: Any) -> SReT:
+    """SReT-LT, groups [8-4-1, 2-1-1]: 4,988,024 params, 1.16 GMACs at 224."""
+    return _build("sret_lt", pretrained, _LARGER_TINY, kwargs, groups=_SLICED)
+
+
+@register_model
+def sret_lt_unsliced(pretrained: bool = False, **kwargs: Any) -> SReT:
+    """SReT-LT without slicing: 1.42 GMACs at 224."""
+    return _build("sret_lt_unsliced", pretrained, _LARGER_TINY, kwargs, groups=_UNSLICED)
+
+
+@register_model
+def sret_lt_g16_14_1(pretrained: bool = False, **kwargs: Any) -> SReT:
+    """SReT-LT, groups [16-14-1, 1-1-1]: 1.23 GMACs at 224."""
+    return _build("sret_lt_g16_14_1", pretrained, _LARGER_TINY, kwargs, groups=((16, 1), (14, 1), (1, 1)))
+
+
+@register_model
+def sret_s(pretrained: bool = False, **kwargs: Any) -> SReT:
+    """SReT-S, groups [8-4-1, 2-1-1]: 20,899,692 params, 4.17 GMACs at 224."""
+    return _build("sret_s", pretrained, _SMALL, kwargs, groups=_SLICED)
+
+
+@register_model
+def sret_s_unsliced(pretrained: bool = False, **kwargs: Any) -> SReT:
+    """SReT-S without slicing: 4.67 GMACs at 224."""
+    return _build("sret_s_unsliced", pretrained, _SMALL, kwargs, groups=_UNSLICED)
+
+
+@register_model
+def sret_t_distill(pretrained: bool = False, **kwargs: Any) -> SReT:
+    """SReT-T trained with soft-label distillation (same architecture as sret_t)."""
+    return _build("sret_t_distill", pretrained, _TINY, kwargs, groups=_SLICED)
+
+
+@register_model
+def sret_lt_distill(pretrained: bool = False, **kwargs: Any) -> SReT:
+    """SReT-LT trained with soft-label distillation (same architecture as sret_lt)."""
+    return _build("sret_lt_distill", pretrained, _LARGER_TINY, kwargs, groups=_SLICED)
+
+
+@register_model
+def sret_t_unsliced_distill(pretrained: bool = False, **kwargs: Any) -> SReT:
+    """Unsliced SReT-T trained with soft-label distillation."""
+    return _build("sret_t_unsliced_distill", pretrained, _TINY, kwargs, groups=_UNSLICED)
+
+
+@register_model
+def sret_lt_unsliced_distill(pretrained: bool = False, **kwargs: Any) -> SReT:
+    """Unsliced SReT-LT trained with soft-label distillation."""
+    return _build("sret_lt_unsliced_distill", pretrained, _LARGER_TINY, kwargs, groups=_UNSLICED)
+
+
+@register_model
+def sret_t_unsliced_384(pretrained: bool = False, **kwargs: Any) -> SReT:
+    """Unsliced SReT-T at 384: 4,853,259 params, 6.41 GMACs."""
+    return _build("sret_t_unsliced_384", pretrained, _TINY, kwargs, groups=_UNSLICED, img_size=384)
+
+
+@register_model
+def sret_s_unsliced_384(pretrained: bool = False, **kwargs: Any) -> SReT:
+    """Unsliced SReT-S at 384: 21,091,212 params, 18.44 GMACs."""
+    return _build("sret_s_unsliced_384", pretrained, _SMALL, kwargs, groups=_UNSLICED, img_size=384)
+
+
+@register_model
+def sret_s_unsliced_512(pretrained: bool = False, **kwargs: Any) -> SReT:
+    """Unsliced SReT-S at 512: 21,317,004 params, 42.67 GMACs."""
+    return _build("sret_s_unsliced_512", pretrained, _SMALL, kwargs, groups=_UNSLICED, img_size=512)

@@ -1,0 +1,158 @@
+"""Parameters and multiply-accumulates (MACs) of a model, per stage and in total.
+
+    python -m vitblocks.summary sret_t --img-size 224
+    python -m vitblocks.summary "sret*" --zoo          # one markdown row per model
+
+MACs count convolutions, linear layers and the two attention matmuls, measured with
+PyTorch's FLOP counter while attention runs on the `math` backend (fused kernels are
+invisible to the counter). One MAC is two FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import sys
+from dataclasses import dataclass
+
+import timm
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from vitblocks.attention import attention_backend
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of a summary.
+
+    Attributes:
+        name: Module path inside the model ("total" for the whole model).
+        params: Parameters owned by the module (shared weights counted once).
+        macs: Multiply-accumulates for one image.
+    """
+
+    name: str
+    params: int
+    macs: int
+
+
+def _parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Top-level children, with module lists (stages, blocks) expanded one level."""
+    parts = []
+    for name, child in model.named_children():
+        if isinstance(child, (nn.ModuleList, nn.Sequential)) and len(child) > 0:
+            parts += [(f"{name}.{i}", grandchild) for i, grandchild in enumerate(child)]
+        else:
+            parts.append((name, child))
+    return parts
+
+
+def _input_size(model: nn.Module, img_size: int | None) -> tuple[int, int, int]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    channels, height, width = cfg.get("input_size", (3, 224, 224))
+    return (channels, img_size, img_size) if img_size else (channels, height, width)
+
+
+def summarize(model: nn.Module, img_size: int | None = None) -> list[Row]:
+    """Count parameters and MACs of `model` for one image.
+
+    Args:
+        model: Any image model; timm models take their input size from their config.
+        img_size: Square input resolution; defaults to the model's configured size.
+
+    Returns:
+        One row per part of the model, then a "total" row.
+
+    Example:
+        >>> import timm, vitblocks
+        >>> rows = summarize(timm.create_model("sret_t"))
+        >>> rows[-1].params, round(rows[-1].macs / 1e9, 3)
+        (4755979, 1.112)
+    """
+    model = model.eval()
+    image = torch.zeros(1, *_input_size(model, img_size))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), attention_backend("math"), counter:
+        model(image)
+    flops = counter.get_flop_counts()
+    root = type(model).__name__
+    rows = []
+    for name, part in _parts(model):
+        module_flops = sum(flops.get(f"{root}.{name}", {}).values())
+        rows.append(Row(name, sum(p.numel() for p in part.parameters()), module_flops // 2))
+    direct = sum(p.numel() for p in model.parameters(recurse=False))
+    if direct:
+        rows.append(Row("(own parameters)", direct, 0))
+    rows.append(Row("total", sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    """Render rows as an aligned plain-text table."""
+    width = max(len(r.name) for r in rows)
+    lines = [f"{'part':<{width}}  {'params':>12}  {'GMACs':>9}"]
+    for row in rows:
+        if row.name == "total":
+            lines.append("-" * len(lines[0]))
+        lines.append(f"{row.name:<{width}}  {row.params:>12,}  {row.macs / 1e9:>9.3f}")
+    return "\n".join(lines)
+
+
+def zoo_table(names: list[str], top1: dict[str, float] | None = None) -> str:
+    """A markdown table with one row per registered model: params, GMACs, input size, top-1."""
+    top1 = top1 or {}
+    lines = [
+        "| model | params | GMACs | input | paper top-1 (%) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        model = timm.create_model(name)
+        total = summarize(model)[-1]
+        size = _input_size(model, None)[-1]
+        accuracy = f"{top1[name]:.1f}" if name in top1 else "—"
+        lines.append(f"| `{name}` | {total.params:,} | {total.macs / 1e9:.3f} | {size} | {accuracy} |")
+    return "\n".join(lines)
+
+
+def _resolve(patterns: list[str]) -> list[str]:
+    names = []
+    for pattern in patterns:
+        found = timm.list_models(pattern) if any(c in pattern for c in "*?[") else [pattern]
+        if not found or not all(timm.is_model(n) for n in found):
+            close = fnmatch.filter(timm.list_models(), f"*{pattern.strip('*')}*")[:5]
+            hint = f"; similar: {', '.join(close)}" if close else ""
+            raise SystemExit(f"error: no registered model matches {pattern!r}{hint}")
+        names += found
+    return names
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    import vitblocks  # noqa: F401  (registers the models)
+    from vitblocks.models.sret import PAPER_TOP1
+
+    parser = argparse.ArgumentParser(prog="python -m vitblocks.summary", description=__doc__.split("\n")[0])
+    parser.add_argument("models", nargs="+", help="model names or glob patterns, e.g. sret_t or 'sret*'")
+    parser.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's)")
+    parser.add_argument("--zoo", action="store_true", help="one markdown row per model instead of per-part tables")
+    args = parser.parse_args(argv)
+    names = _resolve(args.models)
+    if args.zoo:
+        print(zoo_table(names, PAPER_TOP1))
+        return
+    for name in names:
+        kwargs = {"img_size": args.img_size} if args.img_size else {}
+        try:
+            model = timm.create_model(name, **kwargs)
+        except TypeError:  # models without an img_size argument run at any size
+            model = timm.create_model(name)
+        size = _input_size(model, args.img_size)
+        print(f"{name} @ {size[1]}x{size[2]}")
+        print(format_table(summarize(model, args.img_size)))
+        print()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
