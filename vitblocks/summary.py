@@ -2,18 +2,24 @@
 
     python -m vitblocks.summary sret_t --img-size 224
     python -m vitblocks.summary "sret*" --zoo          # one markdown row per model
+    python -m vitblocks.summary "sret*" --zoo --update docs/models.md
 
 MACs count convolutions, linear layers and the two attention matmuls, measured with
-PyTorch's FLOP counter while attention runs on the `math` backend (fused kernels are
-invisible to the counter). One MAC is two FLOPs.
+PyTorch's FLOP counter while attention runs as explicit matmuls (the `math` backend for
+vitblocks layers, `fused_attn=False` for timm's): fused kernels are invisible to the
+counter on CPU. One MAC is two FLOPs.
 """
 
 from __future__ import annotations
 
 import argparse
-import fnmatch
+import contextlib
+import difflib
+import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import timm
 import torch
@@ -55,6 +61,19 @@ def _input_size(model: nn.Module, img_size: int | None) -> tuple[int, int, int]:
     return (channels, img_size, img_size) if img_size else (channels, height, width)
 
 
+@contextlib.contextmanager
+def _unfused_timm_attention(model: nn.Module) -> Iterator[None]:
+    """Make timm attention layers (which decide at construction) run explicit matmuls."""
+    fused = [m for m in model.modules() if getattr(m, "fused_attn", False) is True]
+    for module in fused:
+        module.fused_attn = False
+    try:
+        yield
+    finally:
+        for module in fused:
+            module.fused_attn = True
+
+
 def summarize(model: nn.Module, img_size: int | None = None) -> list[Row]:
     """Count parameters and MACs of `model` for one image.
 
@@ -63,7 +82,7 @@ def summarize(model: nn.Module, img_size: int | None = None) -> list[Row]:
         img_size: Square input resolution; defaults to the model's configured size.
 
     Returns:
-        One row per part of the model, then a "total" row.
+        One row per part of the model that has parameters or MACs, then a "total" row.
 
     Example:
         >>> import timm, vitblocks
@@ -74,14 +93,15 @@ def summarize(model: nn.Module, img_size: int | None = None) -> list[Row]:
     model = model.eval()
     image = torch.zeros(1, *_input_size(model, img_size))
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), attention_backend("math"), counter:
+    with torch.no_grad(), attention_backend("math"), _unfused_timm_attention(model), counter:
         model(image)
     flops = counter.get_flop_counts()
     root = type(model).__name__
     rows = []
     for name, part in _parts(model):
-        module_flops = sum(flops.get(f"{root}.{name}", {}).values())
-        rows.append(Row(name, sum(p.numel() for p in part.parameters()), module_flops // 2))
+        row = Row(name, sum(p.numel() for p in part.parameters()), sum(flops.get(f"{root}.{name}", {}).values()) // 2)
+        if row.params or row.macs:  # dropouts and other empty parts say nothing
+            rows.append(row)
     direct = sum(p.numel() for p in model.parameters(recurse=False))
     if direct:
         rows.append(Row("(own parameters)", direct, 0))
@@ -116,12 +136,25 @@ def zoo_table(names: list[str], top1: dict[str, float] | None = None) -> str:
     return "\n".join(lines)
 
 
+ZOO_MARKERS = ("<!-- zoo:start -->", "<!-- zoo:end -->")
+
+
+def update_between_markers(path: str | Path, table: str, markers: tuple[str, str] = ZOO_MARKERS) -> None:
+    """Replace the text between two marker lines of a file with `table`."""
+    path = Path(path)
+    text = path.read_text()
+    start, end = (re.escape(m) for m in markers)
+    if not re.search(f"{start}.*{end}", text, flags=re.S):
+        raise SystemExit(f"error: {path} has no {markers[0]} ... {markers[1]} block to update")
+    path.write_text(re.sub(f"{start}.*{end}", lambda _: f"{markers[0]}\n{table}\n{markers[1]}", text, flags=re.S))
+
+
 def _resolve(patterns: list[str]) -> list[str]:
     names = []
     for pattern in patterns:
         found = timm.list_models(pattern) if any(c in pattern for c in "*?[") else [pattern]
         if not found or not all(timm.is_model(n) for n in found):
-            close = fnmatch.filter(timm.list_models(), f"*{pattern.strip('*')}*")[:5]
+            close = difflib.get_close_matches(pattern, timm.list_models(), n=5)
             hint = f"; similar: {', '.join(close)}" if close else ""
             raise SystemExit(f"error: no registered model matches {pattern!r}{hint}")
         names += found
@@ -137,10 +170,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("models", nargs="+", help="model names or glob patterns, e.g. sret_t or 'sret*'")
     parser.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's)")
     parser.add_argument("--zoo", action="store_true", help="one markdown row per model instead of per-part tables")
+    parser.add_argument("--update", metavar="FILE", help="with --zoo: write the table into FILE between zoo markers")
     args = parser.parse_args(argv)
     names = _resolve(args.models)
     if args.zoo:
-        print(zoo_table(names, PAPER_TOP1))
+        table = zoo_table(names, PAPER_TOP1)
+        if args.update:
+            update_between_markers(args.update, table)
+        else:
+            print(table)
         return
     for name in names:
         kwargs = {"img_size": args.img_size} if args.img_size else {}

@@ -1,0 +1,53 @@
+import re
+from pathlib import Path
+
+import pytest
+import timm
+
+from vitblocks.models.sret import PAPER_TOP1
+from vitblocks.summary import ZOO_MARKERS, main, summarize, update_between_markers, zoo_table
+
+DOCS = Path(__file__).parents[1] / "docs"
+
+
+def test_cli_prints_parts_and_total(capsys):
+    main(["sret_t", "--img-size", "224"])
+    out = capsys.readouterr().out
+    assert out.startswith("sret_t @ 224x224")
+    assert re.search(r"stages\.1\s+1,258,660\s+0\.485", out)
+    assert re.search(r"total\s+4,755,979\s+1\.112", out)
+
+
+def test_cli_at_another_resolution_resizes_the_position_map(capsys):
+    main(["sret_t_unsliced", "--img-size", "384"])
+    assert re.search(r"total\s+4,853,259\s+6\.408", capsys.readouterr().out)
+
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(SystemExit, match="no registered model matches 'sret_tt'.*sret_t"):
+        main(["sret_tt"])
+
+
+def test_summary_works_for_plain_timm_models():
+    total = summarize(timm.create_model("deit_tiny_patch16_224"))[-1]
+    assert total.params == 5_717_416
+    assert abs(total.macs / 1e9 - 1.26) < 0.01
+
+
+def test_docs_model_zoo_table_is_current():
+    text = (DOCS / "models.md").read_text()
+    start, end = (re.escape(m) for m in ZOO_MARKERS)
+    documented = re.search(f"{start}\n(.*)\n{end}", text, flags=re.S).group(1)
+    assert documented == zoo_table(timm.list_models("sret*"), PAPER_TOP1), (
+        "docs/models.md is stale: run python -m vitblocks.summary 'sret*' --zoo --update docs/models.md"
+    )
+
+
+def test_update_between_markers(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(f"before\n{ZOO_MARKERS[0]}\nold\n{ZOO_MARKERS[1]}\nafter\n")
+    update_between_markers(page, "| new |")
+    assert page.read_text() == f"before\n{ZOO_MARKERS[0]}\n| new |\n{ZOO_MARKERS[1]}\nafter\n"
+    (tmp_path / "plain.md").write_text("no markers")
+    with pytest.raises(SystemExit, match="no <!-- zoo:start -->"):
+        update_between_markers(tmp_path / "plain.md", "x")
