@@ -1,0 +1,88 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vitblocks.train import ConfigError, TrainConfig, apply_overrides, load_recipe
+from vitblocks.train.config import format_config, from_dict, to_dict
+
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.py"))
+
+
+def test_every_recipe_loads_and_round_trips_through_plain_data():
+    assert {p.stem for p in RECIPES} >= {"quickstart", "sret_pit", "sret_lt", "sret_s", "sret_t_distill"}
+    for path in RECIPES:
+        config = load_recipe(path)
+        assert from_dict(to_dict(config)) == config
+
+
+def test_sret_pit_follows_the_papers_recipe():
+    config = load_recipe(Path("recipes/sret_pit.py"))
+    assert config.model.name == "sret_t" and config.optim.lr is None and config.optim.lr_per_512 == 1e-3
+    assert config.schedule.warmup_epochs == 30 and config.epochs == 300 and config.schedule.min_lr == 1e-5
+    assert (config.augment.mixup, config.augment.cutmix, config.augment.label_smoothing) == (0.8, 1.0, 0.1)
+    assert config.augment.auto_augment.startswith("rand-m9-mstd0.5") and config.augment.re_prob == 0.25
+    assert load_recipe(Path("recipes/sret_t_distill.py")).distill.kind == "soft"
+
+
+def test_overrides_set_nested_fields_with_their_types():
+    config = apply_overrides(TrainConfig(), ["optim.lr=1e-3", "epochs=5", "model.name=sret_s",
+                                             "model.kwargs.drop_path_rate=0.2", "data.mean=(0.5, 0.5, 0.5)",
+                                             "ema_decay=0.9998", "model.grad_checkpointing=sqrt", "optim.clip_grad=None"])
+    assert config.optim.lr == 1e-3 and config.epochs == 5 and config.model.name == "sret_s"
+    assert config.model.kwargs == {"drop_path_rate": 0.2} and config.data.mean == (0.5, 0.5, 0.5)
+    assert config.ema_decay == 0.9998 and config.model.grad_checkpointing == "sqrt"
+    assert apply_overrides(TrainConfig(), ["optim.lr=1"]).optim.lr == 1.0  # ints widen to float
+    assert TrainConfig().model.kwargs == {}  # the defaults were not mutated
+
+
+def test_unknown_key_names_it_and_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim\.lrr'; did you mean optim\.lr"):
+        apply_overrides(TrainConfig(), ["optim.lrr=1e-3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'epoch'; did you mean epochs"):
+        apply_overrides(TrainConfig(), ["epoch=3"])
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [("epochs=abc", "epochs='abc': expected int"), ("precision=fp8", "precision='fp8' is not one of"),
+     ("data.batch_size=0", "data.batch_size=0 must be >= 1"), ("lr", "not of the form path=value"),
+     ("distill.kind=soft", "needs distill.teacher")],
+)
+def test_bad_values_are_clear_errors(override, match):
+    with pytest.raises(ConfigError, match=match):
+        apply_overrides(TrainConfig(), [override])
+
+
+def test_recipe_without_config_is_refused(tmp_path):
+    (tmp_path / "r.py").write_text("x = 1\n")
+    with pytest.raises(ConfigError, match="must assign a vitblocks.train.TrainConfig to the name 'config'"):
+        load_recipe(tmp_path / "r.py")
+    with pytest.raises(FileNotFoundError, match="no recipe at"):
+        load_recipe(tmp_path / "missing.py")
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "vitblocks.train", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_print_config_shows_resolved_values():
+    result = run_cli("recipes/sret_pit.py", "--set", "optim.lr=0.002", "--print-config")
+    assert result.returncode == 0
+    assert "optim.lr = 0.002" in result.stdout and "model.name = 'sret_t'" in result.stdout
+    assert result.stdout.strip() == format_config(apply_overrides(load_recipe("recipes/sret_pit.py"), ["optim.lr=0.002"]))
+
+
+def test_missing_imagenet_explains_layout_override_and_quickstart(tmp_path):
+    result = run_cli("recipes/sret_pit.py", "--set", f"data.root={str(tmp_path / 'imagenet')!r}")
+    assert result.returncode == 2
+    for expected in ("imagenet/train/<class name>/<image>.jpg", "does not exist", "--set data.root=",
+                     "--smoke", "recipes/quickstart.py"):
+        assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_unknown_key_exits_cleanly():
+    result = run_cli("recipes/quickstart.py", "--set", "optim.lrr=1", "--print-config")
+    assert result.returncode == 2 and "did you mean optim.lr" in result.stderr and "Traceback" not in result.stderr

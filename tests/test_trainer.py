@@ -1,0 +1,186 @@
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from train_helpers import tiny_config
+from vitblocks.models.official import CheckpointError
+from vitblocks.train import ConfigError, Trainer, TrainingDiverged, load_recipe
+from vitblocks.train.checkpoint import load_training_checkpoint, save_atomic
+from vitblocks.train.data import ResumableSampler
+
+DRIVER = Path(__file__).with_name("train_driver.py")
+
+
+TIMING = ("train_img_s", "epoch_seconds")
+
+
+def read_metrics(run, timing=True):
+    with open(Path(run) / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    return rows if timing else [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def drive(output_dir, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(DRIVER), str(output_dir), *args], capture_output=True, text=True, env=env)
+
+
+def test_a_run_writes_metrics_checkpoints_plot_and_safetensors(tmp_path, capsys):
+    trainer = Trainer(tiny_config(tmp_path, ema_decay=0.9))
+    result = trainer.fit(progress=False)
+    rows = read_metrics(tmp_path)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert {"train_loss", "val_loss", "val_top1", "val_top5", "ema_top1", "lr", "train_img_s"} <= rows[0].keys()
+    for name in ("last.pth", "best.pth", "model.safetensors", "model_ema.safetensors", "curves.png"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    weights = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(weights["head.weight"], trainer.model.head.weight.detach())
+    assert result["best_top1"] == max(float(r["val_top1"]) for r in rows)
+    out = capsys.readouterr().out
+    assert "best top-1" in out and "train img/s" in out and str(tmp_path / "model.safetensors") in out
+    assert trainer.step == 2 * 6  # 48 samples / batch 8, two epochs
+
+
+def test_schedule_warms_up_then_decays_per_step(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, epochs=3))
+    lrs = []
+    trainer.on_step_end = lambda: lrs.append(trainer.optimizer.param_groups[0]["lr"])
+    trainer.fit(progress=False)
+    # one warmup epoch (6 updates) rising linearly, then cosine decay (timm/DeiT: warmup overlaps the cosine)
+    assert lrs[:5] == sorted(lrs[:5]) and lrs[0] < max(lrs) / 4 and lrs.index(max(lrs)) == 4
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] == pytest.approx(1e-5)
+
+
+def test_weight_decay_skips_biases_norms_and_the_position_map(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path))
+    decayed = {id(p) for g in trainer.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {n for n, p in trainer.model.named_parameters() if id(p) in decayed}
+    assert "pos_embed.weight" not in names and not any(n.endswith(".bias") for n in names)
+    assert "head.weight" in names
+
+
+def test_learning_rate_scales_with_global_batch(tmp_path):
+    config = tiny_config(tmp_path)
+    config.optim.lr, config.optim.accum_steps = None, 2
+    assert Trainer(config).lr == pytest.approx(1e-3 * 16 / 512)
+
+
+def test_accumulation_steps_the_optimizer_every_n_batches(tmp_path):
+    config = tiny_config(tmp_path, epochs=1)
+    config.optim.accum_steps = 3
+    config.optim.clip_grad = 1.0
+    trainer = Trainer(config)
+    trainer.fit(progress=False)
+    assert trainer.step == 2
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    assert drive(reference).returncode == 0
+    killed = drive(interrupted, "--kill-at-step", "9")
+    assert killed.returncode == -signal.SIGKILL
+    state = load_training_checkpoint(interrupted / "last.pth")
+    assert (state["epoch"], state["batch"]) == (1, 2)  # mid-epoch, from the step-8 checkpoint
+    resumed = drive(interrupted, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_metrics(interrupted, timing=False) == read_metrics(reference, timing=False)
+    final, expected = load_file(interrupted / "model.safetensors"), load_file(reference / "model.safetensors")
+    for key in expected:
+        assert torch.equal(final[key], expected[key]), key
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
+    config = tiny_config(tmp_path, epochs=2)
+    config.checkpoint.every_steps = 2
+    trainer = Trainer(config)
+
+    def poison():
+        if trainer.step == 7:
+            with torch.no_grad():
+                trainer.model.head.weight.fill_(float("nan"))
+
+    trainer.on_step_end = poison
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 8 \(epoch 2, batch 2\).*last\.pth"):
+        trainer.fit(progress=False)
+    state = load_training_checkpoint(tmp_path / "last.pth")
+    assert state["step"] == 6 and torch.isfinite(state["model"]["head.weight"]).all()
+
+
+def test_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path / "run", epochs=1))
+    trainer.fit(progress=False)
+    data = (tmp_path / "run" / "last.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        trainer.resume(tmp_path / "cut.pth")
+    torch.save({"model": {}}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="not a vitblocks training checkpoint"):
+        trainer.resume(tmp_path / "other.pth")
+    other = Trainer(tiny_config(tmp_path / "x", model=type(trainer.config.model)("sret_lt", kwargs=trainer.config.model.kwargs)))
+    with pytest.raises(CheckpointError, match="checkpoint of 'sret_t', not 'sret_lt'"):
+        other.resume(tmp_path / "run" / "last.pth")
+
+
+def test_atomic_save_never_leaves_a_partial_file(tmp_path, monkeypatch):
+    save_atomic({"a": torch.ones(2)}, tmp_path / "c.pth")
+
+    def explode(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", explode)
+    with pytest.raises(KeyboardInterrupt):
+        save_atomic({"a": torch.zeros(2)}, tmp_path / "c.pth")
+    assert torch.load(tmp_path / "c.pth", weights_only=True)["a"].equal(torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]
+
+
+def test_fp16_on_cpu_is_refused_and_bf16_runs(tmp_path):
+    with pytest.raises(ConfigError, match="fp16.*CUDA"):
+        Trainer(tiny_config(tmp_path, precision="fp16"))
+    Trainer(tiny_config(tmp_path, precision="bf16", epochs=1)).fit(progress=False)
+
+
+def test_two_gloo_processes_end_with_identical_weights(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(DRIVER),
+         str(tmp_path), "--save-rank-weights"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    assert len(read_metrics(tmp_path)) == 2  # written once, by rank 0
+
+
+def test_sampler_resumes_mid_epoch_and_splits_ranks():
+    sampler = ResumableSampler(20, shuffle=True, seed=3)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.set_epoch(2, skip=8)
+    assert list(sampler) == full[8:]
+    sampler.set_epoch(3)
+    assert list(sampler) != full and sorted(list(sampler)) == list(range(20))
+    shares = []
+    for rank in (0, 1, 2):
+        s = ResumableSampler(20, True, seed=3, rank=rank, world_size=3)
+        s.set_epoch(0)
+        shares.append(list(s))
+    assert len({len(s) for s in shares}) == 1 and set().union(*shares) == set(range(20))
+    repeated = ResumableSampler(30, True, repeats=3)
+    assert len(list(repeated)) == 30 and len(set(repeated)) == 10
+
+
+def test_quickstart_reaches_95_percent(tmp_path):
+    config = load_recipe("recipes/quickstart.py")
+    result = Trainer(config, output_dir=tmp_path).fit(progress=False)
+    assert result["val_top1"] >= 95.0

@@ -1,0 +1,50 @@
+"""Runs a tiny training job in its own process, for tests that kill or distribute it.
+
+    python tests/train_driver.py OUTPUT_DIR [--kill-at-step N] [--resume] [--save-rank-weights]
+"""
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_helpers import tiny_config  # noqa: E402
+
+from vitblocks.train import Trainer  # noqa: E402
+from vitblocks.train import distributed  # noqa: E402
+
+
+class KillingTrainer(Trainer):
+    kill_at_step = 0
+
+    def on_step_end(self):
+        if self.step == self.kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("output_dir")
+    parser.add_argument("--kill-at-step", type=int, default=0)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--save-rank-weights", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    config = tiny_config(args.output_dir)
+    config.checkpoint.every_steps = 2
+    KillingTrainer.kill_at_step = args.kill_at_step
+    trainer = KillingTrainer(config)
+    if args.resume:
+        trainer.resume(Path(args.output_dir) / "last.pth")
+    trainer.fit(progress=False)
+    if args.save_rank_weights:
+        torch.save(trainer.model.state_dict(), Path(args.output_dir) / f"rank{trainer.runtime.rank}.pt")
+    distributed.teardown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Evaluate a trained checkpoint: top-1 / top-5 with the resize / center-crop protocol.
+
+    python -m vitblocks.eval runs/sret_t_imagenet/best.pth --data /data/imagenet
+    python -m vitblocks.eval runs/quickstart/best.pth            # the recipe's own data
+
+The images are resized to img_size / crop_pct (256 for 224) and center-cropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from vitblocks.models.official import CheckpointError
+from vitblocks.train.checkpoint import load_training_checkpoint
+from vitblocks.train.config import ConfigError, apply_overrides, from_dict
+from vitblocks.train.data import DataError, ResumableSampler, build_dataset, make_loader
+from vitblocks.train.engine import create_model, evaluate
+
+
+def run(checkpoint: str, data_root: str | None = None, overrides: list[str] | None = None, ema: bool = False,
+        batch_size: int | None = None) -> dict[str, float]:
+    """Evaluate the weights of a trainer checkpoint on its validation data.
+
+    Args:
+        checkpoint: A `last.pth` / `best.pth` written by the trainer.
+        data_root: ImageFolder root holding `val/` (switches the dataset to imagefolder).
+        overrides: Config overrides, e.g. `["data.img_size=256"]`.
+        ema: Use the EMA weights stored in the checkpoint.
+        batch_size: Evaluation batch size.
+
+    Returns:
+        `val_loss`, `val_top1`, `val_top5` (%).
+    """
+    state = load_training_checkpoint(checkpoint)
+    config = from_dict(state["config"])
+    extra = list(overrides or [])
+    if data_root:
+        extra += ["data.dataset=imagefolder", f"data.root={data_root!r}"]
+    if batch_size:
+        extra.append(f"data.batch_size={batch_size}")
+    config = apply_overrides(config, extra)
+    model = create_model(config)
+    weights = state["ema"] if ema else state["model"]
+    if weights is None:
+        raise CheckpointError(f"{checkpoint} holds no EMA weights (the run had ema_decay=None)")
+    model.load_state_dict(weights)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dataset = build_dataset(config, train=False)
+    loader = make_loader(dataset, ResumableSampler(len(dataset), False), config.data.batch_size,
+                         config.data.workers, False, config.seed)
+    return evaluate(model.to(device), loader, device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m vitblocks.eval", description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="a checkpoint written by the trainer")
+    parser.add_argument("--data", help="ImageFolder root with a val/ folder (default: the recipe's data)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    parser.add_argument("--batch-size", type=int)
+    args = parser.parse_args(argv)
+    try:
+        metrics = run(args.checkpoint, args.data, args.set, args.ema, args.batch_size)
+    except (CheckpointError, ConfigError, DataError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  loss {metrics['val_loss']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Command line of the trainer.
+
+    python -m vitblocks.train recipes/quickstart.py
+    python -m vitblocks.train recipes/sret_pit.py --set data.root=/data/imagenet epochs=100
+    torchrun --nproc_per_node 8 -m vitblocks.train recipes/sret_pit.py --resume auto
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vitblocks.models.official import CheckpointError
+from vitblocks.train import distributed
+from vitblocks.train.config import ConfigError, apply_overrides, format_config, load_recipe
+from vitblocks.train.data import DataError
+from vitblocks.train.engine import Trainer, TrainingDiverged, smoke_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the trainer's command line."""
+    parser = argparse.ArgumentParser(prog="python -m vitblocks.train", description="Train a model from a recipe file.")
+    parser.add_argument("recipe", help="path of a recipe file, e.g. recipes/quickstart.py")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config fields by dotted path, e.g. optim.lr=1e-3 epochs=5")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--smoke", action="store_true", help="a few steps on synthetic data of the recipe's shape")
+    parser.add_argument("--resume", metavar="PATH|auto",
+                        help="continue from a checkpoint; 'auto': OUTPUT_DIR/last.pth when it exists")
+    parser.add_argument("--output-dir", help="override the recipe's output_dir")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the trainer; returns the process exit code."""
+    args = parse_args(argv)
+    try:
+        config = apply_overrides(load_recipe(args.recipe), args.set)
+        if args.output_dir:
+            config = apply_overrides(config, [f"output_dir={args.output_dir!r}"])
+        if args.smoke:
+            config = smoke_config(config)
+        if args.print_config:
+            print(format_config(config))
+            return 0
+        trainer = Trainer(config)
+        if args.resume:
+            last = Path(trainer.output_dir) / "last.pth"
+            if args.resume != "auto":
+                trainer.resume(args.resume)
+            elif last.is_file():
+                trainer.resume(last)
+        trainer.fit(progress=not args.no_progress)
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""Typed training configuration, recipe loading and command-line overrides.
+
+A recipe is a Python file that assigns a `TrainConfig` to the name `config`::
+
+    from vitblocks.train import TrainConfig, DataConfig
+    config = TrainConfig(model=ModelConfig("sret_t"), data=DataConfig(root="/data/imagenet"))
+
+Any field can then be overridden by its dotted path: `--set optim.lr=1e-3 epochs=5`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import runpy
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be applied."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train.
+
+    Attributes:
+        name: A timm model name (vitblocks models are registered on import).
+        kwargs: Extra `timm.create_model` arguments, e.g. `{"drop_path_rate": 0.1}`.
+        grad_checkpointing: Activation checkpointing: False, True, or "sqrt" for
+            vitblocks recursive models.
+        attn_backend: Attention backend of vitblocks layers: auto, xformers, sdpa, math.
+        compile: Wrap the model in `torch.compile`.
+    """
+
+    name: str = "sret_t"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    grad_checkpointing: bool | str = False
+    attn_backend: str = "auto"
+    compile: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are batched.
+
+    Attributes:
+        dataset: "imagefolder" (`root/train/<class>/*`, `root/val/<class>/*`), "digits"
+            (scikit-learn's bundled 8x8 digits, upsampled), or "synthetic" (random
+            images, for smoke tests).
+        root: Folder of an imagefolder dataset.
+        img_size: Training and evaluation resolution.
+        num_classes: Classifier outputs.
+        batch_size: Images per step per process.
+        workers: Data-loading worker processes per process.
+        val_fraction: Share of the digits held out for validation.
+        synthetic_samples: Training images of the synthetic dataset.
+        crop_pct: Evaluation center-crop fraction (0.875: resize 256, crop 224).
+        interpolation: Resize interpolation.
+        mean: Normalization mean.
+        std: Normalization standard deviation.
+    """
+
+    dataset: str = "imagefolder"
+    root: str = "data/imagenet"
+    img_size: int = 224
+    num_classes: int = 1000
+    batch_size: int = 128
+    workers: int = 8
+    val_fraction: float = 0.2
+    synthetic_samples: int = 64
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN
+    std: tuple[float, ...] = IMAGENET_DEFAULT_STD
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation (imagefolder data; mixup and smoothing apply to all).
+
+    Attributes:
+        auto_augment: timm auto-augment policy, e.g. "rand-m9-mstd0.5-inc1"; None: off.
+        color_jitter: Color jitter strength when no auto-augment policy is set.
+        hflip: Horizontal flip probability.
+        scale: Random-resized-crop area range.
+        re_prob: Random erasing probability.
+        mixup: Mixup alpha (0: off).
+        cutmix: CutMix alpha (0: off).
+        mixup_prob: Probability of applying mixup or cutmix to a batch.
+        mixup_switch_prob: Probability of cutmix instead of mixup when both are on.
+        label_smoothing: Label smoothing.
+        repeated_aug: Repeat each image 3 times per epoch under different augmentation
+            (DeiT's repeated augmentation).
+    """
+
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.4
+    hflip: float = 0.5
+    scale: tuple[float, float] = (0.08, 1.0)
+    re_prob: float = 0.25
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+    repeated_aug: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer (built with `timm.optim.create_optimizer_v2`).
+
+    Attributes:
+        opt: Optimizer name.
+        lr: Peak learning rate; None: `lr_per_512 * global_batch / 512`.
+        lr_per_512: Learning rate per 512 images of global batch when `lr` is None.
+        weight_decay: Decoupled weight decay (not applied to 1-D parameters, biases and
+            the parameters a model lists in `no_weight_decay`).
+        clip_grad: Clip the gradient norm to this value; None: off.
+        accum_steps: Batches accumulated per optimizer step.
+    """
+
+    opt: str = "adamw"
+    lr: float | None = None
+    lr_per_512: float = 1e-3
+    weight_decay: float = 0.05
+    clip_grad: float | None = None
+    accum_steps: int = 1
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule (timm's `create_scheduler_v2`, updated every step).
+
+    Attributes:
+        sched: Schedule name ("cosine", "step", ...).
+        warmup_epochs: Linear warmup length.
+        warmup_lr: Learning rate at the start of warmup.
+        min_lr: Final learning rate.
+    """
+
+    sched: str = "cosine"
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation from a teacher.
+
+    Attributes:
+        kind: "none"; "soft" (SReT: loss = batch mean of -sum softmax(t/T) *
+            log_softmax(s/T), soft labels only); or "hard" (DeiT: mean of the usual
+            loss and cross-entropy with the teacher's top class).
+        teacher: timm model name of the teacher.
+        teacher_checkpoint: Local weights for the teacher (state dict file).
+        teacher_kwargs: Extra `timm.create_model` arguments for the teacher.
+        temperature: Softmax temperature T of "soft".
+        alpha: Weight of the teacher term in "hard".
+    """
+
+    kind: str = "none"
+    teacher: str | None = None
+    teacher_checkpoint: str | None = None
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0
+    alpha: float = 0.5
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are written (always `last.pth`, and `best.pth` on a new best).
+
+    Attributes:
+        every_steps: Also write `last.pth` every this many optimizer steps (0: only at
+            the end of each epoch).
+    """
+
+    every_steps: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """One experiment: model, data, optimization and where results go.
+
+    Attributes:
+        model: See `ModelConfig`.
+        data: See `DataConfig`.
+        augment: See `AugmentConfig`.
+        optim: See `OptimConfig`.
+        schedule: See `ScheduleConfig`.
+        distill: See `DistillConfig`.
+        checkpoint: See `CheckpointConfig`.
+        epochs: Training epochs.
+        precision: "fp32", "bf16" (autocast on CUDA or CPU) or "fp16" (CUDA, with
+            gradient scaling).
+        ema_decay: Keep an exponential moving average of the weights; None: off.
+        output_dir: Where checkpoints, metrics and plots go.
+        seed: Random seed.
+        log_every: Steps between progress updates.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    epochs: int = 300
+    precision: str = "fp32"
+    ema_decay: float | None = None
+    output_dir: str = "runs/experiment"
+    seed: int = 0
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+_CHOICES = {
+    "precision": ("fp32", "bf16", "fp16"),
+    "data.dataset": ("imagefolder", "digits", "synthetic"),
+    "distill.kind": ("none", "soft", "hard"),
+    "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
+    "model.grad_checkpointing": (False, True, "loop", "sqrt"),
+}
+_POSITIVE = ("epochs", "data.img_size", "data.num_classes", "data.batch_size", "optim.accum_steps", "log_every")
+
+
+def validate(config: TrainConfig) -> None:
+    """Check values that types alone do not constrain.
+
+    Raises:
+        ConfigError: Naming the field, its value and what is allowed.
+    """
+    values = dict(iter_fields(config))
+    for path, choices in _CHOICES.items():
+        if values[path] not in choices:
+            raise ConfigError(f"{path}={values[path]!r} is not one of {choices}")
+    for path in _POSITIVE:
+        if values[path] < 1:
+            raise ConfigError(f"{path}={values[path]!r} must be >= 1")
+    if config.distill.kind != "none" and not config.distill.teacher:
+        raise ConfigError(f"distill.kind={config.distill.kind!r} needs distill.teacher (a timm model name)")
+
+
+def iter_fields(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any]]:
+    """Yield (dotted path, value) for every leaf field of a config."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from iter_fields(value, f"{path}.")
+        else:
+            yield path, value
+
+
+def to_dict(config: TrainConfig) -> dict[str, Any]:
+    """The config as nested plain data (for checkpoints and printing)."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Rebuild a config from `to_dict` output."""
+    return _build(TrainConfig, data)
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        kwargs[f.name] = _build(hints[f.name], value) if dataclasses.is_dataclass(hints[f.name]) else value
+    return cls(**kwargs)
+
+
+def format_config(config: TrainConfig) -> str:
+    """One `path = value` line per field."""
+    return "\n".join(f"{path} = {value!r}" for path, value in iter_fields(config))
+
+
+def _coerce(path: str, raw: str, hint: Any) -> Any:
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw  # bare words are strings: model.name=sret_s
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    for option in options:
+        base = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return None
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is tuple and isinstance(value, (list, tuple)):
+            return tuple(value)
+        if base in (bool, int, str, dict) and type(value) is base:
+            return value
+        if base is typing.Any:
+            return value
+    expected = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+    raise ConfigError(f"{path}={raw!r}: expected {expected}, got {type(value).__name__}")
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply `path=value` overrides (values are Python literals or bare strings).
+
+    A path may end inside a dict field: `model.kwargs.drop_path_rate=0.2`.
+
+    Raises:
+        ConfigError: For a malformed override, an unknown path (with the closest valid
+            paths), or a value of the wrong type.
+    """
+    config = dataclasses.replace(config)
+    valid = [path for path, _ in iter_fields(config)]
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        path = path.strip()
+        if not sep or not path:
+            raise ConfigError(f"override {item!r} is not of the form path=value (e.g. optim.lr=1e-3)")
+        parts = path.split(".")
+        target: Any = config
+        for depth, name in enumerate(parts):
+            if isinstance(target, dict):
+                target[".".join(parts[depth:])] = _literal(raw)
+                break
+            if not dataclasses.is_dataclass(target) or name not in {f.name for f in dataclasses.fields(target)}:
+                close = difflib.get_close_matches(path, valid, n=3, cutoff=0.5)
+                hint = f"; did you mean {' or '.join(close)}?" if close else "; see --print-config for all keys"
+                raise ConfigError(f"unknown config key {path!r}{hint}")
+            if depth == len(parts) - 1:
+                hint = typing.get_type_hints(type(target))[name]
+                setattr(target, name, _coerce(path, raw.strip(), hint))
+            else:
+                child = getattr(target, name)
+                child = dataclasses.replace(child) if dataclasses.is_dataclass(child) else dict(child) if isinstance(child, dict) else child
+                setattr(target, name, child)
+                target = child
+    validate(config)
+    return config
+
+
+def _literal(raw: str) -> Any:
+    try:
+        return ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+        return raw.strip()
+
+
+def load_recipe(path: str | Path) -> TrainConfig:
+    """Run a recipe file and return its `config`.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ConfigError: If it defines no `TrainConfig` named `config`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no recipe at {str(path)!r}; recipes are Python files such as recipes/quickstart.py")
+    namespace = runpy.run_path(str(path))
+    config = namespace.get("config")
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"{path} must assign a vitblocks.train.TrainConfig to the name 'config'")
+    return config

@@ -1,0 +1,156 @@
+"""Datasets, transforms and resumable loaders for the trainer."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from timm.data import ImageDataset, create_transform
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+
+from vitblocks.train.config import DataConfig, TrainConfig
+
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+class DataError(FileNotFoundError):
+    """A dataset folder that is missing or has no images."""
+
+
+def _layout_help(root: Path, split: str) -> str:
+    return (
+        f"expected an ImageFolder tree at {root}:\n"
+        f"    {root}/train/<class name>/<image>.jpg\n"
+        f"    {root}/val/<class name>/<image>.jpg\n"
+        f"but {root / split} {'does not exist' if not (root / split).exists() else 'holds no images in class folders'}.\n"
+        "Point the recipe at your copy with --set data.root=/path/to/imagenet, check the recipe first "
+        "with --smoke (synthetic data), or try the offline quickstart: "
+        "python -m vitblocks.train recipes/quickstart.py"
+    )
+
+
+def check_image_folder(root: Path, split: str) -> None:
+    """Raise a DataError that explains the expected layout if `root/split` has no class folders with images."""
+    folder = root / split
+    if folder.is_dir():
+        for class_dir in folder.iterdir():
+            if class_dir.is_dir() and any(p.suffix.lower() in _IMAGE_SUFFIXES for p in class_dir.iterdir()):
+                return
+    raise DataError(_layout_help(root, split))
+
+
+def _digits(config: DataConfig, train: bool, seed: int) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    images = F.interpolate(images, size=config.img_size, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    mean, std = torch.tensor(config.mean).view(1, 3, 1, 1), torch.tensor(config.std).view(1, 3, 1, 1)
+    images = (images - mean) / std
+    labels = torch.tensor(digits.target)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    num_val = int(round(len(labels) * config.val_fraction))
+    chosen = order[num_val:] if train else order[:num_val]
+    return TensorDataset(images[chosen], labels[chosen])
+
+
+def _synthetic(config: DataConfig, train: bool, seed: int) -> Dataset:
+    """Random images whose mean brightness per channel encodes the label (learnable)."""
+    count = config.synthetic_samples if train else max(config.synthetic_samples // 4, config.batch_size)
+    gen = torch.Generator().manual_seed(seed + (0 if train else 1))
+    labels = torch.randint(0, config.num_classes, (count,), generator=gen)
+    images = torch.randn(count, 3, config.img_size, config.img_size, generator=gen)
+    images += (labels.float() / max(config.num_classes - 1, 1) - 0.5).view(-1, 1, 1, 1) * 2
+    return TensorDataset(images, labels)
+
+
+def build_dataset(config: TrainConfig, train: bool) -> Dataset:
+    """The training or validation dataset of a config.
+
+    Raises:
+        DataError: For an imagefolder root without the expected layout.
+    """
+    data = config.data
+    if data.dataset == "digits":
+        return _digits(data, train, config.seed)
+    if data.dataset == "synthetic":
+        return _synthetic(data, train, config.seed)
+    root, split = Path(data.root), "train" if train else "val"
+    check_image_folder(root, split)
+    if train:
+        aug = config.augment
+        transform = create_transform(
+            data.img_size, is_training=True, auto_augment=aug.auto_augment, color_jitter=aug.color_jitter,
+            hflip=aug.hflip, scale=aug.scale, re_prob=aug.re_prob, re_mode="pixel", interpolation=data.interpolation,
+            mean=data.mean, std=data.std,
+        )
+    else:
+        transform = eval_transform(data)
+    return ImageDataset(str(root / split), transform=transform)
+
+
+def eval_transform(data: DataConfig):
+    """Resize to img_size / crop_pct, center-crop img_size, normalize (the DeiT protocol)."""
+    return create_transform(
+        data.img_size, is_training=False, crop_pct=data.crop_pct, interpolation=data.interpolation,
+        mean=data.mean, std=data.std,
+    )
+
+
+class ResumableSampler(Sampler[int]):
+    """Epoch-seeded sample order that can start part-way through an epoch.
+
+    Each rank takes every `world_size`-th index of a permutation that depends only on
+    (seed, epoch), so an interrupted run resumes on exactly the batches it had not seen.
+    With `repeats` > 1 every index appears that many times (repeated augmentation) and
+    the epoch keeps its length by taking the first len(dataset) of them.
+
+    Args:
+        length: Dataset size.
+        shuffle: Permute (training) or keep order (validation).
+        seed: Base seed.
+        rank: This process's rank.
+        world_size: Number of processes.
+        repeats: Repetitions of each index per epoch.
+    """
+
+    def __init__(self, length: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 repeats: int = 1) -> None:
+        self.length, self.shuffle, self.seed = length, shuffle, seed
+        self.rank, self.world_size, self.repeats = rank, world_size, repeats
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch, and how many of this rank's samples to skip (already seen)."""
+        self.epoch, self.skip = epoch, skip
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        else:
+            order = torch.arange(self.length)
+        if self.repeats > 1:
+            order = order.repeat_interleave(self.repeats)[: self.length]
+        if self.shuffle and self.world_size > 1:  # equal shares, so every rank runs the same number of steps
+            per_rank = math.ceil(len(order) / self.world_size)
+            order = torch.cat([order, order[: per_rank * self.world_size - len(order)]])
+        return order[self.rank :: self.world_size].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.skip :])
+
+    def __len__(self) -> int:
+        return max(len(self._indices()) - self.skip, 0)
+
+
+def make_loader(dataset: Dataset, sampler: ResumableSampler, batch_size: int, workers: int, train: bool,
+                seed: int) -> DataLoader:
+    """A DataLoader over `sampler`; worker seeds follow the sampler's epoch."""
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=train,
+        pin_memory=torch.cuda.is_available(), persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed * 7919 + sampler.epoch),
+    )

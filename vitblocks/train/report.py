@@ -1,0 +1,80 @@
+"""What the trainer writes and shows: metrics CSV, TensorBoard, curves, final summary."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Append one row of metrics per epoch to `metrics.csv` (and TensorBoard if installed).
+
+    Args:
+        output_dir: Run folder.
+        history: Rows already written (when resuming).
+    """
+
+    def __init__(self, output_dir: Path, history: list[dict[str, Any]] | None = None) -> None:
+        self.path = output_dir / "metrics.csv"
+        self.history = list(history or [])
+        self._tensorboard = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+        except ImportError:
+            pass
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Record one epoch and rewrite the CSV (small, and always consistent with history)."""
+        self.history.append(row)
+        with self.path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(self.history[0]))
+            writer.writeheader()
+            writer.writerows(self.history)
+        if self._tensorboard is not None:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(key, value, row["epoch"])
+            self._tensorboard.flush()
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Save loss and top-1 curves per epoch as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_ax.plot(epochs, [r["train_loss"] for r in history], label="train")
+    loss_ax.plot(epochs, [r["val_loss"] for r in history], label="validation")
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
+    acc_ax.plot(epochs, [r["val_top1"] for r in history], label="top-1")
+    acc_ax.plot(epochs, [r["val_top5"] for r in history], label="top-5")
+    if any(r.get("ema_top1") is not None and r.get("ema_top1") != "" for r in history):
+        acc_ax.plot(epochs, [r["ema_top1"] for r in history], label="EMA top-1")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Validation accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def final_summary(history: list[dict[str, Any]], seconds: float, images: int, files: dict[str, Path]) -> str:
+    """The one-screen text printed at the end of a run."""
+    best = max(history, key=lambda r: r["val_top1"])
+    lines = [
+        "",
+        "=" * 60,
+        f"best top-1   {best['val_top1']:.2f}% (epoch {best['epoch']})",
+        f"final top-1  {history[-1]['val_top1']:.2f}%   top-5 {history[-1]['val_top5']:.2f}%",
+        f"time         {seconds / 60:.1f} min   ({images / max(seconds, 1e-9):.0f} train img/s)",
+    ]
+    lines += [f"{name:<12} {path}" for name, path in files.items()]
+    lines.append("=" * 60)
+    return "\n".join(lines)
