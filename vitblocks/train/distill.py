@@ -36,11 +36,12 @@ def build_teacher(config: DistillConfig, num_classes: int, device: torch.device,
 
     Raises:
         FileNotFoundError: If `teacher_checkpoint` names a missing file.
+        CheckpointError: If the checkpoint does not fit the teacher.
         ConfigError: If the teacher would have no trained weights.
     """
     import timm
 
-    from vitblocks.models.official import read_checkpoint
+    from vitblocks.models.official import CheckpointError, read_checkpoint
     from vitblocks.train.config import ConfigError
 
     if not (config.teacher_checkpoint or config.teacher_kwargs.get("pretrained") or allow_random):
@@ -51,7 +52,13 @@ def build_teacher(config: DistillConfig, num_classes: int, device: torch.device,
 
     teacher = timm.create_model(config.teacher, num_classes=num_classes, **config.teacher_kwargs)
     if config.teacher_checkpoint:
-        teacher.load_state_dict(read_checkpoint(config.teacher_checkpoint))
+        try:
+            teacher.load_state_dict(read_checkpoint(config.teacher_checkpoint))
+        except RuntimeError as error:
+            raise CheckpointError(
+                f"{config.teacher_checkpoint} does not fit the teacher {config.teacher!r} with {num_classes} classes: "
+                f"{str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else error}"
+            ) from error
     teacher.requires_grad_(False)
     return teacher.to(device).eval()
 

@@ -1,0 +1,141 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from train_helpers import tiny_config
+from vitblocks.eval import run as evaluate_checkpoint
+from vitblocks.models.official import CheckpointError
+from vitblocks.train import ConfigError, DistillConfig, Trainer
+from vitblocks.train.config import AugmentConfig, DataConfig
+from vitblocks.train.data import DataError, build_dataset, check_image_folder, eval_transform
+from vitblocks.train.distill import DistillationLoss, hard_distillation_loss, soft_distillation_loss
+
+
+def make_image_folder(root, classes=3, per_class=8, size=40):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = (rng.random((size, size, 3)) * 80 + c * 80).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def test_soft_distillation_is_cross_entropy_with_teacher_soft_labels():
+    student, teacher = torch.randn(4, 10), torch.randn(4, 10)
+    expected = -(F.softmax(teacher / 2, -1) * F.log_softmax(student / 2, -1)).sum(-1).mean()
+    torch.testing.assert_close(soft_distillation_loss(student, teacher, 2.0), expected)
+    # unlike a KL divergence it is not zero when student == teacher: it is the teacher's entropy
+    assert soft_distillation_loss(teacher, teacher) > 0
+
+
+def test_hard_distillation_mixes_base_loss_and_teacher_argmax():
+    student, teacher = torch.randn(4, 10), torch.randn(4, 10)
+    base = torch.tensor(1.5)
+    expected = 0.5 * base + 0.5 * F.cross_entropy(student, teacher.argmax(-1))
+    torch.testing.assert_close(hard_distillation_loss(base, student, teacher), expected)
+
+
+def test_teacher_is_frozen_in_eval_mode_and_outside_the_student_state(tmp_path):
+    config = tiny_config(tmp_path, distill=DistillConfig(kind="soft", teacher="resnet18"))
+    trainer = Trainer(config)
+    teacher = trainer.criterion.teacher[0]
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert not any(k.startswith("teacher") for k in trainer.criterion.state_dict())
+    trainer.fit(progress=False)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_teacher_loads_a_local_checkpoint_and_refuses_random_or_mismatched_weights(tmp_path):
+    import timm
+
+    weights = timm.create_model("resnet18", num_classes=4).state_dict()
+    torch.save(weights, tmp_path / "teacher.pth")
+    config = tiny_config(tmp_path, distill=DistillConfig(kind="hard", teacher="resnet18",
+                                                         teacher_checkpoint=str(tmp_path / "teacher.pth")))
+    teacher = Trainer(config).criterion.teacher[0]
+    torch.testing.assert_close(teacher.fc.weight, weights["fc.weight"])
+    config.data.num_classes = 7
+    with pytest.raises(CheckpointError, match="does not fit the teacher 'resnet18'"):
+        Trainer(config)
+    config.distill.teacher_checkpoint = None
+    config.data.dataset = "digits"
+    config.data.num_classes = 10
+    with pytest.raises(ConfigError, match="random weights"):
+        Trainer(config)
+
+
+def test_distillation_loss_without_teacher_is_the_base_loss():
+    loss = DistillationLoss(torch.nn.CrossEntropyLoss(), None, DistillConfig())
+    logits, targets = torch.randn(3, 5), torch.tensor([0, 2, 4])
+    torch.testing.assert_close(loss(torch.zeros(3), logits, targets), F.cross_entropy(logits, targets))
+
+
+def test_image_folder_training_with_timm_augmentation(tmp_path):
+    make_image_folder(tmp_path / "data")
+    config = tiny_config(
+        tmp_path / "run", epochs=1,
+        data=DataConfig(dataset="imagefolder", root=str(tmp_path / "data"), img_size=32, num_classes=3, batch_size=4,
+                        workers=0),
+        augment=AugmentConfig(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, mixup=0.8, cutmix=1.0,
+                              label_smoothing=0.1, repeated_aug=True),
+    )
+    dataset = build_dataset(config, train=True)
+    names = " ".join(type(t).__name__ for t in dataset.transform.transforms)
+    assert "RandAugment" in names and "RandomErasing" in names and "RandomResizedCrop" in names
+    trainer = Trainer(config)
+    assert trainer.train_sampler.repeats == 3
+    trainer.fit(progress=False)
+
+
+def test_eval_protocol_resizes_then_center_crops():
+    steps = eval_transform(DataConfig(img_size=224, crop_pct=0.875)).transforms
+    resize, crop = steps[0], steps[1]
+    assert type(resize).__name__ == "Resize" and resize.size == 256
+    assert type(crop).__name__ == "CenterCrop" and tuple(crop.size) == (224, 224)
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty", "no_images"])
+def test_bad_image_folders_explain_the_layout(tmp_path, layout):
+    if layout != "missing":
+        (tmp_path / "train").mkdir()
+    if layout == "no_images":
+        (tmp_path / "train" / "cat").mkdir()
+        (tmp_path / "train" / "cat" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match=r"train/<class name>/<image>\.jpg"):
+        check_image_folder(tmp_path, "train")
+
+
+def test_eval_command_reproduces_the_trainers_validation_accuracy(tmp_path):
+    make_image_folder(tmp_path / "data")
+    config = tiny_config(
+        tmp_path / "run", epochs=1,
+        data=DataConfig(dataset="imagefolder", root=str(tmp_path / "data"), img_size=32, num_classes=3, batch_size=4,
+                        workers=0),
+        augment=AugmentConfig(auto_augment=None, re_prob=0.0, mixup=0.0, cutmix=0.0),
+    )
+    result = Trainer(config).fit(progress=False)
+    metrics = evaluate_checkpoint(str(tmp_path / "run" / "last.pth"))
+    assert metrics["val_top1"] == pytest.approx(result["val_top1"])
+    out = subprocess.run([sys.executable, "-m", "vitblocks.eval", str(tmp_path / "run" / "last.pth"),
+                          "--data", str(tmp_path / "data")], capture_output=True, text=True)
+    assert out.returncode == 0 and f"top-1 {result['val_top1']:.2f}%" in out.stdout
+    missing = subprocess.run([sys.executable, "-m", "vitblocks.eval", str(tmp_path / "nope.pth")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "no checkpoint at" in missing.stderr
+
+
+@pytest.mark.parametrize("recipe", ["recipes/sret_pit.py", "recipes/sret_t_distill.py"])
+def test_smoke_runs_a_recipe_on_synthetic_data(tmp_path, recipe):
+    result = subprocess.run(
+        [sys.executable, "-m", "vitblocks.train", recipe, "--smoke", "--no-progress", "--output-dir", str(tmp_path)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "smoke" / "model.safetensors").is_file()
