@@ -184,3 +184,21 @@ def test_quickstart_reaches_95_percent(tmp_path):
     config = load_recipe("recipes/quickstart.py")
     result = Trainer(config, output_dir=tmp_path).fit(progress=False)
     assert result["val_top1"] >= 95.0
+
+
+def test_recipe_model_options_reach_the_model(tmp_path, monkeypatch):
+    from vitblocks.attention import requested_backend
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.append(module) or module)
+    config = tiny_config(tmp_path, epochs=1)
+    config.model.grad_checkpointing = "sqrt"
+    config.model.attn_backend = "math"
+    config.model.compile = True
+    trainer = Trainer(config)
+    assert compiled == [trainer.model]
+    assert all(b.grad_checkpointing == "sqrt" for s in trainer.model.stages for b in s.blocks)
+    seen = []
+    trainer.on_step_end = lambda: seen.append(requested_backend())
+    trainer.fit(progress=False)
+    assert set(seen) == {"math"}
