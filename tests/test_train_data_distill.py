@@ -27,6 +27,13 @@ def make_image_folder(root, classes=3, per_class=8, size=40):
                 Image.fromarray(pixels).save(folder / f"{i}.png")
 
 
+def image_folder_config(tmp_path, augment):
+    make_image_folder(tmp_path / "data")
+    data = DataConfig(dataset="imagefolder", root=str(tmp_path / "data"), img_size=32, num_classes=3, batch_size=4,
+                      workers=0)
+    return tiny_config(tmp_path / "run", epochs=1, data=data, augment=augment)
+
+
 def test_soft_distillation_is_cross_entropy_with_teacher_soft_labels():
     student, teacher = torch.randn(4, 10), torch.randn(4, 10)
     expected = -(F.softmax(teacher / 2, -1) * F.log_softmax(student / 2, -1)).sum(-1).mean()
@@ -78,14 +85,8 @@ def test_distillation_loss_without_teacher_is_the_base_loss():
 
 
 def test_image_folder_training_with_timm_augmentation(tmp_path):
-    make_image_folder(tmp_path / "data")
-    config = tiny_config(
-        tmp_path / "run", epochs=1,
-        data=DataConfig(dataset="imagefolder", root=str(tmp_path / "data"), img_size=32, num_classes=3, batch_size=4,
-                        workers=0),
-        augment=AugmentConfig(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, mixup=0.8, cutmix=1.0,
-                              label_smoothing=0.1, repeated_aug=True),
-    )
+    config = image_folder_config(tmp_path, AugmentConfig(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, mixup=0.8,
+                                                         cutmix=1.0, label_smoothing=0.1, repeated_aug=True))
     dataset = build_dataset(config, train=True)
     names = " ".join(type(t).__name__ for t in dataset.transform.transforms)
     assert "RandAugment" in names and "RandomErasing" in names and "RandomResizedCrop" in names
@@ -113,13 +114,7 @@ def test_bad_image_folders_explain_the_layout(tmp_path, layout):
 
 
 def test_eval_command_reproduces_the_trainers_validation_accuracy(tmp_path):
-    make_image_folder(tmp_path / "data")
-    config = tiny_config(
-        tmp_path / "run", epochs=1,
-        data=DataConfig(dataset="imagefolder", root=str(tmp_path / "data"), img_size=32, num_classes=3, batch_size=4,
-                        workers=0),
-        augment=AugmentConfig(auto_augment=None, re_prob=0.0, mixup=0.0, cutmix=0.0),
-    )
+    config = image_folder_config(tmp_path, AugmentConfig(auto_augment=None, re_prob=0.0, mixup=0.0, cutmix=0.0))
     result = Trainer(config).fit(progress=False)
     metrics = evaluate_checkpoint(str(tmp_path / "run" / "last.pth"))
     assert metrics["val_top1"] == pytest.approx(result["val_top1"])
