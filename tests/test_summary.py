@@ -43,6 +43,18 @@ def test_docs_model_zoo_table_is_current():
     )
 
 
+def test_docs_plugged_table_is_current_and_its_example_runs():
+    from vitblocks.models.plug import PLUGGED_ZOO
+
+    text = (DOCS / "plugged.md").read_text()
+    start, end = (re.escape(m) for m in ZOO_MARKERS)
+    documented = re.search(f"{start}\n(.*)\n{end}", text, flags=re.S).group(1)
+    assert documented == zoo_table(list(PLUGGED_ZOO), PAPER_TOP1), "docs/plugged.md is stale: regenerate its table"
+    assert "| `deit_tiny_patch16_224` | 5,717,416 | 1.254 |" in documented  # timm's own numbers for the base
+    for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+        exec(compile(block, "docs/plugged.md", "exec"), {})
+
+
 def test_update_between_markers(tmp_path):
     page = tmp_path / "page.md"
     page.write_text(f"before\n{ZOO_MARKERS[0]}\nold\n{ZOO_MARKERS[1]}\nafter\n")

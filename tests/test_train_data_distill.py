@@ -126,7 +126,7 @@ def test_eval_command_reproduces_the_trainers_validation_accuracy(tmp_path):
     assert missing.returncode == 2 and "no checkpoint at" in missing.stderr
 
 
-@pytest.mark.parametrize("recipe", ["recipes/sret_pit.py", "recipes/sret_t_distill.py"])
+@pytest.mark.parametrize("recipe", ["recipes/sret_pit.py", "recipes/sret_t_distill.py", "recipes/deit_tiny_rec.py"])
 def test_smoke_runs_a_recipe_on_synthetic_data(tmp_path, recipe):
     result = subprocess.run(
         [sys.executable, "-m", "vitblocks.train", recipe, "--smoke", "--no-progress", "--output-dir", str(tmp_path)],

@@ -93,7 +93,8 @@ def summarize(model: nn.Module, img_size: int | None = None) -> list[Row]:
     model = model.eval()
     image = torch.zeros(1, *_input_size(model, img_size))
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), attention_backend("math"), _unfused_timm_attention(model), counter:
+    # grad mode on: torch's module tracker fails under no_grad for modules taking tuples (timm PiT)
+    with attention_backend("math"), _unfused_timm_attention(model), counter:
         model(image)
     flops = counter.get_flop_counts()
     root = type(model).__name__

@@ -1,0 +1,154 @@
+import pytest
+import timm
+import torch
+
+import vitblocks  # noqa: F401
+from vitblocks import NonLinearMix, Recursive, SlicedGroupAttention
+from vitblocks.models.plug import VARIANTS, load_base_weights, make_recursive
+
+BASES = ["deit_tiny_patch16_224", "pit_ti_224", "swin_tiny_patch4_window7_224"]
+BASE_PARAMS = {"deit_tiny_patch16_224": 5_717_416, "pit_ti_224": 4_847_272, "swin_tiny_patch4_window7_224": 28_288_354}
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def images(size=224, batch=1):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def stacks(model):
+    return [m for n, m in model.named_modules() if n.split(".")[-1] == "blocks" and isinstance(m, torch.nn.Sequential)]
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_one_loop_without_mix_reproduces_the_base_model_exactly(base):
+    reference = timm.create_model(base).eval()
+    model = timm.create_model(base).eval()
+    model.load_state_dict(reference.state_dict())
+    make_recursive(model, loops=1)
+    assert count(model) == BASE_PARAMS[base]
+    with torch.no_grad():
+        assert torch.equal(model(images()), reference(images()))
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_intended_parameter_counts(base):
+    blocks = [b for s in stacks(timm.create_model(base)) for b in s]
+    block_params = [count(b) for b in blocks]
+    mix_params = [count(NonLinearMix(b.norm1.normalized_shape[0])) for b in blocks]
+    deep = timm.create_model(base)
+    make_recursive(deep, loops=2)
+    assert count(deep) == BASE_PARAMS[base]  # same parameters, twice the depth
+    unit = 2 if "swin" in base else 1  # Swin recurses (W-MSA, SW-MSA) pairs
+    mixed = timm.create_model(base)
+    make_recursive(mixed, loops=2, mix="per_loop")
+    assert count(mixed) == BASE_PARAMS[base] + 2 * sum(mix_params[::unit])  # a mix after each of 2 loops per unit
+    shared = timm.create_model(base)
+    make_recursive(shared, loops=2, share=True)
+    dropped = 0
+    for stack in stacks(timm.create_model(base)):
+        for start in range(0, len(stack), 2 * unit):
+            dropped += sum(count(b) for b in list(stack)[start + unit : start + 2 * unit])
+    assert count(shared) == BASE_PARAMS[base] - dropped
+    assert sum(isinstance(m, Recursive) for m in shared.modules()) == sum(-(-len(s) // (2 * unit)) for s in stacks(timm.create_model(base)))
+    assert block_params  # sanity: every family has blocks
+
+
+@pytest.mark.parametrize(
+    "name, sizes",
+    [("deit_tiny_rec_sliced_patch16_224", (224, 160)), ("pit_ti_rec_sliced_224", (224, 160)),
+     ("swin_tiny_shared_patch4_window7_224", (224,))],
+)
+def test_forward_and_backward_at_several_sizes(name, sizes):
+    for size in sizes:
+        model = timm.create_model(name, img_size=size, num_classes=5).train()
+        out = model(images(size, batch=2))
+        assert out.shape == (2, 5)
+        out.sum().backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    swin = timm.create_model("swin_tiny_rec_patch4_window7_224", img_size=256, window_size=8, num_classes=5)
+    assert swin(images(256)).shape == (1, 5)
+
+
+def applied_shifts(model):
+    shifts = []
+    for module in model.modules():
+        if hasattr(module, "shift_size"):
+            module.register_forward_pre_hook(lambda m, args: shifts.append(max(m.shift_size)))
+    with torch.no_grad():
+        model(images())
+    return shifts
+
+
+def test_swin_recursion_keeps_the_shift_alternation():
+    base = applied_shifts(timm.create_model("swin_tiny_patch4_window7_224").eval())
+    assert base[:4] == [0, 3, 0, 3]
+    recursive = applied_shifts(timm.create_model("swin_tiny_rec_patch4_window7_224").eval())
+    pairs = [base[i : i + 2] for i in range(0, len(base), 2)]
+    assert recursive == [shift for pair in pairs for shift in pair * 2]  # W, SW, W, SW per pair
+
+
+def test_deit_class_and_distillation_tokens_are_prefix_tokens():
+    model = timm.create_model("deit_tiny_distilled_patch16_224").eval()
+    make_recursive(model, loops=2, groups=(4, 2))
+    attns = [m for m in model.modules() if isinstance(m, SlicedGroupAttention)]
+    assert len(attns) == 12 and {a.num_prefix_tokens for a in attns} == {2}
+    assert model(images()).shape == (1, 1000)
+    sliced = timm.create_model("deit_tiny_rec_sliced_patch16_224")
+    assert {m.num_prefix_tokens for m in sliced.modules() if isinstance(m, SlicedGroupAttention)} == {1}
+
+
+def test_sliced_attention_with_one_group_keeps_the_base_outputs():
+    reference = timm.create_model("pit_ti_224").eval()
+    model = timm.create_model("pit_ti_224").eval()
+    model.load_state_dict(reference.state_dict())
+    make_recursive(model, loops=1, groups=(1,))
+    torch.testing.assert_close(model(images()), reference(images()), rtol=1e-5, atol=1e-5)
+
+
+def test_base_weights_load_into_the_shared_form_with_a_report():
+    base = timm.create_model("deit_tiny_patch16_224")
+    model = timm.create_model("deit_tiny_shared_patch16_224")
+    report = load_base_weights(model, base.state_dict())
+    assert torch.equal(model.blocks[1].block.attn.qkv.weight, base.blocks[2].attn.qkv.weight)
+    assert any(k.startswith("blocks.3.") for k in report.unused) and not any(k.startswith("blocks.2.") for k in report.unused)
+    assert report.new and all(".mix." in k for k in report.new)
+    assert torch.equal(model.head.weight, base.head.weight) and "loaded" in str(report)
+
+
+def test_pretrained_base_weights_flow_into_registered_variants(tmp_path):
+    base = timm.create_model("pit_ti_224")
+    torch.save(base.state_dict(), tmp_path / "pit.pth")
+    model = timm.create_model("pit_ti_shared_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "pit.pth")))
+    assert torch.equal(model.transformers[1].blocks[0].block.mlp.fc1.weight, base.transformers[1].blocks[0].mlp.fc1.weight)
+
+
+def test_timm_api_still_works():
+    model = timm.create_model("deit_tiny_rec_patch16_224")
+    assert model.forward_features(images()).shape == (1, 197, 192)
+    model.reset_classifier(7)
+    assert model(images()).shape == (1, 7)
+    features = timm.create_model("swin_tiny_rec_patch4_window7_224", features_only=True)
+    assert [tuple(f.shape) for f in features(images())] == [(1, 56, 56, 96), (1, 28, 28, 192), (1, 14, 14, 384), (1, 7, 7, 768)]
+    pit = timm.create_model("pit_ti_rec_224", features_only=True)
+    assert [f.shape[1] for f in pit(images())] == [64, 128, 256]
+
+
+def test_registered_variants_and_cfgs():
+    assert set(VARIANTS) <= set(timm.list_models())
+    for name, (base, _) in VARIANTS.items():
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert cfg.input_size == timm.models.get_pretrained_cfg(base).input_size
+
+
+def test_bad_requests_are_clear_errors():
+    with pytest.raises(ValueError, match="Swin attention is already windowed"):
+        make_recursive(timm.create_model("swin_tiny_patch4_window7_224"), groups=(4, 2))
+    with pytest.raises(ValueError, match="mix='every'"):
+        make_recursive(timm.create_model("deit_tiny_patch16_224"), mix="every")
+    with pytest.raises(ValueError, match="no nn.Sequential 'blocks'"):
+        make_recursive(timm.create_model("resnet18"))
+    with pytest.raises(ValueError, match="3 schedules for 1 block stacks"):
+        make_recursive(timm.create_model("deit_tiny_patch16_224"), groups=((4,), (2,), (1,)))
