@@ -55,7 +55,14 @@ def run(checkpoint: str, data_root: str | None = None, overrides: list[str] | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code."""
+    """Command-line entry point.
+
+    Args:
+        argv: Arguments (default: sys.argv).
+
+    Returns:
+        The exit code: 0, or 2 after an error message.
+    """
     parser = argparse.ArgumentParser(prog="python -m vitblocks.eval", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a checkpoint written by the trainer")
     parser.add_argument("--data", help="ImageFolder root with a val/ folder (default: the recipe's data)")

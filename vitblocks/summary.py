@@ -111,7 +111,14 @@ def summarize(model: nn.Module, img_size: int | None = None) -> list[Row]:
 
 
 def format_table(rows: list[Row]) -> str:
-    """Render rows as an aligned plain-text table."""
+    """Render rows as an aligned plain-text table.
+
+    Args:
+        rows: From `summarize`.
+
+    Returns:
+        The table.
+    """
     width = max(len(r.name) for r in rows)
     lines = [f"{'part':<{width}}  {'params':>12}  {'GMACs':>9}"]
     for row in rows:
@@ -122,7 +129,15 @@ def format_table(rows: list[Row]) -> str:
 
 
 def zoo_table(names: list[str], top1: dict[str, float] | None = None) -> str:
-    """A markdown table with one row per registered model: params, GMACs, input size, top-1."""
+    """A markdown table with one row per registered model.
+
+    Args:
+        names: Registered model names.
+        top1: Reported top-1 (%) by name, where known.
+
+    Returns:
+        Markdown with params, GMACs, input size and top-1 per model.
+    """
     top1 = top1 or {}
     lines = [
         "| model | params | GMACs | input | paper top-1 (%) |",
@@ -141,7 +156,16 @@ ZOO_MARKERS = ("<!-- zoo:start -->", "<!-- zoo:end -->")
 
 
 def update_between_markers(path: str | Path, table: str, markers: tuple[str, str] = ZOO_MARKERS) -> None:
-    """Replace the text between two marker lines of a file with `table`."""
+    """Replace the text between two marker lines of a file.
+
+    Args:
+        path: The file.
+        table: The new text.
+        markers: Start and end markers.
+
+    Raises:
+        SystemExit: If the file has no marker block.
+    """
     path = Path(path)
     text = path.read_text()
     start, end = (re.escape(m) for m in markers)
@@ -163,7 +187,11 @@ def _resolve(patterns: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point."""
+    """Command-line entry point.
+
+    Args:
+        argv: Arguments (default: sys.argv).
+    """
     import vitblocks  # noqa: F401  (registers the models)
     from vitblocks.models.sret import PAPER_TOP1
 

@@ -45,6 +45,12 @@ def attention_backend(name: str) -> Iterator[None]:
     Args:
         name: One of "auto", "xformers", "sdpa", "math".
 
+    Returns:
+        A context manager; the previous choice is restored on exit.
+
+    Raises:
+        ValueError: For an unknown backend name.
+
     Example:
         >>> import torch
         >>> from vitblocks.attention import attention_backend, group_attention
@@ -62,7 +68,14 @@ def attention_backend(name: str) -> Iterator[None]:
 
 
 def requested_backend(backend: str | None = None) -> str:
-    """The backend name in force for a call that asks for `backend` (None: no preference)."""
+    """The backend name in force for a call.
+
+    Args:
+        backend: The call's own choice, or None for no preference.
+
+    Returns:
+        The name chosen by the call, the innermost context, the environment, or "auto".
+    """
     if backend is not None:
         return _check_name(backend, "the backend argument")
     if _context_stack:
@@ -102,7 +115,15 @@ def select_backend(q: torch.Tensor, dropout_p: float = 0.0, backend: str | None 
 
 
 def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:
-    """Names of the backends that can run on `device` with `dtype`, in `auto`'s order."""
+    """Backends that can run on a device and dtype.
+
+    Args:
+        device: The device to check.
+        dtype: The tensor dtype to check.
+
+    Returns:
+        Backend names in the order `auto` tries them.
+    """
     probe = torch.empty(1, 1, 1, 1, device=device, dtype=dtype)
     return [name for name, b in BACKENDS.items() if not b.unsupported_reasons(probe, 0.0)]
 

@@ -48,6 +48,11 @@ class TokenGroups:
         num_prefix_tokens: Tokens in front of the patch tokens that attend to and are
             attended by every token.
 
+    Attributes:
+        num_tokens: Number of patch tokens N.
+        num_groups: Number of groups g.
+        num_prefix_tokens: Number of prefix tokens.
+
     Raises:
         ValueError: If the counts are out of range.
 
@@ -94,12 +99,22 @@ class TokenGroups:
         return tuple(runs)
 
     def group_index(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """Group id of every patch token, shape (num_tokens,)."""
+        """Group id of every patch token.
+
+        Args:
+            device: Device of the result.
+
+        Returns:
+            int64 tensor of shape (num_tokens,).
+        """
         sizes = torch.tensor(self.sizes, device=device)
         return torch.repeat_interleave(torch.arange(self.num_groups, device=device), sizes)
 
     def materialize(self, device: torch.device | str | None = None) -> torch.Tensor:
         """Dense boolean mask of the whole sequence, True where attention is allowed.
+
+        Args:
+            device: Device of the result.
 
         Returns:
             Tensor of shape (P + N, P + N) where P is `num_prefix_tokens`; row i says

@@ -9,7 +9,14 @@ from torch import nn
 
 
 def accepts_loop(module: nn.Module) -> bool:
-    """Whether `module.forward` has a parameter named `loop`."""
+    """Whether a module is loop-aware.
+
+    Args:
+        module: Any module.
+
+    Returns:
+        True if `module.forward` has a parameter named `loop`.
+    """
     try:
         return "loop" in inspect.signature(module.forward).parameters
     except (TypeError, ValueError):  # builtins and some C-implemented modules have no signature
@@ -17,5 +24,15 @@ def accepts_loop(module: nn.Module) -> bool:
 
 
 def call_with_loop(module: nn.Module, x: torch.Tensor, loop: int, takes_loop: bool) -> torch.Tensor:
-    """`module(x, loop=loop)` for loop-aware modules, `module(x)` for the rest."""
+    """Call a module, passing the loop index only to loop-aware modules.
+
+    Args:
+        module: The module.
+        x: Its input.
+        loop: The loop index.
+        takes_loop: Whether the module is loop-aware (see `accepts_loop`).
+
+    Returns:
+        `module(x, loop=loop)` or `module(x)`.
+    """
     return module(x, loop=loop) if takes_loop else module(x)

@@ -21,7 +21,18 @@ _MASK32 = 0xFFFFFFFF
 
 
 def check_policy(policy: str, argument: str) -> str:
-    """Return `policy` if it is a known policy name, else raise a ValueError naming `argument`."""
+    """Validate a permutation policy name.
+
+    Args:
+        policy: The name to check.
+        argument: The argument name to show in the error.
+
+    Returns:
+        `policy`, unchanged.
+
+    Raises:
+        ValueError: If `policy` is not one of `PERMUTATION_POLICIES`.
+    """
     if policy not in PERMUTATION_POLICIES:
         raise ValueError(f"{argument}={policy!r} is not a permutation policy; choose one of {PERMUTATION_POLICIES}")
     return policy
@@ -66,7 +77,14 @@ def fixed_permutation(num_tokens: int, seed: int = 0, device: torch.device | str
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
-    """The permutation that undoes `perm`: `perm[inverse_permutation(perm)] == arange`."""
+    """The permutation that undoes another.
+
+    Args:
+        perm: A permutation of 0..n-1.
+
+    Returns:
+        `inverse` such that `perm[inverse] == arange(n)` and `inverse[perm] == arange(n)`.
+    """
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
     return inverse

@@ -92,12 +92,26 @@ class Recursive(nn.Module):
         self._block_takes_loop = accepts_loop(block)
 
     def set_grad_checkpointing(self, enable: CheckpointMode = True) -> None:
-        """Set the activation checkpointing mode: False, True / "loop", or "sqrt"."""
+        """Set the activation checkpointing mode.
+
+        Args:
+            enable: False, True / "loop", or "sqrt" (see the class arguments).
+
+        Raises:
+            ValueError: For an unknown mode.
+        """
         self._checkpoint_mode = _checkpoint_mode(enable)
         self.grad_checkpointing = enable
 
     def mix_at(self, loop: int) -> nn.Module | None:
-        """The mix layer that follows application `loop`, or None."""
+        """The mix layer that follows one application.
+
+        Args:
+            loop: Index of the application.
+
+        Returns:
+            The layer, or None when there is no mixing.
+        """
         if self.mix is None or self.shared_mix:
             return self.mix
         return self.mix[loop]

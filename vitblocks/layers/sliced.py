@@ -119,7 +119,14 @@ class SlicedGroupAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def groups_at(self, loop: int) -> int:
-        """Group count used on loop `loop` (the schedule's last entry repeats)."""
+        """Group count of one loop.
+
+        Args:
+            loop: Loop index.
+
+        Returns:
+            The schedule's entry for the loop; its last entry repeats for later loops.
+        """
         return self.groups[min(loop, len(self.groups) - 1)]
 
     def permutation_at(self, num_tokens: int, loop: int, device: torch.device | None = None) -> torch.Tensor | None:
@@ -129,6 +136,9 @@ class SlicedGroupAttention(nn.Module):
             num_tokens: Number of patch tokens.
             loop: Loop index of the call.
             device: Device of the permutation.
+
+        Returns:
+            The permutation of the patch tokens (int64), or None.
         """
         if loop == 0 or self.groups_at(loop) == 1:
             return None

@@ -41,7 +41,14 @@ class CheckpointError(ValueError):
 
 
 def is_official_state_dict(state_dict: dict[str, Any]) -> bool:
-    """Whether a state dict uses the official code's key layout."""
+    """Whether a state dict uses the official code's key layout.
+
+    Args:
+        state_dict: Any state dict.
+
+    Returns:
+        True if it has the official `transformers.*` / `pools.*` keys.
+    """
     return any(k.startswith(("transformers.", "pools.")) for k in state_dict)
 
 
@@ -60,6 +67,12 @@ def official_key_map(model: SReT) -> dict[str, list[str]]:
     """For every state-dict key of `model`, the official keys that hold the same tensor.
 
     Shared-block parameters map to one official key per loop; everything else to one.
+
+    Args:
+        model: A vitblocks SReT.
+
+    Returns:
+        Our key -> list of official keys.
 
     Raises:
         CheckpointError: If the model's mix layers are not one per loop (the official
@@ -90,7 +103,15 @@ def official_key_map(model: SReT) -> dict[str, list[str]]:
 
 
 def resize_position_weight(state_dict: dict[str, torch.Tensor], model: SReT) -> dict[str, torch.Tensor]:
-    """Resize `pos_embed.weight` in a vitblocks-layout state dict to the model's grid."""
+    """Resize the position map of a vitblocks-layout state dict to the model's grid.
+
+    Args:
+        state_dict: Weights in vitblocks layout (modified in place).
+        model: The model they are for.
+
+    Returns:
+        `state_dict`.
+    """
     pos = state_dict.get("pos_embed.weight")
     target = model.pos_embed.weight.shape
     if pos is not None and pos.shape != target and pos.shape[:2] == target[:2]:
@@ -149,7 +170,14 @@ def convert_official_state_dict(state_dict: dict[str, torch.Tensor], model: SReT
 
 
 def export_official_state_dict(model: SReT) -> dict[str, torch.Tensor]:
-    """The model's weights in the official code's layout (shared blocks stored per loop)."""
+    """The model's weights in the official code's layout.
+
+    Args:
+        model: A vitblocks SReT with one NonLinearMix per loop.
+
+    Returns:
+        Official key -> tensor; a shared block's tensors appear once per loop.
+    """
     ours = model.state_dict()
     return {official: ours[key] for key, officials in official_key_map(model).items() for official in officials}
 
@@ -158,6 +186,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read the state dict in a checkpoint file without unpickling arbitrary objects.
 
     Accepts a bare state dict or a dict holding one under `model` or `state_dict`.
+
+    Args:
+        path: The file.
+
+    Returns:
+        The state dict.
 
     Raises:
         FileNotFoundError: If there is no such file.

@@ -274,7 +274,12 @@ def _register_variants() -> None:
 
         factory.__name__ = factory.__qualname__ = name
         factory.__module__ = __name__
-        factory.__doc__ = f"timm's {base} made recursive: {recursion}. `pretrained=True` loads {base}'s weights."
+        factory.__doc__ = (
+            f"timm's {base} made recursive with {recursion}.\n\n"
+            f"Args:\n    pretrained: Load {base}'s timm weights first (shared blocks keep their run's first block).\n"
+            f"    **kwargs: Arguments for timm.create_model({base!r}, ...).\n\n"
+            "Returns:\n    The recursive model."
+        )
         setattr(module, name, register_model(factory))
         VARIANTS[name] = (base, recursion)
 

@@ -42,7 +42,15 @@ def _per_stage(value: Any, num_stages: int, name: str) -> tuple:
 
 
 def stage_grids(img_size: tuple[int, int], num_stages: int) -> list[tuple[int, int]]:
-    """Token-map size of each stage for an input of `img_size` (stride-8 stem, then /2 per stage)."""
+    """Token-map size of each stage (stride-8 stem, then halved per stage, rounding up).
+
+    Args:
+        img_size: Input height and width.
+        num_stages: Number of stages.
+
+    Returns:
+        (height, width) of every stage's map.
+    """
     height, width = -(-img_size[0] // ConvStem.stride), -(-img_size[1] // ConvStem.stride)
     grids = [(height, width)]
     for _ in range(num_stages - 1):
@@ -57,6 +65,11 @@ def official_drop_path_rates(drop_path_rate: float, unique_blocks: Sequence[int]
     The rate grows linearly over all block applications ("virtual layers"), but stage s's
     unique blocks take the first values of that stage's slice, and every loop of a block
     uses the block's rate.
+
+    Args:
+        drop_path_rate: The largest rate of the linear ramp.
+        unique_blocks: Unique blocks per stage.
+        loops: Applications of each block, per stage.
 
     Returns:
         One list of rates per stage, one rate per unique block.
@@ -126,7 +139,15 @@ class SReTStage(nn.Module):
         self.loops = loops
 
     def check_grid(self, height: int, width: int) -> None:
-        """Raise a ValueError if a (height x width) map has fewer tokens than a loop's groups."""
+        """Check that a map has enough tokens for every loop's group count.
+
+        Args:
+            height: Map height.
+            width: Map width.
+
+        Raises:
+            ValueError: If height * width is smaller than a group count of the schedule.
+        """
         tokens = height * width
         needed = max(self.groups[: self.loops])
         if tokens < needed:
@@ -263,12 +284,23 @@ class SReT(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """Parameter names exempt from weight decay (besides 1-D parameters and biases)."""
+        """Parameters exempt from weight decay besides 1-D parameters and biases.
+
+        Returns:
+            Parameter names.
+        """
         return {"pos_embed.weight"}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """Regexes that group parameters by depth, for layer-wise learning-rate decay."""
+        """Regexes that group parameters by depth, for layer-wise learning-rate decay.
+
+        Args:
+            coarse: One group per stage instead of one per block.
+
+        Returns:
+            timm's group-matcher dict.
+        """
         return dict(
             stem=r"^patch_embed|^pos_embed",
             blocks=r"^stages\.(\d+)" if coarse else [
@@ -280,7 +312,11 @@ class SReT(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: CheckpointMode = True) -> None:
-        """Checkpoint activations in every recursive block (see `Recursive`)."""
+        """Checkpoint activations in every recursive block.
+
+        Args:
+            enable: False, True / "loop", or "sqrt" (see `Recursive`).
+        """
         self.grad_checkpointing = enable
         for stage in self.stages:
             for block in stage.blocks:
@@ -288,11 +324,23 @@ class SReT(nn.Module):
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
-        """The classifier head."""
+        """The classifier head.
+
+        Returns:
+            The head module.
+        """
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier (0 classes: identity) and optionally the pooling."""
+        """Replace the classifier and optionally the pooling.
+
+        Args:
+            num_classes: New class count; 0 for no classifier (identity).
+            global_pool: "avg" or "", or None to keep the current pooling.
+
+        Raises:
+            ValueError: For an unsupported pooling.
+        """
         self.num_classes = num_classes
         if global_pool is not None:
             if global_pool not in ("avg", ""):
@@ -304,14 +352,29 @@ class SReT(nn.Module):
         return self.pos_drop(self.pos_embed(self.patch_embed(x)))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) to the last stage's map (B, C, H/32, W/32)."""
+        """Run the stem and every stage.
+
+        Args:
+            x: Images (B, 3, H, W).
+
+        Returns:
+            The last stage's map (B, C, H/32, W/32).
+        """
         x = self._stem(x)
         for stage in self.stages:
             x = stage(x)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool, normalize and classify a feature map from `forward_features`."""
+        """Pool, normalize and classify.
+
+        Args:
+            x: A map from `forward_features`.
+            pre_logits: Return the normalized pooled features instead of logits.
+
+        Returns:
+            Logits (B, num_classes), or features.
+        """
         if self.global_pool == "avg":
             x = x.mean(dim=(2, 3))
             x = self.norm(x)
@@ -361,7 +424,16 @@ class SReT(nn.Module):
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        """Drop the stages (and head) not needed to produce stage maps `indices`."""
+        """Drop the stages (and head) not needed for some stage maps.
+
+        Args:
+            indices: Stage maps to keep: the last n, or a list.
+            prune_norm: Drop the final norm.
+            prune_head: Drop the classifier.
+
+        Returns:
+            The absolute indices kept.
+        """
         take, max_index = feature_take_indices(len(self.stages), indices)
         self.stages = self.stages[: max_index + 1]
         if prune_norm or max_index < len(self.feature_info) - 1:
@@ -373,7 +445,15 @@ class SReT(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: SReT) -> dict[str, torch.Tensor]:
-    """Adapt a state dict (ours or the official code's layout) to `model` for timm loading."""
+    """Adapt a state dict to `model` for timm's pretrained loading.
+
+    Args:
+        state_dict: Weights in the official code's layout or in vitblocks' own.
+        model: The model to load into.
+
+    Returns:
+        Weights in vitblocks layout, the position map resized to the model's grid.
+    """
     from vitblocks.models.official import convert_official_state_dict, is_official_state_dict
 
     if is_official_state_dict(state_dict):
@@ -464,83 +544,195 @@ def _build(variant: str, pretrained: bool, arch: dict[str, Any], kwargs: dict[st
 
 @register_model
 def sret_t(pretrained: bool = False, **kwargs: Any) -> SReT:
-    """SReT-T, groups [8-4-1, 2-1-1]: 4,755,979 params, 1.11 GMACs at 224."""
+    """SReT-T, groups [8-4-1, 2-1-1]: 4,755,979 params, 1.11 GMACs at 224.
+
+    Args:
+        pretrained: Load weights from `pretrained_cfg_overlay=dict(file=...)` (official or vitblocks layout).
+        **kwargs: `SReT` arguments, e.g. `num_classes`, `img_size`, `drop_path_rate`, `loops`.
+
+    Returns:
+        The model.
+    """
     return _build("sret_t", pretrained, _TINY, kwargs, groups=_SLICED)
 
 
 @register_model
 def sret_t_unsliced(pretrained: bool = False, **kwargs: Any) -> SReT:
-    """SReT-T without slicing: 1.37 GMACs at 224."""
+    """SReT-T without slicing: 1.37 GMACs at 224.
+
+    Args:
+        pretrained: Load weights from `pretrained_cfg_overlay=dict(file=...)` (official or vitblocks layout).
+        **kwargs: `SReT` arguments, e.g. `num_classes`, `img_size`, `drop_path_rate`, `loops`.
+
+    Returns:
+        The model.
+    """
     return _build("sret_t_unsliced", pretrained, _TINY, kwargs, groups=_UNSLICED)
 
 
 @register_model
 def sret_lt(pretrained: bool = False, **kwargs: Any) -> SReT:
-    """SReT-LT, groups [8-4-1, 2-1-1]: 4,988,024 params, 1.16 GMACs at 224."""
+    """SReT-LT, groups [8-4-1, 2-1-1]: 4,988,024 params, 1.16 GMACs at 224.
+
+    Args:
+        pretrained: Load weights from `pretrained_cfg_overlay=dict(file=...)` (official or vitblocks layout).
+        **kwargs: `SReT` arguments, e.g. `num_classes`, `img_size`, `drop_path_rate`, `loops`.
+
+    Returns:
+        The model.
+    """
     return _build("sret_lt", pretrained, _LARGER_TINY, kwargs, groups=_SLICED)
 
 
 @register_model
 def sret_lt_unsliced(pretrained: bool = False, **kwargs: Any) -> SReT:
-    """SReT-LT without slicing: 1.42 GMACs at 224."""
+    """SReT-LT without slicing: 1.42 GMACs at 224.
+
+    Args:
+        pretrained: Load weights from `pretrained_cfg_overlay=dict(file=...)` (official or vitblocks layout).
+        **kwargs: `SReT` arguments, e.g. `num_classes`, `img_size`, `drop_path_rate`, `loops`.
+
+    Returns:
+        The model.
+    """
     return _build("sret_lt_unsliced", pretrained, _LARGER_TINY, kwargs, groups=_UNSLICED)
 
 
 @register_model
 def sret_lt_g16_14_1(pretrained: bool = False, **kwargs: Any) -> SReT:
-    """SReT-LT, groups [16-14-1, 1-1-1]: 1.23 GMACs at 224."""
+    """SReT-LT, groups [16-14-1, 1-1-1]: 1.23 GMACs at 224.
+
+    Args:
+        pretrained: Load weights from `pretrained_cfg_overlay=dict(file=...)` (official or vitblocks layout).
+        **kwargs: `SReT` arguments, e.g. `num_classes`, `img_size`, `drop_path_rate`, `loops`.
+
+    Returns:
+        The model.
+    """
     return _build("sret_lt_g16_14_1", pretrained, _LARGER_TINY, kwargs, groups=((16, 1), (14, 1), (1, 1)))
 
 
 @register_model
 def sret_s(pretrained: bool = False, **kwargs: Any) -> SReT:
-    """SReT-S, groups [8-4-1, 2-1-1]: 20,899,692 params, 4.17 GMACs at 224."""
+    """SReT-S, groups [8-4-1, 2-1-1]: 20,899,692 params, 4.17 GMACs at 224.
+
+    Args:
+        pretrained: Load weights from `pretrained_cfg_overlay=dict(file=...)` (official or vitblocks layout).
+        **kwargs: `SReT` arguments, e.g. `num_classes`, `img_size`, `drop_path_rate`, `loops`.
+
+    Returns:
+        The model.
+    """
     return _build("sret_s", pretrained, _SMALL, kwargs, groups=_SLICED)
 
 
 @register_model
 def sret_s_unsliced(pretrained: bool = False, **kwargs: Any) -> SReT:
-    """SReT-S without slicing: 4.67 GMACs at 224."""
+    """SReT-S without slicing: 4.67 GMACs at 224.
+
+    Args:
+        pretrained: Load weights from `pretrained_cfg_overlay=dict(file=...)` (official or vitblocks layout).
+        **kwargs: `SReT` arguments, e.g. `num_classes`, `img_size`, `drop_path_rate`, `loops`.
+
+    Returns:
+        The model.
+    """
     return _build("sret_s_unsliced", pretrained, _SMALL, kwargs, groups=_UNSLICED)
 
 
 @register_model
 def sret_t_distill(pretrained: bool = False, **kwargs: Any) -> SReT:
-    """SReT-T trained with soft-label distillation (same architecture as sret_t)."""
+    """SReT-T trained with soft-label distillation (same architecture as sret_t).
+
+    Args:
+        pretrained: Load weights from `pretrained_cfg_overlay=dict(file=...)` (official or vitblocks layout).
+        **kwargs: `SReT` arguments, e.g. `num_classes`, `img_size`, `drop_path_rate`, `loops`.
+
+    Returns:
+        The model.
+    """
     return _build("sret_t_distill", pretrained, _TINY, kwargs, groups=_SLICED)
 
 
 @register_model
 def sret_lt_distill(pretrained: bool = False, **kwargs: Any) -> SReT:
-    """SReT-LT trained with soft-label distillation (same architecture as sret_lt)."""
+    """SReT-LT trained with soft-label distillation (same architecture as sret_lt).
+
+    Args:
+        pretrained: Load weights from `pretrained_cfg_overlay=dict(file=...)` (official or vitblocks layout).
+        **kwargs: `SReT` arguments, e.g. `num_classes`, `img_size`, `drop_path_rate`, `loops`.
+
+    Returns:
+        The model.
+    """
     return _build("sret_lt_distill", pretrained, _LARGER_TINY, kwargs, groups=_SLICED)
 
 
 @register_model
 def sret_t_unsliced_distill(pretrained: bool = False, **kwargs: Any) -> SReT:
-    """Unsliced SReT-T trained with soft-label distillation."""
+    """Unsliced SReT-T trained with soft-label distillation.
+
+    Args:
+        pretrained: Load weights from `pretrained_cfg_overlay=dict(file=...)` (official or vitblocks layout).
+        **kwargs: `SReT` arguments, e.g. `num_classes`, `img_size`, `drop_path_rate`, `loops`.
+
+    Returns:
+        The model.
+    """
     return _build("sret_t_unsliced_distill", pretrained, _TINY, kwargs, groups=_UNSLICED)
 
 
 @register_model
 def sret_lt_unsliced_distill(pretrained: bool = False, **kwargs: Any) -> SReT:
-    """Unsliced SReT-LT trained with soft-label distillation."""
+    """Unsliced SReT-LT trained with soft-label distillation.
+
+    Args:
+        pretrained: Load weights from `pretrained_cfg_overlay=dict(file=...)` (official or vitblocks layout).
+        **kwargs: `SReT` arguments, e.g. `num_classes`, `img_size`, `drop_path_rate`, `loops`.
+
+    Returns:
+        The model.
+    """
     return _build("sret_lt_unsliced_distill", pretrained, _LARGER_TINY, kwargs, groups=_UNSLICED)
 
 
 @register_model
 def sret_t_unsliced_384(pretrained: bool = False, **kwargs: Any) -> SReT:
-    """Unsliced SReT-T at 384: 4,853,259 params, 6.41 GMACs."""
+    """Unsliced SReT-T at 384: 4,853,259 params, 6.41 GMACs.
+
+    Args:
+        pretrained: Load weights from `pretrained_cfg_overlay=dict(file=...)` (official or vitblocks layout).
+        **kwargs: `SReT` arguments, e.g. `num_classes`, `img_size`, `drop_path_rate`, `loops`.
+
+    Returns:
+        The model.
+    """
     return _build("sret_t_unsliced_384", pretrained, _TINY, kwargs, groups=_UNSLICED, img_size=384)
 
 
 @register_model
 def sret_s_unsliced_384(pretrained: bool = False, **kwargs: Any) -> SReT:
-    """Unsliced SReT-S at 384: 21,091,212 params, 18.44 GMACs."""
+    """Unsliced SReT-S at 384: 21,091,212 params, 18.44 GMACs.
+
+    Args:
+        pretrained: Load weights from `pretrained_cfg_overlay=dict(file=...)` (official or vitblocks layout).
+        **kwargs: `SReT` arguments, e.g. `num_classes`, `img_size`, `drop_path_rate`, `loops`.
+
+    Returns:
+        The model.
+    """
     return _build("sret_s_unsliced_384", pretrained, _SMALL, kwargs, groups=_UNSLICED, img_size=384)
 
 
 @register_model
 def sret_s_unsliced_512(pretrained: bool = False, **kwargs: Any) -> SReT:
-    """Unsliced SReT-S at 512: 21,317,004 params, 42.67 GMACs."""
+    """Unsliced SReT-S at 512: 21,317,004 params, 42.67 GMACs.
+
+    Args:
+        pretrained: Load weights from `pretrained_cfg_overlay=dict(file=...)` (official or vitblocks layout).
+        **kwargs: `SReT` arguments, e.g. `num_classes`, `img_size`, `drop_path_rate`, `loops`.
+
+    Returns:
+        The model.
+    """
     return _build("sret_s_unsliced_512", pretrained, _SMALL, kwargs, groups=_UNSLICED, img_size=512)

@@ -19,6 +19,10 @@ def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
 
     A crash at any moment leaves either the previous file or the new one, never a
     partial file.
+
+    Args:
+        obj: What to save.
+        path: Destination.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,7 +39,11 @@ def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every random generator the training loop draws from, as plain data and tensors."""
+    """Capture every random generator the training loop draws from.
+
+    Returns:
+        Plain data and tensors (safe to load with `weights_only=True`).
+    """
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -48,7 +56,11 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore generators saved by `rng_state`."""
+    """Restore generators saved by `rng_state`.
+
+    Args:
+        state: Output of `rng_state`.
+    """
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -60,6 +72,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a trainer checkpoint safely (no arbitrary unpickling).
+
+    Args:
+        path: The checkpoint.
+
+    Returns:
+        The checkpoint dict.
 
     Raises:
         FileNotFoundError: If the file does not exist.

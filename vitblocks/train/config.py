@@ -240,6 +240,9 @@ _POSITIVE = ("epochs", "data.img_size", "data.num_classes", "data.batch_size", "
 def validate(config: TrainConfig) -> None:
     """Check values that types alone do not constrain.
 
+    Args:
+        config: The config to check.
+
     Raises:
         ConfigError: Naming the field, its value and what is allowed.
     """
@@ -255,7 +258,15 @@ def validate(config: TrainConfig) -> None:
 
 
 def iter_fields(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any]]:
-    """Yield (dotted path, value) for every leaf field of a config."""
+    """Walk the leaf fields of a config.
+
+    Args:
+        obj: A config dataclass.
+        prefix: Path prefix of `obj`'s fields.
+
+    Yields:
+        (dotted path, value) for every field that is not itself a config.
+    """
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         path = f"{prefix}{f.name}"
@@ -266,12 +277,26 @@ def iter_fields(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any]]:
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:
-    """The config as nested plain data (for checkpoints and printing)."""
+    """The config as nested plain data (for checkpoints).
+
+    Args:
+        config: The config.
+
+    Returns:
+        Nested dicts of plain values.
+    """
     return dataclasses.asdict(config)
 
 
 def from_dict(data: dict[str, Any]) -> TrainConfig:
-    """Rebuild a config from `to_dict` output."""
+    """Rebuild a config from `to_dict` output.
+
+    Args:
+        data: Nested dicts.
+
+    Returns:
+        The config.
+    """
     return _build(TrainConfig, data)
 
 
@@ -287,7 +312,14 @@ def _build(cls: type, data: dict[str, Any]) -> Any:
 
 
 def format_config(config: TrainConfig) -> str:
-    """One `path = value` line per field."""
+    """Render a config for `--print-config`.
+
+    Args:
+        config: The config.
+
+    Returns:
+        One `path = value` line per field.
+    """
     return "\n".join(f"{path} = {value!r}" for path, value in iter_fields(config))
 
 
@@ -317,6 +349,13 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Apply `path=value` overrides (values are Python literals or bare strings).
 
     A path may end inside a dict field: `model.kwargs.drop_path_rate=0.2`.
+
+    Args:
+        config: The config (not modified).
+        overrides: `path=value` strings.
+
+    Returns:
+        A new config with the overrides applied.
 
     Raises:
         ConfigError: For a malformed override, an unknown path (with the closest valid
@@ -360,6 +399,12 @@ def _literal(raw: str) -> Any:
 
 def load_recipe(path: str | Path) -> TrainConfig:
     """Run a recipe file and return its `config`.
+
+    Args:
+        path: The recipe file.
+
+    Returns:
+        The recipe's config.
 
     Raises:
         FileNotFoundError: If the file does not exist.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -33,7 +33,15 @@ def _layout_help(root: Path, split: str) -> str:
 
 
 def check_image_folder(root: Path, split: str) -> None:
-    """Raise a DataError that explains the expected layout if `root/split` has no class folders with images."""
+    """Check that a split folder holds class folders with images.
+
+    Args:
+        root: Dataset root.
+        split: "train" or "val".
+
+    Raises:
+        DataError: Explaining the expected layout and what to do.
+    """
     folder = root / split
     if folder.is_dir():
         for class_dir in folder.iterdir():
@@ -70,6 +78,13 @@ def _synthetic(config: DataConfig, train: bool, seed: int) -> Dataset:
 def build_dataset(config: TrainConfig, train: bool) -> Dataset:
     """The training or validation dataset of a config.
 
+    Args:
+        config: The experiment.
+        train: Training split (with augmentation) or validation split.
+
+    Returns:
+        The dataset.
+
     Raises:
         DataError: For an imagefolder root without the expected layout.
     """
@@ -92,8 +107,15 @@ def build_dataset(config: TrainConfig, train: bool) -> Dataset:
     return ImageDataset(str(root / split), transform=transform)
 
 
-def eval_transform(data: DataConfig):
-    """Resize to img_size / crop_pct, center-crop img_size, normalize (the DeiT protocol)."""
+def eval_transform(data: DataConfig) -> Callable:
+    """Evaluation transform: resize to img_size / crop_pct, center-crop img_size, normalize.
+
+    Args:
+        data: Image size, crop fraction, interpolation and normalization.
+
+    Returns:
+        A torchvision transform.
+    """
     return create_transform(
         data.img_size, is_training=False, crop_pct=data.crop_pct, interpolation=data.interpolation,
         mean=data.mean, std=data.std,
@@ -124,7 +146,12 @@ class ResumableSampler(Sampler[int]):
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Select the epoch, and how many of this rank's samples to skip (already seen)."""
+        """Select the epoch and where in it to start.
+
+        Args:
+            epoch: Epoch index (selects the order).
+            skip: This rank's samples to skip (already seen before an interruption).
+        """
         self.epoch, self.skip = epoch, skip
 
     def _indices(self) -> list[int]:
@@ -148,7 +175,19 @@ class ResumableSampler(Sampler[int]):
 
 def make_loader(dataset: Dataset, sampler: ResumableSampler, batch_size: int, workers: int, train: bool,
                 seed: int) -> DataLoader:
-    """A DataLoader over `sampler`; worker seeds follow the sampler's epoch."""
+    """A DataLoader over a resumable sampler.
+
+    Args:
+        dataset: The dataset.
+        sampler: Its sampler, with the epoch already set.
+        batch_size: Samples per batch.
+        workers: Worker processes.
+        train: Drop the last partial batch.
+        seed: Base seed; worker seeds follow the sampler's epoch.
+
+    Returns:
+        The loader.
+    """
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=train,
         pin_memory=torch.cuda.is_available(), persistent_workers=False,

@@ -14,6 +14,14 @@ def soft_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.T
 
     Unlike timm's `TokenDistillationTask` (KL with `batchmean` scaled by T^2) there is
     no extra factor: this is the cross-entropy against the teacher's soft labels.
+
+    Args:
+        student_logits: (B, classes).
+        teacher_logits: (B, classes).
+        temperature: Softmax temperature T.
+
+    Returns:
+        The scalar loss.
     """
     targets = F.softmax(teacher_logits.float() / temperature, dim=-1)
     return -(targets * F.log_softmax(student_logits.float() / temperature, dim=-1)).sum(dim=-1).mean()
@@ -21,7 +29,17 @@ def soft_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.T
 
 def hard_distillation_loss(base_loss: torch.Tensor, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                            alpha: float = 0.5) -> torch.Tensor:
-    """DeiT's hard distillation: (1 - alpha) * base loss + alpha * CE(student, teacher's top class)."""
+    """DeiT's hard distillation: (1 - alpha) * base loss + alpha * CE(student, teacher's top class).
+
+    Args:
+        base_loss: Loss on the true (possibly mixed) labels.
+        student_logits: (B, classes).
+        teacher_logits: (B, classes).
+        alpha: Weight of the teacher term.
+
+    Returns:
+        The scalar loss.
+    """
     return (1 - alpha) * base_loss + alpha * F.cross_entropy(student_logits, teacher_logits.argmax(dim=-1))
 
 
@@ -33,6 +51,9 @@ def build_teacher(config: DistillConfig, num_classes: int, device: torch.device,
         num_classes: Classes of the task.
         device: Where the teacher runs.
         allow_random: Accept a teacher without trained weights (smoke tests only).
+
+    Returns:
+        The teacher, frozen, in eval mode.
 
     Raises:
         FileNotFoundError: If `teacher_checkpoint` names a missing file.

@@ -35,7 +35,11 @@ class Runtime:
 
 
 def setup() -> Runtime:
-    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs), if any."""
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs), if any.
+
+    Returns:
+        This process's rank, world size and device.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -56,7 +60,15 @@ def teardown() -> None:
 
 
 def all_sum(values: list[float], runtime: Runtime) -> list[float]:
-    """Sum numbers over all processes."""
+    """Sum numbers over all processes.
+
+    Args:
+        values: This process's numbers.
+        runtime: The process group.
+
+    Returns:
+        The sums (the values themselves when not distributed).
+    """
     if not runtime.distributed:
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)

@@ -38,7 +38,14 @@ class TrainingDiverged(RuntimeError):
 
 
 def create_model(config: TrainConfig) -> nn.Module:
-    """Build the configured timm model at the data's resolution and class count."""
+    """Build the configured timm model at the data's resolution and class count.
+
+    Args:
+        config: The experiment.
+
+    Returns:
+        The model (img_size is passed only to models that take it).
+    """
     import vitblocks  # noqa: F401  (registers vitblocks models)
 
     kwargs = dict(config.model.kwargs, num_classes=config.data.num_classes)
@@ -51,14 +58,27 @@ def create_model(config: TrainConfig) -> nn.Module:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch generators."""
+    """Seed Python, NumPy and torch generators.
+
+    Args:
+        seed: The seed.
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def accuracy(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
-    """Number of samples whose target is within the top-k predictions, for each k."""
+    """Count correct predictions at several k.
+
+    Args:
+        logits: (B, classes).
+        targets: (B,) class indices.
+        ks: The k of each top-k.
+
+    Returns:
+        For each k, the number of samples whose target is among the top-k predictions.
+    """
     top = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices
     hits = top == targets.unsqueeze(-1)
     return [hits[:, :k].any(dim=-1).sum().item() for k in ks]
@@ -76,6 +96,12 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
         device: Where to run.
         autocast: Mixed-precision context, if any.
         runtime: When distributed, sums are reduced over all processes.
+
+    Returns:
+        `val_loss`, `val_top1` and `val_top5` (%).
+
+    Raises:
+        ValueError: If the loader yields no samples.
     """
     model.eval()
     loss, top1, top5, count = 0.0, 0.0, 0.0, 0
@@ -175,7 +201,11 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        """Everything needed to continue this run exactly."""
+        """Everything needed to continue this run exactly.
+
+        Returns:
+            Model, optimizer, schedule, scaler and EMA states, position, history, config, RNG.
+        """
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -193,7 +223,14 @@ class Trainer:
         }
 
     def save(self, name: str = "last.pth") -> Path | None:
-        """Write a checkpoint atomically (main process only)."""
+        """Write a checkpoint atomically (main process only).
+
+        Args:
+            name: File name inside the output folder.
+
+        Returns:
+            The path written, or None on other processes.
+        """
         if not self.runtime.is_main:
             return None
         path = self.output_dir / name
@@ -204,6 +241,9 @@ class Trainer:
 
     def resume(self, path: str | Path) -> None:
         """Continue from a checkpoint written by `save`.
+
+        Args:
+            path: The checkpoint.
 
         Raises:
             CheckpointError: If the file is damaged or belongs to a different model.
@@ -239,7 +279,17 @@ class Trainer:
         """Called after every optimizer step; a hook for subclasses."""
 
     def train_epoch(self, progress: bool) -> dict[str, float]:
-        """Run (the rest of) the current epoch; returns its mean loss and throughput."""
+        """Run (the rest of) the current epoch.
+
+        Args:
+            progress: Show a progress bar.
+
+        Returns:
+            Mean training loss of the epoch, throughput, seconds and images seen.
+
+        Raises:
+            TrainingDiverged: On a non-finite loss.
+        """
         config, accum = self.config, self.config.optim.accum_steps
         self.train_sampler.set_epoch(self.epoch, skip=self.batch * config.data.batch_size)
         loader = make_loader(self.train_set, self.train_sampler, config.data.batch_size, config.data.workers,
@@ -311,7 +361,14 @@ class Trainer:
             self.ema.update(self.model, step=self.step)
 
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
-        """Loss, top-1 and top-5 (%) on the validation set, over all processes."""
+        """Loss, top-1 and top-5 (%) on the validation set, over all processes.
+
+        Args:
+            model: The model to evaluate (default: the trained one).
+
+        Returns:
+            `val_loss`, `val_top1`, `val_top5`.
+        """
         loader = make_loader(self.val_set, self.val_sampler, self.config.data.batch_size, self.config.data.workers,
                              False, self.config.seed)
         return evaluate(model or self.model, loader, self.device, self._autocast(), self.runtime)
@@ -319,6 +376,9 @@ class Trainer:
     # ---- the run -----------------------------------------------------------------
     def fit(self, progress: bool = True) -> dict[str, Any]:
         """Train to `config.epochs`, evaluating and checkpointing every epoch.
+
+        Args:
+            progress: Show a progress bar.
 
         Returns:
             The last epoch's metrics, with `best_top1` added.
@@ -374,7 +434,15 @@ class Trainer:
 
 
 def smoke_config(config: TrainConfig, steps: int = 3) -> TrainConfig:
-    """The same recipe on synthetic data of its shape, for a few steps on any machine."""
+    """The same recipe on synthetic data of its shape, for a few steps on any machine.
+
+    Args:
+        config: The recipe's config.
+        steps: Optimizer steps to run.
+
+    Returns:
+        A one-epoch config on synthetic data, writing to `<output_dir>/smoke`.
+    """
     batch = min(config.data.batch_size, 4)
     data = dataclasses.replace(config.data, dataset="synthetic", batch_size=batch, workers=0,
                                synthetic_samples=batch * config.optim.accum_steps * steps)

@@ -27,7 +27,11 @@ class MetricsLog:
             pass
 
     def append(self, row: dict[str, Any]) -> None:
-        """Record one epoch and rewrite the CSV (small, and always consistent with history)."""
+        """Record one epoch and rewrite the CSV (small, and always consistent with history).
+
+        Args:
+            row: The epoch's metrics.
+        """
         self.history.append(row)
         with self.path.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(self.history[0]))
@@ -41,7 +45,12 @@ class MetricsLog:
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Save loss and top-1 curves per epoch as a PNG."""
+    """Save loss and accuracy curves per epoch as a PNG.
+
+    Args:
+        history: Metrics rows.
+        path: The PNG file.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,7 +75,17 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 
 
 def final_summary(history: list[dict[str, Any]], seconds: float, images: int, files: dict[str, Path]) -> str:
-    """The one-screen text printed at the end of a run."""
+    """The one-screen text printed at the end of a run.
+
+    Args:
+        history: Metrics rows.
+        seconds: Training time.
+        images: Training images processed.
+        files: Label -> path of what the run wrote.
+
+    Returns:
+        The text.
+    """
     best = max(history, key=lambda r: r["val_top1"])
     lines = [
         "",
