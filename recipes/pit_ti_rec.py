@@ -7,13 +7,9 @@ family (sliced attention, shared weights) are a `--set model.name=...` away; lis
     torchrun --nproc_per_node 8 -m vitblocks.train recipes/pit_ti_rec.py --set data.root=/data/imagenet
 """
 
-import dataclasses
-import runpy
-from pathlib import Path
+from vitblocks.train import derive_recipe
 
-base = runpy.run_path(str(Path(__file__).with_name("sret_pit.py")))["config"]
-config = dataclasses.replace(
-    base,
-    model=dataclasses.replace(base.model, name="pit_ti_rec_224", kwargs=dict(drop_path_rate=0.1)),
-    output_dir="runs/pit_ti_rec_imagenet",
-)
+config = derive_recipe(__file__, "sret_pit.py", [
+    'model.name=pit_ti_rec_224',
+    "output_dir='runs/pit_ti_rec_imagenet'",
+])

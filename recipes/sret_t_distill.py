@@ -7,16 +7,12 @@ The paper's teacher is a RegNetY-16GF; give its weights with
         --set data.root=/data/imagenet distill.teacher_checkpoint=/weights/regnety_160.pth
 """
 
-import dataclasses
-import runpy
-from pathlib import Path
+from vitblocks.train import derive_recipe
 
-from vitblocks.train import DistillConfig
-
-base = runpy.run_path(str(Path(__file__).with_name("sret_pit.py")))["config"]
-config = dataclasses.replace(
-    base,
-    model=dataclasses.replace(base.model, name="sret_t_distill"),
-    distill=DistillConfig(kind="soft", teacher="regnety_160", temperature=1.0),
-    output_dir="runs/sret_t_distill_imagenet",
-)
+config = derive_recipe(__file__, "sret_pit.py", [
+    'model.name=sret_t_distill',
+    'distill.kind=soft',
+    'distill.teacher=regnety_160',
+    'distill.temperature=1.0',
+    "output_dir='runs/sret_t_distill_imagenet'",
+])

@@ -7,13 +7,10 @@ family (sliced attention, shared weights) are a `--set model.name=...` away; lis
     torchrun --nproc_per_node 8 -m vitblocks.train recipes/swin_tiny_rec.py --set data.root=/data/imagenet
 """
 
-import dataclasses
-import runpy
-from pathlib import Path
+from vitblocks.train import derive_recipe
 
-base = runpy.run_path(str(Path(__file__).with_name("sret_pit.py")))["config"]
-config = dataclasses.replace(
-    base,
-    model=dataclasses.replace(base.model, name="swin_tiny_rec_patch4_window7_224", kwargs=dict(drop_path_rate=0.2)),
-    output_dir="runs/swin_tiny_rec_imagenet",
-)
+config = derive_recipe(__file__, "sret_pit.py", [
+    'model.name=swin_tiny_rec_patch4_window7_224',
+    "model.kwargs={'drop_path_rate': 0.2}",
+    "output_dir='runs/swin_tiny_rec_imagenet'",
+])

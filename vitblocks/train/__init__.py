@@ -11,6 +11,7 @@ from vitblocks.train.config import (
     ScheduleConfig,
     TrainConfig,
     apply_overrides,
+    derive_recipe,
     load_recipe,
 )
 from vitblocks.train.engine import Trainer, TrainingDiverged, create_model, smoke_config
@@ -29,6 +30,7 @@ __all__ = [
     "TrainingDiverged",
     "apply_overrides",
     "create_model",
+    "derive_recipe",
     "load_recipe",
     "smoke_config",
 ]

@@ -397,6 +397,25 @@ def _literal(raw: str) -> Any:
         return raw.strip()
 
 
+def derive_recipe(recipe_file: str | Path, base: str, overrides: list[str]) -> TrainConfig:
+    """A recipe that is another recipe with some fields changed.
+
+    Args:
+        recipe_file: The deriving recipe's own path (pass `__file__`).
+        base: The base recipe, relative to `recipe_file`'s folder.
+        overrides: `path=value` changes, as on the command line.
+
+    Returns:
+        The base recipe's config with the overrides applied.
+
+    Example:
+        >>> config = derive_recipe("recipes/sret_lt.py", "sret_pit.py", ["model.name=sret_lt"])
+        >>> config.model.name, config.schedule.warmup_epochs
+        ('sret_lt', 30)
+    """
+    return apply_overrides(load_recipe(Path(recipe_file).parent / base), overrides)
+
+
 def load_recipe(path: str | Path) -> TrainConfig:
     """Run a recipe file and return its `config`.
 
