@@ -202,3 +202,29 @@ def test_recipe_model_options_reach_the_model(tmp_path, monkeypatch):
     trainer.on_step_end = lambda: seen.append(requested_backend())
     trainer.fit(progress=False)
     assert set(seen) == {"math"}
+
+
+def test_progress_bar_shows_loss_lr_and_throughput(tmp_path, capsys):
+    Trainer(tiny_config(tmp_path, epochs=1)).fit(progress=True)
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "loss=" in err and "lr=" in err and "img_s=" in err
+
+
+def test_metrics_go_to_tensorboard_when_it_is_installed(tmp_path, monkeypatch):
+    import types
+
+    scalars = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, step))
+
+        def flush(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    Trainer(tiny_config(tmp_path, epochs=2)).fit(progress=False)
+    assert ("val_top1", 1) in scalars and ("train_loss", 2) in scalars
