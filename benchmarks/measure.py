@@ -1,0 +1,79 @@
+"""Timing with warm-up and repetitions, and peak memory, on CPU or CUDA."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from vitblocks.profiling import PeakMemory
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call over the repetitions.
+
+    Attributes:
+        median: Median seconds.
+        iqr: Interquartile range of the seconds.
+        repeats: Number of timed calls.
+    """
+
+    median: float
+    iqr: float
+    repeats: int
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5) -> Timing:
+    """Time `fn` after `warmup` untimed calls.
+
+    Args:
+        fn: The work to time.
+        device: Its device (CUDA work is synchronized around each call).
+        warmup: Untimed calls first.
+        repeats: Timed calls.
+
+    Returns:
+        Median and interquartile range of the seconds per call.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return Timing(statistics.median(times), quartiles[2] - quartiles[0], repeats)
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak memory of tensors created while `fn` runs.
+
+    Args:
+        fn: The work to measure.
+        device: CUDA uses the allocator's statistics; CPU uses `PeakMemory`.
+
+    Returns:
+        Bytes.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with PeakMemory() as memory:
+        fn()
+    return memory.peak
