@@ -61,13 +61,24 @@ def _step_fn(model, images, train, precision):
     return train_step
 
 
+def _forward_backward_fn(model, images):
+    def forward_backward():
+        model.zero_grad(set_to_none=True)
+        model(images).float().logsumexp(-1).mean().backward()
+    return forward_backward
+
+
 def measure(group, name, model, images, backend, train, args, memory=True) -> Result:
-    """Throughput (images/s) and peak memory of inference or one training step."""
+    """Throughput (images/s) of inference or a training step, and its peak memory.
+
+    The memory of a training step is that of forward + backward (activations and
+    gradients); the optimizer's own buffers would otherwise hide the activations.
+    """
     model = model.to(images.device).train(train)
     with attention_backend(backend):
         fn = _step_fn(model, images, train, args.precision)
         timing = time_call(fn, images.device, args.warmup, args.repeats)
-        peak = peak_bytes(fn, images.device) if memory else 0
+        peak = peak_bytes(_forward_backward_fn(model, images) if train else fn, images.device) if memory else 0
     return Result(group, name, backend, "train" if train else "infer", images.shape[0] / timing.median,
                   100 * timing.iqr / timing.median, peak / 2**20)
 
