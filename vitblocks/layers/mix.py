@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -49,3 +50,27 @@ class NonLinearMix(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mix tokens of shape (B, N, C); returns the same shape."""
         return x * self.skip_scale + self.mlp(self.norm(x)) * self.branch_scale
+
+
+MIX_MODES = ("per_loop", "shared", "none")
+
+
+def mix_for_mode(mode: str, factory: Callable[[], nn.Module]) -> Callable[[], nn.Module] | nn.Module | None:
+    """Turn a mix mode name into what `Recursive(mix=...)` takes.
+
+    Args:
+        mode: "per_loop" (one unshared layer per loop), "shared" (one layer for every
+            loop) or "none".
+        factory: Builds one mix layer.
+
+    Returns:
+        `factory`, a single layer it built, or None.
+
+    Raises:
+        ValueError: For an unknown mode.
+    """
+    if mode not in MIX_MODES:
+        raise ValueError(f"mix={mode!r} is not one of {MIX_MODES}")
+    if mode == "per_loop":
+        return factory
+    return factory() if mode == "shared" else None

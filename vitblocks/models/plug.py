@@ -29,8 +29,8 @@ from timm.models.vision_transformer import Block as VitBlock
 from torch import nn
 
 from vitblocks.layers import NonLinearMix, Recursive, SlicedGroupAttention
+from vitblocks.layers.mix import mix_for_mode
 
-MIX_MODES = ("none", "per_loop", "shared")
 
 
 class LoopAwareVitBlock(VitBlock):
@@ -128,8 +128,7 @@ def make_recursive(
     """
     if isinstance(loops, bool) or not isinstance(loops, int) or loops < 1:
         raise ValueError(f"loops must be an int >= 1, got {loops!r}")
-    if mix not in MIX_MODES:
-        raise ValueError(f"mix={mix!r} is not one of {MIX_MODES}")
+    mix_for_mode(mix, nn.Identity)  # validates the mode before any block is rewritten
     stacks = _block_stacks(model)
     if not stacks:
         raise ValueError(f"{type(model).__name__} has no nn.Sequential 'blocks' stacks to make recursive")
@@ -160,8 +159,7 @@ def make_recursive(
         new_blocks = []
         for r, run in enumerate(runs):
             unit = run[0]
-            mix_factory = partial(NonLinearMix, _dim(unit[0]), mix_mlp_ratio)
-            mix_spec = {"none": None, "per_loop": mix_factory, "shared": mix_factory() if mix == "shared" else None}[mix]
+            mix_spec = mix_for_mode(mix, partial(NonLinearMix, _dim(unit[0]), mix_mlp_ratio))
             body = unit[0] if size == 1 else nn.Sequential(*unit)
             new_blocks.append(Recursive(body, loops=len(run) if share else loops, mix=mix_spec))
             for u, member in enumerate(run):

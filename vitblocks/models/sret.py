@@ -25,10 +25,10 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from vitblocks.layers import ConvPool, ConvStem, NonLinearMix, PositionMap, Recursive, TransformerBlock
+from vitblocks.layers.mix import mix_for_mode
 from vitblocks.layers.recursive import CheckpointMode
 
 _LayerNorm = partial(nn.LayerNorm, eps=1e-6)
-MIX_MODES = ("per_loop", "shared", "none")
 
 
 def _per_stage(value: Any, num_stages: int, name: str) -> tuple:
@@ -119,8 +119,6 @@ class SReTStage(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if mix not in MIX_MODES:
-            raise ValueError(f"mix={mix!r} is not one of {MIX_MODES}")
         self.downsample = downsample or nn.Identity()
         self.groups = tuple(groups)
         block_kwargs = block_kwargs or {}
@@ -132,7 +130,7 @@ class SReTStage(nn.Module):
                     residual_scalars=True, groups=self.groups, seed=seed + i, **block_kwargs,
                 ),
                 loops=loops,
-                mix={"per_loop": mix_factory, "shared": mix_factory() if mix == "shared" else None, "none": None}[mix],
+                mix=mix_for_mode(mix, mix_factory),
             )
             for i in range(unique_blocks)
         )
