@@ -16,8 +16,6 @@ anything but tensors and plain containers is refused rather than executed.
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from typing import Any
 
 import timm
@@ -182,6 +180,32 @@ def export_official_state_dict(model: SReT) -> dict[str, torch.Tensor]:
     return {official: ours[key] for key, officials in official_key_map(model).items() for official in officials}
 
 
+def load_weights_only(path: str | os.PathLike, hint: str = "") -> Any:
+    """`torch.load` that only accepts tensors and plain containers, with clear errors.
+
+    Args:
+        path: The file.
+        hint: Advice appended to the error for a file that cannot be read.
+
+    Returns:
+        Whatever the file holds.
+
+    Raises:
+        FileNotFoundError: If there is no such file.
+        CheckpointError: If the file is truncated, corrupt, or holds other Python objects.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {os.fspath(path)!r}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for damaged or unsafe files
+        raise CheckpointError(
+            f"could not read {os.fspath(path)!r} as a weights-only PyTorch checkpoint ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200]}). The file may be truncated or corrupt, or contain Python "
+            f"objects other than tensors, which are refused for safety.{hint}"
+        ) from error
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read the state dict in a checkpoint file without unpickling arbitrary objects.
 
@@ -198,16 +222,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         CheckpointError: If the file is corrupt, truncated, holds non-tensor objects, or
             holds no state dict.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint file at {os.fspath(path)!r}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError) as error:
-        raise CheckpointError(
-            f"could not read {os.fspath(path)!r} as a weights-only PyTorch checkpoint ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:200]}). The file may be truncated or corrupt, or contain Python "
-            "objects other than tensors, which are refused for safety."
-        ) from error
+    checkpoint = load_weights_only(path)
     if isinstance(checkpoint, dict):
         for key in ("model", "state_dict"):
             if isinstance(checkpoint.get(key), dict):

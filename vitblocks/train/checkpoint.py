@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitblocks.models.official import CheckpointError
+from vitblocks.models.official import CheckpointError, load_weights_only
 
 
 def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
@@ -83,17 +83,7 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
         FileNotFoundError: If the file does not exist.
         CheckpointError: If it is corrupt, truncated, or not a trainer checkpoint.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for damaged files
-        raise CheckpointError(
-            f"could not read {str(path)!r} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-            "the file is truncated or corrupt, or holds objects other than tensors. "
-            "Resume from another checkpoint (last.pth / best.pth) or start afresh."
-        ) from error
+    checkpoint = load_weights_only(path, hint=" Resume from another checkpoint (last.pth / best.pth) or start afresh.")
     required = {"model", "optimizer", "scheduler", "epoch", "batch", "step", "config", "rng"}
     if not isinstance(checkpoint, dict) or not required <= checkpoint.keys():
         missing = sorted(required - (checkpoint.keys() if isinstance(checkpoint, dict) else set()))
