@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         argv: Arguments (default: sys.argv).
     """
     import vitblocks  # noqa: F401  (registers the models)
+    from vitblocks.models.create import create_model_at_size
     from vitblocks.models.sret import PAPER_TOP1
 
     parser = argparse.ArgumentParser(prog="python -m vitblocks.summary", description=__doc__.split("\n")[0])
@@ -210,11 +211,7 @@ def main(argv: list[str] | None = None) -> None:
             print(table)
         return
     for name in names:
-        kwargs = {"img_size": args.img_size} if args.img_size else {}
-        try:
-            model = timm.create_model(name, **kwargs)
-        except TypeError:  # models without an img_size argument run at any size
-            model = timm.create_model(name)
+        model = create_model_at_size(name, args.img_size)
         size = _input_size(model, args.img_size)
         print(f"{name} @ {size[1]}x{size[2]}")
         print(format_table(summarize(model, args.img_size)))

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
@@ -25,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vitblocks.attention import attention_backend
+from vitblocks.models.create import create_model_at_size
 from vitblocks.train import checkpoint as ckpt
 from vitblocks.train import distributed
 from vitblocks.train.config import ConfigError, TrainConfig, to_dict
@@ -48,13 +48,8 @@ def create_model(config: TrainConfig) -> nn.Module:
     """
     import vitblocks  # noqa: F401  (registers vitblocks models)
 
-    kwargs = dict(config.model.kwargs, num_classes=config.data.num_classes)
-    try:
-        return timm.create_model(config.model.name, img_size=config.data.img_size, **kwargs)
-    except TypeError as error:  # models that take no img_size run at any size
-        if "img_size" not in str(error):
-            raise
-        return timm.create_model(config.model.name, **kwargs)
+    return create_model_at_size(config.model.name, config.data.img_size,
+                                **dict(config.model.kwargs, num_classes=config.data.num_classes))
 
 
 def seed_everything(seed: int) -> None:
