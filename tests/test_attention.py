@@ -7,10 +7,13 @@ from hypothesis import strategies as st
 from conftest import requires_cuda
 from reference import dense_group_mask, masked_attention
 from vitblocks.attention import (
+    BACKENDS,
+    CPU_BF16_MATH_MAX_KEYS,
     ENV_VAR,
     AttentionBackendError,
     TokenGroups,
     attention_backend,
+    auto_prefers_math,
     available_backends,
     group_attention,
     select_backend,
@@ -96,6 +99,21 @@ def test_gradients_flow_through_every_backend():
 
 def test_auto_picks_sdpa_on_cpu_even_with_xformers_installed():
     assert select_backend(torch.randn(1, 4, 1, 2), backend="auto").name == "sdpa"
+
+
+def test_auto_runs_short_bfloat16_cpu_groups_with_math_and_long_ones_with_sdpa(monkeypatch):
+    monkeypatch.delenv("VITBLOCKS_ATTENTION", raising=False)
+    short = torch.randn(1, 2 * CPU_BF16_MATH_MAX_KEYS, 1, 8, dtype=torch.bfloat16)
+    assert auto_prefers_math(short, kv_len=CPU_BF16_MATH_MAX_KEYS)
+    assert not auto_prefers_math(short, kv_len=CPU_BF16_MATH_MAX_KEYS + 1)
+    assert not auto_prefers_math(short.float(), kv_len=8)
+    assert select_backend(short).name == "sdpa"  # one group: every query sees all keys
+    assert select_backend(short, kv_len=CPU_BF16_MATH_MAX_KEYS).name == "math"
+    assert select_backend(short, backend="sdpa", kv_len=8).name == "sdpa"  # an explicit choice wins
+    calls = []
+    monkeypatch.setattr(BACKENDS["math"], "attend", lambda q, k, v, scale, p: calls.append(k.shape[1]) or q)
+    group_attention(short, short, short, groups=2)
+    assert calls == [CPU_BF16_MATH_MAX_KEYS]  # two equal groups, folded into one call
 
 
 def test_auto_falls_back_to_math_for_float64_only_if_sdpa_refuses():

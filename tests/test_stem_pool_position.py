@@ -63,3 +63,10 @@ def test_position_map_resizes_bicubically_for_other_inputs():
 def test_position_map_rejects_wrong_channels():
     with pytest.raises(ValueError, match=r"expects \(batch, 16, height, width\)"):
         PositionMap(16, 7)(torch.zeros(1, 8, 7, 7))
+
+
+def test_stem_runs_channels_last_so_tokens_flatten_without_a_copy():
+    out = ConvStem(3, 16)(torch.randn(2, 3, 32, 32))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    tokens = out.flatten(2).transpose(1, 2)
+    assert tokens.is_contiguous() and tokens.data_ptr() == out.data_ptr()

@@ -11,12 +11,14 @@ Example:
 from vitblocks.attention.backends import BACKENDS, AttentionBackend
 from vitblocks.attention.dispatch import (
     BACKEND_NAMES,
+    CPU_BF16_MATH_MAX_KEYS,
     ENV_VAR,
     AttentionBackendError,
     attention_backend,
     available_backends,
     group_attention,
     requested_backend,
+    auto_prefers_math,
     select_backend,
 )
 from vitblocks.attention.groups import GroupRun, TokenGroups
@@ -24,12 +26,14 @@ from vitblocks.attention.groups import GroupRun, TokenGroups
 __all__ = [
     "BACKENDS",
     "BACKEND_NAMES",
+    "CPU_BF16_MATH_MAX_KEYS",
     "ENV_VAR",
     "AttentionBackend",
     "AttentionBackendError",
     "GroupRun",
     "TokenGroups",
     "attention_backend",
+    "auto_prefers_math",
     "available_backends",
     "group_attention",
     "requested_backend",

@@ -5,7 +5,9 @@ A backend is chosen, first match wins, by:
 1. the `backend` argument of the call (or of the layer that makes the call);
 2. the innermost `attention_backend(...)` context;
 3. the environment variable `VITBLOCKS_ATTENTION` (read at every call);
-4. `"auto"`: the first of xformers, sdpa, math that supports the input.
+4. `"auto"`: the first of xformers, sdpa, math that supports the input, except that
+   bfloat16 on the CPU with at most `CPU_BF16_MATH_MAX_KEYS` keys per group goes to
+   `math` (see `auto_prefers_math`).
 
 A backend named explicitly that cannot run the input raises `AttentionBackendError`
 with every reason; `auto` never raises for that, because `math` runs everything.
@@ -26,6 +28,9 @@ ENV_VAR = "VITBLOCKS_ATTENTION"
 BACKEND_NAMES = ("auto", *BACKENDS)
 
 _context_stack: list[str] = []
+
+CPU_BF16_MATH_MAX_KEYS = 256
+"""Longest key sequence for which `auto` runs bfloat16 CPU attention with `math`."""
 
 
 class AttentionBackendError(RuntimeError):
@@ -83,13 +88,34 @@ def requested_backend(backend: str | None = None) -> str:
     return _check_name(os.environ.get(ENV_VAR, "auto"), f"the {ENV_VAR} environment variable")
 
 
-def select_backend(q: torch.Tensor, dropout_p: float = 0.0, backend: str | None = None) -> AttentionBackend:
+def auto_prefers_math(q: torch.Tensor, kv_len: int) -> bool:
+    """Whether `auto` should run an input with `math` although `sdpa` supports it.
+
+    PyTorch's CPU flash-attention kernel is slow in bfloat16 on short sequences, above
+    all in its backward pass, while explicit matmul-softmax runs on oneDNN's bfloat16
+    GEMMs: on SReT-T's groups (49-196 keys) `math` trains 2-5x faster; at 392 keys
+    `sdpa` is faster again (`benchmarks/`, group "backends").
+
+    Args:
+        q: Queries of shape (B, N, H, D).
+        kv_len: Keys each query attends to (its group plus the prefix tokens).
+
+    Returns:
+        True for bfloat16 CPU inputs with at most `CPU_BF16_MATH_MAX_KEYS` keys.
+    """
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and kv_len <= CPU_BF16_MATH_MAX_KEYS
+
+
+def select_backend(
+    q: torch.Tensor, dropout_p: float = 0.0, backend: str | None = None, kv_len: int | None = None
+) -> AttentionBackend:
     """Resolve the backend that will run an input like `q`.
 
     Args:
         q: Queries of shape (B, N, H, D).
         dropout_p: Attention dropout probability.
         backend: Explicit choice, or None to follow the context / environment.
+        kv_len: Keys each query attends to, when grouping makes it shorter than N.
 
     Returns:
         The backend object.
@@ -98,6 +124,8 @@ def select_backend(q: torch.Tensor, dropout_p: float = 0.0, backend: str | None 
         AttentionBackendError: If a backend chosen by name cannot run the input.
     """
     name = requested_backend(backend)
+    if name == "auto" and auto_prefers_math(q, q.shape[1] if kv_len is None else kv_len):
+        name = "math"
     if name == "auto":
         for candidate in BACKENDS.values():
             if not candidate.unsupported_reasons(q, dropout_p):
@@ -184,5 +212,6 @@ def group_attention(
             f"but the input has {q.shape[1]}"
         )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    chosen = select_backend(q, dropout_p, backend)
+    kv_len = groups.num_prefix_tokens + groups.runs[0].size  # the largest group's keys
+    chosen = select_backend(q, dropout_p, backend, kv_len)
     return chosen.attend_groups(q, k, v, groups, scale, dropout_p)

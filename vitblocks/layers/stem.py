@@ -9,6 +9,10 @@ from torch import nn
 class ConvStem(nn.Module):
     """SReT's stem: Conv3x3/2 + BN + ReLU, three times: in -> C/2 -> C -> C.
 
+    It computes in channels-last memory format, whose convolutions are faster on CPU
+    (about 10% of a SReT-T training step; see `benchmarks/`), and whose output flattens
+    to (B, H*W, C) tokens as a view rather than a copy.
+
     Args:
         in_chans: Image channels.
         embed_dim: Output channels C.
@@ -38,7 +42,8 @@ class ConvStem(nn.Module):
             self.add_module(f"act{i + 1}", act_layer())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map images (B, in_chans, H, W) to feature maps (B, C, ceil(H/8), ceil(W/8))."""
+        """Map images (B, in_chans, H, W) to channels-last maps (B, C, ceil(H/8), ceil(W/8))."""
+        x = x.contiguous(memory_format=torch.channels_last)
         for i in (1, 2, 3):
             x = getattr(self, f"act{i}")(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
         return x
