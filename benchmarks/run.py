@@ -2,23 +2,23 @@
 
     python -m benchmarks.run --suite cpu                 # writes benchmarks/results/cpu/
     python -m benchmarks.run --suite cuda --precision bf16
+    python -m benchmarks.run --suite cpu --compile       # adds torch.compile rows (minutes)
     python -m benchmarks.run --suite cpu --quick         # seconds, to check the harness
 
 Every number is measured in this one process, with warm-up, several repetitions and the
 median / IQR; ratios compare rows of the same run. The naive baseline is SReT-T as the
-official code computes it: explicit matmul-softmax attention (`math` backend) and
-index-gather permutations.
+official code computes it (`benchmarks.naive_sret`): explicit matmul-softmax attention
+on 6-D reshapes, index-gather permutations redrawn on every call, and the official
+channels-first stem, with the same weights as the optimized `sret_t`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import json
 import platform
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -26,7 +26,12 @@ import torch
 
 import vitblocks
 from benchmarks.measure import peak_bytes, time_call
+from benchmarks.naive_sret import NaiveSReT
+from benchmarks.report import write_report
 from vitblocks.attention import attention_backend, available_backends
+from vitblocks.models.official import export_official_state_dict
+
+NAIVE = "sret_t naive (official computation)"
 
 
 @dataclass
@@ -83,11 +88,19 @@ def measure(group, name, model, images, backend, train, args, memory=True) -> Re
                   100 * timing.iqr / timing.median, peak / 2**20)
 
 
+def naive_sret_t(model: torch.nn.Module, img_size: int) -> NaiveSReT:
+    """The naive baseline, holding the same weights as the vitblocks `sret_t` `model`."""
+    naive = NaiveSReT(image_size=img_size, num_classes=model.num_classes)
+    naive.load_state_dict(export_official_state_dict(model))
+    return naive
+
+
 def run_suite(args) -> list[Result]:
     """All benchmark groups of the issue, at the chosen size."""
     device = torch.device("cuda" if args.suite == "cuda" else "cpu")
     size, batch = args.img_size, args.batch_size
     images = torch.randn(batch, 3, size, size, device=device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     results = []
     fast = "auto"
     models = ["sret_t", "sret_t_unsliced", "sret_lt", "sret_lt_unsliced", "sret_s", "sret_s_unsliced",
@@ -100,14 +113,19 @@ def run_suite(args) -> list[Result]:
             model = timm.create_model(name, **kwargs)
             results.append(measure("models", name, model, images, fast, train, args))
         sret = timm.create_model("sret_t", img_size=size)
-        results.append(measure("naive", "sret_t (math + gather)", sret, images, "math", train, args))
-        for backend in available_backends(device):
+        results.append(measure("naive", NAIVE, naive_sret_t(sret, size), images, "math", train, args))
+        for backend in available_backends(device, dtype):
             results.append(measure("backends", "sret_t", sret, images, backend, train, args, memory=False))
-    small = torch.randn(2, 3, 32, 32, device=device)
+        if args.compile:
+            compiled = torch.compile(timm.create_model("sret_t", img_size=size))
+            results.append(measure("compiled", "sret_t (torch.compile)", compiled, images, fast, train, args))
+    # Deep recursion at a small input, so 1000 block applications take seconds per step.
+    small_size = 32 if args.quick else 64
+    small = torch.randn(2 if args.quick else 4, 3, small_size, small_size, device=device)
     for loops in ((10, 100) if args.quick else (10, 100, 1000)):
         for mode in (False, "sqrt"):
-            model = timm.create_model("sret_t", img_size=32, num_classes=10, loops=loops // 10, mix="shared",
-                                      grad_checkpointing=mode)
+            model = timm.create_model("sret_t", img_size=small_size, num_classes=10, loops=loops // 10,
+                                      mix="shared", grad_checkpointing=mode)
             label = f"{loops} applications, checkpointing={mode or 'off'}"
             results.append(measure("recursion", label, model, small, fast, True, args))
     return results
@@ -115,58 +133,55 @@ def run_suite(args) -> list[Result]:
 
 def ratios(results: list[Result]) -> list[str]:
     """The targets of the benchmark issue, as ratios between rows of this run."""
-    def img_s(group, name, mode, backend="auto"):
-        return next(r.img_s for r in results if (r.group, r.name, r.mode, r.backend) == (group, name, mode, backend))
+    rows = {(r.group, r.name, r.mode, r.backend): r for r in results}
 
-    lines = []
+    def img_s(group, name, mode, backend="auto"):
+        row = rows.get((group, name, mode, backend))
+        return row.img_s if row else None
+
+    def line(label, numerator, denominator, note=""):
+        if numerator and denominator:
+            lines.append(f"{label} = {numerator / denominator:.2f}x{note}")
+
+    lines: list[str] = []
     for mode in ("train", "infer"):
-        naive = img_s("naive", "sret_t (math + gather)", mode, "math")
-        lines.append(f"SReT-T {mode}: optimized / naive = {img_s('models', 'sret_t', mode) / naive:.2f}x (target 1.5x)")
-        lines.append(f"SReT-T {mode}: sliced / unsliced = "
-                     f"{img_s('models', 'sret_t', mode) / img_s('models', 'sret_t_unsliced', mode):.2f}x "
-                     "(MAC ratio 1.23x)")
-        lines.append(f"SReT-T {mode}: SReT-T / deit_tiny = "
-                     f"{img_s('models', 'sret_t', mode) / img_s('models', 'deit_tiny_patch16_224', mode):.2f}x")
+        ours = img_s("models", "sret_t", mode)
+        line(f"SReT-T {mode}: optimized / naive", ours, img_s("naive", NAIVE, mode, "math"), " (target 1.5x)")
+        line(f"SReT-T {mode}: torch.compile / naive", img_s("compiled", "sret_t (torch.compile)", mode),
+             img_s("naive", NAIVE, mode, "math"))
+        for name, macs in (("sret_t", "1.366/1.112 = 1.23x"), ("sret_lt", "1.418/1.164 = 1.22x"),
+                           ("sret_s", "4.671/4.173 = 1.12x")):
+            line(f"{name} {mode}: sliced / unsliced", img_s("models", name, mode),
+                 img_s("models", f"{name}_unsliced", mode), f" (MAC ratio {macs})")
+        line(f"SReT-T {mode}: SReT-T / deit_tiny", ours, img_s("models", "deit_tiny_patch16_224", mode))
+        for backend in ("sdpa", "xformers"):
+            line(f"SReT-T {mode}: {backend} / math backend", img_s("backends", "sret_t", mode, backend),
+                 img_s("backends", "sret_t", mode, "math"))
+    memory = {r.name: r.peak_mib for r in results if r.group == "recursion"}
+    for loops in (10, 100, 1000):
+        off, on = (memory.get(f"{loops} applications, checkpointing={mode}") for mode in ("off", "sqrt"))
+        if off and on:
+            lines.append(f"{loops} applications: training memory without / with checkpointing = {off / on:.1f}x")
     return lines
+
+
+def cpu_name() -> str:
+    """The CPU model as the operating system names it."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
 
 
 def environment(args) -> dict:
     """Machine, library versions and settings of the run."""
-    info = {"python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
+    info = {"python": platform.python_version(), "machine": platform.machine(), "cpu": cpu_name(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
             "vitblocks": vitblocks.__version__, "settings": vars(args)}
     if args.suite == "cuda":
         info["device"] = torch.cuda.get_device_name()
     return info
-
-
-def write(results: list[Result], args, out: Path) -> None:
-    """results.csv, results.md (with ratios and environment) and throughput.png."""
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "results.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(asdict(results[0])))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in results)
-    lines = ["| group | configuration | backend | mode | img/s | IQR % | peak MiB |", "|---|---|---|---|---:|---:|---:|"]
-    lines += [f"| {r.group} | {r.name} | {r.backend} | {r.mode} | {r.img_s:.1f} | {r.iqr_pct:.1f} | {r.peak_mib:.1f} |"
-              for r in results]
-    text = "\n".join(lines) + "\n\n" + "\n".join(f"- {line}" for line in ratios(results))
-    text += "\n\nEnvironment:\n\n```json\n" + json.dumps(environment(args), indent=2, default=str) + "\n```\n"
-    (out / "results.md").write_text(text)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in results if r.group == "models"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for ax, mode in zip(axes, ("infer", "train")):
-        chosen = [r for r in rows if r.mode == mode]
-        ax.barh([r.name for r in chosen], [r.img_s for r in chosen])
-        ax.set(title=f"{mode} throughput ({args.suite}, batch {args.batch_size}, {args.img_size}px)", xlabel="img/s")
-    fig.tight_layout()
-    fig.savefig(out / "throughput.png", dpi=90)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile rows for sret_t (minutes)")
     parser.add_argument("--quick", action="store_true", help="few models, small inputs: checks the harness")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -189,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     args.batch_size = args.batch_size or (2 if args.quick else 8 if args.suite == "cpu" else 128)
     out = args.out or Path(__file__).parent / "results" / args.suite
     results = run_suite(args)
-    write(results, args, out)
+    write_report(results, ratios(results), environment(args), out,
+                 f"{args.suite}, {args.precision}, batch {args.batch_size}, {args.img_size}px")
     print((out / "results.md").read_text())
     return 0
 

@@ -16,10 +16,12 @@ def test_quick_cpu_suite_writes_tables_ratios_and_plot(tmp_path):
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     groups = {r["group"] for r in rows}
     assert {"models", "naive", "backends", "recursion"} <= groups
+    assert any(r["name"] == "sret_t naive (official computation)" for r in rows)
     assert all(float(r["img_s"]) > 0 for r in rows)
     report = (tmp_path / "results.md").read_text()
     assert "optimized / naive" in report and "sliced / unsliced" in report and '"torch"' in report
-    assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+    for plot in ("throughput.png", "memory.png"):
+        assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without a GPU")
@@ -27,3 +29,32 @@ def test_cuda_suite_refuses_without_a_gpu():
     result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "cuda"], capture_output=True,
                             text=True, cwd=ROOT)
     assert result.returncode == 2 and "needs a CUDA device" in result.stderr
+
+
+def test_naive_baseline_computes_what_sret_t_computes():
+    import timm
+
+    from benchmarks.run import naive_sret_t
+
+    model = timm.create_model("sret_t", img_size=64, num_classes=10, eval_permutation="official").eval()
+    naive = naive_sret_t(model, 64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(3)
+    expected = naive(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_ratios_compare_rows_of_the_run():
+    from benchmarks.run import NAIVE, Result, ratios
+
+    rows = [Result("models", "sret_t", "auto", "train", 30.0, 1.0, 10.0),
+            Result("naive", NAIVE, "math", "train", 20.0, 1.0, 10.0),
+            Result("models", "sret_t_unsliced", "auto", "train", 24.0, 1.0, 10.0),
+            Result("recursion", "1000 applications, checkpointing=off", "auto", "train", 1.0, 1.0, 900.0),
+            Result("recursion", "1000 applications, checkpointing=sqrt", "auto", "train", 1.0, 1.0, 100.0)]
+    lines = ratios(rows)
+    assert "SReT-T train: optimized / naive = 1.50x (target 1.5x)" in lines
+    assert "sret_t train: sliced / unsliced = 1.25x (MAC ratio 1.366/1.112 = 1.23x)" in lines
+    assert "1000 applications: training memory without / with checkpointing = 9.0x" in lines
+    assert not any("infer" in line for line in lines)  # no rows, no ratio
