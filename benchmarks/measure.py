@@ -32,6 +32,46 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timing(times: list[float]) -> Timing:
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return Timing(statistics.median(times), quartiles[2] - quartiles[0], len(times))
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2, repeats: int = 5
+) -> dict[str, Timing]:
+    """Time several functions in turns (A, B, C, A, B, C, ...), for ratios between them.
+
+    Drift of the machine (clock, other load, allocator state) then hits every function
+    alike instead of whichever happened to run during it.
+
+    Args:
+        fns: The work to time, by name.
+        device: Its device.
+        warmup: Untimed calls of each function first.
+        repeats: Timed calls of each function.
+
+    Returns:
+        Median and interquartile range of the seconds per call, by name.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn, device))
+    return {name: _timing(values) for name, values in times.items()}
+
+
 def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5) -> Timing:
     """Time `fn` after `warmup` untimed calls.
 
@@ -46,15 +86,7 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 2, r
     """
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return Timing(statistics.median(times), quartiles[2] - quartiles[0], repeats)
+    return _timing([_timed(fn, device) for _ in range(repeats)])
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:

@@ -15,7 +15,7 @@ def test_quick_cpu_suite_writes_tables_ratios_and_plot(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     groups = {r["group"] for r in rows}
-    assert {"models", "naive", "backends", "recursion"} <= groups
+    assert {"models", "vs_naive", "backends", "recursion"} <= groups
     assert any(r["name"] == "sret_t naive (official computation)" for r in rows)
     assert all(float(r["img_s"]) > 0 for r in rows)
     report = (tmp_path / "results.md").read_text()
@@ -46,15 +46,26 @@ def test_naive_baseline_computes_what_sret_t_computes():
 
 
 def test_ratios_compare_rows_of_the_run():
-    from benchmarks.run import NAIVE, Result, ratios
+    from benchmarks.run import NAIVE, PAIRED, Result, ratios
 
-    rows = [Result("models", "sret_t", "auto", "train", 30.0, 1.0, 10.0),
-            Result("naive", NAIVE, "math", "train", 20.0, 1.0, 10.0),
+    rows = [Result("models", "sret_t", "auto", "train", 28.0, 1.0, 10.0),
+            Result(PAIRED, "sret_t", "auto", "train", 30.0, 1.0, 10.0),
+            Result(PAIRED, NAIVE, "math", "train", 20.0, 1.0, 10.0),
             Result("models", "sret_t_unsliced", "auto", "train", 24.0, 1.0, 10.0),
             Result("recursion", "1000 applications, checkpointing=off", "auto", "train", 1.0, 1.0, 900.0),
             Result("recursion", "1000 applications, checkpointing=sqrt", "auto", "train", 1.0, 1.0, 100.0)]
     lines = ratios(rows)
     assert "SReT-T train: optimized / naive = 1.50x (target 1.5x)" in lines
-    assert "sret_t train: sliced / unsliced = 1.25x (MAC ratio 1.366/1.112 = 1.23x)" in lines
+    assert "sret_t train: sliced / unsliced = 1.17x (MAC ratio 1.366/1.112 = 1.23x)" in lines
     assert "1000 applications: training memory without / with checkpointing = 9.0x" in lines
     assert not any("infer" in line for line in lines)  # no rows, no ratio
+
+
+def test_interleaved_timing_runs_functions_in_turns():
+    from benchmarks.measure import time_interleaved
+
+    calls = []
+    timings = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                               torch.device("cpu"), warmup=1, repeats=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    assert set(timings) == {"a", "b"} and all(t.repeats == 3 and t.median >= 0 for t in timings.values())
