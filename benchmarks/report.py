@@ -13,7 +13,8 @@ PLOTTED = ("models", "vs_naive")
 
 def markdown_table(results: list[Any]) -> str:
     """One row per measured configuration."""
-    lines = ["| group | configuration | backend | mode | img/s | IQR % | peak MiB |", "|---|---|---|---|---:|---:|---:|"]
+    lines = ["| group | configuration | backend | mode | img/s | IQR % | peak MiB |",
+             "|---|---|---|---|---:|---:|---:|"]
     lines += [f"| {r.group} | {r.name} | {r.backend} | {r.mode} | {r.img_s:.1f} | {r.iqr_pct:.1f} | {r.peak_mib:.1f} |"
               for r in results]
     return "\n".join(lines)

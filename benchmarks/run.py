@@ -49,30 +49,38 @@ class Result:
     peak_mib: float
 
 
+def _autocast(device, precision):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
 def _step_fn(model, images, train, precision):
-    autocast = (torch.autocast(images.device.type, dtype=torch.bfloat16) if precision == "bf16"
-                else contextlib.nullcontext())
     if not train:
         def infer():
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), _autocast(images.device, precision):
                 model(images)
         return infer
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)
-        with autocast:
+        with _autocast(images.device, precision):
             loss = model(images).float().logsumexp(-1).mean()
         loss.backward()
         optimizer.step()
     return train_step
 
 
-def _forward_backward_fn(model, images):
+def _forward_backward_fn(model, images, precision):
     def forward_backward():
         model.zero_grad(set_to_none=True)
-        model(images).float().logsumexp(-1).mean().backward()
+        with _autocast(images.device, precision):
+            loss = model(images).float().logsumexp(-1).mean()
+        loss.backward()
     return forward_backward
+
+
+def _memory_fn(model, images, train, step, args):
+    return _forward_backward_fn(model, images, args.precision) if train else step
 
 
 def measure(group, name, model, images, backend, train, args, memory=True) -> Result:
@@ -85,7 +93,7 @@ def measure(group, name, model, images, backend, train, args, memory=True) -> Re
     with attention_backend(backend):
         fn = _step_fn(model, images, train, args.precision)
         timing = time_call(fn, images.device, args.warmup, args.repeats)
-        peak = peak_bytes(_forward_backward_fn(model, images) if train else fn, images.device) if memory else 0
+        peak = peak_bytes(_memory_fn(model, images, train, fn, args), images.device) if memory else 0
     return Result(group, name, backend, "train" if train else "infer", images.shape[0] / timing.median,
                   100 * timing.iqr / timing.median, peak / 2**20)
 
@@ -98,7 +106,7 @@ def measure_paired(entries, images, train, args) -> list[Result]:
         model = model.to(images.device).train(train)
         with attention_backend(backend):
             step = _step_fn(model, images, train, args.precision)
-            peaks[name] = peak_bytes(_forward_backward_fn(model, images) if train else step, images.device)
+            peaks[name] = peak_bytes(_memory_fn(model, images, train, step, args), images.device)
         fns[name] = _with_backend(step, backend)
     timings = time_interleaved(fns, images.device, args.warmup, args.repeats)
     return [Result(PAIRED, name, backend, "train" if train else "infer", images.shape[0] / timings[name].median,
@@ -204,7 +212,8 @@ def cpu_name() -> str:
 def environment(args) -> dict:
     """Machine, library versions and settings of the run."""
     info = {"python": platform.python_version(), "machine": platform.machine(), "cpu": cpu_name(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "timm": timm.__version__,
             "vitblocks": vitblocks.__version__, "settings": vars(args)}
     if args.suite == "cuda":
         info["device"] = torch.cuda.get_device_name()

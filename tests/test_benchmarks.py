@@ -82,3 +82,18 @@ def test_docs_page_shows_the_ratios_of_its_committed_results():
     assert len(lines) >= 10 and all(f"- {line}\n" in page for line in lines)
     for plot in ("throughput.png", "memory.png"):
         assert (folder / plot).read_bytes()[:4] == b"\x89PNG" and f"benchmarks/cpu/{plot}" in page
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_memory_is_measured_in_the_precision_of_the_run(precision):
+    from benchmarks.run import _forward_backward_fn
+
+    seen = []
+
+    class Probe(torch.nn.Linear):
+        def forward(self, x):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return super().forward(x)
+
+    _forward_backward_fn(Probe(4, 2), torch.randn(3, 4), precision)()
+    assert seen == [precision == "bf16"]
