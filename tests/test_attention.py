@@ -219,3 +219,15 @@ def test_cuda_backends_match_math(dtype, n, g, prefix):
     for backend in available_backends("cuda", dtype):
         out = group_attention(q, k, v, g, num_prefix_tokens=prefix, backend=backend)
         torch.testing.assert_close(out.float(), reference, rtol=tolerance, atol=tolerance)
+
+
+def test_math_backend_in_bfloat16_is_accurate_and_saves_no_float32_weights():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 12, 2, 8, generator=gen) for _ in range(3))
+    expected = group_attention(q.double(), k.double(), v.double(), groups=3, backend="math")
+    half = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        out = group_attention(*half, groups=3, backend="math")
+    assert out.dtype == torch.bfloat16 and saved and torch.float32 not in saved
+    torch.testing.assert_close(out.double(), expected, rtol=0.05, atol=0.05)

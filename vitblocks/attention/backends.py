@@ -135,8 +135,9 @@ class MathBackend(AttentionBackend):
 
     def attend(self, q, k, v, scale, dropout_p):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        weights = (q * scale) @ k.transpose(-2, -1)
-        weights = weights.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+        # softmax accumulates in float32 for half inputs on its own; asking for a float32
+        # result instead would keep a float32 copy of the weights for backward.
+        weights = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
         if dropout_p > 0:
             weights = F.dropout(weights, p=dropout_p)
         return (weights @ v).transpose(1, 2)
