@@ -71,17 +71,18 @@ def test_interleaved_timing_runs_functions_in_turns():
     assert set(timings) == {"a", "b"} and all(t.repeats == 3 and t.median >= 0 for t in timings.values())
 
 
-def test_docs_page_shows_the_ratios_of_its_committed_results():
+@pytest.mark.parametrize("run", ["cpu", "cpu-bf16"])
+def test_docs_page_shows_the_ratios_of_its_committed_results(run):
     from benchmarks.run import Result, ratios
 
-    folder = ROOT / "docs" / "benchmarks" / "cpu"
+    folder = ROOT / "docs" / "benchmarks" / run
     rows = [Result(r["group"], r["name"], r["backend"], r["mode"], float(r["img_s"]), float(r["iqr_pct"]),
                    float(r["peak_mib"])) for r in csv.DictReader((folder / "results.csv").open())]
     page = (ROOT / "docs" / "benchmarks.md").read_text()
     lines = ratios(rows)
     assert len(lines) >= 10 and all(f"- {line}\n" in page for line in lines)
-    for plot in ("throughput.png", "memory.png"):
-        assert (folder / plot).read_bytes()[:4] == b"\x89PNG" and f"benchmarks/cpu/{plot}" in page
+    plots = sorted(folder.glob("*.png"))
+    assert plots and all(p.read_bytes()[:4] == b"\x89PNG" and f"benchmarks/{run}/{p.name}" in page for p in plots)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
