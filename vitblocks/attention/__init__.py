@@ -15,10 +15,10 @@ from vitblocks.attention.dispatch import (
     ENV_VAR,
     AttentionBackendError,
     attention_backend,
+    auto_prefers_math,
     available_backends,
     group_attention,
     requested_backend,
-    auto_prefers_math,
     select_backend,
 )
 from vitblocks.attention.groups import GroupRun, TokenGroups
