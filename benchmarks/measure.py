@@ -72,23 +72,6 @@ def time_interleaved(
     return {name: _timing(values) for name, values in times.items()}
 
 
-def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5) -> Timing:
-    """Time `fn` after `warmup` untimed calls.
-
-    Args:
-        fn: The work to time.
-        device: Its device (CUDA work is synchronized around each call).
-        warmup: Untimed calls first.
-        repeats: Timed calls.
-
-    Returns:
-        Median and interquartile range of the seconds per call.
-    """
-    for _ in range(warmup):
-        fn()
-    return _timing([_timed(fn, device) for _ in range(repeats)])
-
-
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     """Peak memory of tensors created while `fn` runs.
 

@@ -25,7 +25,7 @@ import timm
 import torch
 
 import vitblocks
-from benchmarks.measure import peak_bytes, time_call, time_interleaved
+from benchmarks.measure import peak_bytes, time_interleaved
 from benchmarks.naive_sret import NaiveSReT
 from benchmarks.report import write_report
 from vitblocks.attention import attention_backend, available_backends
@@ -79,39 +79,31 @@ def _forward_backward_fn(model, images, precision):
     return forward_backward
 
 
-def _memory_fn(model, images, train, step, args):
-    return _forward_backward_fn(model, images, args.precision) if train else step
-
-
-def measure(group, name, model, images, backend, train, args, memory=True) -> Result:
-    """Throughput (images/s) of inference or a training step, and its peak memory.
+def measure_together(group, entries, images, train, args, memory=True) -> list[Result]:
+    """Throughput (images/s) of inference or a training step, and its peak memory, for
+    (name, model, backend) entries timed in turns, so that their ratios are not skewed
+    by drift of the machine.
 
     The memory of a training step is that of forward + backward (activations and
     gradients); the optimizer's own buffers would otherwise hide the activations.
     """
-    model = model.to(images.device).train(train)
-    with attention_backend(backend):
-        fn = _step_fn(model, images, train, args.precision)
-        timing = time_call(fn, images.device, args.warmup, args.repeats)
-        peak = peak_bytes(_memory_fn(model, images, train, fn, args), images.device) if memory else 0
-    return Result(group, name, backend, "train" if train else "infer", images.shape[0] / timing.median,
-                  100 * timing.iqr / timing.median, peak / 2**20)
-
-
-def measure_paired(entries, images, train, args) -> list[Result]:
-    """Like `measure` for several (name, model, backend) entries, timed in turns so
-    that their ratios are not skewed by drift of the machine."""
     fns, peaks = {}, {}
     for name, model, backend in entries:
         model = model.to(images.device).train(train)
         with attention_backend(backend):
             step = _step_fn(model, images, train, args.precision)
-            peaks[name] = peak_bytes(_memory_fn(model, images, train, step, args), images.device)
+            work = _forward_backward_fn(model, images, args.precision) if train else step
+            peaks[name] = peak_bytes(work, images.device) if memory else 0
         fns[name] = _with_backend(step, backend)
     timings = time_interleaved(fns, images.device, args.warmup, args.repeats)
-    return [Result(PAIRED, name, backend, "train" if train else "infer", images.shape[0] / timings[name].median,
+    return [Result(group, name, backend, "train" if train else "infer", images.shape[0] / timings[name].median,
                    100 * timings[name].iqr / timings[name].median, peaks[name] / 2**20)
             for name, _, backend in entries]
+
+
+def measure(group, name, model, images, backend, train, args, memory=True) -> Result:
+    """`measure_together` for one model."""
+    return measure_together(group, [(name, model, backend)], images, train, args, memory)[0]
 
 
 def _with_backend(fn, backend):
@@ -151,7 +143,7 @@ def run_suite(args) -> list[Result]:
             compiled = timm.create_model("sret_t", img_size=size)
             compiled.load_state_dict(sret.state_dict())
             entries.append((COMPILED, torch.compile(compiled), fast))
-        results += measure_paired(entries, images, train, args)
+        results += measure_together(PAIRED, entries, images, train, args)
         for backend in available_backends(device, dtype):
             results.append(measure("backends", "sret_t", sret, images, backend, train, args, memory=False))
     # Deep recursion at a small input, so 1000 block applications take seconds per step.
