@@ -3,7 +3,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vitblocks.layers import fixed_permutation, inverse_permutation, permute_tokens, random_permutation
+from vitblocks.layers import (
+    cached_fixed_permutation,
+    fixed_permutation,
+    inverse_permutation,
+    permute_tokens,
+    random_permutation,
+)
 from vitblocks.layers.permutation import check_policy
 
 
@@ -53,3 +59,37 @@ def test_random_permutation_follows_the_global_cpu_seed():
 def test_unknown_policy_names_the_argument():
     with pytest.raises(ValueError, match="eval_permutation='shuffle'"):
         check_policy("shuffle", "eval_permutation")
+
+
+def test_device_and_cpu_generator_policies_draw_the_same_stream_on_the_cpu():
+    torch.manual_seed(3)
+    on_device = random_permutation(64)
+    torch.manual_seed(3)
+    assert on_device.equal(random_permutation(64, on_cpu_generator=True))
+
+
+@given(st.integers(1, 300), st.integers(0, 10**6))
+def test_cached_fixed_permutation_is_the_fixed_one_and_its_inverse(n, seed):
+    perm = cached_fixed_permutation(n, seed, "cpu")
+    assert perm.equal(fixed_permutation(n, seed))
+    assert cached_fixed_permutation(n, seed, "cpu", inverse=True).equal(inverse_permutation(perm))
+    assert cached_fixed_permutation(n, seed, "cpu") is perm  # looked up, not recomputed
+
+
+def test_compiled_eval_holds_fixed_permutations_as_constants():
+    import timm
+
+    import vitblocks  # noqa: F401
+
+    model = timm.create_model("sret_t", img_size=64, num_classes=10).eval()
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    x = torch.randn(2, 3, 64, 64)
+    out = torch.compile(model, backend=capture, fullgraph=True)(x)
+    torch.testing.assert_close(out, model(x))
+    targets = {str(node.target) for g in graphs for node in g.graph.nodes if node.op == "call_function"}
+    assert graphs and not [t for t in targets if "sort" in t or "xor" in t or "rshift" in t], targets

@@ -4,6 +4,7 @@ from vitblocks.layers.block import TransformerBlock
 from vitblocks.layers.mix import NonLinearMix
 from vitblocks.layers.permutation import (
     PERMUTATION_POLICIES,
+    cached_fixed_permutation,
     fixed_permutation,
     inverse_permutation,
     permute_tokens,
@@ -24,6 +25,7 @@ __all__ = [
     "Recursive",
     "SlicedGroupAttention",
     "TransformerBlock",
+    "cached_fixed_permutation",
     "fixed_permutation",
     "inverse_permutation",
     "permute_tokens",

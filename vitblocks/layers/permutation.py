@@ -2,9 +2,13 @@
 
 Policies:
 
-- `"random"`: a fresh permutation per call, drawn with `torch.randperm` on the CPU
-  default generator (as the paper's code does), so `torch.manual_seed` reproduces it
-  whatever device the model runs on.
+- `"random"`: a fresh permutation per call, drawn by `torch.randperm` on the input's own
+  device with that device's default generator (seeded by `torch.manual_seed`), so a GPU
+  run makes no host-to-device copy and no synchronisation per call.
+- `"random_cpu"`: a fresh permutation per call drawn on the CPU default generator and
+  copied to the input's device, as the paper's code does: the same seed gives the same
+  permutations on every device, exactly those of the official code. On the CPU it is
+  the same stream as `"random"`.
 - `"fixed"`: a permutation that depends only on the token count and a seed, computed by
   hashing token positions on the input's device; repeatable and free of host-device
   copies, so inference is deterministic and compiles into one graph.
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-PERMUTATION_POLICIES = ("random", "fixed", "none")
+PERMUTATION_POLICIES = ("random", "random_cpu", "fixed", "none")
 
 _MASK32 = 0xFFFFFFFF
 
@@ -38,17 +42,30 @@ def check_policy(policy: str, argument: str) -> str:
     return policy
 
 
-def random_permutation(num_tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
+def random_permutation(
+    num_tokens: int, device: torch.device | str | None = None, on_cpu_generator: bool = False
+) -> torch.Tensor:
     """A uniformly random permutation of `num_tokens` positions.
 
     Args:
         num_tokens: Length of the permutation.
-        device: Where the result should live; it is drawn on the CPU generator.
+        device: Where the result should live.
+        on_cpu_generator: Draw on the CPU default generator and copy to `device` (the
+            official code's stream, any device) instead of drawing on `device` itself.
 
     Returns:
         int64 tensor of shape (num_tokens,).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> a = random_permutation(5)
+        >>> _ = torch.manual_seed(0)
+        >>> a.equal(random_permutation(5, on_cpu_generator=True))
+        True
     """
-    return torch.randperm(num_tokens).to(device)
+    if on_cpu_generator:
+        return torch.randperm(num_tokens).to(device)
+    return torch.randperm(num_tokens, device=device)
 
 
 def fixed_permutation(num_tokens: int, seed: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
@@ -74,6 +91,60 @@ def fixed_permutation(num_tokens: int, seed: int = 0, device: torch.device | str
     for shift, multiplier in ((16, 0x7FEB352D), (15, 0x2C1B3C6D), (16, 0x297A2D39)):
         h = ((h ^ (h >> shift)) * multiplier) & _MASK32
     return torch.argsort(h ^ (h >> 16), stable=True)
+
+
+_FIXED_VALUES: dict[tuple[int, int, bool], tuple[int, ...]] = {}
+_FIXED_TENSORS: dict[tuple[int, int, bool, str], torch.Tensor] = {}
+
+
+@torch.compiler.assume_constant_result  # compiled graphs take the values as a constant
+def fixed_permutation_values(num_tokens: int, seed: int, inverse: bool = False) -> tuple[int, ...]:
+    """The entries of `fixed_permutation` (or of its inverse) as Python ints, cached.
+
+    Args:
+        num_tokens: Length of the permutation.
+        seed: Seed, as for `fixed_permutation`.
+        inverse: The inverse permutation instead.
+
+    Returns:
+        The permutation as a tuple.
+    """
+    key = (num_tokens, seed, inverse)
+    if key not in _FIXED_VALUES:
+        perm = fixed_permutation(num_tokens, seed)
+        _FIXED_VALUES[key] = tuple((inverse_permutation(perm) if inverse else perm).tolist())
+    return _FIXED_VALUES[key]
+
+
+def cached_fixed_permutation(
+    num_tokens: int, seed: int, device: torch.device | str | None = None, inverse: bool = False
+) -> torch.Tensor:
+    """`fixed_permutation` (or its inverse), computed once per process and device.
+
+    It depends only on Python ints, so layers look it up instead of hashing on every
+    call; under `torch.compile` it enters the graph as a constant, so the hash (whose
+    64-bit constants some compiler backends cannot take) is never compiled.
+
+    Args:
+        num_tokens: Length of the permutation.
+        seed: Seed, as for `fixed_permutation`.
+        device: Device of the result.
+        inverse: Return the inverse permutation instead.
+
+    Returns:
+        int64 tensor of shape (num_tokens,); do not modify it in place.
+
+    Example:
+        >>> cached_fixed_permutation(6, 1).equal(fixed_permutation(6, seed=1))
+        True
+    """
+    values = fixed_permutation_values(num_tokens, seed, inverse)
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=torch.int64, device=device)
+    key = (num_tokens, seed, inverse, str(torch.device(device or "cpu")))
+    if key not in _FIXED_TENSORS:
+        _FIXED_TENSORS[key] = torch.tensor(values, dtype=torch.int64, device=device)
+    return _FIXED_TENSORS[key]
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@ from torch import nn
 
 from vitblocks.attention import TokenGroups, group_attention
 from vitblocks.layers.permutation import (
+    cached_fixed_permutation,
     check_policy,
-    fixed_permutation,
     inverse_permutation,
     permute_tokens,
     random_permutation,
@@ -55,7 +55,9 @@ class SlicedGroupAttention(nn.Module):
         proj_drop: Dropout after the output projection.
         norm_layer: Norm class for `qk_norm` and `scale_norm` (default LayerNorm).
         num_prefix_tokens: Tokens at the front excluded from slicing.
-        permutation: Policy in training mode: "random", "fixed" or "none".
+        permutation: Policy in training mode: "random" (drawn on the input's device),
+            "random_cpu" (drawn on the CPU generator, as the official code), "fixed" or
+            "none"; see `vitblocks.layers.permutation`.
         eval_permutation: Policy in eval mode; "fixed" makes inference repeatable.
         seed: Seed of the "fixed" policy (combined with the loop index).
         backend: Attention backend name, or None to follow the global choice.
@@ -142,12 +144,23 @@ class SlicedGroupAttention(nn.Module):
         """
         if loop == 0 or self.groups_at(loop) == 1:
             return None
-        policy = self.permutation if self.training else self.eval_permutation
-        if policy == "random":
-            return random_permutation(num_tokens, device)
+        policy = self._policy()
+        if policy in ("random", "random_cpu"):
+            return random_permutation(num_tokens, device, on_cpu_generator=policy == "random_cpu")
         if policy == "fixed":
-            return fixed_permutation(num_tokens, self.seed * 1_000_003 + loop, device)
+            return cached_fixed_permutation(num_tokens, self._fixed_seed(loop), device)
         return None
+
+    def _policy(self) -> str:
+        return self.permutation if self.training else self.eval_permutation
+
+    def _fixed_seed(self, loop: int) -> int:
+        return self.seed * 1_000_003 + loop
+
+    def _inverse(self, perm: torch.Tensor, num_tokens: int, loop: int) -> torch.Tensor:
+        if self._policy() == "fixed":  # cached with the permutation itself
+            return cached_fixed_permutation(num_tokens, self._fixed_seed(loop), perm.device, inverse=True)
+        return inverse_permutation(perm)
 
     def forward(
         self,
@@ -198,7 +211,7 @@ class SlicedGroupAttention(nn.Module):
             backend=self.backend,
         ).reshape(batch, length, channels)
         if perm is not None:
-            x = permute_tokens(x, inverse_permutation(perm), self.num_prefix_tokens)
+            x = permute_tokens(x, self._inverse(perm, num_tokens, loop), self.num_prefix_tokens)
         return self.proj_drop(self.proj(self.norm(x)))
 
     def extra_repr(self) -> str:

@@ -188,10 +188,12 @@ class SReT(nn.Module):
         pos_drop_rate: Dropout after adding the position map.
         attn_drop_rate: Dropout on attention weights.
         drop_path_rate: Stochastic depth, spread over blocks as in the paper's code.
-        permutation: Token permutation policy of later loops in training.
+        permutation: Token permutation policy of later loops in training: "random"
+            (drawn on the input's device, the default), "random_cpu" (drawn on the CPU
+            generator: the official code's permutations exactly), "fixed" or "none".
         eval_permutation: Policy in eval mode: "fixed" (deterministic, the default),
-            "none", or "official" / "random" to draw a fresh `torch.randperm` per call
-            as the paper's code does at eval.
+            "none", "random", or "official" (= "random_cpu") to draw a fresh
+            `torch.randperm` per call on the CPU generator as the paper's code does at eval.
         attn_backend: Attention backend for every block, or None for the global choice.
         grad_checkpointing: Activation checkpointing mode of every recursive block
             (False, True / "loop", or "sqrt"); see `Recursive`.
@@ -229,7 +231,7 @@ class SReT(nn.Module):
         loops = _per_stage(loops, num_stages, "loops")
         groups = tuple(tuple(g) if isinstance(g, Sequence) else (g,) for g in _per_stage(groups, num_stages, "groups"))
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        eval_permutation = "random" if eval_permutation == "official" else eval_permutation
+        eval_permutation = "random_cpu" if eval_permutation == "official" else eval_permutation
 
         self.num_classes = num_classes
         self.global_pool = global_pool
