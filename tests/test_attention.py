@@ -231,3 +231,28 @@ def test_math_backend_in_bfloat16_is_accurate_and_saves_no_float32_weights():
         out = group_attention(*half, groups=3, backend="math")
     assert out.dtype == torch.bfloat16 and saved and torch.float32 not in saved
     torch.testing.assert_close(out.double(), expected, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("works", [True, False])
+def test_xformers_kernel_probe_reports_kernels_that_cannot_run(monkeypatch, works):
+    class Ops:
+        @staticmethod
+        def memory_efficient_attention(q, k, v):
+            if not works:
+                raise NotImplementedError("No operator found for `memory_efficient_attention_forward`\nmore")
+            return q
+
+    monkeypatch.setattr(backends_module, "_import_xformers_ops", lambda: Ops)
+    monkeypatch.setattr(backends_module, "_XFORMERS_PROBES", {})
+    problem = backends_module.xformers_kernel_problem("cpu", torch.float16, 16)
+    if works:
+        assert problem is None
+    else:
+        assert problem == "xformers' kernels cannot run it here (NotImplementedError: No operator found for " \
+                          "`memory_efficient_attention_forward`)"
+    # torch.compile runs the probe for real while tracing, without a graph break; its answer is
+    # a constant of the compiled code (it holds for the process), so start from a clean cache
+    torch._dynamo.reset()
+    probe = torch.compile(lambda q: backends_module.xformers_kernel_problem("cpu", q.dtype, 8) is None,
+                          backend="eager", fullgraph=True)
+    assert probe(torch.randn(1, 2, 1, 8, dtype=torch.float16)) is works

@@ -165,6 +165,39 @@ def _import_xformers_ops() -> ModuleType:
     return xformers.ops
 
 
+_XFORMERS_PROBES: dict[tuple[str, torch.dtype, int], str | None] = {}
+
+
+@torch.compiler.assume_constant_result  # torch.compile runs it for real while tracing: no graph break
+def xformers_kernel_problem(device: str, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why xformers' kernels cannot run attention of this kind here, or None if they can.
+
+    An installed xformers may still lack kernels for this GPU, this torch build or this
+    head size (a wheel built for another torch raises at its first call). One tiny
+    attention call per (device, dtype, head size) finds out, once per process.
+
+    Args:
+        device: A CUDA device, e.g. "cuda:0".
+        dtype: Tensor dtype.
+        head_dim: Channels per head.
+
+    Returns:
+        A one-line reason, or None.
+    """
+    key = (device, dtype, head_dim)
+    if key not in _XFORMERS_PROBES:
+        try:
+            probe = torch.randn(1, 8, 1, head_dim, device=device, dtype=dtype)
+            _import_xformers_ops().memory_efficient_attention(probe, probe, probe)
+            _XFORMERS_PROBES[key] = None
+        except Exception as error:  # noqa: BLE001 - any failure means: do not pick xformers
+            message = str(error).strip().splitlines()
+            _XFORMERS_PROBES[key] = (
+                f"xformers' kernels cannot run it here ({type(error).__name__}: {message[0] if message else ''})"
+            )
+    return _XFORMERS_PROBES[key]
+
+
 class XformersBackend(AttentionBackend):
     """xformers `memory_efficient_attention` (CUDA only).
 
@@ -185,6 +218,10 @@ class XformersBackend(AttentionBackend):
             )
         if q.dtype not in self._DTYPES:
             reasons.append(f"dtype {q.dtype} is not one of float16, bfloat16, float32")
+        if not reasons:
+            problem = xformers_kernel_problem(str(q.device), q.dtype, q.shape[-1])
+            if problem:
+                reasons.append(problem)
         return reasons
 
     def attend(self, q, k, v, scale, dropout_p, attn_bias=None):
