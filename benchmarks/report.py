@@ -50,9 +50,9 @@ def _plot(results: list[Any], out: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for ax, mode in zip(axes, ("infer", "train")):
-        # sret_t appears in both groups; the models group's row stands for it.
+        # sret_t and deit_tiny appear in both groups; the models group's rows stand for them.
         chosen = [r for r in results if r.group in PLOTTED and r.mode == mode
-                  and not (r.group == "vs_naive" and r.name == "sret_t")]
+                  and not (r.group == "vs_naive" and r.name in ("sret_t", "deit_tiny_patch16_224"))]
         colors = ["tab:red" if "naive" in r.name else "tab:green" if "compile" in r.name else "tab:blue"
                   for r in chosen]
         ax.barh([r.name for r in chosen], [r.img_s for r in chosen], color=colors)

@@ -1,7 +1,7 @@
 """Throughput and memory of SReT against timm baselines, backends and recursion depths.
 
     python -m benchmarks.run --suite cpu                 # writes benchmarks/results/cpu/
-    python -m benchmarks.run --suite cuda --precision bf16
+    python -m benchmarks.run --suite cuda --precision bf16 --compile   # batch 256 train, 1024 infer
     python -m benchmarks.run --suite cpu --compile       # adds torch.compile rows (minutes)
     python -m benchmarks.run --suite cpu --quick         # seconds, to check the harness
 
@@ -18,35 +18,28 @@ import argparse
 import contextlib
 import platform
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
 
 import vitblocks
+from benchmarks.attention_shapes import measure_attention_shapes
 from benchmarks.measure import peak_bytes, time_interleaved
 from benchmarks.naive_sret import NaiveSReT
 from benchmarks.report import write_report
+from benchmarks.result import Result
 from vitblocks.attention import attention_backend, available_backends
 from vitblocks.models.official import export_official_state_dict
 
 NAIVE = "sret_t naive (official computation)"
 COMPILED = "sret_t (torch.compile)"
+DEIT = "deit_tiny_patch16_224"
+DEIT_COMPILED = "deit_tiny_patch16_224 (torch.compile)"
 PAIRED = "vs_naive"
-
-
-@dataclass
-class Result:
-    """One measured configuration."""
-
-    group: str
-    name: str
-    backend: str
-    mode: str
-    img_s: float
-    iqr_pct: float
-    peak_mib: float
+GROUPS = ("models", "vs_naive", "backends", "attention", "recursion", "reference")
+MATMUL = "matmul TFLOP/s (8192^3 on GPU)"
+SRET_S_FLOPS = "sret_s training GFLOP per image (6 x MACs)"
 
 
 def _autocast(device, precision):
@@ -120,36 +113,66 @@ def naive_sret_t(model: torch.nn.Module, img_size: int) -> NaiveSReT:
     return naive
 
 
+def reference_matmul(device: torch.device, dtype: torch.dtype, args) -> Result:
+    """The machine's matrix-product rate in this run's precision: the ceiling that model
+    FLOP utilisation is measured against."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    timing = time_interleaved({"matmul": lambda: a @ b}, device, args.warmup, max(args.repeats, 5))["matmul"]
+    return Result("reference", MATMUL, "-", "infer", 2 * n**3 / timing.median / 1e12,
+                  100 * timing.iqr / timing.median, 0.0)
+
+
+def sret_s_training_flops(img_size: int) -> Result:
+    """FLOPs of one SReT-S training image (forward + backward = 3 forwards), counted."""
+    from vitblocks.summary import summarize
+
+    macs = summarize(timm.create_model("sret_s", img_size=img_size), img_size)[-1].macs
+    return Result("reference", SRET_S_FLOPS, "-", "train", 6 * macs / 1e9, 0.0, 0.0)
+
+
 def run_suite(args) -> list[Result]:
     """All benchmark groups of the issue, at the chosen size."""
     device = torch.device("cuda" if args.suite == "cuda" else "cpu")
-    size, batch = args.img_size, args.batch_size
-    images = torch.randn(batch, 3, size, size, device=device)
+    size = args.img_size
+    batches = {True: torch.randn(args.batch_size, 3, size, size, device=device),
+               False: torch.randn(args.infer_batch_size, 3, size, size, device=device)}
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    results = []
+    results = [reference_matmul(device, dtype, args), sret_s_training_flops(size)] if "reference" in args.groups else []
     fast = "auto"
     models = ["sret_t", "sret_t_unsliced", "sret_lt", "sret_lt_unsliced", "sret_s", "sret_s_unsliced",
               "deit_tiny_patch16_224", "deit_small_patch16_224", "pit_ti_224"]
     if args.quick:
         models = ["sret_t", "sret_t_unsliced", "deit_tiny_patch16_224"]
     for train in (False, True):
-        for name in models:
-            kwargs = {"img_size": size}
-            model = timm.create_model(name, **kwargs)
+        images = batches[train]
+        for name in models if "models" in args.groups else ():
+            model = timm.create_model(name, img_size=size)
             results.append(measure("models", name, model, images, fast, train, args))
         sret = timm.create_model("sret_t", img_size=size)
+        for backend in available_backends(device, dtype) if "backends" in args.groups else ():
+            results.append(measure("backends", "sret_t", sret, images, backend, train, args, memory=False))
+        if "attention" in args.groups:
+            results += measure_attention_shapes(images.shape[0], size, device, dtype, train, args)
+        if "vs_naive" not in args.groups:
+            continue
         entries = [(NAIVE, naive_sret_t(sret, size), "math"), ("sret_t", sret, fast)]
+        deit = timm.create_model(DEIT, img_size=size)
+        entries.append((DEIT, deit, fast))
         if args.compile:
             compiled = timm.create_model("sret_t", img_size=size)
             compiled.load_state_dict(sret.state_dict())
             entries.append((COMPILED, torch.compile(compiled), fast))
+            compiled_deit = timm.create_model(DEIT, img_size=size)
+            compiled_deit.load_state_dict(deit.state_dict())
+            entries.append((DEIT_COMPILED, torch.compile(compiled_deit), fast))
         results += measure_together(PAIRED, entries, images, train, args)
-        for backend in available_backends(device, dtype):
-            results.append(measure("backends", "sret_t", sret, images, backend, train, args, memory=False))
+    if "recursion" not in args.groups:
+        return results
     # Deep recursion at a small input, so 1000 block applications take seconds per step.
     small_size = 32 if args.quick else 64
     small = torch.randn(2 if args.quick else 4, 3, small_size, small_size, device=device)
-    for loops in ((10, 100) if args.quick else (10, 100, 1000)):
+    for loops in ((10, 20, 100) if args.quick else (10, 20, 100, 1000)):
         for mode in (False, "sqrt"):
             model = timm.create_model("sret_t", img_size=small_size, num_classes=10, loops=loops // 10,
                                       mix="shared", grad_checkpointing=mode)
@@ -181,14 +204,27 @@ def ratios(results: list[Result]) -> list[str]:
             line(f"{name} {mode}: sliced / unsliced", img_s("models", name, mode),
                  img_s("models", f"{name}_unsliced", mode), f" (MAC ratio {macs})")
         line(f"SReT-T {mode}: SReT-T / deit_tiny", ours, img_s("models", "deit_tiny_patch16_224", mode))
+        line(f"SReT-T {mode}: SReT-T / deit_tiny, timed in turns", img_s(PAIRED, "sret_t", mode),
+             img_s(PAIRED, DEIT, mode), " (target 1.0x)")
+        line(f"SReT-T {mode}: compiled SReT-T / compiled deit_tiny", img_s(PAIRED, COMPILED, mode),
+             img_s(PAIRED, DEIT_COMPILED, mode), " (target 1.0x)")
         for backend in ("sdpa", "xformers"):
             line(f"SReT-T {mode}: {backend} / math backend", img_s("backends", "sret_t", mode, backend),
                  img_s("backends", "sret_t", mode, "math"))
+    matmul, flops = img_s("reference", MATMUL, "infer", "-"), img_s("reference", SRET_S_FLOPS, "train", "-")
+    sret_s = img_s("models", "sret_s", "train")
+    if matmul and flops and sret_s:
+        lines.append(f"SReT-S training model FLOP utilisation = {100 * sret_s * flops / 1e3 / matmul:.1f}% "
+                     f"of the measured matmul rate {matmul:.1f} TFLOP/s (target 35%)")
     memory = {r.name: r.peak_mib for r in results if r.group == "recursion"}
     for loops in (10, 100, 1000):
         off, on = (memory.get(f"{loops} applications, checkpointing={mode}") for mode in ("off", "sqrt"))
         if off and on:
             lines.append(f"{loops} applications: training memory without / with checkpointing = {off / on:.1f}x")
+    deep, shallow = (memory.get(f"{n} applications, checkpointing=sqrt") for n in (1000, 20))
+    if deep and shallow:
+        lines.append(f"checkpointing=sqrt: training memory of 1000 / 20 applications = {deep / shallow:.2f}x "
+                     "(target 1.5x)")
     return lines
 
 
@@ -208,7 +244,14 @@ def environment(args) -> dict:
             "torch": torch.__version__, "timm": timm.__version__,
             "vitblocks": vitblocks.__version__, "settings": vars(args)}
     if args.suite == "cuda":
-        info["device"] = torch.cuda.get_device_name()
+        info.update(device=torch.cuda.get_device_name(), cuda=torch.version.cuda,
+                    backends_bf16=available_backends("cuda", torch.bfloat16))
+    try:
+        import xformers
+
+        info["xformers"] = xformers.__version__
+    except ImportError:
+        info["xformers"] = None
     return info
 
 
@@ -216,25 +259,35 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     parser.add_argument("--suite", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="training batch (CUDA default 256)")
+    parser.add_argument("--infer-batch-size", type=int, default=None, help="inference batch (CUDA default 1024)")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows for sret_t (minutes)")
     parser.add_argument("--quick", action="store_true", help="few models, small inputs: checks the harness")
+    parser.add_argument("--groups", default=",".join(GROUPS),
+                        help=f"comma-separated groups to run, of {', '.join(GROUPS)}")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    args.groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
+    unknown = sorted(set(args.groups) - set(GROUPS))
+    if unknown:
+        parser.error(f"unknown group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
     if args.suite == "cuda" and not torch.cuda.is_available():
         print("error: --suite cuda needs a CUDA device; use --suite cpu", file=sys.stderr)
         return 2
     if args.quick:
         args.img_size, args.warmup, args.repeats = 64, 1, 2
-    args.batch_size = args.batch_size or (2 if args.quick else 8 if args.suite == "cpu" else 128)
+    args.batch_size = args.batch_size or (2 if args.quick else 8 if args.suite == "cpu" else 256)
+    args.infer_batch_size = args.infer_batch_size or (args.batch_size if args.suite == "cpu" else 1024)
     out = args.out or Path(__file__).parent / "results" / args.suite
     results = run_suite(args)
+    batch = (f"batch {args.batch_size}" if args.batch_size == args.infer_batch_size
+             else f"batch {args.batch_size} train / {args.infer_batch_size} infer")
     write_report(results, ratios(results), environment(args), out,
-                 f"{args.suite}, {args.precision}, batch {args.batch_size}, {args.img_size}px")
+                 f"{args.suite}, {args.precision}, {batch}, {args.img_size}px")
     print((out / "results.md").read_text())
     return 0
 

@@ -1,4 +1,5 @@
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,24 @@ def test_training_memory_is_measured_in_the_precision_of_the_run(precision):
 
     _forward_backward_fn(Probe(4, 2), torch.randn(3, 4), precision)()
     assert seen == [precision == "bf16"]
+
+
+def test_gpu_check_script_dry_run_on_cpu(tmp_path):
+    """The GPU check's every stage, at tiny sizes on the CPU, so the script cannot rot between GPU runs."""
+    import os
+
+    out = tmp_path / "check"
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--dry-run"],
+                            capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHON=sys.executable),
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    summary = (out / "summary.md").read_text()
+    for stage in ("tests", "bench", "train-eager", "profile"):
+        assert f"| {stage} | ok |" in summary, summary
+    assert "| train-compiled | skipped: no torch.compile in a dry run |" in summary
+    assert "tests: " in summary and "skipped" in summary  # the CUDA tests ran and skipped cleanly
+    assert "- eager: " in summary and "img/s" in summary
+    assert "optimized / naive" in summary
+    assert summary.strip().splitlines()[-1] in result.stdout  # the table of ratios is printed last
+    assert (out / "cuda" / "results.csv").exists() and (out / "profile.txt").read_text().startswith("# sret_t")
+    assert json.loads((out / "environment.json").read_text())["dry_run"] is True
