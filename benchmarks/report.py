@@ -57,7 +57,8 @@ def _plot(results: list[Any], out: Path, title: str) -> None:
                   for r in chosen]
         ax.barh([r.name for r in chosen], [r.img_s for r in chosen], color=colors)
         ax.invert_yaxis()
-        ax.set(title=f"{mode} throughput ({title})", xlabel="images / s")
+        ax.set(title=f"{mode} throughput", xlabel="images / s")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out / "throughput.png", dpi=90)
     plt.close(fig)

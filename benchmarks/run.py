@@ -286,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     results = run_suite(args)
     batch = (f"batch {args.batch_size}" if args.batch_size == args.infer_batch_size
              else f"batch {args.batch_size} train / {args.infer_batch_size} infer")
-    write_report(results, ratios(results), environment(args), out,
-                 f"{args.suite}, {args.precision}, {batch}, {args.img_size}px")
+    where = torch.cuda.get_device_name() if args.suite == "cuda" else args.suite
+    write_report(results, ratios(results), environment(args), out, f"{where}, {args.precision}, {batch}, {args.img_size}px")
     print((out / "results.md").read_text())
     return 0
 

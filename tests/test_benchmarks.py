@@ -72,7 +72,7 @@ def test_interleaved_timing_runs_functions_in_turns():
     assert set(timings) == {"a", "b"} and all(t.repeats == 3 and t.median >= 0 for t in timings.values())
 
 
-@pytest.mark.parametrize("run", ["cpu", "cpu-bf16"])
+@pytest.mark.parametrize("run", ["cpu", "cpu-bf16", "cuda"])
 def test_docs_page_shows_the_ratios_of_its_committed_results(run):
     from benchmarks.run import Result, ratios
 

@@ -7,7 +7,10 @@ A backend is chosen, first match wins, by:
 3. the environment variable `VITBLOCKS_ATTENTION` (read at every call);
 4. `"auto"`: the first of xformers, sdpa, math that supports the input, except that
    bfloat16 on the CPU with at most `CPU_BF16_MATH_MAX_KEYS` keys per group goes to
-   `math` (see `auto_prefers_math`).
+   `math` (see `auto_prefers_math`). On CUDA the order is what was measured: on an
+   NVIDIA H200 in bfloat16, SDPA beat `math` at every SReT-T attention shape, by
+   1.2-2.4x in training and 2-5x in inference (docs/benchmarks.md, "GPU: NVIDIA H200",
+   group "attention"); xformers is only picked where its kernels actually run here.
 
 A backend named explicitly that cannot run the input raises `AttentionBackendError`
 with every reason; `auto` never raises for that, because `math` runs everything.
