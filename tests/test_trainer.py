@@ -228,3 +228,23 @@ def test_metrics_go_to_tensorboard_when_it_is_installed(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
     Trainer(tiny_config(tmp_path, epochs=2)).fit(progress=False)
     assert ("val_top1", 1) in scalars and ("train_loss", 2) in scalars
+
+
+def test_regional_compilation_is_a_recipe_option(tmp_path, monkeypatch):
+    from vitblocks.layers import Recursive
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the wiring, not inductor, is under test
+    config = tiny_config(tmp_path, epochs=1)
+    config.model.compile = "regional"
+    trainer = Trainer(config)
+    assert trainer.train_model is trainer.model
+    assert all(m.compiled for m in trainer.model.modules() if isinstance(m, Recursive))
+    trainer.fit(progress=False)
+
+
+def test_regional_compilation_of_a_model_without_recursion_is_a_config_error(tmp_path):
+    config = tiny_config(tmp_path, epochs=1)
+    config.model = type(config.model)("deit_tiny_patch16_224", kwargs=dict(patch_size=8))
+    config.model.compile = "regional"
+    with pytest.raises(ConfigError, match="no Recursive block.*model.compile=True"):
+        Trainer(config)

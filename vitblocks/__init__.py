@@ -19,6 +19,7 @@ from vitblocks.layers import (
     Recursive,
     SlicedGroupAttention,
     TransformerBlock,
+    compile_regions,
 )
 from vitblocks.models import SReT
 
@@ -36,6 +37,7 @@ __all__ = [
     "TokenGroups",
     "TransformerBlock",
     "attention_backend",
+    "compile_regions",
     "group_attention",
     "models",
 ]

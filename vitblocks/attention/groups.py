@@ -90,7 +90,8 @@ class TokenGroups:
     @property
     def runs(self) -> tuple[GroupRun, ...]:
         """The groups as at most two runs of equal-size groups (larger groups first)."""
-        base, extra = divmod(self.num_tokens, self.num_groups)
+        # // and % rather than divmod: tracers (torch.compile with dynamic shapes, TorchScript) take them
+        base, extra = self.num_tokens // self.num_groups, self.num_tokens % self.num_groups
         runs = []
         if extra:
             runs.append(GroupRun(0, extra, base + 1))

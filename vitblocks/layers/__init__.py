@@ -13,19 +13,22 @@ from vitblocks.layers.permutation import (
 from vitblocks.layers.pool import ConvPool
 from vitblocks.layers.position import PositionMap, resize_position_map
 from vitblocks.layers.recursive import Recursive
-from vitblocks.layers.sliced import SlicedGroupAttention
+from vitblocks.layers.regional import compile_regions
+from vitblocks.layers.sliced import LoopPlan, SlicedGroupAttention
 from vitblocks.layers.stem import ConvStem
 
 __all__ = [
     "PERMUTATION_POLICIES",
     "ConvPool",
     "ConvStem",
+    "LoopPlan",
     "NonLinearMix",
     "PositionMap",
     "Recursive",
     "SlicedGroupAttention",
     "TransformerBlock",
     "cached_fixed_permutation",
+    "compile_regions",
     "fixed_permutation",
     "inverse_permutation",
     "permute_tokens",

@@ -86,18 +86,42 @@ class TransformerBlock(nn.Module):
             self.skip_scale2 = learnable_scalar()
             self.branch_scale2 = learnable_scalar()
         self._attn_takes_loop = accepts_loop(self.attn)
+        self._attn_plans = callable(getattr(self.attn, "loop_plan", None))
 
-    def forward(self, x: torch.Tensor, loop: int = 0) -> torch.Tensor:
+    def loop_plan(self, x: torch.Tensor, loop: int) -> Any:
+        """What the attention layer does differently on one loop, computed ahead.
+
+        Args:
+            x: The block's input tokens (B, P + N, C).
+            loop: Loop index.
+
+        Returns:
+            The attention layer's plan (see `SlicedGroupAttention.loop_plan`), or None if
+            the layer makes none.
+        """
+        if not self._attn_plans:
+            return None
+        num_tokens = x.shape[1] - getattr(self.attn, "num_prefix_tokens", 0)
+        return self.attn.loop_plan(num_tokens, loop, x.device)
+
+    def forward(self, x: torch.Tensor, loop: int = 0, plan: Any = None) -> torch.Tensor:
         """Apply the block once.
 
         Args:
             x: Tokens of shape (B, N, C).
             loop: Index of this application of the block's weights.
+            plan: The loop's plan from `loop_plan`, if computed beforehand; `loop` is then
+                not used.
 
         Returns:
             Tensor of shape (B, N, C).
         """
-        attn = self.drop_path1(call_with_loop(self.attn, self.norm1(x), loop, self._attn_takes_loop))
+        normed = self.norm1(x)
+        if plan is not None:
+            attn = self.attn(normed, plan=plan)
+        else:
+            attn = call_with_loop(self.attn, normed, loop, self._attn_takes_loop)
+        attn = self.drop_path1(attn)
         if self.residual_scalars:
             x = x * self.skip_scale1 + attn * self.branch_scale1
             return x * self.skip_scale2 + self.drop_path2(self.mlp(self.norm2(x))) * self.branch_scale2

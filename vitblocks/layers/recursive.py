@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,6 +16,16 @@ MixSpec = nn.Module | Callable[[], nn.Module] | None
 CheckpointMode = bool | str
 """False (off), True or "loop" (each loop), or "sqrt" (nested segments)."""
 CHECKPOINT_MODES = (False, True, "loop", "sqrt")
+
+
+def _block_then_mix(block: nn.Module, mix: nn.Module | None, x: torch.Tensor, loop_kwargs: dict) -> torch.Tensor:
+    """One application and its mix layer: the region `Recursive.compile_block` compiles.
+
+    Blocks and mix layers arrive as arguments, so one compiled graph serves every loop,
+    every per-loop mix layer and every structurally identical block.
+    """
+    x = block(x, **loop_kwargs)
+    return x if mix is None else mix(x)
 
 
 def _checkpoint_mode(mode: CheckpointMode) -> str | None:
@@ -90,6 +101,36 @@ class Recursive(nn.Module):
         else:
             raise TypeError(f"mix must be an nn.Module, a factory of them, or None; got {type(mix).__name__}")
         self._block_takes_loop = accepts_loop(block)
+        self._block_plans = callable(getattr(block, "loop_plan", None))
+        self._compiled: Callable[..., torch.Tensor] | None = None
+
+    def compile_block(self, **compile_kwargs: Any) -> None:
+        """Regional compilation: compile one application of the block (and its mix layer).
+
+        `torch.compile` of the whole model unrolls the loop and traces every application,
+        so its compile time grows with `loops`. Here the compiled region is one
+        application, with what differs between loops (the loop's group count and token
+        permutations, from the block's `loop_plan`) passed in as inputs: every loop with
+        the same group count reuses one compiled graph, and so does every block of the
+        same shape. Blocks without `loop_plan` get the loop index, which `torch.compile`
+        treats as a constant or, after it changes, a dynamic integer.
+
+        Args:
+            **compile_kwargs: Passed to `torch.compile` (e.g. `mode`, `backend`).
+        """
+        self._compiled = torch.compile(_block_then_mix, **compile_kwargs)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether `compile_block` was called."""
+        return self._compiled is not None
+
+    def _loop_kwargs(self, x: torch.Tensor, loop: int) -> dict[str, Any]:
+        if self._block_plans:
+            plan = self.block.loop_plan(x, loop)
+            if plan is not None:
+                return {"plan": plan}
+        return {"loop": loop} if self._block_takes_loop else {}
 
     def set_grad_checkpointing(self, enable: CheckpointMode = True) -> None:
         """Set the activation checkpointing mode.
@@ -117,6 +158,8 @@ class Recursive(nn.Module):
         return self.mix[loop]
 
     def _apply_once(self, x: torch.Tensor, loop: int) -> torch.Tensor:
+        if self._compiled is not None and not torch.compiler.is_compiling():
+            return self._compiled(self.block, self.mix_at(loop), x, self._loop_kwargs(x, loop))
         x = call_with_loop(self.block, x, loop, self._block_takes_loop)
         mix = self.mix_at(loop)
         return x if mix is None else mix(x)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -15,6 +16,24 @@ from vitblocks.layers.permutation import (
     permute_tokens,
     random_permutation,
 )
+
+
+class LoopPlan(NamedTuple):
+    """What one loop of a `SlicedGroupAttention` does besides its weights.
+
+    Computed outside the layer's arithmetic (`SlicedGroupAttention.loop_plan`), so that a
+    compiled block takes it as input and every loop with the same group count runs the
+    same compiled code, whatever its index.
+
+    Attributes:
+        num_groups: Groups of patch tokens.
+        perm: Permutation of the patch tokens applied before grouping, or None.
+        inverse: The permutation that puts them back, or None.
+    """
+
+    num_groups: int
+    perm: torch.Tensor | None = None
+    inverse: torch.Tensor | None = None
 
 
 def _group_schedule(groups: int | Sequence[int]) -> tuple[int, ...]:
@@ -151,6 +170,31 @@ class SlicedGroupAttention(nn.Module):
             return cached_fixed_permutation(num_tokens, self._fixed_seed(loop), device)
         return None
 
+    def loop_plan(self, num_tokens: int, loop: int, device: torch.device | None = None) -> LoopPlan:
+        """Group count and permutations of one call.
+
+        Args:
+            num_tokens: Number of patch tokens.
+            loop: Loop index of the call.
+            device: Device of the permutations.
+
+        Returns:
+            The plan; `forward(x, plan=...)` follows it instead of deriving it from `loop`.
+
+        Raises:
+            ValueError: If the loop's group count exceeds the patch tokens.
+        """
+        num_groups = self.groups_at(loop)
+        if not 1 <= num_groups <= num_tokens:
+            raise ValueError(
+                f"groups={num_groups} (loop {loop}) does not fit {num_tokens} patch tokens: "
+                f"need 1 <= groups <= number of patch tokens; use fewer groups or a larger input"
+            )
+        perm = self.permutation_at(num_tokens, loop, device)
+        if perm is None:
+            return LoopPlan(num_groups)
+        return LoopPlan(num_groups, perm, self._inverse(perm, num_tokens, loop))
+
     def _policy(self) -> str:
         return self.permutation if self.training else self.eval_permutation
 
@@ -168,12 +212,15 @@ class SlicedGroupAttention(nn.Module):
         loop: int = 0,
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
+        plan: LoopPlan | None = None,
     ) -> torch.Tensor:
         """Attend within groups.
 
         Args:
             x: Tokens of shape (B, P + N, C), prefix tokens first.
             loop: Index of the current application of the shared weights.
+            plan: The loop's plan, if computed beforehand (`loop_plan`); `loop` is then
+                not used.
             attn_mask: Accepted for timm compatibility; must be None (the groups are
                 the mask).
             is_causal: Accepted for timm compatibility; must be False.
@@ -192,26 +239,21 @@ class SlicedGroupAttention(nn.Module):
             )
         batch, length, channels = x.shape
         num_tokens = length - self.num_prefix_tokens
-        num_groups = self.groups_at(loop)
-        if not 1 <= num_groups <= num_tokens:
-            raise ValueError(
-                f"groups={num_groups} (loop {loop}) does not fit {num_tokens} patch tokens: "
-                f"need 1 <= groups <= number of patch tokens; use fewer groups or a larger input"
-            )
-        perm = self.permutation_at(num_tokens, loop, x.device)
-        if perm is not None:
-            x = permute_tokens(x, perm, self.num_prefix_tokens)
+        if plan is None:
+            plan = self.loop_plan(num_tokens, loop, x.device)
+        if plan.perm is not None:
+            x = permute_tokens(x, plan.perm, self.num_prefix_tokens)
         q, k, v = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim).unbind(2)
         q, k = self.q_norm(q), self.k_norm(k)
         x = group_attention(
             q, k, v,
-            TokenGroups(num_tokens, num_groups, self.num_prefix_tokens),
+            TokenGroups(num_tokens, plan.num_groups, self.num_prefix_tokens),
             scale=self.scale,
             dropout_p=self.attn_drop if self.training else 0.0,
             backend=self.backend,
         ).reshape(batch, length, channels)
-        if perm is not None:
-            x = permute_tokens(x, self._inverse(perm, num_tokens, loop), self.num_prefix_tokens)
+        if plan.inverse is not None:
+            x = permute_tokens(x, plan.inverse, self.num_prefix_tokens)
         return self.proj_drop(self.proj(self.norm(x)))
 
     def extra_repr(self) -> str:

@@ -37,14 +37,16 @@ class ModelConfig:
         grad_checkpointing: Activation checkpointing: False, True, or "sqrt" for
             vitblocks recursive models.
         attn_backend: Attention backend of vitblocks layers: auto, xformers, sdpa, math.
-        compile: Wrap the model in `torch.compile`.
+        compile: False; True (or "model") to wrap the model in `torch.compile`; or
+            "regional" to compile each shared block once (`vitblocks.compile_regions`),
+            whose compile time does not grow with the loop count.
     """
 
     name: str = "sret_t"
     kwargs: dict[str, Any] = field(default_factory=dict)
     grad_checkpointing: bool | str = False
     attn_backend: str = "auto"
-    compile: bool = False
+    compile: bool | str = False
 
 
 @dataclass
@@ -233,6 +235,7 @@ _CHOICES = {
     "distill.kind": ("none", "soft", "hard"),
     "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
     "model.grad_checkpointing": (False, True, "loop", "sqrt"),
+    "model.compile": (False, True, "model", "regional"),
 }
 _POSITIVE = ("epochs", "data.img_size", "data.num_classes", "data.batch_size", "optim.accum_steps", "log_every")
 

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vitblocks.attention import attention_backend
+from vitblocks.layers import compile_regions
 from vitblocks.models.create import create_model_at_size
 from vitblocks.train import checkpoint as ckpt
 from vitblocks.train import distributed
@@ -168,7 +169,12 @@ class Trainer:
         self.train_model: nn.Module = model
         if rt.distributed:
             self.train_model = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
-        if config.model.compile:
+        if config.model.compile == "regional":
+            try:
+                compile_regions(model)  # in place, so the DDP wrapper runs the compiled blocks
+            except ValueError as error:
+                raise ConfigError(f"model.compile='regional': {error} (set model.compile=True)") from None
+        elif config.model.compile:
             self.train_model = torch.compile(self.train_model)
 
         aug = config.augment
