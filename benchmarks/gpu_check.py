@@ -65,11 +65,13 @@ def stages(out: Path, dry_run: bool) -> list[Stage]:
                   "epochs=1", "precision=fp32"]
         bench = ["--suite", "cpu", "--quick"]
         profile = ["--device", "cpu", "--batch-size", "2", "--img-size", "64", "--precision", "fp32", "--steps", "1"]
+        compile_time = []
     else:  # 20 steps per epoch x 10 epochs = 200 steps of 256 images at 224 px
         train += ["data.img_size=224", "data.synthetic_samples=5120", "data.batch_size=256", "data.workers=6",
                   "epochs=10", "precision=bf16"]
         bench = ["--suite", "cuda", "--precision", "bf16"]
         profile = ["--batch-size", "256", "--precision", "bf16"]
+        compile_time = ["--device", "cuda", "--img-size", "224", "--batch-size", "64", "--timeout", "150"]
     found = [
         Stage("tests", ["-m", "pytest", "-m", "cuda", "tests", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra"],
               60 if dry_run else 150),
@@ -84,10 +86,14 @@ def stages(out: Path, dry_run: bool) -> list[Stage]:
                                  "--out", str(out / "cuda-compiled")], 200),
         Stage("profile-compiled", ["-m", "benchmarks.profile_step", "sret_t", "deit_tiny_patch16_224", *profile,
                                    "--compile", "--out", str(out / "profile-compiled.txt")], 90),
+        Stage("train-regional", [*train, "model.compile=regional", *([] if dry_run else ["epochs=5"]),
+                                 f"output_dir={out / 'train-regional'}"], 150),
+        Stage("compile-time", ["-m", "benchmarks.compile_time", *compile_time, "--out", str(out / "compile-time")],
+              300),
     ]
     if dry_run:
         for stage in found:
-            if "compile" in stage.name:
+            if "compile" in stage.name or "regional" in stage.name:
                 stage.status = "skipped: no torch.compile in a dry run"
     return found
 
@@ -191,7 +197,11 @@ def summary(stage_list: list[Stage], env: dict, out: Path) -> str:
         lines += ["", f"tests: {closing[-1].strip('= ') if closing else 'no result line'}"]
     lines += ["", "training (python -m vitblocks.train recipes/sret_pit.py on synthetic data):",
               f"- eager: {training_throughput(out / 'train-eager')}",
-              f"- torch.compile: {training_throughput(out / 'train-compiled')}"]
+              f"- torch.compile: {training_throughput(out / 'train-compiled')}",
+              f"- compile_regions: {training_throughput(out / 'train-regional')}"]
+    table = out / "compile-time" / "compile_time.md"
+    if table.exists():
+        lines += ["", table.read_text().strip()]
     lines += ["", "target ratios:"]
     lines += [f"- {line}" for line in ratio_lines(out / "cuda") + ratio_lines(out / "cuda-compiled")]
     return "\n".join(lines) + "\n"

@@ -2,7 +2,7 @@
 
     python -m benchmarks.run --suite cpu                 # writes benchmarks/results/cpu/
     python -m benchmarks.run --suite cuda --precision bf16 --compile   # batch 256 train, 1024 infer
-    python -m benchmarks.run --suite cpu --compile       # adds torch.compile rows (minutes)
+    python -m benchmarks.run --suite cpu --compile       # adds torch.compile and compile_regions rows (minutes)
     python -m benchmarks.run --suite cpu --quick         # seconds, to check the harness
 
 Every number is measured in this one process, with warm-up, several repetitions and the
@@ -34,6 +34,7 @@ from vitblocks.models.official import export_official_state_dict
 
 NAIVE = "sret_t naive (official computation)"
 COMPILED = "sret_t (torch.compile)"
+REGIONAL = "sret_t (compile_regions)"
 DEIT = "deit_tiny_patch16_224"
 DEIT_COMPILED = "deit_tiny_patch16_224 (torch.compile)"
 PAIRED = "vs_naive"
@@ -163,6 +164,9 @@ def run_suite(args) -> list[Result]:
             compiled = timm.create_model("sret_t", img_size=size)
             compiled.load_state_dict(sret.state_dict())
             entries.append((COMPILED, torch.compile(compiled), fast))
+            regional = timm.create_model("sret_t", img_size=size)
+            regional.load_state_dict(sret.state_dict())
+            entries.append((REGIONAL, vitblocks.compile_regions(regional), fast))
             compiled_deit = timm.create_model(DEIT, img_size=size)
             compiled_deit.load_state_dict(deit.state_dict())
             entries.append((DEIT_COMPILED, torch.compile(compiled_deit), fast))
@@ -199,6 +203,7 @@ def ratios(results: list[Result]) -> list[str]:
         naive = img_s(PAIRED, NAIVE, mode, "math")
         line(f"SReT-T {mode}: optimized / naive", img_s(PAIRED, "sret_t", mode), naive, " (target 1.5x)")
         line(f"SReT-T {mode}: torch.compile / naive", img_s(PAIRED, COMPILED, mode), naive, " (target 1.5x)")
+        line(f"SReT-T {mode}: compile_regions / naive", img_s(PAIRED, REGIONAL, mode), naive)
         for name, macs in (("sret_t", "1.366/1.112 = 1.23x"), ("sret_lt", "1.418/1.164 = 1.22x"),
                            ("sret_s", "4.671/4.173 = 1.12x")):
             line(f"{name} {mode}: sliced / unsliced", img_s("models", name, mode),
@@ -265,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--compile", action="store_true", help="add torch.compile rows for sret_t (minutes)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add torch.compile and compile_regions rows for sret_t and deit_tiny (minutes)")
     parser.add_argument("--quick", action="store_true", help="few models, small inputs: checks the harness")
     parser.add_argument("--groups", default=",".join(GROUPS),
                         help=f"comma-separated groups to run, of {', '.join(GROUPS)}")
