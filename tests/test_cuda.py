@@ -22,7 +22,7 @@ from vitblocks.attention import (
     select_backend,
 )
 from vitblocks.attention.backends import xformers_kernel_problem
-from vitblocks.layers import SlicedGroupAttention
+from vitblocks.layers import SlicedGroupAttention, compile_regions
 
 pytestmark = [requires_cuda, pytest.mark.cuda]
 
@@ -142,6 +142,24 @@ def test_eager_and_compiled_training_steps_agree():
         results.append((torch.stack(losses).float(), module.head.weight.detach().float()))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-2, atol=2e-2)
     assert relative_error(results[1][1], results[0][1].double()) < 2e-2
+
+
+def test_regional_compilation_matches_eager_on_the_gpu():
+    torch.manual_seed(0)
+    eager = tiny_sret(drop_path_rate=0.0, permutation="fixed", loops=3)
+    regional = compile_regions(copy.deepcopy(eager))
+    images, labels = torch.randn(8, 3, 64, 64, device="cuda"), torch.arange(8, device="cuda") % 10
+    losses = []
+    for model in (eager, regional):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        losses.append(loss.detach().float())
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=2e-2)
+    assert relative_error(regional.head.weight.grad, eager.head.weight.grad.double()) < 5e-2
+    eager.eval(), regional.eval()
+    with torch.no_grad():
+        assert relative_error(regional(images), eager(images).double()) < 1e-3
 
 
 def test_random_permutations_are_drawn_on_the_gpu_without_synchronising():
