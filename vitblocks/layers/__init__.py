@@ -1,6 +1,7 @@
 """Composable layers: recursion, sliced group attention, mixing, and SReT's stem parts."""
 
 from vitblocks.layers.block import TransformerBlock
+from vitblocks.layers.drop import DropPath
 from vitblocks.layers.mix import NonLinearMix
 from vitblocks.layers.permutation import (
     PERMUTATION_POLICIES,
@@ -21,6 +22,7 @@ __all__ = [
     "PERMUTATION_POLICIES",
     "ConvPool",
     "ConvStem",
+    "DropPath",
     "LoopPlan",
     "NonLinearMix",
     "PositionMap",

@@ -6,9 +6,10 @@ from functools import partial
 from typing import Any
 
 import torch
-from timm.layers import DropPath, Mlp
+from timm.layers import Mlp
 from torch import nn
 
+from vitblocks.layers.drop import DropPath
 from vitblocks.layers.loop import accepts_loop, call_with_loop
 from vitblocks.layers.scalar import learnable_scalar
 from vitblocks.layers.sliced import SlicedGroupAttention
