@@ -27,7 +27,7 @@ MODES = ("model", "regional")
 FIELDS = ("mode", "loops", "applications", "first_step_s", "step_s", "compile_s", "graphs", "status")
 
 
-def run_case(mode: str, loops: int, device: str, img_size: int, batch: int) -> dict:
+def run_case(mode: str, loops: int, device: str, img_size: int, batch: int, backend: str = "inductor") -> dict:
     """One case, in this process: build, compile, time the first and later training steps."""
     import timm
     import torch
@@ -37,7 +37,7 @@ def run_case(mode: str, loops: int, device: str, img_size: int, batch: int) -> d
 
     torch.manual_seed(0)
     model = timm.create_model("sret_t", img_size=img_size, num_classes=10, loops=loops, mix="shared").to(device)
-    model = torch.compile(model) if mode == "model" else vitblocks.compile_regions(model)
+    model = torch.compile(model, backend=backend) if mode == "model" else vitblocks.compile_regions(model, backend=backend)
     images = torch.randn(batch, 3, img_size, img_size, device=device)
 
     def step() -> float:
@@ -59,7 +59,7 @@ def run_case(mode: str, loops: int, device: str, img_size: int, batch: int) -> d
 def measure(mode: str, loops: int, args) -> dict:
     """Run one case in a fresh process with an empty inductor cache, under the time limit."""
     command = [sys.executable, "-m", "benchmarks.compile_time", "--case", mode, str(loops), "--device", args.device,
-               "--img-size", str(args.img_size), "--batch-size", str(args.batch_size)]
+               "--img-size", str(args.img_size), "--batch-size", str(args.batch_size), "--backend", args.backend]
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, PYTHONPATH=str(ROOT))
         try:
@@ -95,12 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--loops", default="2,10,100", help="comma-separated loops per block")
     parser.add_argument("--modes", default=",".join(MODES), help="model, regional or both")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend (eager: trace only)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per case")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compile")
     parser.add_argument("--case", nargs=2, metavar=("MODE", "LOOPS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
-        print(json.dumps(run_case(args.case[0], int(args.case[1]), args.device, args.img_size, args.batch_size)))
+        print(json.dumps(run_case(args.case[0], int(args.case[1]), args.device, args.img_size, args.batch_size,
+                                  args.backend)))
         return 0
     rows = []
     for loops in (int(n) for n in args.loops.split(",")):

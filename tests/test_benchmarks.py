@@ -120,3 +120,30 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     assert summary.strip().splitlines()[-1] in result.stdout  # the table of ratios is printed last
     assert (out / "cuda" / "results.csv").exists() and (out / "profile.txt").read_text().startswith("# sret_t")
     assert json.loads((out / "environment.json").read_text())["dry_run"] is True
+
+
+def test_docs_page_shows_the_committed_compile_time_table():
+    table = (ROOT / "docs" / "benchmarks" / "compile-cpu" / "compile_time.md").read_text().split("\n", 2)[2].strip()
+    rows = list(csv.DictReader((ROOT / "docs" / "benchmarks" / "compile-cpu" / "compile_time.csv").open()))
+    assert {r["mode"] for r in rows} == {"model", "regional"} and {r["loops"] for r in rows} == {"2", "10", "100"}
+    assert table and table in (ROOT / "docs" / "benchmarks.md").read_text()
+
+
+def test_compile_time_table_marks_cases_that_ran_out_of_time():
+    from benchmarks.compile_time import markdown
+
+    text = markdown([{"mode": "model", "loops": 100, "applications": 1000, "status": "> 300 s"},
+                     {"mode": "regional", "loops": 100, "applications": 1000, "first_step_s": 75.0, "step_s": 2.7,
+                      "compile_s": 72.3, "graphs": 7, "status": "ok"}], "test")
+    assert "| model | 100 | 1000 | > 300 s |" in text and "| regional | 100 | 1000 | 75.0 | 2.7 | 72.3 | 7 |" in text
+
+
+def test_compile_time_runs_each_case_in_a_fresh_process(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "benchmarks.compile_time", "--backend", "eager", "--img-size", "32",
+                             "--loops", "2,5", "--modes", "regional", "--out", str(tmp_path)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = list(csv.DictReader((tmp_path / "compile_time.csv").open()))
+    assert [(r["mode"], r["loops"], r["status"]) for r in rows] == [("regional", "2", "ok"), ("regional", "5", "ok")]
+    assert rows[0]["graphs"] == rows[1]["graphs"]  # more loops, no more graphs
+    assert "| regional | 5 | 50 |" in (tmp_path / "compile_time.md").read_text()
