@@ -104,11 +104,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_case(args.case[0], int(args.case[1]), args.device, args.img_size, args.batch_size,
                                   args.backend)))
         return 0
-    rows = []
+    rows: list[dict] = []
     for loops in (int(n) for n in args.loops.split(",")):
         for mode in args.modes.split(","):
             rows.append(measure(mode, loops, args))
             print(rows[-1], flush=True)
+            text = write(rows, args)  # after every case, so a run stopped from outside keeps what it measured
+    print(text)
+    return 0
+
+
+def write(rows: list[dict], args) -> str:
+    """Write compile_time.csv and compile_time.md; return the markdown."""
     args.out.mkdir(parents=True, exist_ok=True)
     with (args.out / "compile_time.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
@@ -116,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         writer.writerows({k: r.get(k, "") for k in FIELDS} for r in rows)
     text = markdown(rows, f"SReT-T training step on {args.device}, {args.img_size} px, batch {args.batch_size}")
     (args.out / "compile_time.md").write_text(text)
-    print(text)
-    return 0
+    return text
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ def stages(out: Path, dry_run: bool) -> list[Stage]:
                   "epochs=10", "precision=bf16"]
         bench = ["--suite", "cuda", "--precision", "bf16"]
         profile = ["--batch-size", "256", "--precision", "bf16"]
-        compile_time = ["--device", "cuda", "--img-size", "224", "--batch-size", "64", "--timeout", "150"]
+        compile_time = ["--device", "cuda", "--img-size", "224", "--batch-size", "64", "--timeout", "120",
+                        "--modes", "regional,model"]
     found = [
         Stage("tests", ["-m", "pytest", "-m", "cuda", "tests", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra"],
               60 if dry_run else 150),
