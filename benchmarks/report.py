@@ -64,6 +64,8 @@ def _plot(results: list[Any], out: Path, title: str) -> None:
     plt.close(fig)
 
     recursion = [r for r in results if r.group == "recursion"]
+    if not recursion:  # a run of other groups only (--groups)
+        return
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode in ("off", "sqrt"):
         rows = [r for r in recursion if r.name.endswith(f"checkpointing={mode}")]

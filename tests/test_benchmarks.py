@@ -147,3 +147,19 @@ def test_compile_time_runs_each_case_in_a_fresh_process(tmp_path):
     assert [(r["mode"], r["loops"], r["status"]) for r in rows] == [("regional", "2", "ok"), ("regional", "5", "ok")]
     assert rows[0]["graphs"] == rows[1]["graphs"]  # more loops, no more graphs
     assert "| regional | 5 | 50 |" in (tmp_path / "compile_time.md").read_text()
+
+
+def test_a_run_of_some_groups_writes_its_report(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "cpu", "--quick", "--groups",
+                             "vs_naive,reference", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert {r["group"] for r in rows} == {"vs_naive", "reference"}
+    assert (tmp_path / "throughput.png").exists() and not (tmp_path / "memory.png").exists()
+    assert "timed in turns" in (tmp_path / "results.md").read_text()
+
+
+def test_unknown_benchmark_group_is_refused():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--groups", "modles"], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 2 and "unknown group(s) modles" in result.stderr
