@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,23 +33,16 @@ def run_case(mode: str, loops: int, device: str, img_size: int, batch: int, back
     from torch._dynamo.utils import counters
 
     import vitblocks
+    from benchmarks.measure import time_once
+    from benchmarks.run import _forward_backward_fn
 
     torch.manual_seed(0)
     model = timm.create_model("sret_t", img_size=img_size, num_classes=10, loops=loops, mix="shared").to(device)
     model = torch.compile(model, backend=backend) if mode == "model" else vitblocks.compile_regions(model, backend=backend)
     images = torch.randn(batch, 3, img_size, img_size, device=device)
-
-    def step() -> float:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(images).float().logsumexp(-1).mean().backward()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    first = step()
-    later = sorted(step() for _ in range(3))[1]
+    step = _forward_backward_fn(model, images, "fp32")
+    first = time_once(step, images.device)
+    later = sorted(time_once(step, images.device) for _ in range(3))[1]
     return {"mode": mode, "loops": loops, "applications": 10 * loops, "first_step_s": round(first, 2),
             "step_s": round(later, 3), "compile_s": round(first - later, 2),
             "graphs": counters["stats"]["unique_graphs"], "status": "ok"}

@@ -37,7 +37,16 @@ def _timing(times: list[float]) -> Timing:
     return Timing(statistics.median(times), quartiles[2] - quartiles[0], len(times))
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
+def time_once(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of `fn` takes, device work included.
+
+    Args:
+        fn: The work.
+        device: Its device (CUDA is synchronized before and after).
+
+    Returns:
+        Wall-clock seconds.
+    """
     _sync(device)
     start = time.perf_counter()
     fn()
@@ -68,7 +77,7 @@ def time_interleaved(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(_timed(fn, device))
+            times[name].append(time_once(fn, device))
     return {name: _timing(values) for name, values in times.items()}
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import platform
 import sys
 from pathlib import Path
@@ -157,19 +158,12 @@ def run_suite(args) -> list[Result]:
             results += measure_attention_shapes(images.shape[0], size, device, dtype, train, args)
         if "vs_naive" not in args.groups:
             continue
-        entries = [(NAIVE, naive_sret_t(sret, size), "math"), ("sret_t", sret, fast)]
         deit = timm.create_model(DEIT, img_size=size)
-        entries.append((DEIT, deit, fast))
+        entries = [(NAIVE, naive_sret_t(sret, size), "math"), ("sret_t", sret, fast), (DEIT, deit, fast)]
         if args.compile:
-            compiled = timm.create_model("sret_t", img_size=size)
-            compiled.load_state_dict(sret.state_dict())
-            entries.append((COMPILED, torch.compile(compiled), fast))
-            regional = timm.create_model("sret_t", img_size=size)
-            regional.load_state_dict(sret.state_dict())
-            entries.append((REGIONAL, vitblocks.compile_regions(regional), fast))
-            compiled_deit = timm.create_model(DEIT, img_size=size)
-            compiled_deit.load_state_dict(deit.state_dict())
-            entries.append((DEIT_COMPILED, torch.compile(compiled_deit), fast))
+            entries += [(COMPILED, torch.compile(copy.deepcopy(sret)), fast),
+                        (REGIONAL, vitblocks.compile_regions(copy.deepcopy(sret)), fast),
+                        (DEIT_COMPILED, torch.compile(copy.deepcopy(deit)), fast)]
         results += measure_together(PAIRED, entries, images, train, args)
     if "recursion" not in args.groups:
         return results

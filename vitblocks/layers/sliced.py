@@ -193,18 +193,16 @@ class SlicedGroupAttention(nn.Module):
         perm = self.permutation_at(num_tokens, loop, device)
         if perm is None:
             return LoopPlan(num_groups)
-        return LoopPlan(num_groups, perm, self._inverse(perm, num_tokens, loop))
+        if self._policy() == "fixed":  # cached with the permutation itself
+            return LoopPlan(num_groups, perm,
+                            cached_fixed_permutation(num_tokens, self._fixed_seed(loop), device, inverse=True))
+        return LoopPlan(num_groups, perm, inverse_permutation(perm))
 
     def _policy(self) -> str:
         return self.permutation if self.training else self.eval_permutation
 
     def _fixed_seed(self, loop: int) -> int:
         return self.seed * 1_000_003 + loop
-
-    def _inverse(self, perm: torch.Tensor, num_tokens: int, loop: int) -> torch.Tensor:
-        if self._policy() == "fixed":  # cached with the permutation itself
-            return cached_fixed_permutation(num_tokens, self._fixed_seed(loop), perm.device, inverse=True)
-        return inverse_permutation(perm)
 
     def forward(
         self,
