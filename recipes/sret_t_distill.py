@@ -10,7 +10,7 @@ The paper's teacher is a RegNetY-16GF; give its weights with
 from vitblocks.train import derive_recipe
 
 config = derive_recipe(__file__, "sret_pit.py", [
-    'model.name=sret_t_distill',
+    'model.name=sret_t',
     'distill.kind=soft',
     'distill.teacher=regnety_160',
     'distill.temperature=1.0',

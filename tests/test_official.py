@@ -93,7 +93,7 @@ def test_position_map_is_resized_for_a_larger_input(checkpoint, official_t):
     # a 224-trained model runs at 384 with its map resized
     small = timm.create_model("sret_t_unsliced", img_size=224)
     big = timm.create_model("sret_t_unsliced_384")
-    big.load_state_dict(vitblocks.models.sret.checkpoint_filter_fn(small.state_dict(), big))
+    big.load_state_dict(vitblocks.models.sret_variants.checkpoint_filter_fn(small.state_dict(), big))
     assert big.pos_embed.weight.shape == (1, 64, 48, 48)
 
 

@@ -32,9 +32,20 @@ def test_registered_names():
     names = set(timm.list_models("sret*"))
     for base in ("sret_t", "sret_lt", "sret_s"):
         assert {base, f"{base}_unsliced"} <= names
-    assert {"sret_lt_g16_14_1", "sret_t_distill", "sret_lt_distill", "sret_t_unsliced_distill",
-            "sret_lt_unsliced_distill", "sret_t_unsliced_384", "sret_s_unsliced_384", "sret_s_unsliced_512"} <= names
+    assert {"sret_lt_g16_14_1", "sret_t_unsliced_384", "sret_s_unsliced_384", "sret_s_unsliced_512"} <= names
     assert count(timm.create_model("sret_t_unsliced_384")) == 4_853_259
+    tagged = set(timm.list_models("sret*", include_tags=True))
+    assert {"sret_t.in1k", "sret_t.distill_in1k", "sret_lt.distill_in1k", "sret_t_unsliced.distill_in1k",
+            "sret_lt_unsliced.distill_in1k"} <= tagged
+
+
+@pytest.mark.parametrize("old, arch", [("sret_t_distill", "sret_t"), ("sret_lt_unsliced_distill", "sret_lt_unsliced")])
+def test_distilled_names_are_pretrained_tags_of_the_same_architecture(old, arch):
+    with pytest.warns(UserWarning, match=f"deprecated model name {old} to current {arch}.distill_in1k"):
+        model = timm.create_model(old, img_size=64, num_classes=3)
+    assert model.pretrained_cfg["tag"] == "distill_in1k"
+    assert count(model) == count(timm.create_model(f"{arch}.distill_in1k", img_size=64, num_classes=3))
+    assert old not in timm.list_models("sret*")
 
 
 @pytest.mark.parametrize(

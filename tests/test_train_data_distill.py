@@ -9,7 +9,7 @@ from PIL import Image
 
 from train_helpers import tiny_config
 from vitblocks.eval import run as evaluate_checkpoint
-from vitblocks.models.official import CheckpointError
+from vitblocks.io import CheckpointError
 from vitblocks.train import ConfigError, DistillConfig, Trainer
 from vitblocks.train.config import AugmentConfig, DataConfig
 from vitblocks.train.data import DataError, build_dataset, check_image_folder, eval_transform

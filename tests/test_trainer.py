@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from train_helpers import tiny_config
-from vitblocks.models.official import CheckpointError
+from vitblocks.io import CheckpointError
 from vitblocks.train import ConfigError, Trainer, TrainingDiverged, load_recipe
 from vitblocks.train.checkpoint import load_training_checkpoint, save_atomic
 from vitblocks.train.data import ResumableSampler

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from vitblocks.models.official import CheckpointError
+from vitblocks.io import CheckpointError
 from vitblocks.train.checkpoint import load_training_checkpoint
 from vitblocks.train.config import ConfigError, apply_overrides, from_dict
 from vitblocks.train.data import DataError, ResumableSampler, build_dataset, make_loader

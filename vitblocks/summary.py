@@ -2,7 +2,7 @@
 
     python -m vitblocks.summary sret_t --img-size 224
     python -m vitblocks.summary "sret*" --zoo          # one markdown row per model
-    python -m vitblocks.summary "sret*" --zoo --update docs/models.md
+    python -m vitblocks.summary "sret*" --zoo --tags --update docs/models.md
 
 MACs count convolutions, linear layers and the two attention matmuls, measured with
 PyTorch's FLOP counter while attention runs as explicit matmuls (the `math` backend for
@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import difflib
+import importlib.resources
 import re
 import sys
 from collections.abc import Iterator
@@ -143,13 +145,33 @@ def zoo_table(names: list[str], top1: dict[str, float] | None = None) -> str:
         "| model | params | GMACs | input | paper top-1 (%) |",
         "|---|---:|---:|---:|---:|",
     ]
+    measured: dict[str, tuple[int, int, int]] = {}  # tags of one architecture share its numbers
     for name in names:
-        model = timm.create_model(name)
-        total = summarize(model)[-1]
-        size = _input_size(model, None)[-1]
+        arch = name.split(".")[0]
+        if arch not in measured:
+            model = timm.create_model(arch)
+            total = summarize(model)[-1]
+            measured[arch] = (total.params, total.macs, _input_size(model, None)[-1])
+        params, macs, size = measured[arch]
         accuracy = f"{top1[name]:.1f}" if name in top1 else "—"
-        lines.append(f"| `{name}` | {total.params:,} | {total.macs / 1e9:.3f} | {size} | {accuracy} |")
+        lines.append(f"| `{name}` | {params:,} | {macs / 1e9:.3f} | {size} | {accuracy} |")
     return "\n".join(lines)
+
+
+def paper_top1() -> dict[str, float]:
+    """ImageNet-1k top-1 (%) the SReT paper reports, by `model.tag`.
+
+    Read from the package's `models/paper_results.csv`.
+
+    Returns:
+        Top-1 by pretrained name, e.g. `{"sret_t.in1k": 76.0, "sret_t.distill_in1k": 77.6, ...}`.
+
+    Example:
+        >>> paper_top1()["sret_t.distill_in1k"]
+        77.6
+    """
+    text = importlib.resources.files("vitblocks.models").joinpath("paper_results.csv").read_text()
+    return {row["model"]: float(row["paper_top1"]) for row in csv.DictReader(text.splitlines())}
 
 
 ZOO_MARKERS = ("<!-- zoo:start -->", "<!-- zoo:end -->")
@@ -174,10 +196,12 @@ def update_between_markers(path: str | Path, table: str, markers: tuple[str, str
     path.write_text(re.sub(f"{start}.*{end}", lambda _: f"{markers[0]}\n{table}\n{markers[1]}", text, flags=re.S))
 
 
-def _resolve(patterns: list[str]) -> list[str]:
+def _resolve(patterns: list[str], tags: bool = False) -> list[str]:
     names = []
     for pattern in patterns:
         found = timm.list_models(pattern) if any(c in pattern for c in "*?[") else [pattern]
+        if tags and found and all(timm.is_model(n) for n in found):
+            found = [tagged for n in found for tagged in (timm.list_models(n, include_tags=True) or [n])]
         if not found or not all(timm.is_model(n) for n in found):
             close = difflib.get_close_matches(pattern, timm.list_models(), n=5)
             hint = f"; similar: {', '.join(close)}" if close else ""
@@ -194,17 +218,17 @@ def main(argv: list[str] | None = None) -> None:
     """
     import vitblocks  # noqa: F401  (registers the models)
     from vitblocks.models.create import create_model_at_size
-    from vitblocks.models.sret import PAPER_TOP1
 
     parser = argparse.ArgumentParser(prog="python -m vitblocks.summary", description=__doc__.split("\n")[0])
     parser.add_argument("models", nargs="+", help="model names or glob patterns, e.g. sret_t or 'sret*'")
     parser.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's)")
     parser.add_argument("--zoo", action="store_true", help="one markdown row per model instead of per-part tables")
+    parser.add_argument("--tags", action="store_true", help="with --zoo: one row per pretrained tag (model.tag)")
     parser.add_argument("--update", metavar="FILE", help="with --zoo: write the table into FILE between zoo markers")
     args = parser.parse_args(argv)
-    names = _resolve(args.models)
+    names = _resolve(args.models, tags=args.tags)
     if args.zoo:
-        table = zoo_table(names, PAPER_TOP1)
+        table = zoo_table(names, paper_top1())
         if args.update:
             update_between_markers(args.update, table)
         else:

@@ -9,20 +9,23 @@ is a bare `pos_embed` parameter.
     model = load_official_checkpoint("SReT_T.pth", "sret_t")
     torch.save({"model": export_official_state_dict(model)}, "SReT_T_roundtrip.pth")
 
-Checkpoints are read with `torch.load(..., weights_only=True)`: a file that holds
-anything but tensors and plain containers is refused rather than executed.
+Checkpoints are read through `vitblocks.io.read_checkpoint` (`weights_only=True`): a
+file that holds anything but tensors and plain containers is refused rather than executed.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
 
+from vitblocks.io import CheckpointError, read_checkpoint
 from vitblocks.layers import resize_position_map
-from vitblocks.models.sret import SReT
+
+if TYPE_CHECKING:
+    from vitblocks.models.sret import SReT
 
 _BLOCK_KEYS = {
     "norm1": "norm1", "attn.qkv": "attn.qkv", "attn.proj": "attn.proj", "norm2": "norm2",
@@ -32,10 +35,6 @@ _BLOCK_KEYS = {
 _MIX_KEYS = {"norm1": "norm", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2", "coefficient1": "skip_scale",
              "coefficient2": "branch_scale"}
 _SCALARS = {"coefficient1", "coefficient2", "coefficient3", "coefficient4"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model."""
 
 
 def is_official_state_dict(state_dict: dict[str, Any]) -> bool:
@@ -178,59 +177,6 @@ def export_official_state_dict(model: SReT) -> dict[str, torch.Tensor]:
     """
     ours = model.state_dict()
     return {official: ours[key] for key, officials in official_key_map(model).items() for official in officials}
-
-
-def load_weights_only(path: str | os.PathLike, hint: str = "") -> Any:
-    """`torch.load` that only accepts tensors and plain containers, with clear errors.
-
-    Args:
-        path: The file.
-        hint: Advice appended to the error for a file that cannot be read.
-
-    Returns:
-        Whatever the file holds.
-
-    Raises:
-        FileNotFoundError: If there is no such file.
-        CheckpointError: If the file is truncated, corrupt, or holds other Python objects.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {os.fspath(path)!r}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for damaged or unsafe files
-        raise CheckpointError(
-            f"could not read {os.fspath(path)!r} as a weights-only PyTorch checkpoint ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:200]}). The file may be truncated or corrupt, or contain Python "
-            f"objects other than tensors, which are refused for safety.{hint}"
-        ) from error
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read the state dict in a checkpoint file without unpickling arbitrary objects.
-
-    Accepts a bare state dict or a dict holding one under `model` or `state_dict`.
-
-    Args:
-        path: The file.
-
-    Returns:
-        The state dict.
-
-    Raises:
-        FileNotFoundError: If there is no such file.
-        CheckpointError: If the file is corrupt, truncated, holds non-tensor objects, or
-            holds no state dict.
-    """
-    checkpoint = load_weights_only(path)
-    if isinstance(checkpoint, dict):
-        for key in ("model", "state_dict"):
-            if isinstance(checkpoint.get(key), dict):
-                checkpoint = checkpoint[key]
-                break
-    if not isinstance(checkpoint, dict) or not all(torch.is_tensor(v) for v in checkpoint.values()):
-        raise CheckpointError(f"{os.fspath(path)!r} holds no state dict (expected tensors, under 'model' or at top level)")
-    return checkpoint
 
 
 def load_official_checkpoint(path: str | os.PathLike, model: str | SReT = "sret_t", **kwargs: Any) -> SReT:

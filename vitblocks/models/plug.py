@@ -282,13 +282,6 @@ def _register_variants() -> None:
         VARIANTS[name] = (base, recursion)
 
 
-PLUGGED_ZOO = (
-    "deit_tiny_patch16_224", "deit_tiny_rec_patch16_224", "deit_tiny_rec_sliced_patch16_224", "deit_tiny_shared_patch16_224",
-    "pit_ti_224", "pit_ti_rec_224", "pit_ti_rec_sliced_224", "pit_ti_shared_224",
-    "swin_tiny_patch4_window7_224", "swin_tiny_rec_patch4_window7_224", "swin_tiny_shared_patch4_window7_224",
-)
-"""Base models and their recursive variants, in the order of the docs table."""
-
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {}
 """Registered recursive variants: name -> (base timm model, make_recursive arguments)."""
 

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vitblocks.models.official import CheckpointError
+from vitblocks.io import CheckpointError
 from vitblocks.train import distributed
 from vitblocks.train.config import ConfigError, apply_overrides, format_config, load_recipe
 from vitblocks.train.data import DataError

@@ -2,40 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from vitblocks.models.official import CheckpointError, load_weights_only
+from vitblocks.io import CheckpointError, load_weights_only, save_atomic
 
-
-def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
-    """Write `obj` with torch.save to a temporary file, then rename it over `path`.
-
-    A crash at any moment leaves either the previous file or the new one, never a
-    partial file.
-
-    Args:
-        obj: What to save.
-        path: Destination.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+__all__ = ["CheckpointError", "load_training_checkpoint", "rng_state", "save_atomic", "set_rng_state"]
 
 
 def rng_state() -> dict[str, Any]:

@@ -62,7 +62,7 @@ def build_teacher(config: DistillConfig, num_classes: int, device: torch.device,
     """
     import timm
 
-    from vitblocks.models.official import CheckpointError, read_checkpoint
+    from vitblocks.io import CheckpointError, read_checkpoint
     from vitblocks.train.config import ConfigError
 
     if not (config.teacher_checkpoint or config.teacher_kwargs.get("pretrained") or allow_random):

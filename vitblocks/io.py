@@ -1,0 +1,99 @@
+"""Reading and writing checkpoint files safely.
+
+Every reader here uses `torch.load(..., weights_only=True)`: a file that holds anything
+but tensors and plain containers is refused rather than executed. The writer replaces a
+file atomically, so a crash leaves the old file or the new one, never a partial one.
+
+This module depends on nothing else in vitblocks; the trainer, the evaluator and the
+official-checkpoint converter all read files through it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write `obj` with torch.save to a temporary file, then rename it over `path`.
+
+    A crash at any moment leaves either the previous file or the new one, never a
+    partial file.
+
+    Args:
+        obj: What to save.
+        path: Destination.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_weights_only(path: str | os.PathLike, hint: str = "") -> Any:
+    """`torch.load` that only accepts tensors and plain containers, with clear errors.
+
+    Args:
+        path: The file.
+        hint: Advice appended to the error for a file that cannot be read.
+
+    Returns:
+        Whatever the file holds.
+
+    Raises:
+        FileNotFoundError: If there is no such file.
+        CheckpointError: If the file is truncated, corrupt, or holds other Python objects.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {os.fspath(path)!r}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for damaged or unsafe files
+        raise CheckpointError(
+            f"could not read {os.fspath(path)!r} as a weights-only PyTorch checkpoint ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200]}). The file may be truncated or corrupt, or contain Python "
+            f"objects other than tensors, which are refused for safety.{hint}"
+        ) from error
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read the state dict in a checkpoint file without unpickling arbitrary objects.
+
+    Accepts a bare state dict or a dict holding one under `model` or `state_dict`.
+
+    Args:
+        path: The file.
+
+    Returns:
+        The state dict.
+
+    Raises:
+        FileNotFoundError: If there is no such file.
+        CheckpointError: If the file is corrupt, truncated, holds non-tensor objects, or
+            holds no state dict.
+    """
+    checkpoint = load_weights_only(path)
+    if isinstance(checkpoint, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, dict) or not all(torch.is_tensor(v) for v in checkpoint.values()):
+        raise CheckpointError(f"{os.fspath(path)!r} holds no state dict (expected tensors, under 'model' or at top level)")
+    return checkpoint
