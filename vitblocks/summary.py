@@ -216,7 +216,6 @@ def main(argv: list[str] | None = None) -> None:
     Args:
         argv: Arguments (default: sys.argv).
     """
-    import vitblocks  # noqa: F401  (registers the models)
     from vitblocks.models.create import create_model_at_size
 
     parser = argparse.ArgumentParser(prog="python -m vitblocks.summary", description=__doc__.split("\n")[0])

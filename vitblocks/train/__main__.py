@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from vitblocks.io import CheckpointError
-from vitblocks.train import distributed
+import vitblocks.train.distributed as distributed
 from vitblocks.train.config import ConfigError, apply_overrides, format_config, load_recipe
 from vitblocks.train.data import DataError
 from vitblocks.train.engine import Trainer, TrainingDiverged, smoke_config

@@ -26,8 +26,8 @@ from tqdm import tqdm
 from vitblocks.attention import attention_backend
 from vitblocks.layers import compile_regions
 from vitblocks.models.create import create_model_at_size
-from vitblocks.train import checkpoint as ckpt
-from vitblocks.train import distributed
+import vitblocks.train.checkpoint as ckpt
+import vitblocks.train.distributed as distributed
 from vitblocks.train.config import ConfigError, TrainConfig, to_dict
 from vitblocks.train.data import ResumableSampler, build_dataset, make_loader
 from vitblocks.train.distill import DistillationLoss, build_teacher
@@ -47,8 +47,6 @@ def create_model(config: TrainConfig) -> nn.Module:
     Returns:
         The model (img_size is passed only to models that take it).
     """
-    import vitblocks  # noqa: F401  (registers vitblocks models)
-
     return create_model_at_size(config.model.name, config.data.img_size,
                                 **dict(config.model.kwargs, num_classes=config.data.num_classes))
 

@@ -1,0 +1,110 @@
+"""The package's layering: which parts may import which, and no import cycles.
+
+    io          (nothing from vitblocks)
+    attention   <- io
+    layers      <- attention
+    models      <- layers, attention, io
+    train, eval, summary, profiling   <- models and below
+    vitblocks (the package root)       <- re-exports; imported by nothing inside
+
+Every `import` statement counts, including those inside functions, except imports
+under `if TYPE_CHECKING:` (annotations only).
+"""
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).parents[1] / "vitblocks"
+
+RANKS = {"io": 0, "attention": 1, "layers": 2, "models": 3, "train": 4, "eval": 4, "summary": 4, "profiling": 4}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _type_checking_only(node: ast.If) -> bool:
+    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING" or (
+        isinstance(node.test, ast.Attribute) and node.test.attr == "TYPE_CHECKING")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """vitblocks modules that a file imports (`from a.b import c` counts a.b, and a.b.c if it is a module)."""
+    tree = ast.parse(path.read_text())
+    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _type_checking_only(node)
+               for n in ast.walk(node)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    own = module_name(path)
+    return {name for name in found if name.split(".")[0] == "vitblocks" and name in MODULES and name != own}
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+GRAPH = {name: imported_modules(path) for name, path in MODULES.items()}
+
+
+def rank(module: str) -> int:
+    parts = module.split(".")
+    return RANKS[parts[1]] if len(parts) > 1 else 99
+
+
+def test_every_part_of_the_package_has_a_layer():
+    assert {name.split(".")[1] for name in MODULES if "." in name} == set(RANKS)
+
+
+def test_imports_flow_one_way():
+    wrong = [f"{a} imports {b}" for a, targets in GRAPH.items() for b in targets
+             if rank(b) > rank(a) or (b == "vitblocks" and a != "vitblocks")]
+    assert not wrong, "imports against the layering (see docs/architecture.md):\n" + "\n".join(wrong)
+    assert GRAPH["vitblocks.io"] == set()
+
+
+def test_no_import_cycles():
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for target in sorted(GRAPH[node]):
+            if state.get(target) == 1:
+                cycles.append(" -> ".join(stack[stack.index(target):] + [target]))
+            elif target not in state:
+                visit(target, stack + [target])
+        state[node] = 2
+
+    for module in sorted(GRAPH):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, "import cycles (a submodule importing its package's __init__ counts):\n" + "\n".join(cycles)
+
+
+def test_attention_and_layers_import_without_models_or_timm_registrations():
+    """Loaded under a bare `vitblocks` namespace, the layers build and run with no model registered."""
+    code = f"""
+import sys, types
+package = types.ModuleType("vitblocks"); package.__path__ = [{str(PACKAGE)!r}]
+sys.modules["vitblocks"] = package
+import torch, timm
+from vitblocks.layers import Recursive, TransformerBlock
+from vitblocks.attention import group_attention
+block = Recursive(TransformerBlock(dim=16, num_heads=2, groups=(2, 1)), loops=2)
+assert block(torch.randn(1, 8, 16)).shape == (1, 8, 16)
+loaded = sorted(m for m in sys.modules if m.startswith("vitblocks."))
+assert not [m for m in loaded if m.startswith(("vitblocks.models", "vitblocks.train"))], loaded
+assert not timm.is_model("sret_t")
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
