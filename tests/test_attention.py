@@ -1,3 +1,5 @@
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,13 +12,19 @@ from vitblocks.attention import (
     BACKENDS,
     CPU_BF16_MATH_MAX_KEYS,
     ENV_VAR,
+    AttentionBackend,
     AttentionBackendError,
     TokenGroups,
     attention_backend,
+    auto_order,
     auto_prefers_math,
     available_backends,
+    backend_names,
     group_attention,
+    register_backend,
+    requested_backend,
     select_backend,
+    unregister_backend,
 )
 from vitblocks.attention import backends as backends_module
 
@@ -256,3 +264,65 @@ def test_xformers_kernel_probe_reports_kernels_that_cannot_run(monkeypatch, work
     probe = torch.compile(lambda q: backends_module.xformers_kernel_problem("cpu", q.dtype, 8) is None,
                           backend="eager", fullgraph=True)
     assert probe(torch.randn(1, 2, 1, 8, dtype=torch.float16)) is works
+
+
+class _RecordingBackend(AttentionBackend):
+    """A registered test kernel: math attention that records its calls, with declared limits."""
+
+    name, priority, max_head_dim, supports_dropout = "recording", 100, 8, False
+
+    def __init__(self):
+        self.calls = 0
+
+    def attend(self, q, k, v, scale, dropout_p):
+        self.calls += 1
+        return BACKENDS["math"].attend(q, k, v, scale, dropout_p)
+
+
+@pytest.fixture
+def recording():
+    backend = register_backend(_RecordingBackend())
+    yield backend
+    unregister_backend(backend.name)
+
+
+def test_a_registered_backend_is_chosen_by_priority_and_by_name(recording):
+    q = torch.randn(1, 8, 2, 4)
+    assert backend_names()[:2] == ("auto", "recording")
+    assert [b.name for b in auto_order(q)][0] == "recording"
+    torch.testing.assert_close(group_attention(q, q, q, 2), group_attention(q, q, q, 2, backend="math"))
+    assert recording.calls == 1  # two equal groups: one run, one kernel call
+    with attention_backend("recording"):
+        group_attention(q, q, q, 1)
+    assert recording.calls == 2
+    with pytest.raises(ValueError, match="already registered"):
+        register_backend(_RecordingBackend())
+
+
+def test_declared_capabilities_give_the_reasons_and_auto_skips_them(recording):
+    wide = torch.randn(1, 8, 2, 16)
+    assert recording.unsupported_reasons(wide, 0.1) == [
+        "head size 16 is above recording's limit of 8", "recording does not apply attention dropout (got dropout_p=0.1)"]
+    assert select_backend(wide).name != "recording"
+    with pytest.raises(AttentionBackendError, match="head size 16 is above"):
+        group_attention(wide, wide, wide, backend="recording")
+    assert recording.calls == 0
+
+
+def test_the_backend_context_is_per_thread():
+    seen = {}
+    entered, release = threading.Event(), threading.Event()
+
+    def other_thread():
+        with attention_backend("math"):
+            entered.set()
+            release.wait(5)
+            seen["inside"] = requested_backend()
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    entered.wait(5)
+    seen["main"] = requested_backend()  # the other thread's block does not leak here
+    release.set()
+    thread.join()
+    assert seen == {"main": "auto", "inside": "math"}

@@ -8,13 +8,14 @@ Example:
     torch.Size([2, 64, 4, 16])
 """
 
-from vitblocks.attention.backends import BACKENDS, AttentionBackend
+from vitblocks.attention.backends import AttentionBackend
 from vitblocks.attention.dispatch import (
     BACKEND_NAMES,
     CPU_BF16_MATH_MAX_KEYS,
     ENV_VAR,
     AttentionBackendError,
     attention_backend,
+    auto_order,
     auto_prefers_math,
     available_backends,
     group_attention,
@@ -22,8 +23,10 @@ from vitblocks.attention.dispatch import (
     select_backend,
 )
 from vitblocks.attention.groups import GroupRun, TokenGroups
+from vitblocks.attention.registry import AUTO, BACKENDS, backend_names, register_backend, unregister_backend
 
 __all__ = [
+    "AUTO",
     "BACKENDS",
     "BACKEND_NAMES",
     "CPU_BF16_MATH_MAX_KEYS",
@@ -33,9 +36,13 @@ __all__ = [
     "GroupRun",
     "TokenGroups",
     "attention_backend",
+    "auto_order",
     "auto_prefers_math",
     "available_backends",
+    "backend_names",
     "group_attention",
+    "register_backend",
     "requested_backend",
     "select_backend",
+    "unregister_backend",
 ]

@@ -55,16 +55,32 @@ def _folded_runs(
 
 
 class AttentionBackend:
-    """One attention kernel.
+    """One attention kernel, and what it can run.
 
-    Subclasses implement `attend` (unmasked attention) and `unsupported_reasons`;
-    `attend_groups` turns grouped attention into `attend` calls and may be overridden
-    by a kernel that has a cheaper way.
+    A backend declares its capabilities as class attributes; `unsupported_reasons`
+    derives from them why an input is refused, and subclasses add checks that
+    attributes cannot express through `extra_reasons` (a missing package, a kernel that
+    does not load). Subclasses implement `attend` (unmasked attention); `attend_groups`
+    turns grouped attention into `attend` calls and may be overridden by a kernel with
+    a cheaper way. Register a new kernel with `vitblocks.attention.register_backend`.
+
+    Attributes:
+        name: The name users choose it by.
+        priority: Order in which `auto` tries backends: higher first.
+        devices: Device types it runs on (e.g. `("cuda",)`), or None for any.
+        dtypes: Tensor dtypes it takes.
+        max_head_dim: Largest channels per head, or None for no limit.
+        supports_dropout: Whether it applies dropout on the attention weights.
     """
 
     name: str = ""
+    priority: int = 0
+    devices: tuple[str, ...] | None = None
+    dtypes: tuple[torch.dtype, ...] = _FLOAT_DTYPES
+    max_head_dim: int | None = None
+    supports_dropout: bool = True
 
-    def unsupported_reasons(self, q: torch.Tensor, dropout_p: float) -> list[str]:
+    def unsupported_reasons(self, q: torch.Tensor, dropout_p: float = 0.0) -> list[str]:
         """Why this backend cannot run an input like `q`; empty when it can.
 
         Args:
@@ -75,9 +91,30 @@ class AttentionBackend:
             Human-readable reasons, one per problem.
         """
         reasons = []
-        if q.dtype not in _FLOAT_DTYPES:
+        if self.devices is not None and q.device.type not in self.devices:
+            reasons.append(f"tensors are on {q.device.type}, and {self.name} runs on {' / '.join(d.upper() for d in self.devices)} only")
+        if not q.dtype.is_floating_point:
             reasons.append(f"dtype {q.dtype} is not a floating-point type")
-        return reasons
+        elif q.dtype not in self.dtypes:
+            reasons.append(f"dtype {q.dtype} is not one of {', '.join(str(d).removeprefix('torch.') for d in self.dtypes)}")
+        if self.max_head_dim is not None and q.shape[-1] > self.max_head_dim:
+            reasons.append(f"head size {q.shape[-1]} is above {self.name}'s limit of {self.max_head_dim}")
+        if dropout_p > 0 and not self.supports_dropout:
+            reasons.append(f"{self.name} does not apply attention dropout (got dropout_p={dropout_p})")
+        return reasons + self.extra_reasons(q, capable=not reasons)
+
+    def extra_reasons(self, q: torch.Tensor, capable: bool) -> list[str]:
+        """Checks beyond the declared capabilities.
+
+        Args:
+            q: Queries of shape (B, N, H, D).
+            capable: Whether the declared capabilities cover `q` (checks that run a
+                kernel should run only then).
+
+        Returns:
+            Reasons; none by default.
+        """
+        return []
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float
@@ -132,6 +169,7 @@ class MathBackend(AttentionBackend):
     """Explicit matmul-softmax: the reference, and the kernel FLOP counters can see."""
 
     name = "math"
+    priority = 0
 
     def attend(self, q, k, v, scale, dropout_p):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -147,6 +185,7 @@ class SdpaBackend(AttentionBackend):
     """PyTorch's `scaled_dot_product_attention` (flash / memory-efficient / math)."""
 
     name = "sdpa"
+    priority = 10
 
     def attend(self, q, k, v, scale, dropout_p):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -206,25 +245,21 @@ class XformersBackend(AttentionBackend):
     """
 
     name = "xformers"
-    _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+    priority = 20
+    devices = ("cuda",)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
 
-    def unsupported_reasons(self, q, dropout_p):
-        reasons = []
+    def extra_reasons(self, q, capable):
         if not XFORMERS_INSTALLED:
-            reasons.append("the xformers package is not installed (pip install 'vitblocks[xformers]')")
-        if q.device.type != "cuda":
-            reasons.append(
-                f"tensors are on {q.device.type}, and xformers' memory-efficient attention runs on CUDA only"
-            )
-        if q.dtype not in self._DTYPES:
-            reasons.append(f"dtype {q.dtype} is not one of float16, bfloat16, float32")
-        if not reasons:
-            problem = xformers_kernel_problem(str(q.device), q.dtype, q.shape[-1])
-            if problem:
-                reasons.append(problem)
-        return reasons
+            return ["the xformers package is not installed (pip install 'vitblocks[xformers]')"]
+        problem = xformers_kernel_problem(str(q.device), q.dtype, q.shape[-1]) if capable else None
+        return [problem] if problem else []
 
-    def attend(self, q, k, v, scale, dropout_p, attn_bias=None):
+    def attend(self, q, k, v, scale, dropout_p):
+        return self._attend_with_bias(q, k, v, scale, dropout_p, None)
+
+    @staticmethod
+    def _attend_with_bias(q, k, v, scale, dropout_p, attn_bias):
         ops = _import_xformers_ops()
         return ops.memory_efficient_attention(q, k, v, attn_bias=attn_bias, p=dropout_p, scale=scale)
 
@@ -243,9 +278,8 @@ class XformersBackend(AttentionBackend):
             q_lens += [run.size] * (batch * run.count)
             kv_lens += [p + run.size] * (batch * run.count)
         bias = BlockDiagonalMask.from_seqlens(q_lens, kv_lens)
-        out = self.attend(
-            torch.cat(q_parts, dim=1), torch.cat(k_parts, dim=1), torch.cat(v_parts, dim=1),
-            scale, dropout_p, attn_bias=bias,
+        out = self._attend_with_bias(
+            torch.cat(q_parts, dim=1), torch.cat(k_parts, dim=1), torch.cat(v_parts, dim=1), scale, dropout_p, bias,
         )
         outputs = [] if not p else [self.attend(q[:, :p], k, v, scale, dropout_p)]
         offset = 0
@@ -256,7 +290,5 @@ class XformersBackend(AttentionBackend):
         return torch.cat(outputs, dim=1)
 
 
-BACKENDS: dict[str, AttentionBackend] = {
-    backend.name: backend for backend in (XformersBackend(), SdpaBackend(), MathBackend())
-}
-"""Every backend by name, in the order `auto` tries them."""
+BUILTIN_BACKENDS: tuple[AttentionBackend, ...] = (XformersBackend(), SdpaBackend(), MathBackend())
+"""The kernels vitblocks ships; `vitblocks.attention.registry` registers them."""

@@ -5,32 +5,39 @@ A backend is chosen, first match wins, by:
 1. the `backend` argument of the call (or of the layer that makes the call);
 2. the innermost `attention_backend(...)` context;
 3. the environment variable `VITBLOCKS_ATTENTION` (read at every call);
-4. `"auto"`: the first of xformers, sdpa, math that supports the input, except that
-   bfloat16 on the CPU with at most `CPU_BF16_MATH_MAX_KEYS` keys per group goes to
-   `math` (see `auto_prefers_math`). On CUDA the order is what was measured: on an
+4. `"auto"`: the first backend in `auto_order` that supports the input: registered
+   backends by priority (xformers, sdpa, math), except that bfloat16 on the CPU with at
+   most `CPU_BF16_MATH_MAX_KEYS` keys per group tries `math` first (see
+   `auto_prefers_math`). On CUDA the order is what was measured: on an
    NVIDIA H200 in bfloat16, SDPA beat `math` at every SReT-T attention shape, by
    1.2-2.4x in training and 2-5x in inference (docs/benchmarks.md, "GPU: NVIDIA H200",
    group "attention"); xformers is only picked where its kernels actually run here.
 
 A backend named explicitly that cannot run the input raises `AttentionBackendError`
 with every reason; `auto` never raises for that, because `math` runs everything.
+
+The context is a `contextvars.ContextVar`: each thread (and asyncio task) sees its own
+choice, so concurrent `attention_backend(...)` blocks do not leak into each other.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from collections.abc import Iterator
 
 import torch
 
-from vitblocks.attention.backends import BACKENDS, AttentionBackend
+from vitblocks.attention.backends import AttentionBackend
 from vitblocks.attention.groups import TokenGroups
+from vitblocks.attention.registry import AUTO, BACKENDS, backend_names
 
 ENV_VAR = "VITBLOCKS_ATTENTION"
-BACKEND_NAMES = ("auto", *BACKENDS)
+BACKEND_NAMES = backend_names()
+"""The built-in choices; `backend_names()` also lists backends registered later."""
 
-_context_stack: list[str] = []
+_chosen_in_context: contextvars.ContextVar[str | None] = contextvars.ContextVar("vitblocks_attention", default=None)
 
 CPU_BF16_MATH_MAX_KEYS = 256
 """Longest key sequence for which `auto` runs bfloat16 CPU attention with `math`."""
@@ -41,8 +48,8 @@ class AttentionBackendError(RuntimeError):
 
 
 def _check_name(name: str, source: str) -> str:
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"unknown attention backend {name!r} from {source}; choose one of {BACKEND_NAMES}")
+    if name not in backend_names():
+        raise ValueError(f"unknown attention backend {name!r} from {source}; choose one of {backend_names()}")
     return name
 
 
@@ -68,11 +75,11 @@ def attention_backend(name: str) -> Iterator[None]:
         >>> out.shape
         torch.Size([1, 8, 2, 4])
     """
-    _context_stack.append(_check_name(name, "attention_backend()"))
+    token = _chosen_in_context.set(_check_name(name, "attention_backend()"))
     try:
         yield
     finally:
-        _context_stack.pop()
+        _chosen_in_context.reset(token)
 
 
 def requested_backend(backend: str | None = None) -> str:
@@ -86,9 +93,10 @@ def requested_backend(backend: str | None = None) -> str:
     """
     if backend is not None:
         return _check_name(backend, "the backend argument")
-    if _context_stack:
-        return _context_stack[-1]
-    return _check_name(os.environ.get(ENV_VAR, "auto"), f"the {ENV_VAR} environment variable")
+    chosen = _chosen_in_context.get()
+    if chosen is not None:
+        return chosen
+    return _check_name(os.environ.get(ENV_VAR, AUTO), f"the {ENV_VAR} environment variable")
 
 
 def auto_prefers_math(q: torch.Tensor, kv_len: int) -> bool:
@@ -109,6 +117,32 @@ def auto_prefers_math(q: torch.Tensor, kv_len: int) -> bool:
     return q.device.type == "cpu" and q.dtype == torch.bfloat16 and kv_len <= CPU_BF16_MATH_MAX_KEYS
 
 
+def auto_order(q: torch.Tensor, kv_len: int | None = None) -> list[AttentionBackend]:
+    """The backends `auto` tries for an input, in order; it takes the first that supports it.
+
+    Registered backends by priority, with `math` moved to the front where
+    `auto_prefers_math` says so.
+
+    Args:
+        q: Queries of shape (B, N, H, D).
+        kv_len: Keys each query attends to (default: N).
+
+    Returns:
+        Backends, first choice first.
+
+    Example:
+        >>> [b.name for b in auto_order(torch.empty(1, 196, 3, 64))]
+        ['xformers', 'sdpa', 'math']
+        >>> [b.name for b in auto_order(torch.empty(1, 196, 3, 64, dtype=torch.bfloat16))]
+        ['math', 'xformers', 'sdpa']
+    """
+    order = list(BACKENDS.values())
+    if "math" in BACKENDS and auto_prefers_math(q, q.shape[1] if kv_len is None else kv_len):
+        order.remove(BACKENDS["math"])
+        order.insert(0, BACKENDS["math"])
+    return order
+
+
 def select_backend(
     q: torch.Tensor, dropout_p: float = 0.0, backend: str | None = None, kv_len: int | None = None
 ) -> AttentionBackend:
@@ -127,10 +161,8 @@ def select_backend(
         AttentionBackendError: If a backend chosen by name cannot run the input.
     """
     name = requested_backend(backend)
-    if name == "auto" and auto_prefers_math(q, q.shape[1] if kv_len is None else kv_len):
-        name = "math"
-    if name == "auto":
-        for candidate in BACKENDS.values():
+    if name == AUTO:
+        for candidate in auto_order(q, kv_len):
             if not candidate.unsupported_reasons(q, dropout_p):
                 return candidate
         name = "math"
@@ -186,8 +218,8 @@ def group_attention(
             `TokenGroups`, which carries its own).
         scale: Factor on query-key products; defaults to D ** -0.5.
         dropout_p: Dropout probability on the attention weights.
-        backend: "auto", "xformers", "sdpa", "math", or None for the context /
-            environment choice.
+        backend: "auto", a registered backend ("xformers", "sdpa", "math", ...), or
+            None for the context / environment choice.
 
     Returns:
         Tensor of shape (B, N, H, D).
