@@ -38,7 +38,7 @@ def test_official_layout_stores_shared_blocks_twice(official_t):
 
 def test_loaded_model_matches_official_outputs_with_official_permutations(checkpoint, official_t):
     model = load_official_checkpoint(
-        checkpoint, "sret_t", num_classes=10, img_size=64, eval_permutation="official", attn_backend="math"
+        checkpoint, "sret_t", num_classes=10, img_size=64, eval_permutation="official", backend="math"
     )
     x = images()
     torch.manual_seed(5)

@@ -4,7 +4,8 @@ import torch
 
 import vitblocks  # noqa: F401
 from vitblocks import NonLinearMix, Recursive, SlicedGroupAttention
-from vitblocks.models.plug import VARIANTS, load_base_weights, make_recursive
+from vitblocks.models.plug import load_base_weights, make_recursive, recursion_plan_of
+from vitblocks.models.plugged_variants import VARIANTS
 
 BASES = ["deit_tiny_patch16_224", "pit_ti_224", "swin_tiny_patch4_window7_224"]
 BASE_PARAMS = {"deit_tiny_patch16_224": 5_717_416, "pit_ti_224": 4_847_272, "swin_tiny_patch4_window7_224": 28_288_354}
@@ -152,3 +153,27 @@ def test_bad_requests_are_clear_errors():
         make_recursive(timm.create_model("resnet18"))
     with pytest.raises(ValueError, match="3 schedules for 1 block stacks"):
         make_recursive(timm.create_model("deit_tiny_patch16_224"), groups=((4,), (2,), (1,)))
+
+
+@pytest.mark.parametrize("base, kwargs", [("deit_tiny_patch16_224", dict(share=True, loops=3)),
+                                          ("swin_tiny_patch4_window7_224", dict(share=True)),
+                                          ("pit_ti_224", dict(loops=2, groups=((8, 2), (4, 1), (1, 1))))])
+def test_make_recursive_returns_its_plan_and_the_plan_can_be_recovered(base, kwargs):
+    original = timm.create_model(base)
+    model = timm.create_model(base)
+    plan = make_recursive(model, **kwargs)
+    assert not hasattr(model, "recursion_plan")
+    assert recursion_plan_of(model, original.state_dict()) == plan
+    report = load_base_weights(model, original.state_dict(), plan)
+    assert not report.new and all(plan.new_path(k) is None for k in report.unused)
+
+
+def test_plan_runs_put_every_unit_in_exactly_one_run():
+    from vitblocks.models.recursion_plan import plan_runs
+
+    for units in range(1, 9):
+        for loops in range(1, 5):
+            for share in (False, True):
+                runs = plan_runs(units, loops, share)
+                assert [u for run in runs for u in run] == list(range(units))
+                assert all(len(run) <= (loops if share else 1) for run in runs)

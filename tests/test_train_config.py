@@ -86,3 +86,15 @@ def test_missing_imagenet_explains_layout_override_and_quickstart(tmp_path):
 def test_cli_unknown_key_exits_cleanly():
     result = run_cli("recipes/quickstart.py", "--set", "optim.lrr=1", "--print-config")
     assert result.returncode == 2 and "did you mean optim.lr" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_renamed_keys_point_to_their_new_name_and_old_stored_configs_still_load():
+    from vitblocks.train.config import ConfigError, apply_overrides, from_dict, to_dict
+
+    config = load_recipe(Path("recipes/quickstart.py"))
+    with pytest.raises(ConfigError, match="'model.attn_backend' is now 'model.backend'"):
+        apply_overrides(config, ["model.attn_backend=math"])
+    stored = to_dict(config)
+    stored["model"]["attn_backend"] = stored["model"].pop("backend")
+    stored["model"]["attn_backend"] = "math"
+    assert from_dict(stored).model.backend == "math"

@@ -193,7 +193,7 @@ def test_recipe_model_options_reach_the_model(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.append(module) or module)
     config = tiny_config(tmp_path, epochs=1)
     config.model.grad_checkpointing = "sqrt"
-    config.model.attn_backend = "math"
+    config.model.backend = "math"
     config.model.compile = True
     trainer = Trainer(config)
     assert compiled == [trainer.model]

@@ -3,6 +3,7 @@
 from vitblocks.layers.block import TransformerBlock
 from vitblocks.layers.drop import DropPath
 from vitblocks.layers.mix import NonLinearMix
+from vitblocks.layers.modes import CheckpointMode, MixMode, PermutationPolicy
 from vitblocks.layers.permutation import (
     PERMUTATION_POLICIES,
     cached_fixed_permutation,
@@ -15,16 +16,21 @@ from vitblocks.layers.pool import ConvPool
 from vitblocks.layers.position import PositionMap, resize_position_map
 from vitblocks.layers.recursive import Recursive
 from vitblocks.layers.regional import compile_regions
+from vitblocks.layers.schedule import GroupSchedule
 from vitblocks.layers.sliced import LoopPlan, SlicedGroupAttention
 from vitblocks.layers.stem import ConvStem
 
 __all__ = [
     "PERMUTATION_POLICIES",
+    "CheckpointMode",
     "ConvPool",
     "ConvStem",
     "DropPath",
+    "GroupSchedule",
     "LoopPlan",
+    "MixMode",
     "NonLinearMix",
+    "PermutationPolicy",
     "PositionMap",
     "Recursive",
     "SlicedGroupAttention",

@@ -46,7 +46,10 @@ class TransformerBlock(nn.Module):
         norm_layer: Norm class, called as `norm_layer(dim)`.
         act_layer: Activation class of the MLP.
         mlp_layer: MLP class, called as `mlp_layer(in_features, hidden_features, act_layer=..., drop=...)`.
-        **attn_kwargs: Further arguments for `attn_layer`, e.g. `groups=(8, 2)`.
+        device: Where the parameters live (passed to every part when set).
+        dtype: Dtype of the parameters (passed to every part when set).
+        **attn_kwargs: Further arguments for `attn_layer`, e.g. `groups=(8, 2)`,
+            `backend="math"`.
 
     Example:
         >>> import torch
@@ -69,23 +72,27 @@ class TransformerBlock(nn.Module):
         norm_layer: type[nn.Module] = partial(nn.LayerNorm, eps=1e-6),
         act_layer: type[nn.Module] = nn.GELU,
         mlp_layer: type[nn.Module] = Mlp,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         **attn_kwargs: Any,
     ) -> None:
         super().__init__()
-        self.norm1 = norm_layer(dim)
+        # only passed when set, so attention and MLP classes without these arguments still work
+        dd = {k: v for k, v in {"device": device, "dtype": dtype}.items() if v is not None}
+        self.norm1 = norm_layer(dim, **dd)
         self.attn = attn_layer(
-            dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **attn_kwargs
+            dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **attn_kwargs, **dd
         )
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = mlp_layer(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path1 = DropPath(drop_path, device=device) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = mlp_layer(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
+        self.drop_path2 = DropPath(drop_path, device=device) if drop_path > 0 else nn.Identity()
         self.residual_scalars = residual_scalars
         if residual_scalars:
-            self.skip_scale1 = learnable_scalar()
-            self.branch_scale1 = learnable_scalar()
-            self.skip_scale2 = learnable_scalar()
-            self.branch_scale2 = learnable_scalar()
+            self.skip_scale1 = learnable_scalar(**dd)
+            self.branch_scale1 = learnable_scalar(**dd)
+            self.skip_scale2 = learnable_scalar(**dd)
+            self.branch_scale2 = learnable_scalar(**dd)
         self._attn_takes_loop = accepts_loop(self.attn)
         self._attn_plans = callable(getattr(self.attn, "loop_plan", None))
 

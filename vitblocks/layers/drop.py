@@ -29,12 +29,12 @@ class DropPath(nn.Module):
         [0.0, 1.3333333730697632]
     """
 
-    def __init__(self, drop_prob: float = 0.0) -> None:
+    def __init__(self, drop_prob: float = 0.0, device: torch.device | str | None = None) -> None:
         super().__init__()
         if not 0.0 <= drop_prob < 1.0:
             raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
         self.drop_prob = drop_prob
-        self.register_buffer("keep_prob", torch.tensor(1.0 - drop_prob), persistent=False)
+        self.register_buffer("keep_prob", torch.tensor(1.0 - drop_prob, device=device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply stochastic depth (training mode only).

@@ -9,6 +9,7 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
+from vitblocks.layers.modes import MixMode
 from vitblocks.layers.scalar import learnable_scalar
 
 
@@ -25,6 +26,8 @@ class NonLinearMix(nn.Module):
         act_layer: Activation class of the MLP.
         norm_layer: Norm class, called as `norm_layer(dim)`.
         drop: Dropout inside the MLP.
+        device: Where the parameters live.
+        dtype: Dtype of the parameters.
 
     Example:
         >>> import torch
@@ -40,22 +43,22 @@ class NonLinearMix(nn.Module):
         act_layer: type[nn.Module] = nn.GELU,
         norm_layer: type[nn.Module] = partial(nn.LayerNorm, eps=1e-6),
         drop: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.norm = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
-        self.skip_scale = learnable_scalar()
-        self.branch_scale = learnable_scalar()
+        dd = {"device": device, "dtype": dtype}
+        self.norm = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop, **dd)
+        self.skip_scale = learnable_scalar(**dd)
+        self.branch_scale = learnable_scalar(**dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mix tokens of shape (B, N, C); returns the same shape."""
         return x * self.skip_scale + self.mlp(self.norm(x)) * self.branch_scale
 
 
-MIX_MODES = ("per_loop", "shared", "none")
-
-
-def mix_for_mode(mode: str, factory: Callable[[], nn.Module]) -> Callable[[], nn.Module] | nn.Module | None:
+def mix_for_mode(mode: MixMode | str, factory: Callable[[], nn.Module]) -> Callable[[], nn.Module] | nn.Module | None:
     """Turn a mix mode name into what `Recursive(mix=...)` takes.
 
     Args:
@@ -69,8 +72,7 @@ def mix_for_mode(mode: str, factory: Callable[[], nn.Module]) -> Callable[[], nn
     Raises:
         ValueError: For an unknown mode.
     """
-    if mode not in MIX_MODES:
-        raise ValueError(f"mix={mode!r} is not one of {MIX_MODES}")
-    if mode == "per_loop":
+    mode = MixMode.parse(mode, "mix")
+    if mode is MixMode.PER_LOOP:
         return factory
-    return factory() if mode == "shared" else None
+    return factory() if mode is MixMode.SHARED else None

@@ -19,27 +19,30 @@ from __future__ import annotations
 
 import torch
 
-PERMUTATION_POLICIES = ("random", "random_cpu", "fixed", "none")
+from vitblocks.layers.modes import PermutationPolicy
+
+PERMUTATION_POLICIES = tuple(p.value for p in PermutationPolicy)
 
 _MASK32 = 0xFFFFFFFF
 
 
-def check_policy(policy: str, argument: str) -> str:
-    """Validate a permutation policy name.
+def check_policy(policy: PermutationPolicy | str, argument: str) -> PermutationPolicy:
+    """Validate a permutation policy name ("official" names the "random_cpu" policy).
 
     Args:
         policy: The name to check.
         argument: The argument name to show in the error.
 
     Returns:
-        `policy`, unchanged.
+        The policy.
 
     Raises:
         ValueError: If `policy` is not one of `PERMUTATION_POLICIES`.
     """
-    if policy not in PERMUTATION_POLICIES:
-        raise ValueError(f"{argument}={policy!r} is not a permutation policy; choose one of {PERMUTATION_POLICIES}")
-    return policy
+    try:
+        return PermutationPolicy.parse(policy, argument)
+    except ValueError:
+        raise ValueError(f"{argument}={policy!r} is not a permutation policy; choose one of {PERMUTATION_POLICIES}") from None
 
 
 def random_permutation(

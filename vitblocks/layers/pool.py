@@ -16,6 +16,8 @@ class ConvPool(nn.Module):
         in_dim: Input channels.
         out_dim: Output channels, a multiple of `in_dim`.
         stride: Spatial reduction.
+        device: Where the parameters live.
+        dtype: Dtype of the parameters.
 
     Raises:
         ValueError: If `out_dim` is not a multiple of `in_dim`.
@@ -26,11 +28,19 @@ class ConvPool(nn.Module):
         torch.Size([1, 128, 14, 14])
     """
 
-    def __init__(self, in_dim: int, out_dim: int, stride: int = 2) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        stride: int = 2,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if out_dim % in_dim:
             raise ValueError(f"out_dim={out_dim} must be a multiple of in_dim={in_dim}")
-        self.conv = nn.Conv2d(in_dim, out_dim, stride + 1, stride=stride, padding=stride // 2, groups=in_dim)
+        self.conv = nn.Conv2d(in_dim, out_dim, stride + 1, stride=stride, padding=stride // 2, groups=in_dim,
+                              device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map (B, in_dim, H, W) to (B, out_dim, H', W')."""

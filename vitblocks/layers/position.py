@@ -29,12 +29,15 @@ class PositionMap(nn.Module):
 
     Inputs of another resolution get the map resized (bicubic), so a model trained at
     224 runs at 384 or 512; to fine-tune at a new size, resize the stored weight once
-    with `resize_position_map`.
+    with `resize_position_map`. Loading a state dict whose map has the same channels but
+    another grid resizes it to this module's grid.
 
     Args:
         dim: Channels C.
         grid_size: Height and width of the stored map (an int for a square map).
         mode: Interpolation mode used for other resolutions.
+        device: Where the map lives.
+        dtype: Dtype of the map.
 
     Example:
         >>> import torch
@@ -43,12 +46,26 @@ class PositionMap(nn.Module):
         torch.Size([1, 64, 48, 48])
     """
 
-    def __init__(self, dim: int, grid_size: int | tuple[int, int], mode: str = "bicubic") -> None:
+    def __init__(
+        self,
+        dim: int,
+        grid_size: int | tuple[int, int],
+        mode: str = "bicubic",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         grid = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
-        self.weight = nn.Parameter(torch.zeros(1, dim, *grid))
+        self.weight = nn.Parameter(torch.zeros(1, dim, *grid, device=device, dtype=dtype))
         self.mode = mode
         trunc_normal_(self.weight, std=0.02)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        key = prefix + "weight"
+        stored = state_dict.get(key)
+        if stored is not None and stored.dim() == 4 and stored.shape[:2] == self.weight.shape[:2]:
+            state_dict[key] = resize_position_map(stored, tuple(self.weight.shape[-2:]), self.mode)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Add the (resized) map to `x` of shape (B, C, H, W)."""

@@ -11,11 +11,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitblocks.layers.loop import accepts_loop, call_with_loop
+from vitblocks.layers.modes import CheckpointMode, CheckpointSetting, parse_checkpointing
 
 MixSpec = nn.Module | Callable[[], nn.Module] | None
-CheckpointMode = bool | str
-"""False (off), True or "loop" (each loop), or "sqrt" (nested segments)."""
-CHECKPOINT_MODES = (False, True, "loop", "sqrt")
 
 
 def _block_then_mix(block: nn.Module, mix: nn.Module | None, x: torch.Tensor, loop_kwargs: dict) -> torch.Tensor:
@@ -26,14 +24,6 @@ def _block_then_mix(block: nn.Module, mix: nn.Module | None, x: torch.Tensor, lo
     """
     x = block(x, **loop_kwargs)
     return x if mix is None else mix(x)
-
-
-def _checkpoint_mode(mode: CheckpointMode) -> str | None:
-    if isinstance(mode, bool):
-        return "loop" if mode else None
-    if mode in ("loop", "sqrt"):
-        return mode
-    raise ValueError(f"grad_checkpointing={mode!r} is not one of {CHECKPOINT_MODES}")
 
 
 class Recursive(nn.Module):
@@ -77,7 +67,7 @@ class Recursive(nn.Module):
         block: nn.Module,
         loops: int = 2,
         mix: MixSpec = None,
-        grad_checkpointing: bool = False,
+        grad_checkpointing: CheckpointSetting = False,
     ) -> None:
         super().__init__()
         if not isinstance(block, nn.Module):
@@ -132,7 +122,7 @@ class Recursive(nn.Module):
                 return {"plan": plan}
         return {"loop": loop} if self._block_takes_loop else {}
 
-    def set_grad_checkpointing(self, enable: CheckpointMode = True) -> None:
+    def set_grad_checkpointing(self, enable: CheckpointSetting = True) -> None:
         """Set the activation checkpointing mode.
 
         Args:
@@ -141,7 +131,7 @@ class Recursive(nn.Module):
         Raises:
             ValueError: For an unknown mode.
         """
-        self._checkpoint_mode = _checkpoint_mode(enable)
+        self._checkpoint_mode = parse_checkpointing(enable)
         self.grad_checkpointing = enable
 
     def mix_at(self, loop: int) -> nn.Module | None:
@@ -182,7 +172,7 @@ class Recursive(nn.Module):
         if mode is None:
             for loop in range(self.loops):
                 x = self._apply_once(x, loop)
-        elif mode == "loop" or self.loops < 4:
+        elif mode is CheckpointMode.LOOP or self.loops < 4:
             x = self._apply_checkpointed(x, 0, self.loops)
         else:
             segment = math.isqrt(self.loops - 1) + 1  # ceil(sqrt(loops))

@@ -16,6 +16,8 @@ from vitblocks.layers.permutation import (
     permute_tokens,
     random_permutation,
 )
+from vitblocks.layers.modes import PermutationPolicy
+from vitblocks.layers.schedule import GroupSchedule
 
 
 class LoopPlan(NamedTuple):
@@ -34,15 +36,6 @@ class LoopPlan(NamedTuple):
     num_groups: int
     perm: torch.Tensor | None = None
     inverse: torch.Tensor | None = None
-
-
-def _group_schedule(groups: int | Sequence[int]) -> tuple[int, ...]:
-    schedule = tuple(groups) if isinstance(groups, Sequence) else (groups,)
-    if not schedule or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in schedule):
-        raise ValueError(
-            f"groups must be a positive int or a non-empty sequence of positive ints (one per loop), got {groups!r}"
-        )
-    return schedule
 
 
 class SlicedGroupAttention(nn.Module):
@@ -98,7 +91,7 @@ class SlicedGroupAttention(nn.Module):
         self,
         dim: int,
         num_heads: int = 8,
-        groups: int | Sequence[int] = 1,
+        groups: int | Sequence[int] | GroupSchedule = 1,
         qkv_bias: bool = True,
         qk_norm: bool = False,
         scale_norm: bool = False,
@@ -122,7 +115,8 @@ class SlicedGroupAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.groups = _group_schedule(groups)
+        self.schedule = GroupSchedule.parse(groups)
+        self.groups = self.schedule.counts
         self.num_prefix_tokens = num_prefix_tokens
         self.permutation = check_policy(permutation, "permutation")
         self.eval_permutation = check_policy(eval_permutation, "eval_permutation")
@@ -148,7 +142,7 @@ class SlicedGroupAttention(nn.Module):
         Returns:
             The schedule's entry for the loop; its last entry repeats for later loops.
         """
-        return self.groups[min(loop, len(self.groups) - 1)]
+        return self.schedule.at(loop)
 
     def permutation_at(self, num_tokens: int, loop: int, device: torch.device | None = None) -> torch.Tensor | None:
         """The patch-token permutation for one call, or None when tokens keep their order.
@@ -164,9 +158,9 @@ class SlicedGroupAttention(nn.Module):
         if loop == 0 or self.groups_at(loop) == 1:
             return None
         policy = self._policy()
-        if policy in ("random", "random_cpu"):
-            return random_permutation(num_tokens, device, on_cpu_generator=policy == "random_cpu")
-        if policy == "fixed":
+        if policy in (PermutationPolicy.RANDOM, PermutationPolicy.RANDOM_CPU):
+            return random_permutation(num_tokens, device, on_cpu_generator=policy is PermutationPolicy.RANDOM_CPU)
+        if policy is PermutationPolicy.FIXED:
             return cached_fixed_permutation(num_tokens, self._fixed_seed(loop), device)
         return None
 
@@ -184,21 +178,17 @@ class SlicedGroupAttention(nn.Module):
         Raises:
             ValueError: If the loop's group count exceeds the patch tokens.
         """
+        self.schedule.check_fits(num_tokens, where="patch tokens", loop=loop)
         num_groups = self.groups_at(loop)
-        if not 1 <= num_groups <= num_tokens:
-            raise ValueError(
-                f"groups={num_groups} (loop {loop}) does not fit {num_tokens} patch tokens: "
-                f"need 1 <= groups <= number of patch tokens; use fewer groups or a larger input"
-            )
         perm = self.permutation_at(num_tokens, loop, device)
         if perm is None:
             return LoopPlan(num_groups)
-        if self._policy() == "fixed":  # cached with the permutation itself
+        if self._policy() is PermutationPolicy.FIXED:  # cached with the permutation itself
             return LoopPlan(num_groups, perm,
                             cached_fixed_permutation(num_tokens, self._fixed_seed(loop), device, inverse=True))
         return LoopPlan(num_groups, perm, inverse_permutation(perm))
 
-    def _policy(self) -> str:
+    def _policy(self) -> PermutationPolicy:
         return self.permutation if self.training else self.eval_permutation
 
     def _fixed_seed(self, loop: int) -> int:
@@ -257,5 +247,5 @@ class SlicedGroupAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_heads={self.num_heads}, groups={self.groups}, num_prefix_tokens={self.num_prefix_tokens}, "
-            f"permutation={self.permutation!r}, eval_permutation={self.eval_permutation!r}"
+            f"permutation={self.permutation.value!r}, eval_permutation={self.eval_permutation.value!r}"
         )

@@ -6,6 +6,27 @@ import torch
 from torch import nn
 
 
+def downsampled_size(size: tuple[int, int], stride: int) -> tuple[int, int]:
+    """Map size after a stride-`stride` reduction by stride-2, padding-1 3x3 convolutions
+    or pooling layers: ceil(size / stride), as the convolutions compute it.
+
+    The one definition of stem and stage geometry: `SReT` sizes its position map with it
+    and `stage_grids` derives every stage's map from it, so they always agree.
+
+    Args:
+        size: Input height and width.
+        stride: Total reduction (a power of two).
+
+    Returns:
+        (height, width) of the reduced map.
+
+    Example:
+        >>> downsampled_size((224, 224), 8), downsampled_size((100, 61), 8)
+        ((28, 28), (13, 8))
+    """
+    return -(-size[0] // stride), -(-size[1] // stride)
+
+
 class ConvStem(nn.Module):
     """SReT's stem: Conv3x3/2 + BN + ReLU, three times: in -> C/2 -> C -> C.
 
@@ -18,6 +39,8 @@ class ConvStem(nn.Module):
         embed_dim: Output channels C.
         norm_layer: Norm class after each conv, called as `norm_layer(channels)`.
         act_layer: Activation class after each norm.
+        device: Where the parameters live.
+        dtype: Dtype of the parameters.
 
     Example:
         >>> import torch
@@ -33,12 +56,15 @@ class ConvStem(nn.Module):
         embed_dim: int = 64,
         norm_layer: type[nn.Module] = nn.BatchNorm2d,
         act_layer: type[nn.Module] = nn.ReLU,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         widths = (in_chans, embed_dim // 2, embed_dim, embed_dim)
         for i in range(3):
-            self.add_module(f"conv{i + 1}", nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1))
-            self.add_module(f"bn{i + 1}", norm_layer(widths[i + 1]))
+            self.add_module(f"conv{i + 1}", nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1, **dd))
+            self.add_module(f"bn{i + 1}", norm_layer(widths[i + 1], **dd))
             self.add_module(f"act{i + 1}", act_layer())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,11 +2,27 @@
 
 `sret` holds the SReT architecture and `sret_variants` its registered variants;
 `official` converts checkpoints of the official SReT code; `plug` makes timm's DeiT/ViT,
-PiT and Swin recursive.
+PiT and Swin recursive (one adapter per family in `families`, the planning in
+`recursion_plan`), and `plugged_variants` registers the recursive DeiT/PiT/Swin models.
 """
 
-from vitblocks.models import plug, sret_variants
-from vitblocks.models.plug import load_base_weights, make_recursive
+from vitblocks.models import families, plug, plugged_variants, sret_variants
+from vitblocks.models.families import FamilyAdapter, register_family
+from vitblocks.models.plug import load_base_weights, make_recursive, recursion_plan_of
+from vitblocks.models.recursion_plan import RecursionPlan
 from vitblocks.models.sret import SReT, SReTStage
 
-__all__ = ["SReT", "SReTStage", "load_base_weights", "make_recursive", "plug", "sret_variants"]
+__all__ = [
+    "FamilyAdapter",
+    "RecursionPlan",
+    "SReT",
+    "SReTStage",
+    "families",
+    "load_base_weights",
+    "make_recursive",
+    "plug",
+    "plugged_variants",
+    "recursion_plan_of",
+    "register_family",
+    "sret_variants",
+]

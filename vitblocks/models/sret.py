@@ -12,6 +12,7 @@ The registered variants (`timm.create_model("sret_t")` after `import vitblocks`)
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -23,7 +24,9 @@ from torch import nn
 
 from vitblocks.layers import ConvPool, ConvStem, NonLinearMix, PositionMap, Recursive, TransformerBlock
 from vitblocks.layers.mix import mix_for_mode
-from vitblocks.layers.recursive import CheckpointMode
+from vitblocks.layers.modes import CheckpointSetting, MixMode
+from vitblocks.layers.schedule import GroupSchedule
+from vitblocks.layers.stem import downsampled_size
 
 _LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -41,6 +44,8 @@ def _per_stage(value: Any, num_stages: int, name: str) -> tuple:
 def stage_grids(img_size: tuple[int, int], num_stages: int) -> list[tuple[int, int]]:
     """Token-map size of each stage (stride-8 stem, then halved per stage, rounding up).
 
+    Stage 0's grid is also the grid the position map is stored at.
+
     Args:
         img_size: Input height and width.
         num_stages: Number of stages.
@@ -48,11 +53,9 @@ def stage_grids(img_size: tuple[int, int], num_stages: int) -> list[tuple[int, i
     Returns:
         (height, width) of every stage's map.
     """
-    height, width = -(-img_size[0] // ConvStem.stride), -(-img_size[1] // ConvStem.stride)
-    grids = [(height, width)]
+    grids = [downsampled_size(img_size, ConvStem.stride)]
     for _ in range(num_stages - 1):
-        height, width = -(-height // 2), -(-width // 2)
-        grids.append((height, width))
+        grids.append(downsampled_size(grids[-1], 2))
     return grids
 
 
@@ -98,33 +101,40 @@ class SReTStage(nn.Module):
         block_kwargs: Further `TransformerBlock` arguments (dropouts, permutation
             policies, attention backend).
         seed: Base seed of the blocks' fixed permutations.
+        device: Where the parameters live.
+        dtype: Dtype of the parameters.
     """
 
     def __init__(
         self,
+        *,
         dim: int,
         num_heads: int,
         unique_blocks: int,
         loops: int,
-        groups: Sequence[int],
+        groups: int | Sequence[int] | GroupSchedule,
         mlp_ratio: float,
-        mix: str,
+        mix: MixMode | str,
         mix_mlp_ratio: float,
         drop_path_rates: Sequence[float],
         downsample: nn.Module | None = None,
         block_kwargs: dict[str, Any] | None = None,
         seed: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.downsample = downsample or nn.Identity()
-        self.groups = tuple(groups)
+        self.schedule = GroupSchedule.parse(groups)
+        self.groups = self.schedule.counts
         block_kwargs = block_kwargs or {}
-        mix_factory = partial(NonLinearMix, dim, mix_mlp_ratio, drop=block_kwargs.get("proj_drop", 0.0))
+        mix_factory = partial(NonLinearMix, dim, mix_mlp_ratio, drop=block_kwargs.get("proj_drop", 0.0), **dd)
         self.blocks = nn.ModuleList(
             Recursive(
                 TransformerBlock(
                     dim, num_heads, mlp_ratio=mlp_ratio, drop_path=drop_path_rates[i],
-                    residual_scalars=True, groups=self.groups, seed=seed + i, **block_kwargs,
+                    residual_scalars=True, groups=self.schedule, seed=seed + i, **block_kwargs, **dd,
                 ),
                 loops=loops,
                 mix=mix_for_mode(mix, mix_factory),
@@ -133,29 +143,23 @@ class SReTStage(nn.Module):
         )
         self.loops = loops
 
-    def check_grid(self, height: int, width: int) -> None:
+    def check_grid(self, height: int, width: int, where: str = "") -> None:
         """Check that a map has enough tokens for every loop's group count.
 
         Args:
             height: Map height.
             width: Map width.
+            where: Which stage, for the message.
 
         Raises:
             ValueError: If height * width is smaller than a group count of the schedule.
         """
-        tokens = height * width
-        needed = max(self.groups[: self.loops])
-        if tokens < needed:
-            raise ValueError(
-                f"this stage gets a {height}x{width} map ({tokens} tokens) but its group schedule "
-                f"{self.groups} needs at least {needed} tokens; use a larger image or fewer groups"
-            )
+        self.schedule.check_fits(height * width, self.loops, where=f"{where}{height}x{width} map")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map (B, C_in, H, W) to (B, dim, H', W')."""
         x = self.downsample(x)
         height, width = x.shape[-2:]
-        self.check_grid(height, width)
         x = rearrange(x, "b c h w -> b (h w) c")
         for block in self.blocks:
             x = block(x)
@@ -177,7 +181,9 @@ class SReT(nn.Module):
             raise it for very deep recursion (1000 applications fit in ~5M params with
             `mix="shared"`).
         groups: Group schedule per stage, e.g. `((8, 2), (4, 1), (1, 1))`: stage s
-            slices loop l into `groups[s][l]` groups (the last entry repeats).
+            slices loop l into `groups[s][l]` groups (the last entry repeats); one
+            schedule such as `(4, 2)` or one int applies to every stage (see
+            `GroupSchedule.per_stage`).
         mlp_ratio: Block MLP width ratio.
         mix: "per_loop" (the paper), "shared" or "none" — see `SReTStage`.
         mix_mlp_ratio: NonLinearMix MLP width ratio.
@@ -191,9 +197,12 @@ class SReT(nn.Module):
         eval_permutation: Policy in eval mode: "fixed" (deterministic, the default),
             "none", "random", or "official" (= "random_cpu") to draw a fresh
             `torch.randperm` per call on the CPU generator as the paper's code does at eval.
-        attn_backend: Attention backend for every block, or None for the global choice.
+        backend: Attention backend for every block, or None for the global choice.
         grad_checkpointing: Activation checkpointing mode of every recursive block
             (False, True / "loop", or "sqrt"); see `Recursive`.
+        device: Where the parameters live.
+        dtype: Dtype of the parameters.
+        attn_backend: Former name of `backend`; deprecated.
     """
 
     def __init__(
@@ -208,7 +217,7 @@ class SReT(nn.Module):
         loops: int | Sequence[int] = 2,
         groups: Sequence[Sequence[int]] = ((8, 2), (4, 1), (1, 1)),
         mlp_ratio: float = 3.6,
-        mix: str = "per_loop",
+        mix: MixMode | str = MixMode.PER_LOOP,
         mix_mlp_ratio: float = 1.0,
         drop_rate: float = 0.0,
         pos_drop_rate: float = 0.0,
@@ -216,51 +225,57 @@ class SReT(nn.Module):
         drop_path_rate: float = 0.1,
         permutation: str = "random",
         eval_permutation: str = "fixed",
+        backend: str | None = None,
+        grad_checkpointing: CheckpointSetting = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         attn_backend: str | None = None,
-        grad_checkpointing: CheckpointMode = False,
     ) -> None:
         super().__init__()
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool={global_pool!r}: SReT supports 'avg' or ''")
+        if attn_backend is not None:
+            warnings.warn("SReT(attn_backend=...) is now SReT(backend=...)", FutureWarning, stacklevel=2)
+            backend = backend if backend is not None else attn_backend
+        dd = {"device": device, "dtype": dtype}
         num_stages = len(embed_dims)
         num_heads = _per_stage(num_heads, num_stages, "num_heads")
         unique_blocks = _per_stage(unique_blocks, num_stages, "unique_blocks")
         loops = _per_stage(loops, num_stages, "loops")
-        groups = tuple(tuple(g) if isinstance(g, Sequence) else (g,) for g in _per_stage(groups, num_stages, "groups"))
+        schedules = GroupSchedule.per_stage(groups, num_stages)
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        eval_permutation = "random_cpu" if eval_permutation == "official" else eval_permutation
 
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.img_size = img_size
         self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.grad_checkpointing = grad_checkpointing
 
-        self.patch_embed = ConvStem(in_chans, embed_dims[0])
-        self.pos_embed = PositionMap(embed_dims[0], (img_size[0] // ConvStem.stride, img_size[1] // ConvStem.stride))
+        self.patch_embed = ConvStem(in_chans, embed_dims[0], **dd)
+        self.pos_embed = PositionMap(embed_dims[0], stage_grids(img_size, 1)[0], **dd)
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
         block_kwargs = dict(
             proj_drop=drop_rate, attn_drop=attn_drop_rate, permutation=permutation,
-            eval_permutation=eval_permutation, backend=attn_backend, norm_layer=_LayerNorm,
+            eval_permutation=eval_permutation, backend=backend, norm_layer=_LayerNorm,
         )
         rates = official_drop_path_rates(drop_path_rate, unique_blocks, loops)
         stages, self.feature_info = [], []
         reduction = ConvStem.stride
         for s in range(num_stages):
-            downsample = None if s == 0 else ConvPool(embed_dims[s - 1], embed_dims[s])
+            downsample = None if s == 0 else ConvPool(embed_dims[s - 1], embed_dims[s], **dd)
             reduction *= 1 if s == 0 else 2
             stages.append(
                 SReTStage(
-                    embed_dims[s], num_heads[s], unique_blocks[s], loops[s], groups[s], mlp_ratio, mix,
-                    mix_mlp_ratio, rates[s], downsample, block_kwargs, seed=100 * s,
+                    dim=embed_dims[s], num_heads=num_heads[s], unique_blocks=unique_blocks[s], loops=loops[s],
+                    groups=schedules[s], mlp_ratio=mlp_ratio, mix=mix, mix_mlp_ratio=mix_mlp_ratio,
+                    drop_path_rates=rates[s], downsample=downsample, block_kwargs=block_kwargs, seed=100 * s, **dd,
                 )
             )
             self.feature_info.append(dict(num_chs=embed_dims[s], reduction=reduction, module=f"stages.{s}"))
         self.stages = nn.ModuleList(stages)
-        self.norm = _LayerNorm(self.num_features)
+        self.norm = _LayerNorm(self.num_features, **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
         self._check_image_size(img_size)
         self.apply(self._init_layer_norm)
@@ -275,9 +290,9 @@ class SReT(nn.Module):
     def _check_image_size(self, img_size: tuple[int, int]) -> None:
         for s, (stage, grid) in enumerate(zip(self.stages, stage_grids(img_size, len(self.stages)))):
             try:
-                stage.check_grid(*grid)
+                stage.check_grid(*grid, where=f"stage {s + 1}'s ")
             except ValueError as error:
-                raise ValueError(f"img_size={img_size} is too small for stage {s + 1}: {error}") from None
+                raise ValueError(f"img_size={img_size} is too small: {error}") from None
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -308,7 +323,7 @@ class SReT(nn.Module):
         )
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: CheckpointMode = True) -> None:
+    def set_grad_checkpointing(self, enable: CheckpointSetting = True) -> None:
         """Checkpoint activations in every recursive block.
 
         Args:

@@ -22,6 +22,9 @@ from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from vitblocks.attention import backend_names
+from vitblocks.layers.modes import CHECKPOINT_SETTINGS
+
 
 class ConfigError(ValueError):
     """A recipe or override that cannot be applied."""
@@ -34,9 +37,10 @@ class ModelConfig:
     Attributes:
         name: A timm model name (vitblocks models are registered on import).
         kwargs: Extra `timm.create_model` arguments, e.g. `{"drop_path_rate": 0.1}`.
-        grad_checkpointing: Activation checkpointing: False, True, or "sqrt" for
-            vitblocks recursive models.
-        attn_backend: Attention backend of vitblocks layers: auto, xformers, sdpa, math.
+        grad_checkpointing: Activation checkpointing: False, True ("loop"), or "sqrt"
+            for vitblocks recursive models.
+        backend: Attention backend of vitblocks layers: auto, xformers, sdpa, math, or
+            any registered backend.
         compile: False; True (or "model") to wrap the model in `torch.compile`; or
             "regional" to compile each shared block once (`vitblocks.compile_regions`),
             whose compile time does not grow with the loop count.
@@ -45,7 +49,7 @@ class ModelConfig:
     name: str = "sret_t"
     kwargs: dict[str, Any] = field(default_factory=dict)
     grad_checkpointing: bool | str = False
-    attn_backend: str = "auto"
+    backend: str = "auto"
     compile: bool | str = False
 
 
@@ -229,14 +233,17 @@ class TrainConfig:
         validate(self)
 
 
-_CHOICES = {
-    "precision": ("fp32", "bf16", "fp16"),
-    "data.dataset": ("imagefolder", "digits", "synthetic"),
-    "distill.kind": ("none", "soft", "hard"),
-    "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
-    "model.grad_checkpointing": (False, True, "loop", "sqrt"),
-    "model.compile": (False, True, "model", "regional"),
+_CHOICES: dict[str, typing.Callable[[], tuple[Any, ...]]] = {
+    "precision": lambda: ("fp32", "bf16", "fp16"),
+    "data.dataset": lambda: ("imagefolder", "digits", "synthetic"),
+    "distill.kind": lambda: ("none", "soft", "hard"),
+    "model.backend": backend_names,  # read when validating: backends registered later count
+    "model.grad_checkpointing": lambda: CHECKPOINT_SETTINGS,
+    "model.compile": lambda: (False, True, "model", "regional"),
 }
+
+_RENAMED = {"model.attn_backend": "model.backend"}
+"""Keys of configs stored in older checkpoints -> their current names."""
 _POSITIVE = ("epochs", "data.img_size", "data.num_classes", "data.batch_size", "optim.accum_steps", "log_every")
 
 
@@ -250,7 +257,8 @@ def validate(config: TrainConfig) -> None:
         ConfigError: Naming the field, its value and what is allowed.
     """
     values = dict(iter_fields(config))
-    for path, choices in _CHOICES.items():
+    for path, allowed in _CHOICES.items():
+        choices = allowed()
         if values[path] not in choices:
             raise ConfigError(f"{path}={values[path]!r} is not one of {choices}")
     for path in _POSITIVE:
@@ -300,6 +308,11 @@ def from_dict(data: dict[str, Any]) -> TrainConfig:
     Returns:
         The config.
     """
+    data = {section: dict(values) if isinstance(values, dict) else values for section, values in data.items()}
+    for old, new in _RENAMED.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        if old_key in data.get(old_section, {}):
+            data[new_section][new_key] = data[old_section].pop(old_key)
     return _build(TrainConfig, data)
 
 
@@ -378,6 +391,8 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
                 target[".".join(parts[depth:])] = _literal(raw)
                 break
             if not dataclasses.is_dataclass(target) or name not in {f.name for f in dataclasses.fields(target)}:
+                if path in _RENAMED:
+                    raise ConfigError(f"config key {path!r} is now {_RENAMED[path]!r}")
                 close = difflib.get_close_matches(path, valid, n=3, cutoff=0.5)
                 hint = f"; did you mean {' or '.join(close)}?" if close else "; see --print-config for all keys"
                 raise ConfigError(f"unknown config key {path!r}{hint}")

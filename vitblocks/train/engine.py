@@ -390,7 +390,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         log = MetricsLog(self.output_dir, self.history) if main else None
         start, images = time.perf_counter(), 0
-        with attention_backend(config.model.attn_backend):
+        with attention_backend(config.model.backend):
             while self.epoch < config.epochs:
                 train = self.train_epoch(progress)
                 if self.runtime.distributed:  # average BatchNorm statistics so every rank evaluates one model

@@ -1,0 +1,215 @@
+"""How `make_recursive` handles each timm model family: one small adapter per family.
+
+An adapter says how to recognise the family's blocks, what the unit of recursion is,
+how many prefix tokens the model has, how to swap in sliced attention, and how to make
+a block loop-aware. `make_recursive` finds the adapter whose `matches` accepts a stack's
+blocks; adding a family is one subclass and one `register_family` call (see
+docs/architecture.md, "Add a timm family").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from timm.models.vision_transformer import Block as VitBlock
+from torch import nn
+
+from vitblocks.layers import SlicedGroupAttention
+from vitblocks.layers.schedule import GroupSchedule
+
+
+class LoopAwareVitBlock(VitBlock):
+    """timm's ViT block, told which loop it is on so sliced attention can follow its schedule.
+
+    The ViT adapter switches a block's class to this one: parameter names and weights
+    stay those of `timm.models.vision_transformer.Block`, so the base model's checkpoints
+    load unchanged.
+    """
+
+    def forward(self, x: torch.Tensor, loop: int = 0, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        """Apply the block; `loop` goes to a loop-aware attention layer."""
+        if isinstance(self.attn, SlicedGroupAttention):
+            attn = self.attn(self.norm1(x), loop=loop, attn_mask=attn_mask, is_causal=is_causal)
+        else:
+            attn = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+        x = x + self.drop_path1(self.ls1(attn))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class FamilyAdapter:
+    """What `make_recursive` needs to know about one family of timm blocks.
+
+    Attributes:
+        name: The family, for messages.
+        unit_size: Blocks applied together as one unit of recursion.
+        slices: Whether `groups` (sliced attention) applies to the family.
+    """
+
+    name: str = ""
+    unit_size: int = 1
+    slices: bool = True
+
+    def matches(self, block: nn.Module) -> bool:
+        """Whether a block belongs to this family.
+
+        Args:
+            block: The first block of a stack.
+
+        Returns:
+            True if this adapter handles the stack.
+        """
+        raise NotImplementedError
+
+    def prefix_tokens(self, model: nn.Module) -> int:
+        """Tokens in front of the patch tokens (class, distillation) that every group sees.
+
+        Args:
+            model: The whole model.
+
+        Returns:
+            The count.
+        """
+        if hasattr(model, "num_prefix_tokens"):
+            return int(model.num_prefix_tokens)
+        cls_token = getattr(model, "cls_token", None)
+        return int(cls_token.shape[1]) if cls_token is not None else 0
+
+    def check_stack(self, stack: str, blocks: Sequence[nn.Module], groups: GroupSchedule | None) -> None:
+        """Refuse a stack this family cannot recurse as asked.
+
+        Args:
+            stack: The stack's module path.
+            blocks: Its blocks.
+            groups: The requested group schedule, or None.
+
+        Raises:
+            ValueError: Saying what is wrong.
+        """
+        if groups is not None and not self.slices:
+            raise ValueError(f"groups: {self.name} attention cannot be sliced here")
+        if len(blocks) % self.unit_size:
+            raise ValueError(f"{stack} has {len(blocks)} {self.name} blocks; recursion needs units of {self.unit_size}")
+
+    def prepare(self, block: nn.Module, groups: GroupSchedule | None, num_prefix_tokens: int,
+                attn_options: dict[str, Any]) -> nn.Module:
+        """Swap in sliced attention (when `groups` is set) and make the block loop-aware.
+
+        Args:
+            block: One block, rewritten in place or replaced.
+            groups: The group schedule, or None to keep full attention.
+            num_prefix_tokens: From `prefix_tokens`.
+            attn_options: Further `SlicedGroupAttention` options.
+
+        Returns:
+            The block to use.
+        """
+        return block
+
+    def embed_dim(self, block: nn.Module) -> int:
+        """Token channels of a block (the width of its NonLinearMix layers).
+
+        Args:
+            block: One block.
+
+        Returns:
+            The channels.
+        """
+        return block.norm1.normalized_shape[0]
+
+
+def sliced_copy_of(attn: nn.Module, groups: GroupSchedule, num_prefix_tokens: int, **options: Any) -> SlicedGroupAttention:
+    """A `SlicedGroupAttention` with the options and weights of a `timm.layers.Attention`.
+
+    Args:
+        attn: timm's attention layer.
+        groups: The group schedule.
+        num_prefix_tokens: Prefix tokens every group sees.
+        **options: Further `SlicedGroupAttention` options.
+
+    Returns:
+        The sliced layer, on the same device and dtype.
+    """
+    sliced = SlicedGroupAttention(
+        attn.qkv.in_features, attn.num_heads, groups=groups, qkv_bias=attn.qkv.bias is not None,
+        qk_norm=not isinstance(attn.q_norm, nn.Identity),
+        scale_norm=not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity),
+        proj_bias=attn.proj.bias is not None, attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p,
+        num_prefix_tokens=num_prefix_tokens, device=attn.qkv.weight.device, dtype=attn.qkv.weight.dtype, **options,
+    )
+    sliced.load_state_dict(attn.state_dict())
+    return sliced
+
+
+class VitFamily(FamilyAdapter):
+    """timm's ViT / DeiT blocks (`vision_transformer.Block`); PiT's stages use the same block."""
+
+    name = "ViT"
+
+    def matches(self, block):
+        return isinstance(block, VitBlock)
+
+    def prepare(self, block, groups, num_prefix_tokens, attn_options):
+        if groups is not None:
+            block.attn = sliced_copy_of(block.attn, groups, num_prefix_tokens, **attn_options)
+        block.__class__ = LoopAwareVitBlock
+        return block
+
+
+class SwinFamily(FamilyAdapter):
+    """timm's Swin blocks, recursed in (W-MSA, SW-MSA) pairs so every application keeps the
+    shifted-window alternation and its masks."""
+
+    name, unit_size, slices = "Swin", 2, False
+
+    def matches(self, block):
+        return hasattr(block, "shift_size") and hasattr(block, "window_size")
+
+    def check_stack(self, stack, blocks, groups):
+        if groups is not None:
+            raise ValueError("groups: Swin attention is already windowed; slicing applies to ViT/DeiT and PiT blocks")
+        super().check_stack(stack, blocks, groups)
+
+
+FAMILIES: list[FamilyAdapter] = []
+"""Registered adapters; the first whose `matches` accepts a stack's first block handles it."""
+
+
+def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
+    """Make `make_recursive` handle another family of blocks.
+
+    Args:
+        adapter: The adapter; tried before those registered earlier.
+
+    Returns:
+        `adapter`.
+    """
+    FAMILIES.insert(0, adapter)
+    return adapter
+
+
+def family_of(blocks: Sequence[nn.Module], stack: str) -> FamilyAdapter:
+    """The adapter for a stack of blocks.
+
+    Args:
+        blocks: The stack's blocks.
+        stack: Its module path, for the error.
+
+    Returns:
+        The first registered adapter that matches every block.
+
+    Raises:
+        ValueError: If none does, naming the supported families.
+    """
+    for adapter in FAMILIES:
+        if all(adapter.matches(b) for b in blocks):
+            return adapter
+    supported = ", ".join(a.name for a in FAMILIES)
+    raise ValueError(f"{stack} holds {type(blocks[0]).__name__}; supported: timm {supported} blocks "
+                     "(add a family with vitblocks.models.families.register_family)")
+
+
+register_family(VitFamily())
+register_family(SwinFamily())
