@@ -131,10 +131,10 @@ def auto_order(q: torch.Tensor, kv_len: int | None = None) -> list[AttentionBack
         Backends, first choice first.
 
     Example:
-        >>> [b.name for b in auto_order(torch.empty(1, 196, 3, 64))]
-        ['xformers', 'sdpa', 'math']
-        >>> [b.name for b in auto_order(torch.empty(1, 196, 3, 64, dtype=torch.bfloat16))]
-        ['math', 'xformers', 'sdpa']
+        >>> " > ".join(b.name for b in auto_order(torch.empty(1, 196, 3, 64)))
+        'xformers > sdpa > math'
+        >>> " > ".join(b.name for b in auto_order(torch.empty(1, 196, 3, 64, dtype=torch.bfloat16)))
+        'math > xformers > sdpa'
     """
     order = list(BACKENDS.values())
     if "math" in BACKENDS and auto_prefers_math(q, q.shape[1] if kv_len is None else kv_len):

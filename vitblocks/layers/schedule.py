@@ -26,10 +26,10 @@ class GroupSchedule:
         >>> schedule = GroupSchedule.parse((8, 2))
         >>> schedule.at(0), schedule.at(1), schedule.at(5)
         (8, 2, 2)
-        >>> [s.counts for s in GroupSchedule.per_stage(((8, 2), 4, (1,)), num_stages=3)]
-        [(8, 2), (4,), (1,)]
-        >>> [s.counts for s in GroupSchedule.per_stage((4, 2), num_stages=2)]   # one schedule, every stage
-        [(4, 2), (4, 2)]
+        >>> tuple(s.counts for s in GroupSchedule.per_stage(((8, 2), 4, (1,)), num_stages=3))
+        ((8, 2), (4,), (1,))
+        >>> tuple(s.counts for s in GroupSchedule.per_stage((4, 2), num_stages=2))   # one schedule, every stage
+        ((4, 2), (4, 2))
     """
 
     counts: tuple[int, ...]
