@@ -15,7 +15,6 @@ channels-first stem, with the same weights as the optimized `sret_t`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import platform
 import sys
@@ -32,6 +31,7 @@ from benchmarks.report import write_report
 from benchmarks.result import Result
 from vitblocks.attention import attention_backend, available_backends
 from vitblocks.models.official import export_official_state_dict
+from vitblocks.train.precision import autocast_for
 
 NAIVE = "sret_t naive (official computation)"
 COMPILED = "sret_t (torch.compile)"
@@ -45,7 +45,7 @@ SRET_S_FLOPS = "sret_s training GFLOP per image (6 x MACs)"
 
 
 def _autocast(device, precision):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    return autocast_for(precision, device.type)
 
 
 def _step_fn(model, images, train, precision):

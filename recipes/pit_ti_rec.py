@@ -1,15 +1,17 @@
 """PiT-Ti with every block applied twice and a NonLinearMix after each application, on ImageNet-1k.
 
-The DeiT recipe of recipes/sret_pit.py with model `pit_ti_rec_224`. Other variants of the same
-family (sliced attention, shared weights) are a `--set model.name=...` away; list them with
+The DeiT recipe of recipes/sret_t_imagenet.py with model `pit_ti_rec_224` (drop path 0.1). Other
+variants of the same family (sliced attention, shared weights) are a `--set model.name=...`
+away; list them with
 `python -c "import timm, vitblocks; print(timm.list_models('*_rec*') + timm.list_models('*_shared*'))"`.
 
     torchrun --nproc_per_node 8 -m vitblocks.train recipes/pit_ti_rec.py --set data.root=/data/imagenet
 """
 
-from vitblocks.train import derive_recipe
+from pathlib import Path
 
-config = derive_recipe(__file__, "sret_pit.py", [
-    'model.name=pit_ti_rec_224',
-    "output_dir='runs/pit_ti_rec_imagenet'",
-])
+from vitblocks.train import derive, load_recipe
+
+config = derive(load_recipe(Path(__file__).parent / "sret_t_imagenet.py"),
+                model={"name": "pit_ti_rec_224", "kwargs": {"drop_path_rate": 0.1}},
+                output_dir="runs/pit_ti_rec_imagenet")

@@ -3,9 +3,9 @@
     torchrun --nproc_per_node 8 -m vitblocks.train recipes/sret_lt.py --set data.root=/data/imagenet
 """
 
-from vitblocks.train import derive_recipe
+from pathlib import Path
 
-config = derive_recipe(__file__, "sret_pit.py", [
-    'model.name=sret_lt',
-    "output_dir='runs/sret_lt_imagenet'",
-])
+from vitblocks.train import derive, load_recipe
+
+config = derive(load_recipe(Path(__file__).parent / "sret_t_imagenet.py"),
+                model={"name": "sret_lt"}, output_dir="runs/sret_lt_imagenet")

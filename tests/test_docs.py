@@ -28,7 +28,7 @@ def code_blocks(language):
 def test_python_examples_run(code, tmp_path, monkeypatch):
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")  # examples run as if from the repository root
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "docs", "exec"), {})
+    exec(compile(code, "docs", "exec"), {"__name__": "__main__"})  # as a script runs it
 
 
 @pytest.mark.parametrize("command", list(code_blocks("bash")))

@@ -98,3 +98,43 @@ def test_renamed_keys_point_to_their_new_name_and_old_stored_configs_still_load(
     stored["model"]["attn_backend"] = stored["model"].pop("backend")
     stored["model"]["attn_backend"] = "math"
     assert from_dict(stored).model.backend == "math"
+
+
+def test_derived_recipes_change_typed_fields_and_keep_one_source_per_hyperparameter():
+    from vitblocks.train import derive
+
+    base = load_recipe(Path("recipes/sret_t_imagenet.py"))
+    assert load_recipe(Path("recipes/sret_pit.py")) == base  # the old name is the same recipe
+    small = load_recipe(Path("recipes/sret_s.py"))
+    assert (small.model.name, small.model.kwargs, small.epochs) == ("sret_s", {}, base.epochs)
+    import timm
+
+    assert timm.create_model("sret_s", img_size=64).stages[2].blocks[-1].block.drop_path1.keep_prob < 1.0
+    swin = load_recipe(Path("recipes/swin_tiny_rec.py"))
+    assert swin.model.kwargs == {"drop_path_rate": 0.2}
+    derived = derive(base, model={"kwargs": {"loops": 3}}, optim={"lr": 5e-4})
+    assert derived.model.kwargs == {"loops": 3} and derived.optim.lr == 5e-4 and base.optim.lr is None
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.learning_rate'"):
+        derive(base, optim={"learning_rate": 1e-3})
+    with pytest.raises(ConfigError, match=r"precision='fp8' is not one of"):
+        derive(base, precision="fp8")
+
+
+def test_model_options_are_checked_against_the_model_with_did_you_mean():
+    from vitblocks.train import derive
+
+    base = load_recipe(Path("recipes/quickstart.py"))
+    with pytest.raises(ConfigError, match=r"model.kwargs.drop_pth_rate: sret_t takes no option 'drop_pth_rate'; "
+                                          r"did you mean drop_path_rate"):
+        derive(base, model={"kwargs": {"drop_pth_rate": 0.1}})
+    with pytest.raises(ConfigError, match="did you mean embed_dim"):
+        apply_overrides(base, ["model.name=deit_tiny_rec_patch16_224", "model.kwargs={'embed_dims': 64}"])
+    assert derive(base, model={"kwargs": {"loops": 3}}).model.kwargs["loops"] == 3
+
+
+def test_smoke_config_lives_with_the_config():
+    from vitblocks.train.config import smoke_config
+
+    smoke = smoke_config(load_recipe(Path("recipes/sret_t_imagenet.py")))
+    assert (smoke.data.dataset, smoke.epochs, smoke.data.workers, smoke.augment.repeated_aug) == ("synthetic", 1, 0, False)
+    assert smoke.output_dir.endswith("smoke")

@@ -91,7 +91,7 @@ def test_image_folder_training_with_timm_augmentation(tmp_path):
     names = " ".join(type(t).__name__ for t in dataset.transform.transforms)
     assert "RandAugment" in names and "RandomErasing" in names and "RandomResizedCrop" in names
     trainer = Trainer(config)
-    assert trainer.train_sampler.repeats == 3
+    assert trainer.data.train_sampler.repeats == 3
     trainer.fit(progress=False)
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from train_helpers import tiny_config
 from vitblocks.io import CheckpointError
-from vitblocks.train import ConfigError, Trainer, TrainingDiverged, load_recipe
+from vitblocks.train import ConfigError, OnStepEnd, Trainer, TrainingDiverged, load_recipe
 from vitblocks.train.checkpoint import load_training_checkpoint, save_atomic
 from vitblocks.train.data import ResumableSampler
 
@@ -52,7 +52,7 @@ def test_a_run_writes_metrics_checkpoints_plot_and_safetensors(tmp_path, capsys)
 def test_schedule_warms_up_then_decays_per_step(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, epochs=3))
     lrs = []
-    trainer.on_step_end = lambda: lrs.append(trainer.optimizer.param_groups[0]["lr"])
+    trainer.callbacks.append(OnStepEnd(lambda t: lrs.append(t.optimizer.param_groups[0]["lr"])))
     trainer.fit(progress=False)
     # one warmup epoch (6 updates) rising linearly, then cosine decay (timm/DeiT: warmup overlaps the cosine)
     assert lrs[:5] == sorted(lrs[:5]) and lrs[0] < max(lrs) / 4 and lrs.index(max(lrs)) == 4
@@ -102,12 +102,12 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
     config.checkpoint.every_steps = 2
     trainer = Trainer(config)
 
-    def poison():
-        if trainer.step == 7:
+    def poison(trainer):
+        if trainer.state.step == 7:
             with torch.no_grad():
                 trainer.model.head.weight.fill_(float("nan"))
 
-    trainer.on_step_end = poison
+    trainer.callbacks.append(OnStepEnd(poison))
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 8 \(epoch 2, batch 2\).*last\.pth"):
         trainer.fit(progress=False)
     state = load_training_checkpoint(tmp_path / "last.pth")
@@ -199,7 +199,7 @@ def test_recipe_model_options_reach_the_model(tmp_path, monkeypatch):
     assert compiled == [trainer.model]
     assert all(b.grad_checkpointing == "sqrt" for s in trainer.model.stages for b in s.blocks)
     seen = []
-    trainer.on_step_end = lambda: seen.append(requested_backend())
+    trainer.callbacks.append(OnStepEnd(lambda _: seen.append(requested_backend())))
     trainer.fit(progress=False)
     assert set(seen) == {"math"}
 
@@ -248,3 +248,24 @@ def test_regional_compilation_of_a_model_without_recursion_is_a_config_error(tmp
     config.model.compile = "regional"
     with pytest.raises(ConfigError, match="no Recursive block.*model.compile=True"):
         Trainer(config)
+
+
+def test_builders_make_each_part_without_a_trainer_and_the_trainer_takes_them(tmp_path):
+    from vitblocks.train import TrainingState, build_criterion, build_data, build_model, build_optimizer_and_schedule
+
+    config = tiny_config(tmp_path, epochs=1)
+    data = build_data(config)
+    assert (data.steps_per_epoch, data.updates_per_epoch) == (6, 6) and len(data.val_set) > 0
+    model = build_model(config)
+    optimizer, scheduler, lr = build_optimizer_and_schedule(model, config, data.updates_per_epoch)
+    mixup, criterion = build_criterion(config)
+    assert lr == config.optim.lr and mixup is not None
+    seen = []
+    trainer = Trainer(config, model=model, data=data, optimizer=(optimizer, scheduler), criterion=(mixup, criterion),
+                      callbacks=[OnStepEnd(lambda t: seen.append(t.state.step))])
+    assert trainer.model is model and trainer.optimizer is optimizer
+    trainer.fit(progress=False)
+    assert seen == list(range(1, 7)) and not (tmp_path / "metrics.csv").exists()  # no logging callback given
+    restored = TrainingState()
+    restored.load_state_dict(trainer.state.state_dict())
+    assert restored == trainer.state and restored.epoch == 1 and restored.step == 6

@@ -14,15 +14,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import tiny_config  # noqa: E402
 
-from vitblocks.train import Trainer  # noqa: E402
+from vitblocks.train import Callback, Trainer, default_callbacks  # noqa: E402
 from vitblocks.train import distributed  # noqa: E402
 
 
-class KillingTrainer(Trainer):
-    kill_at_step = 0
+class KillAtStep(Callback):
+    def __init__(self, step):
+        self.step = step
 
-    def on_step_end(self):
-        if self.step == self.kill_at_step:
+    def on_step_end(self, trainer):
+        if trainer.state.step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -36,8 +37,7 @@ def main():
     torch.set_num_threads(1)
     config = tiny_config(args.output_dir)
     config.checkpoint.every_steps = 2
-    KillingTrainer.kill_at_step = args.kill_at_step
-    trainer = KillingTrainer(config)
+    trainer = Trainer(config, callbacks=[*default_callbacks(config), KillAtStep(args.kill_at_step)])
     if args.resume:
         trainer.resume(Path(args.output_dir) / "last.pth")
     trainer.fit(progress=False)

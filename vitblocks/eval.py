@@ -14,10 +14,11 @@ import sys
 import torch
 
 from vitblocks.io import CheckpointError
+from vitblocks.train.builders import build_data, build_model
 from vitblocks.train.checkpoint import load_training_checkpoint
 from vitblocks.train.config import ConfigError, apply_overrides, from_dict
-from vitblocks.train.data import DataError, ResumableSampler, build_dataset, make_loader
-from vitblocks.train.engine import create_model, evaluate
+from vitblocks.train.data import DataError
+from vitblocks.train.engine import evaluate
 
 
 def run(checkpoint: str, data_root: str | None = None, overrides: list[str] | None = None, ema: bool = False,
@@ -42,16 +43,14 @@ def run(checkpoint: str, data_root: str | None = None, overrides: list[str] | No
     if batch_size:
         extra.append(f"data.batch_size={batch_size}")
     config = apply_overrides(config, extra)
-    model = create_model(config)
     weights = state["ema"] if ema else state["model"]
     if weights is None:
         raise CheckpointError(f"{checkpoint} holds no EMA weights (the run had ema_decay=None)")
-    model.load_state_dict(weights)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dataset = build_dataset(config, train=False)
-    loader = make_loader(dataset, ResumableSampler(len(dataset), False), config.data.batch_size,
-                         config.data.workers, False, config.seed)
-    return evaluate(model.to(device), loader, device)
+    model = build_model(config)
+    model.load_state_dict(weights)
+    data = build_data(config, train=False)
+    return evaluate(model.to(device), data.val_loader(config), device)
 
 
 def main(argv: list[str] | None = None) -> int:

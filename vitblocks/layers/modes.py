@@ -11,7 +11,12 @@ import enum
 from typing import Literal
 
 
-class _Choice(enum.StrEnum):
+class _Choice(str, enum.Enum):
+    """A `str` enum (Python 3.10 has no `enum.StrEnum`): members are their string values."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
     @classmethod
     def parse(cls, value: str, argument: str) -> _Choice:
         """The member named by `value`.

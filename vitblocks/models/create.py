@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import timm
+import torch
 from torch import nn
+
+
+@functools.lru_cache(maxsize=None)
+def takes_img_size(name: str) -> bool:
+    """Whether a registered model is built for an input size (its class takes `img_size`).
+
+    Args:
+        name: A registered timm model name.
+
+    Returns:
+        True for ViTs, SReT and other models built at a fixed size; False for models
+        that run at any size and take no such argument (most CNNs).
+
+    Example:
+        >>> takes_img_size("sret_t"), takes_img_size("resnet18")
+        (True, False)
+    """
+    try:
+        with torch.device("meta"):  # no memory and no initialisation cost
+            model = timm.create_model(name, pretrained=False)
+    except Exception:  # noqa: BLE001 - a model whose constructor needs real tensors: build it for real
+        model = timm.create_model(name, pretrained=False)
+    return "img_size" in inspect.signature(type(model).__init__).parameters
 
 
 def create_model_at_size(name: str, img_size: int | None = None, **kwargs: Any) -> nn.Module:
@@ -20,11 +46,6 @@ def create_model_at_size(name: str, img_size: int | None = None, **kwargs: Any) 
         The model; one that takes no `img_size` argument runs at any size and is built
         without it.
     """
-    if img_size is None:
-        return timm.create_model(name, **kwargs)
-    try:
-        return timm.create_model(name, img_size=img_size, **kwargs)
-    except TypeError as error:
-        if "img_size" not in str(error):
-            raise
-        return timm.create_model(name, **kwargs)
+    if img_size is not None and takes_img_size(name):
+        kwargs["img_size"] = img_size
+    return timm.create_model(name, **kwargs)

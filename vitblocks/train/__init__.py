@@ -1,5 +1,12 @@
-"""The shared trainer: `python -m vitblocks.train RECIPE.py [--set key=value ...]`."""
+"""The shared trainer: `python -m vitblocks.train RECIPE.py [--set key=value ...]`.
 
+Parts: `config` (typed recipes), `builders` (model, data, optimizer and schedule,
+criterion from a config), `state` (where a run is), `callbacks` (what happens around
+the loop), `engine` (the `Trainer`), `checkpoint` (exact resumption).
+"""
+
+from vitblocks.train.builders import Data, build_criterion, build_data, build_model, build_optimizer_and_schedule
+from vitblocks.train.callbacks import Callback, OnStepEnd, TrainingDiverged, default_callbacks
 from vitblocks.train.config import (
     AugmentConfig,
     CheckpointConfig,
@@ -11,25 +18,38 @@ from vitblocks.train.config import (
     ScheduleConfig,
     TrainConfig,
     apply_overrides,
+    derive,
     derive_recipe,
     load_recipe,
+    smoke_config,
 )
-from vitblocks.train.engine import Trainer, TrainingDiverged, create_model, smoke_config
+from vitblocks.train.engine import Trainer, create_model
+from vitblocks.train.state import TrainingState
 
 __all__ = [
     "AugmentConfig",
+    "Callback",
     "CheckpointConfig",
     "ConfigError",
+    "Data",
     "DataConfig",
     "DistillConfig",
     "ModelConfig",
+    "OnStepEnd",
     "OptimConfig",
     "ScheduleConfig",
     "TrainConfig",
     "Trainer",
     "TrainingDiverged",
+    "TrainingState",
     "apply_overrides",
+    "build_criterion",
+    "build_data",
+    "build_model",
+    "build_optimizer_and_schedule",
     "create_model",
+    "default_callbacks",
+    "derive",
     "derive_recipe",
     "load_recipe",
     "smoke_config",

@@ -11,11 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from vitblocks.io import CheckpointError
 import vitblocks.train.distributed as distributed
-from vitblocks.train.config import ConfigError, apply_overrides, format_config, load_recipe
+from vitblocks.io import CheckpointError
+from vitblocks.train.callbacks import TrainingDiverged
+from vitblocks.train.config import ConfigError, apply_overrides, format_config, load_recipe, smoke_config
 from vitblocks.train.data import DataError
-from vitblocks.train.engine import Trainer, TrainingDiverged, smoke_config
+from vitblocks.train.engine import Trainer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

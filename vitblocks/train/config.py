@@ -5,7 +5,13 @@ A recipe is a Python file that assigns a `TrainConfig` to the name `config`::
     from vitblocks.train import TrainConfig, DataConfig
     config = TrainConfig(model=ModelConfig("sret_t"), data=DataConfig(root="/data/imagenet"))
 
-Any field can then be overridden by its dotted path: `--set optim.lr=1e-3 epochs=5`.
+A recipe derived from another changes typed fields with `derive`::
+
+    config = derive(load_recipe(RECIPES / "sret_t_imagenet.py"), model={"name": "sret_s"}, epochs=100)
+
+On the command line any field can be overridden by its dotted path:
+`--set optim.lr=1e-3 epochs=5`. Model options (`model.kwargs`) are checked against the
+model's constructor when the config is built.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import functools
+import inspect
 import runpy
 import types
 import typing
@@ -20,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import timm
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from vitblocks.attention import backend_names
@@ -266,6 +276,57 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"{path}={values[path]!r} must be >= 1")
     if config.distill.kind != "none" and not config.distill.teacher:
         raise ConfigError(f"distill.kind={config.distill.kind!r} needs distill.teacher (a timm model name)")
+    check_model_options(config.model)
+
+
+# arguments timm.create_model and its builders take besides the model class's own
+_CREATE_MODEL_OPTIONS = frozenset({
+    "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir", "scriptable",
+    "exportable", "no_jit", "features_only", "out_indices", "feature_cls", "feature_cfg", "output_stride",
+})
+
+
+@functools.lru_cache(maxsize=None)
+def model_options(name: str) -> frozenset[str] | None:
+    """The keyword arguments a registered model takes, from its class's constructor.
+
+    Args:
+        name: A registered timm model name.
+
+    Returns:
+        The names, or None when they cannot be known (a constructor that takes
+        `**kwargs`, an unknown model, or one that cannot be built on the meta device).
+    """
+    import vitblocks.models  # noqa: F401  (its registrations; already done by `import vitblocks`)
+
+    if not timm.is_model(name):
+        return None
+    try:
+        with torch.device("meta"):  # no memory, no initialisation
+            model = timm.create_model(name, pretrained=False)
+    except Exception:  # noqa: BLE001 - a model that needs real tensors to build: not checked
+        return None
+    parameters = inspect.signature(type(model).__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    return frozenset(parameters) - {"self"} | _CREATE_MODEL_OPTIONS
+
+
+def check_model_options(model: ModelConfig) -> None:
+    """Refuse model options the model does not take, suggesting the closest ones.
+
+    Args:
+        model: The model section of a config.
+
+    Raises:
+        ConfigError: For an unknown option, with a did-you-mean.
+    """
+    known = model_options(model.name) if model.kwargs else None
+    for key in model.kwargs if known else ():
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ConfigError(f"model.kwargs.{key}: {model.name} takes no option {key!r}{hint}")
 
 
 def iter_fields(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any]]:
@@ -432,6 +493,73 @@ def derive_recipe(recipe_file: str | Path, base: str, overrides: list[str]) -> T
         ('sret_lt', 30)
     """
     return apply_overrides(load_recipe(Path(recipe_file).parent / base), overrides)
+
+
+def derive(config: TrainConfig, **changes: Any) -> TrainConfig:
+    """A copy of a config with some fields changed, nested sections by dicts.
+
+    Typed Python all the way: values are not parsed from strings, and the result is
+    validated like any config (unknown fields and model options are refused).
+
+    Args:
+        config: The base config (not modified).
+        **changes: Top-level fields, e.g. `epochs=100`; a section changed by a dict of
+            its fields, e.g. `model={"name": "sret_s"}`; `model.kwargs` by a dict that
+            is merged into the base's.
+
+    Returns:
+        The new config.
+
+    Raises:
+        ConfigError: For an unknown field (with the closest valid ones) or a bad value.
+
+    Example:
+        >>> base = load_recipe("recipes/sret_t_imagenet.py")
+        >>> config = derive(base, model={"name": "sret_lt"}, epochs=100)
+        >>> config.model.name, config.epochs, config.schedule.warmup_epochs
+        ('sret_lt', 100, 30)
+    """
+    return _derive(config, changes, "")
+
+
+def _derive(obj: Any, changes: dict[str, Any], prefix: str) -> Any:
+    names = {f.name for f in dataclasses.fields(obj)}
+    values = {}
+    for name, value in changes.items():
+        if name not in names:
+            close = difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
+            raise ConfigError(f"unknown config key {prefix + name!r}{hint}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            value = _derive(current, value, f"{prefix}{name}.")
+        elif isinstance(current, dict) and isinstance(value, dict):
+            value = {**current, **value}
+        values[name] = value
+    try:
+        return dataclasses.replace(obj, **values)
+    except TypeError as error:
+        raise ConfigError(f"{prefix or 'config'}: {error}") from None
+
+
+def smoke_config(config: TrainConfig, steps: int = 3) -> TrainConfig:
+    """The same recipe on synthetic data of its shape, for a few steps on any machine.
+
+    Args:
+        config: The recipe's config.
+        steps: Optimizer steps to run.
+
+    Returns:
+        A one-epoch config on synthetic data, writing to `<output_dir>/smoke`.
+    """
+    batch = min(config.data.batch_size, 4)
+    precision = config.precision if torch.cuda.is_available() else "fp32"
+    return derive(
+        config, epochs=1, precision=precision, output_dir=str(Path(config.output_dir) / "smoke"),
+        data=dict(dataset="synthetic", batch_size=batch, workers=0,
+                  synthetic_samples=batch * config.optim.accum_steps * steps),
+        augment=dict(repeated_aug=False), schedule=dict(warmup_epochs=0),
+    )
 
 
 def load_recipe(path: str | Path) -> TrainConfig:

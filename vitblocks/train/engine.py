@@ -1,9 +1,15 @@
-"""The training loop: one `Trainer` for every model, driven by a `TrainConfig`."""
+"""The training loop: one `Trainer` for every model, driven by a `TrainConfig`.
+
+The trainer is assembled from parts that `vitblocks.train.builders` builds from the
+config (model, data, optimizer and schedule, criterion); hand any of them in to replace
+it. Where the run stands is one `TrainingState`; what happens around the loop
+(checkpoint cadence, EMA evaluation, logging, stopping a diverged run) is a list of
+`vitblocks.train.callbacks`.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import random
 import sys
 import time
@@ -15,40 +21,37 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, distribute_bn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from vitblocks.attention import attention_backend
-from vitblocks.layers import compile_regions
-from vitblocks.models.create import create_model_at_size
 import vitblocks.train.checkpoint as ckpt
 import vitblocks.train.distributed as distributed
+from vitblocks.attention import attention_backend
+from vitblocks.layers import compile_regions
+from vitblocks.train.builders import Data, build_criterion, build_data, build_model, build_optimizer_and_schedule
+from vitblocks.train.callbacks import Callback, TrainingDiverged, default_callbacks
 from vitblocks.train.config import ConfigError, TrainConfig, to_dict
-from vitblocks.train.data import ResumableSampler, build_dataset, make_loader
-from vitblocks.train.distill import DistillationLoss, build_teacher
-from vitblocks.train.report import MetricsLog, final_summary, plot_curves
+from vitblocks.train.data import make_loader
+from vitblocks.train.distill import DistillationLoss
+from vitblocks.train.precision import autocast_for
+from vitblocks.train.report import final_summary, plot_curves
+from vitblocks.train.state import TrainingState
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+__all__ = ["Trainer", "TrainingDiverged", "accuracy", "create_model", "evaluate", "seed_everything"]
 
 
 def create_model(config: TrainConfig) -> nn.Module:
-    """Build the configured timm model at the data's resolution and class count.
+    """Build the configured timm model at the data's resolution and class count (on the CPU).
 
     Args:
         config: The experiment.
 
     Returns:
-        The model (img_size is passed only to models that take it).
+        The model; see `vitblocks.train.builders.build_model`.
     """
-    return create_model_at_size(config.model.name, config.data.img_size,
-                                **dict(config.model.kwargs, num_classes=config.data.num_classes))
+    return build_model(config)
 
 
 def seed_everything(seed: int) -> None:
@@ -114,11 +117,16 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
 
 
 class Trainer:
-    """Everything one training run needs, built from a config.
+    """One training run, assembled from parts built from a config.
 
     Args:
         config: The experiment.
         output_dir: Overrides `config.output_dir`.
+        model: The model (default: `build_model(config, device)`).
+        data: Datasets and samplers (default: `build_data(config, runtime)`).
+        optimizer: (optimizer, scheduler) (default: `build_optimizer_and_schedule`).
+        criterion: (mixup or None, criterion) (default: `build_criterion(config, device)`).
+        callbacks: Hooks around the loop (default: `default_callbacks(config)`).
 
     Example:
         >>> from vitblocks.train import Trainer, load_recipe
@@ -126,84 +134,82 @@ class Trainer:
         >>> trainer.fit()  # doctest: +SKIP
     """
 
-    def __init__(self, config: TrainConfig, output_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        output_dir: str | Path | None = None,
+        *,
+        model: nn.Module | None = None,
+        data: Data | None = None,
+        optimizer: tuple[torch.optim.Optimizer, Any] | None = None,
+        criterion: tuple[Mixup | None, DistillationLoss] | None = None,
+        callbacks: list[Callback] | None = None,
+    ) -> None:
         self.config = config
-        self.runtime = distributed.setup()
+        self.runtime = rt = distributed.setup()
         self.output_dir = Path(output_dir or config.output_dir)
-        self.device = self.runtime.device
+        self.device = rt.device
         if config.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("precision='fp16' needs a CUDA device; use 'bf16' or 'fp32' on CPU")
-        seed_everything(config.seed + self.runtime.rank)
+        seed_everything(config.seed + rt.rank)
 
-        self.train_set = build_dataset(config, train=True)
-        self.val_set = build_dataset(config, train=False)
-        data = config.data
-        rt = self.runtime
-        self.train_sampler = ResumableSampler(len(self.train_set), True, config.seed, rt.rank, rt.world_size,
-                                              3 if config.augment.repeated_aug else 1)
-        self.val_sampler = ResumableSampler(len(self.val_set), False, config.seed, rt.rank, rt.world_size)
-        self.steps_per_epoch = len(self.train_sampler) // data.batch_size
-        if self.steps_per_epoch < config.optim.accum_steps:
-            raise ConfigError(
-                f"the training set gives {self.steps_per_epoch} batches of {data.batch_size} per epoch and process, "
-                f"fewer than optim.accum_steps={config.optim.accum_steps}; lower data.batch_size"
-            )
-        self.updates_per_epoch = self.steps_per_epoch // config.optim.accum_steps
-
-        model = create_model(config).to(self.device)
-        if config.model.grad_checkpointing:
-            model.set_grad_checkpointing(config.model.grad_checkpointing)
-        self.model = model
-        global_batch = data.batch_size * config.optim.accum_steps * rt.world_size
-        self.lr = config.optim.lr if config.optim.lr is not None else config.optim.lr_per_512 * global_batch / 512
-        self.optimizer = create_optimizer_v2(model, config.optim.opt, lr=self.lr, weight_decay=config.optim.weight_decay)
-        self.scheduler, _ = create_scheduler_v2(
-            self.optimizer, config.schedule.sched, num_epochs=config.epochs, warmup_epochs=config.schedule.warmup_epochs,
-            warmup_lr=config.schedule.warmup_lr, min_lr=config.schedule.min_lr, step_on_epochs=False,
-            updates_per_epoch=self.updates_per_epoch,
-        )
+        self.data = data or build_data(config, rt)
+        self.steps_per_epoch = self.data.steps_per_epoch
+        self.model = model.to(self.device) if model is not None else build_model(config, self.device)
+        if optimizer is None:
+            self.optimizer, self.scheduler, self.lr = build_optimizer_and_schedule(
+                self.model, config, self.data.updates_per_epoch, rt.world_size)
+        else:
+            (self.optimizer, self.scheduler), self.lr = optimizer, optimizer[0].param_groups[0]["lr"]
+        self.mixup, self.criterion = criterion or build_criterion(config, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
-        self.ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay else None
-        self.train_model: nn.Module = model
+        self.ema = ModelEmaV3(self.model, decay=config.ema_decay) if config.ema_decay else None
+        self.train_model = self._wrap_for_training(self.model)
+        self.callbacks = list(default_callbacks(config) if callbacks is None else callbacks)
+        self.state = TrainingState()
+        self.last_good_checkpoint: Path | None = None
+
+    def _wrap_for_training(self, model: nn.Module) -> nn.Module:
+        config, rt = self.config, self.runtime
+        train_model: nn.Module = model
         if rt.distributed:
-            self.train_model = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
+            train_model = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
         if config.model.compile == "regional":
             try:
                 compile_regions(model)  # in place, so the DDP wrapper runs the compiled blocks
             except ValueError as error:
                 raise ConfigError(f"model.compile='regional': {error} (set model.compile=True)") from None
         elif config.model.compile:
-            self.train_model = torch.compile(self.train_model)
+            train_model = torch.compile(train_model)
+        return train_model
 
-        aug = config.augment
-        self.mixup = None
-        if aug.mixup > 0 or aug.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob,
-                               switch_prob=aug.mixup_switch_prob, label_smoothing=aug.label_smoothing,
-                               num_classes=data.num_classes)
-            base: nn.Module = SoftTargetCrossEntropy()
-        elif aug.label_smoothing > 0:
-            base = LabelSmoothingCrossEntropy(aug.label_smoothing)
-        else:
-            base = nn.CrossEntropyLoss()
-        teacher = None
-        if config.distill.kind != "none":
-            teacher = build_teacher(config.distill, data.num_classes, self.device,
-                                    allow_random=data.dataset == "synthetic")
-        self.criterion = DistillationLoss(base, teacher, config.distill)
+    # the run's position, as attributes for convenience
+    @property
+    def epoch(self) -> int:
+        """Completed epochs."""
+        return self.state.epoch
 
-        self.epoch, self.batch, self.step = 0, 0, 0
-        self.epoch_totals = [0.0, 0, 0]  # loss sum, batches, images of the current epoch so far
-        self.history: list[dict[str, Any]] = []
-        self.best_top1 = -1.0
-        self.last_good_checkpoint: Path | None = None
+    @property
+    def step(self) -> int:
+        """Optimizer steps done."""
+        return self.state.step
+
+    @property
+    def best_top1(self) -> float:
+        """Best validation top-1 (%) so far."""
+        return self.state.best_top1
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One metrics row per completed epoch."""
+        return self.state.history
 
     # ---- checkpoints -------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue this run exactly.
 
         Returns:
-            Model, optimizer, schedule, scaler and EMA states, position, history, config, RNG.
+            Model, optimizer, schedule, scaler and EMA states, the `TrainingState`, config and RNG.
         """
         return {
             "model": self.model.state_dict(),
@@ -211,12 +217,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "ema": self.ema.module.state_dict() if self.ema else None,
-            "epoch": self.epoch,
-            "batch": self.batch,
-            "step": self.step,
-            "epoch_totals": list(self.epoch_totals),
-            "best_top1": self.best_top1,
-            "history": self.history,
+            **self.state.state_dict(),
             "config": to_dict(self.config),
             "rng": ckpt.rng_state(),
         }
@@ -233,7 +234,7 @@ class Trainer:
         if not self.runtime.is_main:
             return None
         path = self.output_dir / name
-        ckpt.save_atomic(self.state(), path)
+        ckpt.save_atomic(self.state_dict(), path)
         if name == "last.pth":
             self.last_good_checkpoint = path
         return path
@@ -247,35 +248,31 @@ class Trainer:
         Raises:
             CheckpointError: If the file is damaged or belongs to a different model.
         """
-        state = ckpt.load_training_checkpoint(path)
-        saved_model = state["config"]["model"]["name"]
+        saved = ckpt.load_training_checkpoint(path)
+        saved_model = saved["config"]["model"]["name"]
         if saved_model != self.config.model.name:
             raise ckpt.CheckpointError(f"{path} is a checkpoint of {saved_model!r}, not {self.config.model.name!r}")
         try:
-            self.model.load_state_dict(state["model"])
+            self.model.load_state_dict(saved["model"])
         except RuntimeError as error:
             raise ckpt.CheckpointError(f"{path} does not fit this model: {str(error).splitlines()[0]}") from error
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        if self.ema and state["ema"]:
-            self.ema.module.load_state_dict(state["ema"])
-        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
-        self.epoch_totals = list(state.get("epoch_totals", [0.0, 0, 0]))
-        self.best_top1, self.history = state["best_top1"], list(state["history"])
-        ckpt.set_rng_state(state["rng"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if self.scaler and saved["scaler"]:
+            self.scaler.load_state_dict(saved["scaler"])
+        if self.ema and saved["ema"]:
+            self.ema.module.load_state_dict(saved["ema"])
+        self.state.load_state_dict(saved)
+        ckpt.set_rng_state(saved["rng"])
         self.last_good_checkpoint = Path(path)
 
     # ---- steps -------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.config.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast_for(self.config.precision, self.device.type)
 
-    def on_step_end(self) -> None:
-        """Called after every optimizer step; a hook for subclasses."""
+    def _each(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
 
     def train_epoch(self, progress: bool) -> dict[str, float]:
         """Run (the rest of) the current epoch.
@@ -287,57 +284,47 @@ class Trainer:
             Mean training loss of the epoch, throughput, seconds and images seen.
 
         Raises:
-            TrainingDiverged: On a non-finite loss.
+            TrainingDiverged: On a non-finite loss (from the `DivergenceStop` callback).
         """
-        config, accum = self.config, self.config.optim.accum_steps
-        self.train_sampler.set_epoch(self.epoch, skip=self.batch * config.data.batch_size)
-        loader = make_loader(self.train_set, self.train_sampler, config.data.batch_size, config.data.workers,
-                             True, config.seed)
+        config, state, accum = self.config, self.state, self.config.optim.accum_steps
+        sampler = self.data.train_sampler
+        sampler.set_epoch(state.epoch, skip=state.batch * config.data.batch_size)
+        loader = make_loader(self.data.train_set, sampler, config.data.batch_size, config.data.workers, True,
+                             config.seed)
         self.train_model.train()
-        if self.batch == 0:
-            self.epoch_totals = [0.0, 0, 0]
+        state.start_epoch()
         start, images = time.perf_counter(), 0
-        bar = tqdm(total=self.steps_per_epoch, initial=self.batch, desc=f"epoch {self.epoch + 1}/{config.epochs}",
+        bar = tqdm(total=self.steps_per_epoch, initial=state.batch, desc=f"epoch {state.epoch + 1}/{config.epochs}",
                    disable=not (progress and self.runtime.is_main), leave=False, dynamic_ncols=True)
         for inputs, targets in loader:
-            if self.batch >= self.steps_per_epoch:
+            if state.batch >= self.steps_per_epoch:
                 break
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             if self.mixup is not None:
                 inputs, targets = self.mixup(inputs, targets)
-            last_of_update = (self.batch + 1) % accum == 0
+            last_of_update = (state.batch + 1) % accum == 0
             sync = contextlib.nullcontext()
             if self.runtime.distributed and not last_of_update:
                 sync = self.train_model.no_sync()
             with sync, self._autocast():
                 loss = self.criterion(inputs, self.train_model(inputs), targets)
-            if not torch.isfinite(loss):
-                kept = self.last_good_checkpoint or "none written yet"
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} at step {self.step + 1} (epoch {self.epoch + 1}, batch {self.batch + 1}); "
-                    f"stopped. Last good checkpoint: {kept}. Try a lower optim.lr, optim.clip_grad, or fp32."
-                )
+            self._each("on_loss", loss)
             scaled = loss / accum
             if self.scaler:
                 self.scaler.scale(scaled).backward()
             else:
                 scaled.backward()
-            self.batch += 1
             images += inputs.shape[0]
-            totals = self.epoch_totals
-            self.epoch_totals = [totals[0] + loss.item(), totals[1] + 1, totals[2] + inputs.shape[0]]
+            state.record_batch(loss.item(), inputs.shape[0])
             if last_of_update:
                 self._optimizer_step()
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                                 img_s=f"{images * self.runtime.world_size / (time.perf_counter() - start):.0f}")
-                every = config.checkpoint.every_steps
-                if every and self.step % every == 0 and self.batch < self.steps_per_epoch:
-                    self.save()
-                self.on_step_end()
+                self._each("on_step_end")
             bar.update(1)
         bar.close()
         seconds = time.perf_counter() - start
-        loss_sum, count = distributed.all_sum(self.epoch_totals[:2], self.runtime)
+        loss_sum, count = distributed.all_sum([state.epoch_loss, state.epoch_batches], self.runtime)
         images = distributed.all_sum([images], self.runtime)[0]
         return {"train_loss": loss_sum / max(count, 1), "train_img_s": images / max(seconds, 1e-9),
                 "seconds": seconds, "images": images}
@@ -354,10 +341,10 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.scheduler.step_update(num_updates=self.step)
+        self.state.step += 1
+        self.scheduler.step_update(num_updates=self.state.step)
         if self.ema is not None:
-            self.ema.update(self.model, step=self.step)
+            self.ema.update(self.model, step=self.state.step)
 
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
         """Loss, top-1 and top-5 (%) on the validation set, over all processes.
@@ -368,9 +355,8 @@ class Trainer:
         Returns:
             `val_loss`, `val_top1`, `val_top5`.
         """
-        loader = make_loader(self.val_set, self.val_sampler, self.config.data.batch_size, self.config.data.workers,
-                             False, self.config.seed)
-        return evaluate(model or self.model, loader, self.device, self._autocast(), self.runtime)
+        return evaluate(model or self.model, self.data.val_loader(self.config), self.device, self._autocast(),
+                        self.runtime)
 
     # ---- the run -----------------------------------------------------------------
     def fit(self, progress: bool = True) -> dict[str, Any]:
@@ -385,38 +371,29 @@ class Trainer:
         Raises:
             TrainingDiverged: On a non-finite loss (earlier checkpoints are kept).
         """
-        config, main = self.config, self.runtime.is_main
-        if main:
+        config, state = self.config, self.state
+        if self.runtime.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        log = MetricsLog(self.output_dir, self.history) if main else None
+        self._each("on_fit_start")
         start, images = time.perf_counter(), 0
         with attention_backend(config.model.backend):
-            while self.epoch < config.epochs:
+            while state.epoch < config.epochs:
                 train = self.train_epoch(progress)
                 if self.runtime.distributed:  # average BatchNorm statistics so every rank evaluates one model
                     distribute_bn(self.model, self.runtime.world_size, reduce=True)
                 images += train["images"]
-                metrics = self.evaluate()
-                row: dict[str, Any] = {"epoch": self.epoch + 1, "train_loss": train["train_loss"], **metrics}
-                if self.ema is not None:
-                    row["ema_top1"] = self.evaluate(self.ema.module)["val_top1"]
+                row: dict[str, Any] = {"epoch": state.epoch + 1, "train_loss": train["train_loss"], **self.evaluate()}
+                self._each("on_epoch_end", row)
                 row.update(lr=self.optimizer.param_groups[0]["lr"], train_img_s=train["train_img_s"],
                            epoch_seconds=train["seconds"])
-                self.history.append(row)
-                if log is not None:
-                    log.history = list(self.history[:-1])
-                    log.append(row)
-                    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                          flush=True)
-                self.epoch, self.batch = self.epoch + 1, 0
-                improved = row["val_top1"] > self.best_top1
-                self.best_top1 = max(self.best_top1, row["val_top1"])
+                improved = state.finish_epoch(row)
                 self.save()
                 if improved:
                     self.save("best.pth")
-        if main:
+                self._each("on_epoch_recorded", row)
+        if self.runtime.is_main:
             self._finish(time.perf_counter() - start, images)
-        return {**self.history[-1], "best_top1": self.best_top1}
+        return {**state.history[-1], "best_top1": state.best_top1}
 
     def _finish(self, seconds: float, images: float) -> None:
         from safetensors.torch import save_model
@@ -427,27 +404,6 @@ class Trainer:
         if self.ema is not None:
             save_model(self.ema.module, str(self.output_dir / "model_ema.safetensors"))
             files["EMA weights"] = self.output_dir / "model_ema.safetensors"
-        plot_curves(self.history, self.output_dir / "curves.png")
+        plot_curves(self.state.history, self.output_dir / "curves.png")
         files["curves"] = self.output_dir / "curves.png"
-        print(final_summary(self.history, seconds, int(images), files), file=sys.stdout, flush=True)
-
-
-def smoke_config(config: TrainConfig, steps: int = 3) -> TrainConfig:
-    """The same recipe on synthetic data of its shape, for a few steps on any machine.
-
-    Args:
-        config: The recipe's config.
-        steps: Optimizer steps to run.
-
-    Returns:
-        A one-epoch config on synthetic data, writing to `<output_dir>/smoke`.
-    """
-    batch = min(config.data.batch_size, 4)
-    data = dataclasses.replace(config.data, dataset="synthetic", batch_size=batch, workers=0,
-                               synthetic_samples=batch * config.optim.accum_steps * steps)
-    precision = config.precision if torch.cuda.is_available() else "fp32"
-    return dataclasses.replace(config, data=data, epochs=1, precision=precision,
-                               output_dir=str(Path(config.output_dir) / "smoke"), augment=dataclasses.replace(
-                                   config.augment, repeated_aug=False),
-                               schedule=dataclasses.replace(config.schedule, warmup_epochs=0))
-
+        print(final_summary(self.state.history, seconds, int(images), files), file=sys.stdout, flush=True)

@@ -32,7 +32,18 @@ class MetricsLog:
         Args:
             row: The epoch's metrics.
         """
-        self.history.append(row)
+        self.write([*self.history, row])
+
+    def write(self, history: list[dict[str, Any]]) -> None:
+        """Rewrite the CSV from a run's whole history; TensorBoard gets its last row.
+
+        Args:
+            history: Every epoch's metrics so far.
+        """
+        if not history:
+            return
+        self.history = list(history)
+        row = self.history[-1]
         with self.path.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(self.history[0]))
             writer.writeheader()

@@ -1,0 +1,73 @@
+"""Files written before the architecture redesign still load and give the same outputs.
+
+`tests/fixtures/pre_redesign/` was written by vitblocks before the package was split into
+io / models / train builders: a trainer checkpoint of a tiny SReT, its safetensors
+weights and official-layout export, plugged DeiT and Swin weights, and the logits all of
+them gave on a fixed input.
+"""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import vitblocks  # noqa: F401  (registers the models used below)
+from vitblocks.eval import run as evaluate_checkpoint
+from vitblocks.models.official import load_official_checkpoint
+from vitblocks.train.checkpoint import load_training_checkpoint
+from vitblocks.train.config import from_dict
+
+FIXTURES = Path(__file__).parent / "fixtures" / "pre_redesign"
+EXPECTED = torch.load(FIXTURES / "expected.pt", weights_only=True)
+
+
+def _sret_from_old_config():
+    state = load_training_checkpoint(FIXTURES / "last.pth")
+    config = from_dict(state["config"])
+    model = timm.create_model(config.model.name, num_classes=config.data.num_classes, img_size=config.data.img_size,
+                              **config.model.kwargs)
+    return state, config, model.eval()
+
+
+def test_old_trainer_checkpoint_config_and_weights_load():
+    state, config, model = _sret_from_old_config()
+    assert config.model.backend == "auto"  # stored as model.attn_backend before the rename
+    model.load_state_dict(state["model"])
+    torch.testing.assert_close(model(EXPECTED["input"]), EXPECTED["sret_logits"])
+
+
+def test_old_safetensors_and_official_export_give_the_old_logits():
+    _, _, model = _sret_from_old_config()
+    model.load_state_dict(load_file(FIXTURES / "model.safetensors"))
+    torch.testing.assert_close(model(EXPECTED["input"]), EXPECTED["sret_logits"])
+    official = load_official_checkpoint(FIXTURES / "official.pth", model)
+    torch.testing.assert_close(official(EXPECTED["input"]), EXPECTED["sret_logits"])
+
+
+def test_old_trainer_checkpoint_evaluates_and_resumes(tmp_path):
+    metrics = evaluate_checkpoint(str(FIXTURES / "last.pth"))
+    assert 0.0 <= metrics["val_top1"] <= 100.0
+    from vitblocks.train.engine import Trainer
+
+    state, config, _ = _sret_from_old_config()
+    trainer = Trainer(dataclasses.replace(config, epochs=2, output_dir=str(tmp_path)))
+    trainer.resume(FIXTURES / "last.pth")
+    assert trainer.state.epoch == 1 and trainer.state.step == state["step"]
+    trainer.fit(progress=False)
+    assert trainer.state.epoch == 2
+
+
+@pytest.mark.parametrize("name, file, kwargs, key", [
+    ("deit_tiny_rec_sliced_patch16_224", "deit_rec_sliced.safetensors",
+     dict(img_size=32, patch_size=8, embed_dim=16, depth=4, num_heads=1, num_classes=3), "deit_logits"),
+    ("swin_tiny_rec_patch4_window7_224", "swin_rec.safetensors",
+     dict(img_size=32, patch_size=2, window_size=4, embed_dim=8, depths=(2, 2), num_heads=(1, 1), num_classes=3),
+     "swin_logits"),
+])
+def test_old_plugged_weights_load_with_the_same_keys_and_logits(name, file, kwargs, key):
+    model = timm.create_model(name, **kwargs).eval()
+    model.load_state_dict(load_file(FIXTURES / file))
+    torch.testing.assert_close(model(EXPECTED["input"]), EXPECTED[key])

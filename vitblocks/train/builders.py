@@ -1,0 +1,167 @@
+"""The parts of a training run, each built from the config by one function.
+
+`Trainer` calls these for every part it is not handed, and `vitblocks.eval` reuses
+them, so a part can be built, tested or replaced on its own::
+
+    model = build_model(config, device)
+    data = build_data(config, runtime)
+    optimizer, scheduler, lr = build_optimizer_and_schedule(model, config, data.updates_per_epoch)
+    mixup, criterion = build_criterion(config, device)
+    trainer = Trainer(config, model=model, data=data, optimizer=(optimizer, scheduler), criterion=(mixup, criterion))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+from torch.utils.data import Dataset
+
+from vitblocks.models.create import create_model_at_size
+from vitblocks.train.config import ConfigError, TrainConfig
+from vitblocks.train.data import ResumableSampler, build_dataset, make_loader
+from vitblocks.train.distill import DistillationLoss, build_teacher
+from vitblocks.train.distributed import Runtime
+
+
+def build_model(config: TrainConfig, device: torch.device | str = "cpu") -> nn.Module:
+    """The configured timm model at the data's resolution and class count.
+
+    Args:
+        config: The experiment.
+        device: Where the model goes.
+
+    Returns:
+        The model with the configured activation checkpointing (img_size is passed only
+        to models that take it).
+    """
+    model = create_model_at_size(config.model.name, config.data.img_size,
+                                 **dict(config.model.kwargs, num_classes=config.data.num_classes)).to(device)
+    if config.model.grad_checkpointing:
+        model.set_grad_checkpointing(config.model.grad_checkpointing)
+    return model
+
+
+@dataclass
+class Data:
+    """The datasets and samplers of a run.
+
+    Attributes:
+        train_set: Training images (None when only evaluating).
+        val_set: Validation images.
+        train_sampler: Resumable, distributed sampler of the training set.
+        val_sampler: Sampler of the validation set.
+        steps_per_epoch: Batches per epoch and process.
+        updates_per_epoch: Optimizer steps per epoch.
+    """
+
+    train_set: Dataset | None
+    val_set: Dataset
+    train_sampler: ResumableSampler | None
+    val_sampler: ResumableSampler
+    steps_per_epoch: int = 0
+    updates_per_epoch: int = 0
+
+    def val_loader(self, config: TrainConfig) -> Any:
+        """A loader over the validation set.
+
+        Args:
+            config: Batch size, workers and seed.
+
+        Returns:
+            The loader.
+        """
+        return make_loader(self.val_set, self.val_sampler, config.data.batch_size, config.data.workers, False,
+                           config.seed)
+
+
+def build_data(config: TrainConfig, runtime: Runtime | None = None, train: bool = True) -> Data:
+    """Datasets and samplers for training and validation.
+
+    Args:
+        config: The experiment.
+        runtime: Rank and world size (default: one process).
+        train: Also build the training set (False: validation only, for evaluation).
+
+    Returns:
+        The data.
+
+    Raises:
+        DataError: For a missing or malformed dataset.
+        ConfigError: If an epoch has fewer batches than `optim.accum_steps`.
+    """
+    rank, world = (runtime.rank, runtime.world_size) if runtime else (0, 1)
+    val_set = build_dataset(config, train=False)
+    val_sampler = ResumableSampler(len(val_set), False, config.seed, rank, world)
+    if not train:
+        return Data(None, val_set, None, val_sampler)
+    train_set = build_dataset(config, train=True)
+    repeats = 3 if config.augment.repeated_aug else 1
+    sampler = ResumableSampler(len(train_set), True, config.seed, rank, world, repeats)
+    steps = len(sampler) // config.data.batch_size
+    if steps < config.optim.accum_steps:
+        raise ConfigError(
+            f"the training set gives {steps} batches of {config.data.batch_size} per epoch and process, "
+            f"fewer than optim.accum_steps={config.optim.accum_steps}; lower data.batch_size"
+        )
+    return Data(train_set, val_set, sampler, val_sampler, steps, steps // config.optim.accum_steps)
+
+
+def build_optimizer_and_schedule(
+    model: nn.Module, config: TrainConfig, updates_per_epoch: int, world_size: int = 1
+) -> tuple[torch.optim.Optimizer, Any, float]:
+    """timm's optimizer and per-step schedule for the model.
+
+    Args:
+        model: The model (its `no_weight_decay` names are exempt from weight decay).
+        config: The experiment.
+        updates_per_epoch: Optimizer steps per epoch.
+        world_size: Processes, for the learning rate of `lr_per_512`.
+
+    Returns:
+        (optimizer, scheduler, peak learning rate).
+    """
+    optim = config.optim
+    global_batch = config.data.batch_size * optim.accum_steps * world_size
+    lr = optim.lr if optim.lr is not None else optim.lr_per_512 * global_batch / 512
+    optimizer = create_optimizer_v2(model, optim.opt, lr=lr, weight_decay=optim.weight_decay)
+    schedule = config.schedule
+    scheduler, _ = create_scheduler_v2(
+        optimizer, schedule.sched, num_epochs=config.epochs, warmup_epochs=schedule.warmup_epochs,
+        warmup_lr=schedule.warmup_lr, min_lr=schedule.min_lr, step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
+    return optimizer, scheduler, lr
+
+
+def build_criterion(config: TrainConfig, device: torch.device | str = "cpu") -> tuple[Mixup | None, DistillationLoss]:
+    """Mixup / CutMix and the loss (label smoothing, distillation).
+
+    Args:
+        config: The experiment.
+        device: Where a teacher runs.
+
+    Returns:
+        (mixup or None, criterion called as `criterion(images, logits, targets)`).
+    """
+    aug, classes = config.augment, config.data.num_classes
+    mixup = None
+    if aug.mixup > 0 or aug.cutmix > 0:
+        mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob,
+                      switch_prob=aug.mixup_switch_prob, label_smoothing=aug.label_smoothing, num_classes=classes)
+        base: nn.Module = SoftTargetCrossEntropy()
+    elif aug.label_smoothing > 0:
+        base = LabelSmoothingCrossEntropy(aug.label_smoothing)
+    else:
+        base = nn.CrossEntropyLoss()
+    teacher = None
+    if config.distill.kind != "none":
+        teacher = build_teacher(config.distill, classes, torch.device(device),
+                                allow_random=config.data.dataset == "synthetic")
+    return mixup, DistillationLoss(base, teacher, config.distill)

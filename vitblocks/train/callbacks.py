@@ -1,0 +1,151 @@
+"""Callbacks: what happens around the training loop, as a list of small objects.
+
+The `Trainer` calls every callback's hooks in order. The default list
+(`default_callbacks`) stops a run whose loss is no longer finite, checkpoints mid-epoch
+on a cadence, evaluates the EMA weights, and logs metrics. Add your own::
+
+    class PrintLr(Callback):
+        def on_step_end(self, trainer):
+            print(trainer.optimizer.param_groups[0]["lr"])
+
+    Trainer(config, callbacks=[*default_callbacks(config), PrintLr()])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vitblocks.train.report import MetricsLog
+
+if TYPE_CHECKING:
+    from vitblocks.train.config import TrainConfig
+    from vitblocks.train.engine import Trainer
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class Callback:
+    """Hooks around the training loop; every method does nothing by default."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Before the first epoch of `fit` (also after a resume).
+
+        Args:
+            trainer: The trainer.
+        """
+
+    def on_loss(self, trainer: Trainer, loss: torch.Tensor) -> None:
+        """After each batch's forward pass, before its backward pass.
+
+        Args:
+            trainer: The trainer (`trainer.state.batch` is the batch's index in the epoch).
+            loss: The batch's loss.
+        """
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        """After every optimizer step.
+
+        Args:
+            trainer: The trainer (`trainer.state.step` counts the step).
+        """
+
+    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        """After an epoch's evaluation, before the epoch is recorded and checkpointed.
+
+        Args:
+            trainer: The trainer.
+            row: The epoch's metrics; callbacks may add entries.
+        """
+
+    def on_epoch_recorded(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        """After the epoch is in `trainer.state.history` and `last.pth` is written.
+
+        Args:
+            trainer: The trainer.
+            row: The epoch's metrics.
+        """
+
+
+class OnStepEnd(Callback):
+    """A callback from a function of the trainer, called after every optimizer step.
+
+    Args:
+        fn: Called as `fn(trainer)`.
+    """
+
+    def __init__(self, fn: Callable[[Trainer], None]) -> None:
+        self.fn = fn
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        self.fn(trainer)
+
+
+class DivergenceStop(Callback):
+    """Stop with `TrainingDiverged` when a loss is NaN or infinite, naming the last good checkpoint."""
+
+    def on_loss(self, trainer: Trainer, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            state = trainer.state
+            kept = trainer.last_good_checkpoint or "none written yet"
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at step {state.step + 1} (epoch {state.epoch + 1}, batch {state.batch + 1}); "
+                f"stopped. Last good checkpoint: {kept}. Try a lower optim.lr, optim.clip_grad, or fp32."
+            )
+
+
+class CheckpointCadence(Callback):
+    """Write `last.pth` every `every_steps` optimizer steps within an epoch.
+
+    Args:
+        every_steps: The cadence; 0 for end-of-epoch checkpoints only.
+    """
+
+    def __init__(self, every_steps: int) -> None:
+        self.every_steps = every_steps
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        state = trainer.state
+        if self.every_steps and state.step % self.every_steps == 0 and state.batch < trainer.steps_per_epoch:
+            trainer.save()
+
+
+class EmaEvaluation(Callback):
+    """Add the top-1 of the EMA weights (`ema_top1`) to each epoch's metrics."""
+
+    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        if trainer.ema is not None:
+            row["ema_top1"] = trainer.evaluate(trainer.ema.module)["val_top1"]
+
+
+class MetricsLogging(Callback):
+    """Print one line per epoch and keep `metrics.csv` (and TensorBoard) current, on the main process."""
+
+    def __init__(self) -> None:
+        self.log: MetricsLog | None = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if trainer.runtime.is_main:
+            self.log = MetricsLog(trainer.output_dir)
+
+    def on_epoch_recorded(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        if self.log is None:
+            return
+        self.log.write(trainer.state.history)
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+
+def default_callbacks(config: TrainConfig) -> list[Callback]:
+    """The callbacks every run has unless told otherwise.
+
+    Args:
+        config: The experiment.
+
+    Returns:
+        Divergence stop, checkpoint cadence, EMA evaluation and metrics logging.
+    """
+    return [DivergenceStop(), CheckpointCadence(config.checkpoint.every_steps), EmaEvaluation(), MetricsLogging()]
