@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import platform
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ from benchmarks.report import write_report
 from benchmarks.result import Result
 from vitblocks.attention import attention_backend, available_backends
 from vitblocks.models.official import export_official_state_dict
+from vitblocks.summary import summarize
 from vitblocks.train.precision import autocast_for
 
 NAIVE = "sret_t naive (official computation)"
@@ -127,14 +129,12 @@ def reference_matmul(device: torch.device, dtype: torch.dtype, args) -> Result:
 
 def sret_s_training_flops(img_size: int) -> Result:
     """FLOPs of one SReT-S training image (forward + backward = 3 forwards), counted."""
-    from vitblocks.summary import summarize
-
     macs = summarize(timm.create_model("sret_s", img_size=img_size), img_size)[-1].macs
     return Result("reference", SRET_S_FLOPS, "-", "train", 6 * macs / 1e9, 0.0, 0.0)
 
 
 def run_suite(args) -> list[Result]:
-    """All benchmark groups of the issue, at the chosen size."""
+    """Every benchmark group, at the chosen size."""
     device = torch.device("cuda" if args.suite == "cuda" else "cpu")
     size = args.img_size
     batches = {True: torch.randn(args.batch_size, 3, size, size, device=device),
@@ -179,8 +179,31 @@ def run_suite(args) -> list[Result]:
     return results
 
 
+@functools.lru_cache(maxsize=None)
+def mac_ratio(name: str, img_size: int = 224) -> str:
+    """MACs of a model's unsliced variant over its own, as the ratios table prints it.
+
+    Args:
+        name: A sliced SReT variant, e.g. "sret_t".
+        img_size: Input size the MACs are counted at.
+
+    Returns:
+        E.g. "1.366/1.112 = 1.23x".
+    """
+    sliced, unsliced = (summarize(timm.create_model(n, img_size=img_size), img_size)[-1].macs / 1e9
+                        for n in (name, f"{name}_unsliced"))
+    return f"{unsliced:.3f}/{sliced:.3f} = {unsliced / sliced:.2f}x"
+
+
 def ratios(results: list[Result]) -> list[str]:
-    """The targets of the benchmark issue, as ratios between rows of this run."""
+    """The target ratios, each computed from two rows of this run.
+
+    Args:
+        results: Every row of the run.
+
+    Returns:
+        One line per ratio whose two rows were measured.
+    """
     rows = {(r.group, r.name, r.mode, r.backend): r for r in results}
 
     def img_s(group, name, mode, backend="auto"):
@@ -198,10 +221,10 @@ def ratios(results: list[Result]) -> list[str]:
         line(f"SReT-T {mode}: optimized / naive", img_s(PAIRED, "sret_t", mode), naive, " (target 1.5x)")
         line(f"SReT-T {mode}: torch.compile / naive", img_s(PAIRED, COMPILED, mode), naive, " (target 1.5x)")
         line(f"SReT-T {mode}: compile_regions / naive", img_s(PAIRED, REGIONAL, mode), naive)
-        for name, macs in (("sret_t", "1.366/1.112 = 1.23x"), ("sret_lt", "1.418/1.164 = 1.22x"),
-                           ("sret_s", "4.671/4.173 = 1.12x")):
-            line(f"{name} {mode}: sliced / unsliced", img_s("models", name, mode),
-                 img_s("models", f"{name}_unsliced", mode), f" (MAC ratio {macs})")
+        for name in ("sret_t", "sret_lt", "sret_s"):
+            sliced, unsliced = img_s("models", name, mode), img_s("models", f"{name}_unsliced", mode)
+            if sliced and unsliced:
+                line(f"{name} {mode}: sliced / unsliced", sliced, unsliced, f" (MAC ratio {mac_ratio(name)})")
         line(f"SReT-T {mode}: SReT-T / deit_tiny", ours, img_s("models", "deit_tiny_patch16_224", mode))
         line(f"SReT-T {mode}: SReT-T / deit_tiny, timed in turns", img_s(PAIRED, "sret_t", mode),
              img_s(PAIRED, DEIT, mode), " (target 1.0x)")
