@@ -177,3 +177,27 @@ def test_plan_runs_put_every_unit_in_exactly_one_run():
                 runs = plan_runs(units, loops, share)
                 assert [u for run in runs for u in run] == list(range(units))
                 assert all(len(run) <= (loops if share else 1) for run in runs)
+
+
+def test_vit_blocks_are_wrapped_not_retyped_and_keep_their_parameter_names():
+    from timm.models.vision_transformer import Block
+
+    from vitblocks.models.families import LoopAwareBlock
+
+    base = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    make_recursive(model, loops=2, groups=(4, 2))
+    wrapped = model.blocks[0].block
+    assert type(wrapped) is LoopAwareBlock and not isinstance(wrapped, Block) and type(base.blocks[0]) is Block
+    assert {k.replace("blocks.0.block.", "blocks.0.") for k in model.state_dict() if k.startswith("blocks.0.")} == {
+        k for k in base.state_dict() if k.startswith("blocks.0.")}
+
+
+def test_plugged_sliced_variant_runs_compiled_regions_like_eager():
+    model = timm.create_model("deit_tiny_rec_sliced_patch16_224", img_size=32, patch_size=8, embed_dim=16, depth=2,
+                              num_heads=1, num_classes=3).eval()
+    x = images(32, batch=2)
+    with torch.no_grad():
+        expected = model(x)
+        vitblocks.compile_regions(model)
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)

@@ -9,6 +9,7 @@ docs/architecture.md, "Add a timm family").
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,23 +21,76 @@ from vitblocks.layers import SlicedGroupAttention
 from vitblocks.layers.schedule import GroupSchedule
 
 
-class LoopAwareVitBlock(VitBlock):
-    """timm's ViT block, told which loop it is on so sliced attention can follow its schedule.
+class _LoopView:
+    """One call's view of a block: its parts, with the attention bound to the call's loop.
 
-    The ViT adapter switches a block's class to this one: parameter names and weights
-    stay those of `timm.models.vision_transformer.Block`, so the base model's checkpoints
-    load unchanged.
+    A fresh object per call, so nothing about the loop is stored on any module.
     """
 
-    def forward(self, x: torch.Tensor, loop: int = 0, attn_mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> torch.Tensor:
-        """Apply the block; `loop` goes to a loop-aware attention layer."""
-        if isinstance(self.attn, SlicedGroupAttention):
-            attn = self.attn(self.norm1(x), loop=loop, attn_mask=attn_mask, is_causal=is_causal)
-        else:
-            attn = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
-        x = x + self.drop_path1(self.ls1(attn))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    def __init__(self, block: nn.Module, attn: Any) -> None:
+        self._block, self.attn = block, attn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._block, name)
+
+
+class LoopAwareBlock(nn.Module):
+    """A timm block that takes the loop index, running the block's own `forward`.
+
+    It holds the block's parts under their own names, so parameter names and weights are
+    those of the block (the base model's checkpoints load unchanged), and runs the block
+    class's `forward` on a per-call view whose attention is bound to the loop: no
+    `forward` is copied and no loop state is kept between calls.
+
+    Args:
+        block: The timm block (e.g. `timm.models.vision_transformer.Block`); its parts
+            move into this module.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block_forward = type(block).forward
+        self.block_type = type(block).__name__
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        for name, param in block.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buffer in block.named_buffers(recurse=False):
+            self.register_buffer(name, buffer)
+
+    def loop_plan(self, x: torch.Tensor, loop: int) -> Any:
+        """The sliced attention's plan for one loop (see `SlicedGroupAttention.loop_plan`).
+
+        Args:
+            x: The block's input tokens (B, P + N, C).
+            loop: Loop index.
+
+        Returns:
+            The plan, or None when the attention is not sliced.
+        """
+        if not isinstance(self.attn, SlicedGroupAttention):
+            return None
+        return self.attn.loop_plan(x.shape[1] - self.attn.num_prefix_tokens, loop, x.device)
+
+    def forward(self, x: torch.Tensor, loop: int = 0, plan: Any = None, **kwargs: Any) -> torch.Tensor:
+        """Apply the block; sliced attention follows the loop (or its precomputed plan).
+
+        Args:
+            x: Tokens.
+            loop: Loop index.
+            plan: The loop's plan from `loop_plan`, if computed beforehand.
+            **kwargs: The block's own forward arguments (e.g. timm's `attn_mask`).
+
+        Returns:
+            The block's output.
+        """
+        if not isinstance(self.attn, SlicedGroupAttention):
+            return self.block_forward(self, x, **kwargs)
+        attn = functools.partial(self.attn, loop=loop, plan=plan)
+        return self.block_forward(_LoopView(self, attn), x, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"wraps={self.block_type}"
 
 
 class FamilyAdapter:
@@ -144,7 +198,11 @@ def sliced_copy_of(attn: nn.Module, groups: GroupSchedule, num_prefix_tokens: in
 
 
 class VitFamily(FamilyAdapter):
-    """timm's ViT / DeiT blocks (`vision_transformer.Block`); PiT's stages use the same block."""
+    """timm's ViT / DeiT blocks (`vision_transformer.Block`); PiT's stages use the same block.
+
+    Sliced attention replaces the block's attention (same weights), and the block is
+    wrapped in `LoopAwareBlock` so `Recursive` can tell it the loop.
+    """
 
     name = "ViT"
 
@@ -154,8 +212,7 @@ class VitFamily(FamilyAdapter):
     def prepare(self, block, groups, num_prefix_tokens, attn_options):
         if groups is not None:
             block.attn = sliced_copy_of(block.attn, groups, num_prefix_tokens, **attn_options)
-        block.__class__ = LoopAwareVitBlock
-        return block
+        return LoopAwareBlock(block)
 
 
 class SwinFamily(FamilyAdapter):
