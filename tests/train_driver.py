@@ -33,11 +33,22 @@ def main():
     parser.add_argument("--kill-at-step", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--save-rank-weights", action="store_true")
+    parser.add_argument("--kill-before-last-of-epoch", type=int, default=0,
+                        help="SIGKILL after best.pth and before last.pth of this epoch are written")
     args = parser.parse_args()
     torch.set_num_threads(1)
     config = tiny_config(args.output_dir)
     config.checkpoint.every_steps = 2
     trainer = Trainer(config, callbacks=[*default_callbacks(config), KillAtStep(args.kill_at_step)])
+    if args.kill_before_last_of_epoch:
+        save = trainer.save
+
+        def save_then_die(name="last.pth"):
+            if name == "last.pth" and trainer.state.epoch == args.kill_before_last_of_epoch and trainer.state.batch == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return save(name)
+
+        trainer.save = save_then_die
     if args.resume:
         trainer.resume(Path(args.output_dir) / "last.pth")
     trainer.fit(progress=False)

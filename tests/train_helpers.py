@@ -19,3 +19,42 @@ def tiny_config(output_dir, **overrides) -> TrainConfig:
     )
     values.update(overrides)
     return TrainConfig(**values)
+
+
+TINY_RECIPE = '''
+from vitblocks.train import AugmentConfig, DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
+
+config = TrainConfig(
+    model=ModelConfig("sret_t", kwargs=dict(embed_dims=(16, 32, 64), num_heads=(1, 2, 4), unique_blocks=(1, 1, 1),
+                                            groups=((4, 2), (1,), (1,)), mlp_ratio=2.0)),
+    data=DataConfig(dataset="synthetic", img_size=32, num_classes=4, batch_size=8, workers=0, synthetic_samples=32),
+    augment=AugmentConfig(auto_augment=None, re_prob=0.0, mixup=0.0, cutmix=0.0),
+    optim=OptimConfig(lr=1e-3),
+    schedule=ScheduleConfig(warmup_epochs=1),
+    epochs=1,
+    output_dir={output_dir!r},
+)
+'''
+
+
+def write_tiny_recipe(folder, output_dir) -> str:
+    """A recipe file of a tiny synthetic run (seconds on a CPU), for command-line tests."""
+    path = folder / "tiny_recipe.py"
+    path.write_text(TINY_RECIPE.format(output_dir=str(output_dir)))
+    return str(path)
+
+
+def run_cli(*args, cwd=None):
+    """Run `python -m ARGS...`; return the completed process (text output)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def assert_clear_error(result, *fragments):
+    """A command that failed with exit code 2, a message holding every fragment, and no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr[-3000:])

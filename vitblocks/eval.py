@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,8 +19,48 @@ from vitblocks.io import CheckpointError
 from vitblocks.train.builders import build_data, build_model
 from vitblocks.train.checkpoint import load_training_checkpoint
 from vitblocks.train.config import ConfigError, apply_overrides, from_dict
-from vitblocks.train.data import DataError
+from vitblocks.train.config import TrainConfig
+from vitblocks.train.data import DataError, folder_classes
 from vitblocks.train.engine import evaluate
+
+
+def check_classes(checkpoint: str, state: dict[str, Any], config: TrainConfig) -> list[str] | None:
+    """Check that the data's classes are ones the checkpoint's model was trained on.
+
+    Args:
+        checkpoint: The checkpoint's path, for messages.
+        state: The checkpoint.
+        config: The config the data is built from.
+
+    Returns:
+        The checkpoint's class names in label order (None for checkpoints that predate
+        stored class names).
+
+    Raises:
+        CheckpointError: If the data has classes the checkpoint lacks, or another class
+            count than the checkpoint's model.
+    """
+    classes = state.get("classes") or None
+    if config.data.dataset != "imagefolder":
+        return classes
+    root = Path(config.data.root)
+    found = folder_classes(root / "val") or folder_classes(root / "train")
+    if not found:
+        return classes  # the dataset's own layout check explains what is missing
+    if classes is not None:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise CheckpointError(
+                f"the data at {root} has classes the checkpoint {checkpoint} was not trained on "
+                f"({', '.join(unknown[:8])}); its {len(classes)} classes are {', '.join(classes[:8])}"
+                f"{', ...' if len(classes) > 8 else ''}. Evaluate it on data of those classes."
+            )
+    elif len(found) != config.data.num_classes:
+        raise CheckpointError(
+            f"the checkpoint {checkpoint} holds a model with {config.data.num_classes} classes but the data at "
+            f"{root} has {len(found)}; evaluate it on data of the classes it was trained on"
+        )
+    return classes
 
 
 def run(checkpoint: str, data_root: str | None = None, overrides: list[str] | None = None, ema: bool = False,
@@ -40,16 +82,17 @@ def run(checkpoint: str, data_root: str | None = None, overrides: list[str] | No
     extra = list(overrides or [])
     if data_root:
         extra += ["data.dataset=imagefolder", f"data.root={data_root!r}"]
-    if batch_size:
+    if batch_size is not None:
         extra.append(f"data.batch_size={batch_size}")
     config = apply_overrides(config, extra)
     weights = state["ema"] if ema else state["model"]
     if weights is None:
         raise CheckpointError(f"{checkpoint} holds no EMA weights (the run had ema_decay=None)")
+    classes = check_classes(checkpoint, state, config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(config)
     model.load_state_dict(weights)
-    data = build_data(config, train=False)
+    data = build_data(config, train=False, classes=classes)
     return evaluate(model.to(device), data.val_loader(config), device)
 
 

@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", metavar="PATH|auto",
                         help="continue from a checkpoint; 'auto': OUTPUT_DIR/last.pth when it exists")
     parser.add_argument("--output-dir", help="override the recipe's output_dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a run already in the output folder (without it such a folder is refused)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -46,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(format_config(config))
             return 0
-        trainer = Trainer(config)
+        trainer = Trainer(config, overwrite=args.overwrite or args.smoke)
+        if args.smoke:
+            print(f"smoke test: {config.model.name} on synthetic data of the recipe's shape "
+                  f"({config.data.img_size} px, {config.data.num_classes} classes), a few steps; "
+                  f"writing to {trainer.output_dir}", flush=True)
         if args.resume:
             last = Path(trainer.output_dir) / "last.pth"
             if args.resume != "auto":

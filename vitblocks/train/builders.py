@@ -12,7 +12,7 @@ them, so a part can be built, tested or replaced on its own::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from vitblocks.models.create import create_model_at_size
 from vitblocks.train.config import ConfigError, TrainConfig
-from vitblocks.train.data import ResumableSampler, build_dataset, make_loader
+from vitblocks.train.data import ResumableSampler, build_dataset, dataset_classes, make_loader
 from vitblocks.train.distill import DistillationLoss, build_teacher
 from vitblocks.train.distributed import Runtime
 
@@ -59,6 +59,7 @@ class Data:
         val_sampler: Sampler of the validation set.
         steps_per_epoch: Batches per epoch and process.
         updates_per_epoch: Optimizer steps per epoch.
+        classes: Class names in label order (every split uses this one list).
     """
 
     train_set: Dataset | None
@@ -67,6 +68,7 @@ class Data:
     val_sampler: ResumableSampler
     steps_per_epoch: int = 0
     updates_per_epoch: int = 0
+    classes: list[str] = field(default_factory=list)
 
     def val_loader(self, config: TrainConfig) -> Any:
         """A loader over the validation set.
@@ -81,13 +83,16 @@ class Data:
                            config.seed)
 
 
-def build_data(config: TrainConfig, runtime: Runtime | None = None, train: bool = True) -> Data:
+def build_data(config: TrainConfig, runtime: Runtime | None = None, train: bool = True,
+               classes: list[str] | None = None) -> Data:
     """Datasets and samplers for training and validation.
 
     Args:
         config: The experiment.
         runtime: Rank and world size (default: one process).
         train: Also build the training set (False: validation only, for evaluation).
+        classes: The class list to label by (default: the dataset's own, see
+            `dataset_classes`); eval passes the checkpoint's.
 
     Returns:
         The data.
@@ -97,11 +102,12 @@ def build_data(config: TrainConfig, runtime: Runtime | None = None, train: bool 
         ConfigError: If an epoch has fewer batches than `optim.accum_steps`.
     """
     rank, world = (runtime.rank, runtime.world_size) if runtime else (0, 1)
-    val_set = build_dataset(config, train=False)
+    classes = classes if classes is not None else dataset_classes(config)
+    val_set = build_dataset(config, train=False, classes=classes)
     val_sampler = ResumableSampler(len(val_set), False, config.seed, rank, world)
     if not train:
-        return Data(None, val_set, None, val_sampler)
-    train_set = build_dataset(config, train=True)
+        return Data(None, val_set, None, val_sampler, classes=classes)
+    train_set = build_dataset(config, train=True, classes=classes)
     repeats = 3 if config.augment.repeated_aug else 1
     sampler = ResumableSampler(len(train_set), True, config.seed, rank, world, repeats)
     steps = len(sampler) // config.data.batch_size
@@ -110,7 +116,7 @@ def build_data(config: TrainConfig, runtime: Runtime | None = None, train: bool 
             f"the training set gives {steps} batches of {config.data.batch_size} per epoch and process, "
             f"fewer than optim.accum_steps={config.optim.accum_steps}; lower data.batch_size"
         )
-    return Data(train_set, val_set, sampler, val_sampler, steps, steps // config.optim.accum_steps)
+    return Data(train_set, val_set, sampler, val_sampler, steps, steps // config.optim.accum_steps, classes)
 
 
 def build_optimizer_and_schedule(

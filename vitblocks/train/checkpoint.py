@@ -11,7 +11,59 @@ import torch
 
 from vitblocks.io import CheckpointError, load_weights_only, save_atomic
 
-__all__ = ["CheckpointError", "load_training_checkpoint", "rng_state", "save_atomic", "set_rng_state"]
+__all__ = [
+    "RUN_FILES",
+    "CheckpointError",
+    "RunExistsError",
+    "load_training_checkpoint",
+    "prepare_output_dir",
+    "refuse_existing_run",
+    "rng_state",
+    "save_atomic",
+    "set_rng_state",
+]
+
+RUN_FILES = ("last.pth", "best.pth", "metrics.csv", "model.safetensors")
+"""Files whose presence means a folder holds a run."""
+
+
+class RunExistsError(CheckpointError):
+    """The output folder already holds a run, and neither resuming nor overwriting was asked for."""
+
+
+def refuse_existing_run(output_dir: Path) -> None:
+    """Refuse to start a fresh run in a folder that holds one.
+
+    Args:
+        output_dir: The run folder.
+
+    Raises:
+        RunExistsError: Naming the files found and the three ways on.
+    """
+    found = [name for name in RUN_FILES if (Path(output_dir) / name).exists()]
+    if found:
+        raise RunExistsError(
+            f"{output_dir} already holds a run ({', '.join(found)}); starting afresh would overwrite it. "
+            "Continue it with --resume auto, replace it with --overwrite, or choose another --output-dir."
+        )
+
+
+def prepare_output_dir(output_dir: Path) -> None:
+    """Create the run folder and remove temporary files left by a write that was killed.
+
+    Args:
+        output_dir: The run folder.
+
+    Raises:
+        CheckpointError: If the folder cannot be created (a file in the way, no permission).
+    """
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CheckpointError(f"cannot create the output folder {output_dir}: {error.strerror or error}; "
+                              "choose another --output-dir") from None
+    for stale in Path(output_dir).glob(".*.pth.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def rng_state() -> dict[str, Any]:

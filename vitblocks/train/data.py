@@ -50,6 +50,55 @@ def check_image_folder(root: Path, split: str) -> None:
     raise DataError(_layout_help(root, split))
 
 
+def folder_classes(folder: Path) -> list[str]:
+    """The class names of an ImageFolder split: its subfolders that hold images, sorted.
+
+    Args:
+        folder: A split folder, e.g. `root/train`.
+
+    Returns:
+        The names.
+    """
+    if not folder.is_dir():
+        return []
+    return sorted(d.name for d in folder.iterdir()
+                  if d.is_dir() and any(p.suffix.lower() in _IMAGE_SUFFIXES for p in d.iterdir()))
+
+
+def dataset_classes(config: TrainConfig) -> list[str]:
+    """The class names of a config's dataset, in label order: one list for every split.
+
+    An ImageFolder dataset takes its classes from `train/` (from `val/` when there is no
+    `train/`, as when only evaluating); the digits are "0".."9"; synthetic classes are
+    numbered.
+
+    Args:
+        config: The experiment.
+
+    Returns:
+        Class names; label i is `names[i]`.
+
+    Raises:
+        DataError: If the folder's class count differs from `data.num_classes`.
+    """
+    data = config.data
+    if data.dataset == "digits":
+        names = [str(i) for i in range(10)]
+    elif data.dataset == "synthetic":
+        return [str(i) for i in range(data.num_classes)]
+    else:
+        root = Path(data.root)
+        names = folder_classes(root / "train") or folder_classes(root / "val")
+        if not names:
+            return []  # the layout check explains what is missing
+    if len(names) != data.num_classes:
+        where = "scikit-learn's digits" if data.dataset == "digits" else f"{Path(data.root) / 'train'}"
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise DataError(f"data.num_classes={data.num_classes} but {where} has {len(names)} classes ({shown}); "
+                        f"set data.num_classes={len(names)}")
+    return names
+
+
 def _digits(config: DataConfig, train: bool, seed: int) -> Dataset:
     from sklearn.datasets import load_digits
 
@@ -75,18 +124,23 @@ def _synthetic(config: DataConfig, train: bool, seed: int) -> Dataset:
     return TensorDataset(images, labels)
 
 
-def build_dataset(config: TrainConfig, train: bool) -> Dataset:
+def build_dataset(config: TrainConfig, train: bool, classes: list[str] | None = None) -> Dataset:
     """The training or validation dataset of a config.
+
+    Both splits of an ImageFolder dataset number their classes by one list (the train
+    split's), so a class missing from `val/` cannot shift the labels of the others.
 
     Args:
         config: The experiment.
         train: Training split (with augmentation) or validation split.
+        classes: The class list (default: `dataset_classes(config)`).
 
     Returns:
         The dataset.
 
     Raises:
-        DataError: For an imagefolder root without the expected layout.
+        DataError: For an imagefolder root without the expected layout, a class count
+            that differs from `data.num_classes`, or a val class that train lacks.
     """
     data = config.data
     if data.dataset == "digits":
@@ -95,6 +149,11 @@ def build_dataset(config: TrainConfig, train: bool) -> Dataset:
         return _synthetic(data, train, config.seed)
     root, split = Path(data.root), "train" if train else "val"
     check_image_folder(root, split)
+    classes = classes if classes is not None else dataset_classes(config)
+    unknown = sorted(set(folder_classes(root / split)) - set(classes))
+    if unknown:
+        raise DataError(f"{root / split} has classes that the training classes lack: {', '.join(unknown[:8])}; "
+                        f"every {split}/ class folder must also be in train/ (labels follow train/'s class list)")
     if train:
         aug = config.augment
         transform = create_transform(
@@ -104,7 +163,7 @@ def build_dataset(config: TrainConfig, train: bool) -> Dataset:
         )
     else:
         transform = eval_transform(data)
-    return ImageDataset(str(root / split), transform=transform)
+    return ImageDataset(str(root / split), transform=transform, class_map={name: i for i, name in enumerate(classes)})
 
 
 def eval_transform(data: DataConfig) -> Callable:

@@ -127,6 +127,8 @@ class Trainer:
         optimizer: (optimizer, scheduler) (default: `build_optimizer_and_schedule`).
         criterion: (mixup or None, criterion) (default: `build_criterion(config, device)`).
         callbacks: Hooks around the loop (default: `default_callbacks(config)`).
+        overwrite: Replace a run already in the output folder instead of refusing to
+            start (a resumed run continues it either way).
 
     Example:
         >>> from vitblocks.train import Trainer, load_recipe
@@ -144,6 +146,7 @@ class Trainer:
         optimizer: tuple[torch.optim.Optimizer, Any] | None = None,
         criterion: tuple[Mixup | None, DistillationLoss] | None = None,
         callbacks: list[Callback] | None = None,
+        overwrite: bool = False,
     ) -> None:
         self.config = config
         self.runtime = rt = distributed.setup()
@@ -168,6 +171,8 @@ class Trainer:
         self.callbacks = list(default_callbacks(config) if callbacks is None else callbacks)
         self.state = TrainingState()
         self.last_good_checkpoint: Path | None = None
+        self.overwrite = overwrite
+        self.resumed = False
 
     def _wrap_for_training(self, model: nn.Module) -> nn.Module:
         config, rt = self.config, self.runtime
@@ -218,6 +223,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "ema": self.ema.module.state_dict() if self.ema else None,
             **self.state.state_dict(),
+            "classes": list(self.data.classes),
             "config": to_dict(self.config),
             "rng": ckpt.rng_state(),
         }
@@ -242,6 +248,10 @@ class Trainer:
     def resume(self, path: str | Path) -> None:
         """Continue from a checkpoint written by `save`.
 
+        The learning-rate schedule follows the current config: it is rebuilt for this
+        config's epochs and set to the saved step, so resuming a finished run with more
+        epochs gives the extra epochs the learning rates a run of that length has there.
+
         Args:
             path: The checkpoint.
 
@@ -257,14 +267,15 @@ class Trainer:
         except RuntimeError as error:
             raise ckpt.CheckpointError(f"{path} does not fit this model: {str(error).splitlines()[0]}") from error
         self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
         if self.scaler and saved["scaler"]:
             self.scaler.load_state_dict(saved["scaler"])
         if self.ema and saved["ema"]:
             self.ema.module.load_state_dict(saved["ema"])
         self.state.load_state_dict(saved)
+        self.scheduler.step_update(num_updates=self.state.step)
         ckpt.set_rng_state(saved["rng"])
         self.last_good_checkpoint = Path(path)
+        self.resumed = True
 
     # ---- steps -------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -372,8 +383,14 @@ class Trainer:
             TrainingDiverged: On a non-finite loss (earlier checkpoints are kept).
         """
         config, state = self.config, self.state
+        if not self.resumed and not self.overwrite:
+            ckpt.refuse_existing_run(self.output_dir)
+        if state.epoch >= config.epochs and state.history:
+            print(f"the run in {self.output_dir} is already complete: {state.epoch} of {config.epochs} epochs, "
+                  f"best top-1 {state.best_top1:.2f}%. Raise epochs (--set epochs=N) to train further.", flush=True)
+            return {**state.history[-1], "best_top1": state.best_top1}
         if self.runtime.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.prepare_output_dir(self.output_dir)
         self._each("on_fit_start")
         start, images = time.perf_counter(), 0
         with attention_backend(config.model.backend):
@@ -387,9 +404,9 @@ class Trainer:
                 row.update(lr=self.optimizer.param_groups[0]["lr"], train_img_s=train["train_img_s"],
                            epoch_seconds=train["seconds"])
                 improved = state.finish_epoch(row)
-                self.save()
-                if improved:
+                if improved:  # best first: a crash between the writes leaves last.pth behind, never best.pth
                     self.save("best.pth")
+                self.save()
                 self._each("on_epoch_recorded", row)
         if self.runtime.is_main:
             self._finish(time.perf_counter() - start, images)
