@@ -24,6 +24,10 @@ from vitblocks.train.data import DataError, folder_classes
 from vitblocks.train.engine import evaluate
 
 
+WEIGHT_SOURCES = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path")
+"""Model options that load weights from elsewhere; dropped when a model is rebuilt from a checkpoint."""
+
+
 def check_classes(checkpoint: str, state: dict[str, Any], config: TrainConfig) -> list[str] | None:
     """Check that the data's classes are ones the checkpoint's model was trained on.
 
@@ -78,7 +82,10 @@ def run(checkpoint: str, data_root: str | None = None, overrides: list[str] | No
         `val_loss`, `val_top1`, `val_top5` (%).
     """
     state = load_training_checkpoint(checkpoint)
-    config = from_dict(state["config"])
+    stored = state["config"]
+    # the weights come from the checkpoint itself: never follow file paths or downloads named in its config
+    stored["model"]["kwargs"] = {k: v for k, v in stored["model"].get("kwargs", {}).items() if k not in WEIGHT_SOURCES}
+    config = from_dict(stored)
     extra = list(overrides or [])
     if data_root:
         extra += ["data.dataset=imagefolder", f"data.root={data_root!r}"]
@@ -92,7 +99,11 @@ def run(checkpoint: str, data_root: str | None = None, overrides: list[str] | No
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(config)
     model.load_state_dict(weights)
-    data = build_data(config, train=False, classes=classes)
+    try:
+        data = build_data(config, train=False, classes=classes)
+    except DataError as error:
+        raise DataError(error.problem, "Give the dataset root with --data /path/to/dataset (it needs a val/ "
+                                       "folder of class folders), or change the stored config with --set.") from None
     return evaluate(model.to(device), data.val_loader(config), device)
 
 

@@ -62,13 +62,16 @@ def load_weights_only(path: str | os.PathLike, hint: str = "") -> Any:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {os.fspath(path)!r}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{os.fspath(path)!r} is empty (0 bytes): it was never written completely.{hint}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for damaged or unsafe files
+        reason = " ".join(str(error).split()) or "no message"
         raise CheckpointError(
-            f"could not read {os.fspath(path)!r} as a weights-only PyTorch checkpoint ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:200]}). The file may be truncated or corrupt, or contain Python "
-            f"objects other than tensors, which are refused for safety.{hint}"
+            f"could not read {os.fspath(path)!r} as a weights-only PyTorch checkpoint. The file may be truncated "
+            f"or corrupt, or contain Python objects other than tensors, which are refused for safety.{hint} "
+            f"torch said ({type(error).__name__}): {reason}"
         ) from error
 
 

@@ -189,6 +189,9 @@ def update_between_markers(path: str | Path, table: str, markers: tuple[str, str
         SystemExit: If the file has no marker block.
     """
     path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: {path} does not exist; --update writes into an existing page between "
+                         f"{markers[0]} and {markers[1]} lines")
     text = path.read_text()
     start, end = (re.escape(m) for m in markers)
     if not re.search(f"{start}.*{end}", text, flags=re.S):
@@ -225,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tags", action="store_true", help="with --zoo: one row per pretrained tag (model.tag)")
     parser.add_argument("--update", metavar="FILE", help="with --zoo: write the table into FILE between zoo markers")
     args = parser.parse_args(argv)
+    if args.update and not Path(args.update).is_file():
+        update_between_markers(args.update, "")  # says what is missing before any model is measured
     names = _resolve(args.models, tags=args.tags)
     if args.zoo:
         table = zoo_table(names, paper_top1())
@@ -233,8 +238,13 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(table)
         return
+    if args.img_size is not None and args.img_size < 1:
+        raise SystemExit(f"error: --img-size {args.img_size} must be a positive number of pixels")
     for name in names:
-        model = create_model_at_size(name, args.img_size)
+        try:
+            model = create_model_at_size(name, args.img_size)
+        except (ValueError, TypeError) as error:
+            raise SystemExit(f"error: {name} cannot be built at --img-size {args.img_size}: {error}") from None
         size = _input_size(model, args.img_size)
         print(f"{name} @ {size[1]}x{size[2]}")
         print(format_table(summarize(model, args.img_size)))

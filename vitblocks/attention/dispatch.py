@@ -240,7 +240,13 @@ def group_attention(
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     if not isinstance(groups, TokenGroups):
-        groups = TokenGroups(q.shape[1] - num_prefix_tokens, groups, num_prefix_tokens)
+        try:
+            groups = TokenGroups(q.shape[1] - num_prefix_tokens, groups, num_prefix_tokens)
+        except ValueError as error:
+            raise ValueError(
+                f"{error}. group_attention takes (batch, tokens, heads, head_dim) tensors and got "
+                f"{tuple(q.shape)}; if yours are (batch, heads, tokens, head_dim), pass q.transpose(1, 2)"
+            ) from None
     elif groups.num_prefix_tokens + groups.num_tokens != q.shape[1]:
         raise ValueError(
             f"groups describe {groups.num_prefix_tokens} + {groups.num_tokens} tokens "

@@ -225,6 +225,11 @@ class SlicedGroupAttention(nn.Module):
                 "SlicedGroupAttention takes no attn_mask or is_causal: its token groups define the mask; "
                 "use timm.layers.Attention for masked attention"
             )
+        if x.dim() != 3 or x.shape[-1] != self.qkv.in_features:
+            raise ValueError(f"SlicedGroupAttention expects tokens of shape (batch, tokens, {self.qkv.in_features}), "
+                             f"got {tuple(x.shape)}; flatten a (B, C, H, W) map with x.flatten(2).transpose(1, 2)")
+        if loop < 0:
+            raise ValueError(f"loop={loop} must be >= 0")
         batch, length, channels = x.shape
         num_tokens = length - self.num_prefix_tokens
         if plan is None:

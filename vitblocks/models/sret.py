@@ -234,6 +234,15 @@ class SReT(nn.Module):
         super().__init__()
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool={global_pool!r}: SReT supports 'avg' or ''")
+        if isinstance(img_size, bool) or not (isinstance(img_size, int) or (
+                isinstance(img_size, Sequence) and len(img_size) == 2 and all(isinstance(s, int) for s in img_size))):
+            raise TypeError(f"img_size={img_size!r} must be an int or a (height, width) pair of ints")
+        if min((img_size,) if isinstance(img_size, int) else img_size) < 1:
+            raise ValueError(f"img_size={img_size!r} must be positive")
+        for name, value in (("loops", loops), ("unique_blocks", unique_blocks)):
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+                   for v in ((value,) if isinstance(value, int) else value)):
+                raise ValueError(f"{name}={value!r}: every entry must be an int >= 1")
         if attn_backend is not None:
             warnings.warn("SReT(attn_backend=...) is now SReT(backend=...)", FutureWarning, stacklevel=2)
             backend = backend if backend is not None else attn_backend

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 trainer.resume(args.resume)
             elif last.is_file():
                 trainer.resume(last)
-        trainer.fit(progress=not args.no_progress)
+        trainer.fit(progress=not args.no_progress and sys.stderr.isatty())  # no bar in logs: one line per epoch
     except (ConfigError, DataError, CheckpointError, TrainingDiverged, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -40,9 +40,18 @@ def build_model(config: TrainConfig, device: torch.device | str = "cpu") -> nn.M
     Returns:
         The model with the configured activation checkpointing (img_size is passed only
         to models that take it).
+
+    Raises:
+        ConfigError: If the model refuses its arguments (an image too small for its
+            groups, a bad option value), with the model's reason.
     """
-    model = create_model_at_size(config.model.name, config.data.img_size,
-                                 **dict(config.model.kwargs, num_classes=config.data.num_classes)).to(device)
+    try:
+        model = create_model_at_size(config.model.name, config.data.img_size,
+                                     **dict(config.model.kwargs, num_classes=config.data.num_classes))
+    except (ValueError, TypeError) as error:  # the model's own argument checks
+        raise ConfigError(f"{config.model.name} cannot be built from this config "
+                          f"(data.img_size={config.data.img_size}, model.kwargs={config.model.kwargs}): {error}") from None
+    model = model.to(device)
     if config.model.grad_checkpointing:
         model.set_grad_checkpointing(config.model.grad_checkpointing)
     return model

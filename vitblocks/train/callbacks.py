@@ -139,6 +139,38 @@ class MetricsLogging(Callback):
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
 
+class RunHeader(Callback):
+    """Print what a run is before it starts: model size, data, device, precision, output."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if not trainer.runtime.is_main:
+            return
+        config, data = trainer.config, trainer.data
+        params = sum(p.numel() for p in trainer.model.parameters())
+        size, training = f"{params:,} parameters", trainer.model.training
+        try:
+            from vitblocks.summary import summarize
+
+            with torch.random.fork_rng(devices=[]):  # a resumed run's random streams stay untouched
+                macs = summarize(trainer.model, config.data.img_size)[-1].macs
+            size += f", {macs / 1e9:.3f} GMACs per image at {config.data.img_size} px"
+        except Exception:  # noqa: BLE001 - a model the counter cannot run (e.g. on a GPU): its size is enough
+            pass
+        finally:
+            trainer.model.train(training)
+        source = config.data.dataset + (f" {config.data.root}" if config.data.dataset == "imagefolder" else "")
+        start = "resuming at " if trainer.resumed else ""
+        print(
+            f"model    {config.model.name}: {size}\n"
+            f"data     {source}: {len(data.train_set):,} train / {len(data.val_set):,} val images, "
+            f"{len(data.classes)} classes\n"
+            f"runs on  {trainer.device} x {trainer.runtime.world_size}, {config.precision}, "
+            f"attention backend {config.model.backend}\n"
+            f"output   {trainer.output_dir} ({start}epoch {trainer.state.epoch + 1} of {config.epochs})",
+            flush=True,
+        )
+
+
 def default_callbacks(config: TrainConfig) -> list[Callback]:
     """The callbacks every run has unless told otherwise.
 
@@ -146,6 +178,7 @@ def default_callbacks(config: TrainConfig) -> list[Callback]:
         config: The experiment.
 
     Returns:
-        Divergence stop, checkpoint cadence, EMA evaluation and metrics logging.
+        Run header, divergence stop, checkpoint cadence, EMA evaluation and metrics logging.
     """
-    return [DivergenceStop(), CheckpointCadence(config.checkpoint.every_steps), EmaEvaluation(), MetricsLogging()]
+    return [RunHeader(), DivergenceStop(), CheckpointCadence(config.checkpoint.every_steps), EmaEvaluation(),
+            MetricsLogging()]

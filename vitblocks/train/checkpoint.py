@@ -12,9 +12,11 @@ import torch
 from vitblocks.io import CheckpointError, load_weights_only, save_atomic
 
 __all__ = [
+    "RESUME_KEYS",
     "RUN_FILES",
     "CheckpointError",
     "RunExistsError",
+    "incompatible_changes",
     "load_training_checkpoint",
     "prepare_output_dir",
     "refuse_existing_run",
@@ -29,6 +31,32 @@ RUN_FILES = ("last.pth", "best.pth", "metrics.csv", "model.safetensors")
 
 class RunExistsError(CheckpointError):
     """The output folder already holds a run, and neither resuming nor overwriting was asked for."""
+
+
+RESUME_KEYS = (("model", "name"), ("model", "kwargs"), ("data", "num_classes"), ("optim", "opt"))
+"""Config fields a checkpoint's model and optimizer state depend on: a resumed run must keep them."""
+
+
+def incompatible_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The fields of `RESUME_KEYS` that differ between a checkpoint's config and the current one.
+
+    Args:
+        saved: The checkpoint's config (`to_dict` output).
+        current: The current config, the same way.
+
+    Returns:
+        One "path: checkpoint X, now Y" line per difference.
+
+    Example:
+        >>> print(*incompatible_changes({"optim": {"opt": "adamw"}}, {"optim": {"opt": "sgd"}}))
+        optim.opt: 'adamw' in the checkpoint, 'sgd' now
+    """
+    changes = []
+    for section, key in RESUME_KEYS:
+        before, now = saved.get(section, {}).get(key), current.get(section, {}).get(key)
+        if before is not None and before != now:
+            changes.append(f"{section}.{key}: {before!r} in the checkpoint, {now!r} now")
+    return changes
 
 
 def refuse_existing_run(output_dir: Path) -> None:

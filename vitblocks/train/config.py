@@ -276,7 +276,94 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"{path}={values[path]!r} must be >= 1")
     if config.distill.kind != "none" and not config.distill.teacher:
         raise ConfigError(f"distill.kind={config.distill.kind!r} needs distill.teacher (a timm model name)")
+    for path, low, high in _RANGES:
+        value = values[path]
+        if value is not None and not low(value) or high is not None and value is not None and not high(value):
+            raise ConfigError(f"{path}={value!r} {_RANGE_TEXT[path]}")
+    for path in ("data.mean", "data.std"):
+        if len(values[path]) != 3:
+            raise ConfigError(f"{path}={values[path]!r} needs one value per image channel (3)")
+    check_model_name(config.model.name)
     check_model_options(config.model)
+    check_optimizer_and_schedule(config.optim.opt, config.schedule.sched)
+
+
+_RANGES = (
+    ("optim.lr", lambda v: v > 0, None),
+    ("optim.lr_per_512", lambda v: v > 0, None),
+    ("optim.weight_decay", lambda v: v >= 0, None),
+    ("data.workers", lambda v: v >= 0, None),
+    ("data.val_fraction", lambda v: v > 0, lambda v: v < 1),
+    ("data.crop_pct", lambda v: v > 0, lambda v: v <= 1),
+    ("augment.mixup", lambda v: v >= 0, None),
+    ("augment.cutmix", lambda v: v >= 0, None),
+    ("augment.re_prob", lambda v: v >= 0, lambda v: v <= 1),
+    ("augment.label_smoothing", lambda v: v >= 0, lambda v: v < 1),
+    ("schedule.warmup_epochs", lambda v: v >= 0, None),
+    ("ema_decay", lambda v: v > 0, lambda v: v < 1),
+)
+_RANGE_TEXT = {
+    "optim.lr": "must be > 0 (or None to scale optim.lr_per_512 with the batch)",
+    "optim.lr_per_512": "must be > 0",
+    "optim.weight_decay": "must be >= 0",
+    "data.workers": "must be >= 0 (0 loads data in the main process)",
+    "data.val_fraction": "must be between 0 and 1 (exclusive): the share of the digits held out for validation",
+    "data.crop_pct": "must be in (0, 1]",
+    "augment.mixup": "must be >= 0 (0 turns mixup off)",
+    "augment.cutmix": "must be >= 0 (0 turns CutMix off)",
+    "augment.re_prob": "must be a probability in [0, 1]",
+    "augment.label_smoothing": "must be in [0, 1)",
+    "schedule.warmup_epochs": "must be >= 0",
+    "ema_decay": "must be in (0, 1), e.g. 0.9998 (or None for no EMA)",
+}
+# timm builds these schedules (create_scheduler_v2); used only to suggest a name
+_SCHEDULE_NAMES = ("cosine", "tanh", "step", "constant", "multistep", "plateau", "poly", "rsqrt")
+
+
+def _did_you_mean(name: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a model name that is not registered with timm, suggesting close ones.
+
+    Args:
+        name: A timm model name (vitblocks models included), optionally with a tag.
+
+    Raises:
+        ConfigError: For an unknown name.
+    """
+    import vitblocks.models  # noqa: F401  (its registrations; already done by `import vitblocks`)
+
+    if not timm.is_model(name):
+        raise ConfigError(f"model.name={name!r} is not a registered model{_did_you_mean(name, timm.list_models())} "
+                          "(python -m vitblocks.summary 'sret*' lists vitblocks' models)")
+
+
+@functools.lru_cache(maxsize=None)
+def check_optimizer_and_schedule(opt: str, sched: str) -> None:
+    """Refuse an optimizer timm does not register or a schedule timm cannot build.
+
+    Args:
+        opt: `optim.opt`.
+        sched: `schedule.sched`.
+
+    Raises:
+        ConfigError: Naming the value, with suggestions.
+    """
+    from timm.optim import list_optimizers
+    from timm.scheduler import create_scheduler_v2
+
+    names = list_optimizers()
+    if opt.lower().split("_")[-1] not in names:
+        raise ConfigError(f"optim.opt={opt!r} is not one of timm's optimizers{_did_you_mean(opt, names)}")
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    try:
+        create_scheduler_v2(probe, sched, num_epochs=2, updates_per_epoch=1)
+    except Exception:  # noqa: BLE001 - timm raises differently for unknown or malformed names
+        raise ConfigError(f"schedule.sched={sched!r} is not a schedule timm builds"
+                          f"{_did_you_mean(sched, _SCHEDULE_NAMES)} (one of {', '.join(_SCHEDULE_NAMES)})") from None
 
 
 # arguments timm.create_model and its builders take besides the model class's own
@@ -324,9 +411,7 @@ def check_model_options(model: ModelConfig) -> None:
     known = model_options(model.name) if model.kwargs else None
     for key in model.kwargs if known else ():
         if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(close)}?" if close else ""
-            raise ConfigError(f"model.kwargs.{key}: {model.name} takes no option {key!r}{hint}")
+            raise ConfigError(f"model.kwargs.{key}: {model.name} takes no option {key!r}{_did_you_mean(key, sorted(known))}")
 
 
 def iter_fields(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any]]:
@@ -578,7 +663,12 @@ def load_recipe(path: str | Path) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no recipe at {str(path)!r}; recipes are Python files such as recipes/quickstart.py")
-    namespace = runpy.run_path(str(path))
+    try:
+        namespace = runpy.run_path(str(path))
+    except SyntaxError as error:
+        raise ConfigError(f"{error.filename}:{error.lineno}: {error.msg} (the recipe is not valid Python)") from None
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     config = namespace.get("config")
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"{path} must assign a vitblocks.train.TrainConfig to the name 'config'")

@@ -17,7 +17,21 @@ _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".
 
 
 class DataError(FileNotFoundError):
-    """A dataset folder that is missing or has no images."""
+    """A dataset folder that is missing or has no images.
+
+    Args:
+        message: What is wrong.
+        advice: What to do, for the trainer's command line (eval gives its own).
+    """
+
+    def __init__(self, message: str, advice: str = "") -> None:
+        super().__init__(f"{message}\n{advice}" if advice else message)
+        self.problem, self.advice = message, advice
+
+
+_TRAINER_ADVICE = ("Point the recipe at your copy with --set data.root=/path/to/imagenet, check the recipe first "
+                   "with --smoke (synthetic data), or try the offline quickstart: "
+                   "python -m vitblocks.train recipes/quickstart.py")
 
 
 def _layout_help(root: Path, split: str) -> str:
@@ -25,10 +39,7 @@ def _layout_help(root: Path, split: str) -> str:
         f"expected an ImageFolder tree at {root}:\n"
         f"    {root}/train/<class name>/<image>.jpg\n"
         f"    {root}/val/<class name>/<image>.jpg\n"
-        f"but {root / split} {'does not exist' if not (root / split).exists() else 'holds no images in class folders'}.\n"
-        "Point the recipe at your copy with --set data.root=/path/to/imagenet, check the recipe first "
-        "with --smoke (synthetic data), or try the offline quickstart: "
-        "python -m vitblocks.train recipes/quickstart.py"
+        f"but {root / split} {'does not exist' if not (root / split).exists() else 'holds no images in class folders'}."
     )
 
 
@@ -47,7 +58,7 @@ def check_image_folder(root: Path, split: str) -> None:
         for class_dir in folder.iterdir():
             if class_dir.is_dir() and any(p.suffix.lower() in _IMAGE_SUFFIXES for p in class_dir.iterdir()):
                 return
-    raise DataError(_layout_help(root, split))
+    raise DataError(_layout_help(root, split), _TRAINER_ADVICE)
 
 
 def folder_classes(folder: Path) -> list[str]:
@@ -163,7 +174,36 @@ def build_dataset(config: TrainConfig, train: bool, classes: list[str] | None = 
         )
     else:
         transform = eval_transform(data)
+    check_images_open(root / split)
     return ImageDataset(str(root / split), transform=transform, class_map={name: i for i, name in enumerate(classes)})
+
+
+def check_images_open(folder: Path, per_class: int = 1) -> None:
+    """Open the first image(s) of each class folder, so unreadable data fails before training.
+
+    Args:
+        folder: A split folder.
+        per_class: Images tried per class.
+
+    Raises:
+        DataError: If none of the tried images opens, naming them and why.
+    """
+    from PIL import Image
+
+    tried: list[str] = []
+    for class_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
+        images = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)[:per_class]
+        for image in images:
+            try:
+                with Image.open(image) as handle:
+                    handle.verify()
+                return
+            except Exception as error:  # noqa: BLE001 - PIL raises many types for unreadable files
+                tried.append(f"{image} ({type(error).__name__}: {' '.join(str(error).split())[:120]})")
+    if tried:
+        raise DataError(f"no image in {folder} could be read; tried: " + "; ".join(tried[:5])
+                        + (f"; and {len(tried) - 5} more" if len(tried) > 5 else "")
+                        + ". Check that the files are images (not empty, truncated, or of another format).")
 
 
 def eval_transform(data: DataConfig) -> Callable:

@@ -240,7 +240,14 @@ class Trainer:
         if not self.runtime.is_main:
             return None
         path = self.output_dir / name
-        ckpt.save_atomic(self.state_dict(), path)
+        try:
+            ckpt.save_atomic(self.state_dict(), path)
+        except (OSError, RuntimeError) as error:  # a full disk reaches torch.save as a RuntimeError
+            kept = f"the previous {name} is intact" if path.exists() else f"no {name} was written"
+            raise ckpt.CheckpointError(
+                f"could not write {path} ({' '.join(str(error).split())[:300]}); {kept}. Free some space or "
+                "choose another --output-dir, then continue with --resume auto."
+            ) from error
         if name == "last.pth":
             self.last_good_checkpoint = path
         return path
@@ -259,13 +266,17 @@ class Trainer:
             CheckpointError: If the file is damaged or belongs to a different model.
         """
         saved = ckpt.load_training_checkpoint(path)
-        saved_model = saved["config"]["model"]["name"]
-        if saved_model != self.config.model.name:
-            raise ckpt.CheckpointError(f"{path} is a checkpoint of {saved_model!r}, not {self.config.model.name!r}")
+        differences = ckpt.incompatible_changes(saved["config"], to_dict(self.config))
+        if differences:
+            raise ckpt.CheckpointError(
+                f"{path} was written by a run that differs from this config in what the saved state depends on: "
+                + "; ".join(differences) + ". Resume with the checkpoint's values, or start a new run elsewhere."
+            )
         try:
             self.model.load_state_dict(saved["model"])
         except RuntimeError as error:
-            raise ckpt.CheckpointError(f"{path} does not fit this model: {str(error).splitlines()[0]}") from error
+            detail = " ".join(str(error).split())[:600]
+            raise ckpt.CheckpointError(f"{path} does not fit this model: {detail}") from error
         self.optimizer.load_state_dict(saved["optimizer"])
         if self.scaler and saved["scaler"]:
             self.scaler.load_state_dict(saved["scaler"])
