@@ -3,7 +3,7 @@
     python -m benchmarks.run --suite cpu                 # writes benchmarks/results/cpu/
     python -m benchmarks.run --suite cuda --precision bf16 --compile   # batch 256 train, 1024 infer
     python -m benchmarks.run --suite cpu --compile       # adds torch.compile and compile_regions rows (minutes)
-    python -m benchmarks.run --suite cpu --quick         # seconds, to check the harness
+    python -m benchmarks.run --suite cpu --quick         # minutes: checks the harness; results/cpu-quick/
 
 Every number is measured in this one process, with warm-up, several repetitions and the
 median / IQR; ratios compare rows of the same run. The naive baseline is SReT-T as the
@@ -195,6 +195,24 @@ def mac_ratio(name: str, img_size: int = 224) -> str:
     return f"{unsliced:.3f}/{sliced:.3f} = {unsliced / sliced:.2f}x"
 
 
+def default_out(suite: str, quick: bool) -> Path:
+    """Where a run writes its report by default.
+
+    Args:
+        suite: "cpu" or "cuda".
+        quick: A `--quick` harness check, which gets its own folder so that it never
+            overwrites a full run's report.
+
+    Returns:
+        `benchmarks/results/<suite>` or `benchmarks/results/<suite>-quick`.
+    """
+    return Path(__file__).parent / "results" / (suite + ("-quick" if quick else ""))
+
+
+QUICK_NOTE = ("HARNESS CHECK (--quick): tiny inputs, 1 warm-up and 2 repetitions; these ratios say nothing "
+              "about speed. Run without --quick for figures.")
+
+
 def ratios(results: list[Result]) -> list[str]:
     """The target ratios, each computed from two rows of this run.
 
@@ -305,12 +323,15 @@ def main(argv: list[str] | None = None) -> int:
         args.img_size, args.warmup, args.repeats = 64, 1, 2
     args.batch_size = args.batch_size or (2 if args.quick else 8 if args.suite == "cpu" else 256)
     args.infer_batch_size = args.infer_batch_size or (args.batch_size if args.suite == "cpu" else 1024)
-    out = args.out or Path(__file__).parent / "results" / args.suite
+    out = args.out or default_out(args.suite, args.quick)
     results = run_suite(args)
     batch = (f"batch {args.batch_size}" if args.batch_size == args.infer_batch_size
              else f"batch {args.batch_size} train / {args.infer_batch_size} infer")
     where = torch.cuda.get_device_name() if args.suite == "cuda" else args.suite
-    write_report(results, ratios(results), environment(args), out, f"{where}, {args.precision}, {batch}, {args.img_size}px")
+    lines = ratios(results)
+    if args.quick:
+        lines = [QUICK_NOTE] + lines
+    write_report(results, lines, environment(args), out, f"{where}, {args.precision}, {batch}, {args.img_size}px")
     print((out / "results.md").read_text())
     return 0
 

@@ -21,6 +21,10 @@ def test_quick_cpu_suite_writes_tables_ratios_and_plot(tmp_path):
     assert all(float(r["img_s"]) > 0 for r in rows)
     report = (tmp_path / "results.md").read_text()
     assert "optimized / naive" in report and "sliced / unsliced" in report and '"torch"' in report
+    assert report.index("HARNESS CHECK (--quick)") < report.index("optimized / naive")  # ratios marked meaningless
+    from benchmarks.run import default_out
+
+    assert default_out("cpu", quick=True).name == "cpu-quick" and default_out("cpu", quick=False).name == "cpu"
     for plot in ("throughput.png", "memory.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
 

@@ -125,7 +125,7 @@ def test_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not a vitblocks training checkpoint"):
         trainer.resume(tmp_path / "other.pth")
     other = Trainer(tiny_config(tmp_path / "x", model=type(trainer.config.model)("sret_lt", kwargs=trainer.config.model.kwargs)))
-    with pytest.raises(CheckpointError, match="checkpoint of 'sret_t', not 'sret_lt'"):
+    with pytest.raises(CheckpointError, match="model.name: 'sret_t' in the checkpoint, 'sret_lt' now"):
         other.resume(tmp_path / "run" / "last.pth")
 
 
@@ -156,6 +156,7 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path):
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Grad strides do not match bucket view strides" not in result.stderr
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key

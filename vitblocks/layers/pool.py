@@ -6,6 +6,11 @@ import torch
 from torch import nn
 
 
+def _channels_last_strides(shape: torch.Size) -> tuple[int, ...]:
+    out, channels, height, width = shape
+    return (channels * height * width, 1, width * channels, channels)
+
+
 class ConvPool(nn.Module):
     """Halve the resolution and widen the channels with a grouped convolution.
 
@@ -41,6 +46,13 @@ class ConvPool(nn.Module):
             raise ValueError(f"out_dim={out_dim} must be a multiple of in_dim={in_dim}")
         self.conv = nn.Conv2d(in_dim, out_dim, stride + 1, stride=stride, padding=stride // 2, groups=in_dim,
                               device=device, dtype=dtype)
+        # Its input is channels-last (see ConvStem), so autograd lays the weight's gradient out channels-last;
+        # giving the weight those strides too (the same tensor: its channel dimension has size 1) lets DDP's
+        # gradient buckets match without a copy or a stride warning.
+        weight = self.conv.weight.data
+        laid_out = torch.empty_strided(weight.shape, _channels_last_strides(weight.shape), dtype=weight.dtype,
+                                       device=weight.device)
+        self.conv.weight.data = laid_out.copy_(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map (B, in_dim, H, W) to (B, out_dim, H', W')."""

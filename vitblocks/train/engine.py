@@ -178,7 +178,9 @@ class Trainer:
         config, rt = self.config, self.runtime
         train_model: nn.Module = model
         if rt.distributed:
-            train_model = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
+            # gradients as views of DDP's buckets: the channels-last stem's gradients then need no stride match
+            train_model = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                                                  gradient_as_bucket_view=True)
         if config.model.compile == "regional":
             try:
                 compile_regions(model)  # in place, so the DDP wrapper runs the compiled blocks
