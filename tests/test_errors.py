@@ -2,7 +2,6 @@
 message naming the bad value, and no traceback. Most run the command-line entry points
 in this process (the same code the console runs); a few run the real subprocess."""
 
-from pathlib import Path
 
 import pytest
 import torch
