@@ -132,3 +132,13 @@ def test_best_is_written_before_last_so_a_crash_between_them_leaves_a_consistent
     for key in expected["model"]:
         assert torch.equal(final_best["model"][key], expected["model"][key]), key
     assert os.path.getsize(run / "metrics.csv") > 0
+
+
+def test_temporary_files_of_a_killed_write_are_removed_when_a_run_starts(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = [run / ".last.pth.k2j3h.tmp", run / ".best.pth.x9.tmp"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    Trainer(tiny_config(run, epochs=1)).fit(progress=False)
+    assert not any(path.exists() for path in stale) and (run / "last.pth").is_file()
