@@ -58,12 +58,12 @@ def stages(out: Path, dry_run: bool) -> list[Stage]:
     Returns:
         The stages.
     """
-    train = ["-m", "vitblocks.train", "recipes/sret_pit.py", "--set", "data.dataset=synthetic",
+    train = ["-m", "vitblocks.train", "recipes/sret_pit.py", "--overwrite", "--set", "data.dataset=synthetic",
              "augment.repeated_aug=False", "log_every=1000000"]
     if dry_run:
         train += ["data.img_size=64", "data.synthetic_samples=16", "data.batch_size=8", "data.workers=0",
                   "epochs=1", "precision=fp32"]
-        bench = ["--suite", "cpu", "--quick"]
+        bench = ["--suite", "cpu", "--quick", "--groups", "vs_naive"]  # the full --quick run has its own test
         profile = ["--device", "cpu", "--batch-size", "2", "--img-size", "64", "--precision", "fp32", "--steps", "1"]
         compile_time = []
     else:  # 20 steps per epoch x 10 epochs = 200 steps of 256 images at 224 px
