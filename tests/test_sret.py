@@ -200,3 +200,25 @@ def test_torch_compile_matches_eager():
 
 def test_sret_is_exported_at_top_level():
     assert vitblocks.SReT is SReT
+
+
+@pytest.mark.parametrize("name", timm.list_models("sret*", include_tags=True))
+def test_pretrained_cfg_is_a_model_card_consistent_with_the_model(name):
+    cfg = timm.models.get_pretrained_cfg(name)
+    assert cfg.origin_url == "https://github.com/szq0214/SReT" and cfg.paper_ids == "arXiv:2111.05297"
+    assert cfg.license == "mit" and cfg.notes
+    model = timm.create_model(name.split(".")[0]).eval()
+    size = cfg.input_size[-1]
+    if size <= 224:  # the 384/512 maps follow the same stage_grids rule; 224 keeps the test quick
+        with torch.no_grad():
+            features = model.forward_features(torch.zeros(1, *cfg.input_size))
+        assert tuple(features.shape[-2:]) == cfg.pool_size
+        assert features.shape[1] == model.num_features == model.head_hidden_size
+    assert cfg.pool_size == (size // 32, size // 32)
+    assert model.get_submodule(cfg.first_conv).in_channels == 3
+    assert model.get_submodule(cfg.classifier) is model.get_classifier()
+
+
+def test_pretrained_without_weights_says_how_to_load_the_official_ones():
+    with pytest.raises(ValueError, match=r"sret_t has no weights to download.*load_official_checkpoint.*pretrained_cfg_overlay"):
+        timm.create_model("sret_t", pretrained=True)

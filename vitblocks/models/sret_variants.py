@@ -20,7 +20,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_model_deprecations
 
 from vitblocks.models.official import convert_official_state_dict, is_official_state_dict, resize_position_weight
-from vitblocks.models.sret import SReT
+from vitblocks.models.sret import SReT, stage_grids
+
+_WEIGHT_KEYS = ("file", "url", "state_dict", "hf_hub_id")
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: SReT) -> dict[str, torch.Tensor]:
@@ -39,6 +41,14 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: SReT) -> di
 
 
 def _create_sret(variant: str, pretrained: bool = False, **kwargs: Any) -> SReT:
+    if pretrained:
+        sources = [kwargs.get("pretrained_cfg_overlay") or {}, kwargs.get("pretrained_cfg")]
+        if not any(isinstance(s, dict) and any(s.get(k) for k in _WEIGHT_KEYS) for s in sources):
+            raise ValueError(
+                f"{variant} has no weights to download. Load an official SReT checkpoint with "
+                f"vitblocks.models.official.load_official_checkpoint(path, {variant!r}), or any checkpoint with "
+                f"timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file=path))"
+            )
     out_indices = kwargs.pop("out_indices", (0, 1, 2))
     return build_model_with_cfg(
         SReT,
@@ -50,13 +60,14 @@ def _create_sret(variant: str, pretrained: bool = False, **kwargs: Any) -> SReT:
     )
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
+def _cfg(release: str = "", size: int = 224, **kwargs: Any) -> dict[str, Any]:
+    """A pretrained cfg: `release` names the official model whose released weights the tag is."""
     return {
         "url": "",
         "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
+        "input_size": (3, size, size),
+        "pool_size": stage_grids((size, size), 3)[-1],
+        "crop_pct": 0.875 if size == 224 else 1.0,
         "interpolation": "bicubic",
         "fixed_input_size": False,
         "mean": IMAGENET_DEFAULT_MEAN,
@@ -64,29 +75,31 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
         "first_conv": "patch_embed.conv1",
         "classifier": "head",
         "license": "mit",
+        "origin_url": "https://github.com/szq0214/SReT",
+        "paper_name": "Sliced Recursive Transformer",
+        "paper_ids": "arXiv:2111.05297",
+        "notes": (f"weights: the official {release} release (linked from the SReT README); load the file with "
+                  "vitblocks.models.official.load_official_checkpoint or pretrained_cfg_overlay=dict(file=...)",)
+        if release else ("no official weights were released for this variant",),
         **kwargs,
     }
 
 
-def _cfg_384(**kwargs: Any) -> dict[str, Any]:
-    return _cfg(input_size=(3, 384, 384), crop_pct=1.0, **kwargs)
-
-
 default_cfgs = generate_default_cfgs({
-    "sret_t.in1k": _cfg(),
-    "sret_t.distill_in1k": _cfg(),
-    "sret_t_unsliced.in1k": _cfg(),
-    "sret_t_unsliced.distill_in1k": _cfg(),
+    "sret_t.in1k": _cfg("SReT_T"),
+    "sret_t.distill_in1k": _cfg("SReT_T_Distill"),
+    "sret_t_unsliced.in1k": _cfg("SReT_*T (without slice)"),
+    "sret_t_unsliced.distill_in1k": _cfg("SReT_*T_Distill (without slice)"),
     "sret_lt.in1k": _cfg(),
-    "sret_lt.distill_in1k": _cfg(),
-    "sret_lt_unsliced.in1k": _cfg(),
-    "sret_lt_unsliced.distill_in1k": _cfg(),
-    "sret_lt_g16_14_1.in1k": _cfg(),
-    "sret_s.in1k": _cfg(),
-    "sret_s_unsliced.in1k": _cfg(),
-    "sret_t_unsliced_384.in1k": _cfg_384(),
-    "sret_s_unsliced_384.in1k": _cfg_384(),
-    "sret_s_unsliced_512.in1k": _cfg(input_size=(3, 512, 512), crop_pct=1.0),
+    "sret_lt.distill_in1k": _cfg("SReT_LT_Distill"),
+    "sret_lt_unsliced.in1k": _cfg("SReT_*LT (without slice)"),
+    "sret_lt_unsliced.distill_in1k": _cfg("SReT_*LT_Distill (without slice)"),
+    "sret_lt_g16_14_1.in1k": _cfg("SReT_LT [16-14-1,1-1-1]"),
+    "sret_s.in1k": _cfg("SReT_S"),
+    "sret_s_unsliced.in1k": _cfg("SReT_*S (without slice)"),
+    "sret_t_unsliced_384.in1k": _cfg("SReT_*T_Distill_Finetune384", size=384),
+    "sret_s_unsliced_384.in1k": _cfg("SReT_*S_Distill_Finetune384", size=384),
+    "sret_s_unsliced_512.in1k": _cfg("SReT_*S_Distill_Finetune512", size=512),
 })
 
 _TINY = dict(embed_dims=(64, 128, 256), num_heads=(2, 4, 8), unique_blocks=(2, 5, 3), mlp_ratio=3.6, mix_mlp_ratio=1.0)
