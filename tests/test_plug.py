@@ -201,3 +201,20 @@ def test_plugged_sliced_variant_runs_compiled_regions_like_eager():
         expected = model(x)
         vitblocks.compile_regions(model)
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_timm_attn_mask_passes_through_recursion():
+    model = timm.create_model("deit_tiny_rec_patch16_224", img_size=32, patch_size=8, depth=2).eval()
+    x, tokens = images(32, batch=2), 17
+    with torch.no_grad():
+        plain = model.forward_features(x)
+        torch.testing.assert_close(model.forward_features(x, attn_mask=torch.ones(tokens, tokens, dtype=torch.bool)), plain)
+        causal = torch.ones(tokens, tokens, dtype=torch.bool).tril()
+        assert not torch.allclose(model.forward_features(x, attn_mask=causal), plain)
+    model.train().set_grad_checkpointing(False)
+    for recursive in model.blocks:
+        recursive.set_grad_checkpointing("loop")
+    model.forward_features(x, attn_mask=causal).sum().backward()  # through checkpointed loops too
+    sliced = timm.create_model("deit_tiny_rec_sliced_patch16_224", img_size=32, patch_size=8, depth=2).eval()
+    with pytest.raises(ValueError, match="SlicedGroupAttention takes no attn_mask"):
+        sliced.forward_features(x, attn_mask=causal)

@@ -147,23 +147,28 @@ class Recursive(nn.Module):
             return self.mix
         return self.mix[loop]
 
-    def _apply_once(self, x: torch.Tensor, loop: int) -> torch.Tensor:
+    def _apply_once(self, x: torch.Tensor, loop: int, **block_kwargs: Any) -> torch.Tensor:
         if self._compiled is not None and not torch.compiler.is_compiling():
-            return self._compiled(self.block, self.mix_at(loop), x, self._loop_kwargs(x, loop))
-        x = call_with_loop(self.block, x, loop, self._block_takes_loop)
+            return self._compiled(self.block, self.mix_at(loop), x, {**self._loop_kwargs(x, loop), **block_kwargs})
+        if block_kwargs:
+            x = self.block(x, **({"loop": loop} if self._block_takes_loop else {}), **block_kwargs)
+        else:
+            x = call_with_loop(self.block, x, loop, self._block_takes_loop)
         mix = self.mix_at(loop)
         return x if mix is None else mix(x)
 
-    def _apply_checkpointed(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    def _apply_checkpointed(self, x: torch.Tensor, start: int, stop: int, **block_kwargs: Any) -> torch.Tensor:
         for loop in range(start, stop):
-            x = checkpoint(self._apply_once, x, loop, use_reentrant=False)
+            x = checkpoint(self._apply_once, x, loop, use_reentrant=False, **block_kwargs)
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, **block_kwargs: Any) -> torch.Tensor:
         """Apply the block `loops` times.
 
         Args:
             x: Input of the block's expected shape.
+            **block_kwargs: Further arguments for every application of the block, e.g.
+                timm's `attn_mask` (passed by timm's ViT `forward_features`).
 
         Returns:
             The output of the last application (and its mix layer).
@@ -171,14 +176,14 @@ class Recursive(nn.Module):
         mode = self._checkpoint_mode if self.training and torch.is_grad_enabled() else None
         if mode is None:
             for loop in range(self.loops):
-                x = self._apply_once(x, loop)
+                x = self._apply_once(x, loop, **block_kwargs)
         elif mode is CheckpointMode.LOOP or self.loops < 4:
-            x = self._apply_checkpointed(x, 0, self.loops)
+            x = self._apply_checkpointed(x, 0, self.loops, **block_kwargs)
         else:
             segment = math.isqrt(self.loops - 1) + 1  # ceil(sqrt(loops))
             for start in range(0, self.loops, segment):
                 stop = min(start + segment, self.loops)
-                x = checkpoint(self._apply_checkpointed, x, start, stop, use_reentrant=False)
+                x = checkpoint(self._apply_checkpointed, x, start, stop, use_reentrant=False, **block_kwargs)
         return x
 
     def extra_repr(self) -> str:
