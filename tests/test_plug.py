@@ -218,3 +218,41 @@ def test_timm_attn_mask_passes_through_recursion():
     sliced = timm.create_model("deit_tiny_rec_sliced_patch16_224", img_size=32, patch_size=8, depth=2).eval()
     with pytest.raises(ValueError, match="SlicedGroupAttention takes no attn_mask"):
         sliced.forward_features(x, attn_mask=causal)
+
+
+SMALL = {
+    "deit": dict(img_size=32, patch_size=8, embed_dim=16, depth=4, num_heads=1),
+    "pit": dict(img_size=64),
+    "swin": dict(img_size=32, patch_size=2, window_size=4, embed_dim=8, depths=(2, 2), num_heads=(1, 1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_trained_variants_reload_through_timms_weight_paths(name, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+    from timm.models import save_for_hf
+
+    from vitblocks.io import CheckpointError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network: a local folder must not reach the hub
+    kwargs = SMALL[name.split("_")[0]]
+    model = timm.create_model(name, num_classes=3, **kwargs).eval()
+    assert model.pretrained_cfg["architecture"] == model.default_cfg["architecture"] == name
+    x = images(kwargs["img_size"], batch=2)
+    expected = model(x)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    for file in ("w.pth", "w.safetensors"):
+        again = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / file)),
+                                  num_classes=3, **kwargs).eval()
+        torch.testing.assert_close(again(x), expected)
+    five = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "w.pth")),
+                             num_classes=5, **kwargs).eval()  # a new head; every other weight loaded
+    torch.testing.assert_close(five.forward_features(x), model.forward_features(x))
+    assert five(x).shape == (2, 5)
+    save_for_hf(model, str(tmp_path / "hf"), model_args=dict(num_classes=3, **kwargs))
+    torch.testing.assert_close(timm.create_model(f"local-dir:{tmp_path / 'hf'}", pretrained=True).eval()(x), expected)
+    other = "swin_tiny_rec_patch4_window7_224" if not name.startswith("swin") else "deit_tiny_rec_patch16_224"
+    with pytest.raises(CheckpointError, match="do not fit"):
+        timm.create_model(other, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "w.pth")),
+                          num_classes=3, **SMALL[other.split("_")[0]])

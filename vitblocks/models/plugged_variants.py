@@ -1,21 +1,31 @@
 """timm's DeiT-Tiny, PiT-Ti and Swin-T made recursive, registered with timm.
 
-Each variant builds its base model with timm (its pretrained weights included, when
-asked: shared blocks keep their run's first block) and rewrites it with
-`make_recursive`::
+Each variant builds its base model with timm and rewrites it with `make_recursive`::
 
     model = timm.create_model("deit_tiny_rec_sliced_patch16_224", num_classes=10)
+
+With `pretrained=True` the weights come from where timm's own paths say: a file
+(`pretrained_cfg_overlay=dict(file=...)`, .pth or .safetensors), a state dict, or a local
+folder written by `timm.models.save_for_hf` (`timm.create_model("local-dir:/path")`).
+Weights saved from the variant load strictly (a different `num_classes` re-initialises
+only the head); weights of the base model load through `load_base_weights`; with no
+weights named the base model's timm weights are used (shared blocks keep their run's
+first block).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
 from torch import nn
 
-from vitblocks.models.plug import make_recursive
+from vitblocks.io import CheckpointError, read_checkpoint
+from vitblocks.models.plug import load_base_weights, make_recursive
+from vitblocks.models.recursion_plan import RecursionPlan
 
 _PER_LOOP = dict(loops=2, mix="per_loop")
 _SHARED = dict(loops=2, share=True, mix="per_loop")
@@ -43,13 +53,66 @@ def _variant_cfg(base: str) -> dict[str, Any]:
 default_cfgs = generate_default_cfgs({f"{name}.untrained": _variant_cfg(base) for name, (base, _) in VARIANTS.items()})
 
 
+def _weights_named_by(cfg: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The state dict a pretrained cfg points at (a state dict, a file, or a local folder), if any."""
+    if cfg.get("state_dict"):
+        return dict(cfg["state_dict"])
+    location = cfg.get("file")
+    if not location:
+        return None
+    path = Path(location)
+    if cfg.get("source") == "local-dir" or path.is_dir():
+        found = [path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path} holds no model.safetensors or pytorch_model.bin")
+        path = found[0]
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return read_checkpoint(path)
+
+
+def _load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], plan: RecursionPlan, variant: str) -> None:
+    """Load weights saved from the variant itself, or from its base model, refusing what does not fit."""
+    target = model.state_dict()
+    if sum(k in target for k in state_dict) < sum(plan.new_path(k) in target for k in state_dict):
+        try:
+            load_base_weights(model, state_dict, plan)  # the base model's own weights
+        except ValueError as error:
+            raise CheckpointError(f"the base weights do not fit {variant}: {error}") from None
+        return
+    classifier = model.pretrained_cfg.get("classifier") or "head"
+    for suffix in ("weight", "bias"):  # another class count: the head starts afresh, as timm does
+        key = f"{classifier}.{suffix}"
+        if key in state_dict and key in target and state_dict[key].shape != target[key].shape:
+            del state_dict[key]
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as error:  # shapes that differ
+        raise CheckpointError(f"the weights do not fit {variant}: {' '.join(str(error).split())[:400]}") from None
+    missing = [k for k in missing if not k.startswith(classifier + ".")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"the weights do not fit {variant}: {len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} "
+            f"unexpected (e.g. {unexpected[:3]}). Are they for another model or other model arguments?"
+        )
+
+
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     base, recursion = VARIANTS[variant]
-    kwargs.pop("pretrained_cfg", None)  # the variant's cfg; the base resolves its own (overlays still apply)
-    model = timm.create_model(base, pretrained=pretrained, **kwargs)
-    make_recursive(model, **recursion)
-    cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
-    model.pretrained_cfg = {**cfg, "architecture": variant, "tag": "", "hf_hub_id": None, "url": ""}
+    cfg = kwargs.pop("pretrained_cfg", None)
+    cfg = dict(cfg) if isinstance(cfg, dict) else (cfg.to_dict() if hasattr(cfg, "to_dict") else {})
+    cfg.update(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    state_dict = _weights_named_by(cfg) if pretrained else None
+    # without weights of its own the variant starts from the base model's timm weights, if asked
+    model = timm.create_model(base, pretrained=pretrained and state_dict is None, **kwargs)
+    plan = make_recursive(model, **recursion)
+    own = get_pretrained_cfg(variant).to_dict()
+    model.pretrained_cfg = model.default_cfg = {**own, "architecture": variant, "tag": own.get("tag") or "untrained",
+                                                "hf_hub_id": None, "url": ""}
+    if state_dict is not None:
+        _load_weights(model, state_dict, plan, variant)
     return model
 
 
