@@ -326,3 +326,17 @@ def test_the_backend_context_is_per_thread():
     release.set()
     thread.join()
     assert seen == {"main": "auto", "inside": "math"}
+
+
+def test_auto_follows_timms_fused_attention_switch():
+    from timm.layers import set_fused_attn, use_fused_attn
+
+    q = torch.randn(1, 16, 2, 8)
+    before = use_fused_attn()
+    try:
+        set_fused_attn(False)
+        assert auto_order(q)[0].name == "math" and select_backend(q).name == "math"
+        set_fused_attn(True)
+        assert select_backend(q).name == "sdpa"
+    finally:
+        set_fused_attn(before)

@@ -28,6 +28,7 @@ import os
 from collections.abc import Iterator
 
 import torch
+from timm.layers import use_fused_attn
 
 from vitblocks.attention.backends import AttentionBackend
 from vitblocks.attention.groups import TokenGroups
@@ -121,7 +122,9 @@ def auto_order(q: torch.Tensor, kv_len: int | None = None) -> list[AttentionBack
     """The backends `auto` tries for an input, in order; it takes the first that supports it.
 
     Registered backends by priority, with `math` moved to the front where
-    `auto_prefers_math` says so.
+    `auto_prefers_math` says so, or where timm's fused-attention switch is off
+    (`TIMM_FUSED_ATTN=0`, `timm.layers.set_fused_attn(False)`, or timm's exportable mode),
+    as timm's own attention layers then compute attention explicitly.
 
     Args:
         q: Queries of shape (B, N, H, D).
@@ -137,7 +140,8 @@ def auto_order(q: torch.Tensor, kv_len: int | None = None) -> list[AttentionBack
         'math > xformers > sdpa'
     """
     order = list(BACKENDS.values())
-    if "math" in BACKENDS and auto_prefers_math(q, q.shape[1] if kv_len is None else kv_len):
+    explicit = not use_fused_attn() or auto_prefers_math(q, q.shape[1] if kv_len is None else kv_len)
+    if "math" in BACKENDS and explicit:
         order.remove(BACKENDS["math"])
         order.insert(0, BACKENDS["math"])
     return order
