@@ -250,6 +250,9 @@ def test_trained_variants_reload_through_timms_weight_paths(name, tmp_path, monk
                              num_classes=5, **kwargs).eval()  # a new head; every other weight loaded
     torch.testing.assert_close(five.forward_features(x), model.forward_features(x))
     assert five(x).shape == (2, 5)
+    for file in ("w.pth", "w.safetensors"):  # timm's checkpoint_path= loads after building, strictly
+        loaded = timm.create_model(name, num_classes=3, checkpoint_path=str(tmp_path / file), **kwargs).eval()
+        torch.testing.assert_close(loaded(x), expected)
     save_for_hf(model, str(tmp_path / "hf"), model_args=dict(num_classes=3, **kwargs))
     torch.testing.assert_close(timm.create_model(f"local-dir:{tmp_path / 'hf'}", pretrained=True).eval()(x), expected)
     other = "swin_tiny_rec_patch4_window7_224" if not name.startswith("swin") else "deit_tiny_rec_patch16_224"

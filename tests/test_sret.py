@@ -222,3 +222,18 @@ def test_pretrained_cfg_is_a_model_card_consistent_with_the_model(name):
 def test_pretrained_without_weights_says_how_to_load_the_official_ones():
     with pytest.raises(ValueError, match=r"sret_t has no weights to download.*load_official_checkpoint.*pretrained_cfg_overlay"):
         timm.create_model("sret_t", pretrained=True)
+
+
+def test_weights_reload_through_timms_checkpoint_path_and_file_overlay(tmp_path):
+    from safetensors.torch import save_file
+
+    kwargs = dict(img_size=32, num_classes=3, embed_dims=(16, 32, 64), num_heads=(1, 2, 4), groups=((4, 2), (1,), (1,)))
+    model = timm.create_model("sret_t", **kwargs).eval()
+    x = torch.randn(1, 3, 32, 32)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    for file in ("w.pth", "w.safetensors"):
+        for how in (dict(checkpoint_path=str(tmp_path / file)),
+                    # as for timm's own models, the cfg says how many classes the file has (else the head is new)
+                    dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / file), num_classes=3))):
+            torch.testing.assert_close(timm.create_model("sret_t", **kwargs, **how).eval()(x), model(x))
