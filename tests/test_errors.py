@@ -147,3 +147,16 @@ def test_layers_name_the_bad_argument():
     q = torch.randn(1, 2, 49, 8)  # (batch, heads, tokens, head_dim): the wrong layout
     with pytest.raises(ValueError, match=r"takes \(batch, tokens, heads, head_dim\).*q\.transpose\(1, 2\)"):
         group_attention(q, q, q, groups=8)
+
+
+def test_read_checkpoint_takes_safetensors_and_refuses_a_damaged_one(tmp_path):
+    from safetensors.torch import save_file
+
+    from vitblocks.io import CheckpointError, read_checkpoint
+
+    weights = {"w": torch.arange(6.0).view(2, 3)}
+    save_file(weights, str(tmp_path / "w.safetensors"))
+    torch.testing.assert_close(read_checkpoint(tmp_path / "w.safetensors")["w"], weights["w"])
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:20])
+    with pytest.raises(CheckpointError, match="could not read .*cut.safetensors.* as a safetensors file"):
+        read_checkpoint(tmp_path / "cut.safetensors")

@@ -78,7 +78,8 @@ def load_weights_only(path: str | os.PathLike, hint: str = "") -> Any:
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read the state dict in a checkpoint file without unpickling arbitrary objects.
 
-    Accepts a bare state dict or a dict holding one under `model` or `state_dict`.
+    Accepts a `.safetensors` file, or a PyTorch file holding a bare state dict or a dict
+    holding one under `model` or `state_dict`.
 
     Args:
         path: The file.
@@ -91,6 +92,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         CheckpointError: If the file is corrupt, truncated, holds non-tensor objects, or
             holds no state dict.
     """
+    if os.fspath(path).endswith(".safetensors") and os.path.isfile(path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(os.fspath(path))
+        except SafetensorError as error:
+            raise CheckpointError(f"could not read {os.fspath(path)!r} as a safetensors file ({error}); "
+                                  "it may be truncated or corrupt") from error
     checkpoint = load_weights_only(path)
     if isinstance(checkpoint, dict):
         for key in ("model", "state_dict"):

@@ -12,6 +12,28 @@ from torch import nn
 
 
 @functools.lru_cache(maxsize=None)
+def model_parameters(name: str) -> dict[str, inspect.Parameter]:
+    """The parameters of a registered model's class constructor (`self` left out).
+
+    The model is built once per name on the meta device (no memory, no initialisation),
+    or for real when its constructor needs real tensors.
+
+    Args:
+        name: A registered timm model name.
+
+    Returns:
+        Parameter name -> `inspect.Parameter`.
+    """
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+    except Exception:  # noqa: BLE001 - a model whose constructor needs real tensors: build it for real
+        model = timm.create_model(name, pretrained=False)
+    parameters = dict(inspect.signature(type(model).__init__).parameters)
+    parameters.pop("self", None)
+    return parameters
+
+
 def takes_img_size(name: str) -> bool:
     """Whether a registered model is built for an input size (its class takes `img_size`).
 
@@ -26,12 +48,7 @@ def takes_img_size(name: str) -> bool:
         >>> takes_img_size("sret_t"), takes_img_size("resnet18")
         (True, False)
     """
-    try:
-        with torch.device("meta"):  # no memory and no initialisation cost
-            model = timm.create_model(name, pretrained=False)
-    except Exception:  # noqa: BLE001 - a model whose constructor needs real tensors: build it for real
-        model = timm.create_model(name, pretrained=False)
-    return "img_size" in inspect.signature(type(model).__init__).parameters
+    return "img_size" in model_parameters(name)
 
 
 def create_model_at_size(name: str, img_size: int | None = None, **kwargs: Any) -> nn.Module:

@@ -66,10 +66,6 @@ def _weights_named_by(cfg: dict[str, Any]) -> dict[str, torch.Tensor] | None:
         if not found:
             raise FileNotFoundError(f"{path} holds no model.safetensors or pytorch_model.bin")
         path = found[0]
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
     return read_checkpoint(path)
 
 

@@ -276,10 +276,9 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"{path}={values[path]!r} must be >= 1")
     if config.distill.kind != "none" and not config.distill.teacher:
         raise ConfigError(f"distill.kind={config.distill.kind!r} needs distill.teacher (a timm model name)")
-    for path, low, high in _RANGES:
-        value = values[path]
-        if value is not None and not low(value) or high is not None and value is not None and not high(value):
-            raise ConfigError(f"{path}={value!r} {_RANGE_TEXT[path]}")
+    for path, (in_range, allowed) in _RANGES.items():
+        if values[path] is not None and not in_range(values[path]):
+            raise ConfigError(f"{path}={values[path]!r} {allowed}")
     for path in ("data.mean", "data.std"):
         if len(values[path]) != 3:
             raise ConfigError(f"{path}={values[path]!r} needs one value per image channel (3)")
@@ -288,41 +287,30 @@ def validate(config: TrainConfig) -> None:
     check_optimizer_and_schedule(config.optim.opt, config.schedule.sched)
 
 
-_RANGES = (
-    ("optim.lr", lambda v: v > 0, None),
-    ("optim.lr_per_512", lambda v: v > 0, None),
-    ("optim.weight_decay", lambda v: v >= 0, None),
-    ("data.workers", lambda v: v >= 0, None),
-    ("data.val_fraction", lambda v: v > 0, lambda v: v < 1),
-    ("data.crop_pct", lambda v: v > 0, lambda v: v <= 1),
-    ("augment.mixup", lambda v: v >= 0, None),
-    ("augment.cutmix", lambda v: v >= 0, None),
-    ("augment.re_prob", lambda v: v >= 0, lambda v: v <= 1),
-    ("augment.label_smoothing", lambda v: v >= 0, lambda v: v < 1),
-    ("schedule.warmup_epochs", lambda v: v >= 0, None),
-    ("ema_decay", lambda v: v > 0, lambda v: v < 1),
-)
-_RANGE_TEXT = {
-    "optim.lr": "must be > 0 (or None to scale optim.lr_per_512 with the batch)",
-    "optim.lr_per_512": "must be > 0",
-    "optim.weight_decay": "must be >= 0",
-    "data.workers": "must be >= 0 (0 loads data in the main process)",
-    "data.val_fraction": "must be between 0 and 1 (exclusive): the share of the digits held out for validation",
-    "data.crop_pct": "must be in (0, 1]",
-    "augment.mixup": "must be >= 0 (0 turns mixup off)",
-    "augment.cutmix": "must be >= 0 (0 turns CutMix off)",
-    "augment.re_prob": "must be a probability in [0, 1]",
-    "augment.label_smoothing": "must be in [0, 1)",
-    "schedule.warmup_epochs": "must be >= 0",
-    "ema_decay": "must be in (0, 1), e.g. 0.9998 (or None for no EMA)",
+# path -> (whether a value is allowed, what is allowed); None values are checked elsewhere or mean "off"
+_RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "optim.lr": (lambda v: v > 0, "must be > 0 (or None to scale optim.lr_per_512 with the batch)"),
+    "optim.lr_per_512": (lambda v: v > 0, "must be > 0"),
+    "optim.weight_decay": (lambda v: v >= 0, "must be >= 0"),
+    "data.workers": (lambda v: v >= 0, "must be >= 0 (0 loads data in the main process)"),
+    "data.val_fraction": (lambda v: 0 < v < 1,
+                          "must be between 0 and 1 (exclusive): the share of the digits held out for validation"),
+    "data.crop_pct": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "augment.mixup": (lambda v: v >= 0, "must be >= 0 (0 turns mixup off)"),
+    "augment.cutmix": (lambda v: v >= 0, "must be >= 0 (0 turns CutMix off)"),
+    "augment.re_prob": (lambda v: 0 <= v <= 1, "must be a probability in [0, 1]"),
+    "augment.label_smoothing": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "schedule.warmup_epochs": (lambda v: v >= 0, "must be >= 0"),
+    "ema_decay": (lambda v: 0 < v < 1, "must be in (0, 1), e.g. 0.9998 (or None for no EMA)"),
 }
 # timm builds these schedules (create_scheduler_v2); used only to suggest a name
 _SCHEDULE_NAMES = ("cosine", "tanh", "step", "constant", "multistep", "plateau", "poly", "rsqrt")
 
 
-def _did_you_mean(name: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)
-    return f"; did you mean {' or '.join(close)}?" if close else ""
+def _did_you_mean(name: str, choices: typing.Iterable[str], cutoff: float = 0.6, prefix: str = "",
+                  otherwise: str = "") -> str:
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=cutoff)
+    return f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else otherwise
 
 
 def check_model_name(name: str) -> None:
@@ -373,7 +361,6 @@ _CREATE_MODEL_OPTIONS = frozenset({
 })
 
 
-@functools.lru_cache(maxsize=None)
 def model_options(name: str) -> frozenset[str] | None:
     """The keyword arguments a registered model takes, from its class's constructor.
 
@@ -381,22 +368,21 @@ def model_options(name: str) -> frozenset[str] | None:
         name: A registered timm model name.
 
     Returns:
-        The names, or None when they cannot be known (a constructor that takes
-        `**kwargs`, an unknown model, or one that cannot be built on the meta device).
+        The names, or None when they cannot be known (an unknown model, or a
+        constructor that takes `**kwargs`).
     """
     import vitblocks.models  # noqa: F401  (its registrations; already done by `import vitblocks`)
+    from vitblocks.models.create import model_parameters
 
     if not timm.is_model(name):
         return None
     try:
-        with torch.device("meta"):  # no memory, no initialisation
-            model = timm.create_model(name, pretrained=False)
-    except Exception:  # noqa: BLE001 - a model that needs real tensors to build: not checked
+        parameters = model_parameters(name)
+    except Exception:  # noqa: BLE001 - a model that cannot be built with its defaults: not checked
         return None
-    parameters = inspect.signature(type(model).__init__).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return None
-    return frozenset(parameters) - {"self"} | _CREATE_MODEL_OPTIONS
+    return frozenset(parameters) | _CREATE_MODEL_OPTIONS
 
 
 def check_model_options(model: ModelConfig) -> None:
@@ -539,8 +525,7 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
             if not dataclasses.is_dataclass(target) or name not in {f.name for f in dataclasses.fields(target)}:
                 if path in _RENAMED:
                     raise ConfigError(f"config key {path!r} is now {_RENAMED[path]!r}")
-                close = difflib.get_close_matches(path, valid, n=3, cutoff=0.5)
-                hint = f"; did you mean {' or '.join(close)}?" if close else "; see --print-config for all keys"
+                hint = _did_you_mean(path, valid, cutoff=0.5, otherwise="; see --print-config for all keys")
                 raise ConfigError(f"unknown config key {path!r}{hint}")
             if depth == len(parts) - 1:
                 hint = typing.get_type_hints(type(target))[name]
@@ -612,8 +597,7 @@ def _derive(obj: Any, changes: dict[str, Any], prefix: str) -> Any:
     values = {}
     for name, value in changes.items():
         if name not in names:
-            close = difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.5)
-            hint = f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
+            hint = _did_you_mean(name, sorted(names), cutoff=0.5, prefix=prefix)
             raise ConfigError(f"unknown config key {prefix + name!r}{hint}")
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):

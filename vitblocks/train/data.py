@@ -54,11 +54,13 @@ def check_image_folder(root: Path, split: str) -> None:
         DataError: Explaining the expected layout and what to do.
     """
     folder = root / split
-    if folder.is_dir():
-        for class_dir in folder.iterdir():
-            if class_dir.is_dir() and any(p.suffix.lower() in _IMAGE_SUFFIXES for p in class_dir.iterdir()):
-                return
-    raise DataError(_layout_help(root, split), _TRAINER_ADVICE)
+    if not (folder.is_dir() and any(_holds_images(d) for d in folder.iterdir())):
+        raise DataError(_layout_help(root, split), _TRAINER_ADVICE)
+
+
+def _holds_images(folder: Path) -> bool:
+    """Whether a folder is a class folder: a directory with at least one image file."""
+    return folder.is_dir() and any(p.suffix.lower() in _IMAGE_SUFFIXES for p in folder.iterdir())
 
 
 def folder_classes(folder: Path) -> list[str]:
@@ -72,8 +74,7 @@ def folder_classes(folder: Path) -> list[str]:
     """
     if not folder.is_dir():
         return []
-    return sorted(d.name for d in folder.iterdir()
-                  if d.is_dir() and any(p.suffix.lower() in _IMAGE_SUFFIXES for p in d.iterdir()))
+    return sorted(d.name for d in folder.iterdir() if _holds_images(d))
 
 
 def dataset_classes(config: TrainConfig) -> list[str]:
