@@ -23,21 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from vitblocks.attention.groups import GroupRun, TokenGroups
+from vitblocks.attention.scripted import fold_run, with_prefix
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _fold(x: torch.Tensor, run: GroupRun) -> torch.Tensor:
-    """(B, N, H, D) patch tokens -> (B * count, size, H, D) for one run of groups."""
-    b, _, h, d = x.shape
-    return x[:, run.start : run.stop].reshape(b * run.count, run.size, h, d)
-
-
-def _with_prefix(groups_kv: torch.Tensor, prefix_kv: torch.Tensor, count: int) -> torch.Tensor:
-    """Prepend the prefix keys (or values) of each sample to each of its `count` groups."""
-    b, p, h, d = prefix_kv.shape
-    prefix = prefix_kv.unsqueeze(1).expand(b, count, p, h, d).reshape(b * count, p, h, d)
-    return torch.cat([prefix, groups_kv], dim=1)
 
 
 def _folded_runs(
@@ -47,10 +35,10 @@ def _folded_runs(
     and its keys and values with the prefix tokens' keys and values prepended."""
     p = groups.num_prefix_tokens
     for run in groups.runs:
-        qg, kg, vg = (_fold(t[:, p:], run) for t in (q, k, v))
+        qg, kg, vg = (fold_run(t[:, p:], *run) for t in (q, k, v))
         if p:
-            kg = _with_prefix(kg, k[:, :p], run.count)
-            vg = _with_prefix(vg, v[:, :p], run.count)
+            kg = with_prefix(kg, k[:, :p], run.count)
+            vg = with_prefix(vg, v[:, :p], run.count)
         yield run, qg, kg, vg
 
 

@@ -14,7 +14,7 @@ sliced group self-attention; with one group it is full attention.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import List, NamedTuple, Tuple  # TorchScript reads typing's generics
 
 import torch
 
@@ -36,6 +36,34 @@ class GroupRun(NamedTuple):
     def stop(self) -> int:
         """Offset one past the run's last patch token."""
         return self.start + self.count * self.size
+
+
+def group_runs(num_tokens: int, num_groups: int) -> List[Tuple[int, int, int]]:
+    """(start, count, size) of the runs of equal groups that split `num_tokens` tokens.
+
+    The first `num_tokens % num_groups` groups take one extra token, so there are at
+    most two runs, larger groups first. Plain ints in and out, so TorchScript compiles
+    it and tracers with symbolic shapes take it (`//` and `%`, never `divmod`).
+
+    Args:
+        num_tokens: Patch tokens N.
+        num_groups: Groups g, 1 <= g <= N.
+
+    Returns:
+        The runs as (start offset, group count, group size).
+
+    Example:
+        >>> group_runs(10, 4)
+        [(0, 2, 3), (6, 2, 2)]
+    """
+    base = num_tokens // num_groups
+    extra = num_tokens % num_groups
+    runs: List[Tuple[int, int, int]] = []
+    if extra > 0:
+        runs.append((0, extra, base + 1))
+    if num_groups > extra:
+        runs.append((extra * (base + 1), num_groups - extra, base))
+    return runs
 
 
 @dataclass(frozen=True)
@@ -90,14 +118,7 @@ class TokenGroups:
     @property
     def runs(self) -> tuple[GroupRun, ...]:
         """The groups as at most two runs of equal-size groups (larger groups first)."""
-        # // and % rather than divmod: tracers (torch.compile with dynamic shapes, TorchScript) take them
-        base, extra = self.num_tokens // self.num_groups, self.num_tokens % self.num_groups
-        runs = []
-        if extra:
-            runs.append(GroupRun(0, extra, base + 1))
-        if self.num_groups > extra:
-            runs.append(GroupRun(extra * (base + 1), self.num_groups - extra, base))
-        return tuple(runs)
+        return tuple(GroupRun(*run) for run in group_runs(self.num_tokens, self.num_groups))
 
     def group_index(self, device: torch.device | str | None = None) -> torch.Tensor:
         """Group id of every patch token.

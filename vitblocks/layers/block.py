@@ -12,6 +12,7 @@ from torch import nn
 from vitblocks.layers.drop import DropPath
 from vitblocks.layers.loop import accepts_loop, call_with_loop
 from vitblocks.layers.scalar import learnable_scalar
+from vitblocks.layers.loop_plan import LoopPlan
 from vitblocks.layers.sliced import SlicedGroupAttention
 
 
@@ -57,6 +58,9 @@ class TransformerBlock(nn.Module):
         >>> block(torch.randn(2, 64, 192), loop=1).shape
         torch.Size([2, 64, 192])
     """
+
+    # fixed at construction; TorchScript compiles only the branches they select
+    __constants__ = ["residual_scalars", "_attn_takes_loop"]
 
     def __init__(
         self,
@@ -112,7 +116,7 @@ class TransformerBlock(nn.Module):
         num_tokens = x.shape[1] - getattr(self.attn, "num_prefix_tokens", 0)
         return self.attn.loop_plan(num_tokens, loop, x.device)
 
-    def forward(self, x: torch.Tensor, loop: int = 0, plan: Any = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, loop: int = 0, plan: LoopPlan | None = None) -> torch.Tensor:
         """Apply the block once.
 
         Args:
@@ -125,7 +129,9 @@ class TransformerBlock(nn.Module):
             Tensor of shape (B, N, C).
         """
         normed = self.norm1(x)
-        if plan is not None:
+        if torch.jit.is_scripting():  # TorchScript calls each signature statically
+            attn = self.attn(normed, loop) if self._attn_takes_loop else self.attn(normed)
+        elif plan is not None:
             attn = self.attn(normed, plan=plan)
         else:
             attn = call_with_loop(self.attn, normed, loop, self._attn_takes_loop)

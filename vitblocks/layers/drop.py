@@ -48,8 +48,11 @@ class DropPath(nn.Module):
         if not self.training:
             return x
         keep = self.keep_prob.to(x.dtype)
-        kept = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype) < keep
-        return x * (kept.to(x.dtype) / keep)
+        # one draw per sample on the flattened sample, with no arithmetic on x's rank,
+        # which symbolic tracing (torch.fx) cannot do
+        flat = x.flatten(1)
+        kept = torch.rand_like(flat[:, :1]) < keep
+        return (flat * (kept.to(x.dtype) / keep)).reshape(x.shape)
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:.3f}"

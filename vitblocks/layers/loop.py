@@ -23,6 +23,22 @@ def accepts_loop(module: nn.Module) -> bool:
         return False
 
 
+def accepts_mask(module: nn.Module) -> bool:
+    """Whether a module takes timm's `attn_mask` and `is_causal` forward arguments.
+
+    Args:
+        module: Any module.
+
+    Returns:
+        True if `module.forward` has parameters named `attn_mask` and `is_causal`.
+    """
+    try:
+        parameters = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "attn_mask" in parameters and "is_causal" in parameters
+
+
 def call_with_loop(module: nn.Module, x: torch.Tensor, loop: int, takes_loop: bool) -> torch.Tensor:
     """Call a module, passing the loop index only to loop-aware modules.
 

@@ -17,13 +17,15 @@ Policies:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from vitblocks.layers.modes import PermutationPolicy
 
 PERMUTATION_POLICIES = tuple(p.value for p in PermutationPolicy)
-
-_MASK32 = 0xFFFFFFFF
 
 
 def check_policy(policy: PermutationPolicy | str, argument: str) -> PermutationPolicy:
@@ -71,16 +73,17 @@ def random_permutation(
     return torch.randperm(num_tokens, device=device)
 
 
-def fixed_permutation(num_tokens: int, seed: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
+def fixed_permutation(num_tokens: int, seed: int = 0, device: torch.device | None = None) -> torch.Tensor:
     """A deterministic pseudo-random permutation of `num_tokens` positions.
 
     Positions are ranked by a 32-bit integer hash of (position, seed), so the result is
-    the same on every device and in every process.
+    the same on every device and in every process. TorchScript compiles it (a scripted
+    sliced attention layer calls it).
 
     Args:
         num_tokens: Length of the permutation.
         seed: Any non-negative integer; different seeds give unrelated permutations.
-        device: Device of the result.
+        device: Device of the result (a device name works too).
 
     Returns:
         int64 tensor of shape (num_tokens,).
@@ -89,34 +92,45 @@ def fixed_permutation(num_tokens: int, seed: int = 0, device: torch.device | str
         >>> fixed_permutation(6, seed=1).sort().values.tolist()
         [0, 1, 2, 3, 4, 5]
     """
+    mask32 = 0xFFFFFFFF  # a local: TorchScript cannot read module globals
     h = torch.arange(num_tokens, dtype=torch.int64, device=device)
-    h = (h * 0x9E3779B1 + ((seed * 0x85EBCA77 + 0x165667B1) & _MASK32)) & _MASK32
-    for shift, multiplier in ((16, 0x7FEB352D), (15, 0x2C1B3C6D), (16, 0x297A2D39)):
-        h = ((h ^ (h >> shift)) * multiplier) & _MASK32
+    h = (h * 0x9E3779B1 + ((seed * 0x85EBCA77 + 0x165667B1) & mask32)) & mask32
+    h = ((h ^ (h >> 16)) * 0x7FEB352D) & mask32
+    h = ((h ^ (h >> 15)) * 0x2C1B3C6D) & mask32
+    h = ((h ^ (h >> 16)) * 0x297A2D39) & mask32
     return torch.argsort(h ^ (h >> 16), stable=True)
 
 
-_FIXED_VALUES: dict[tuple[int, int, bool], tuple[int, ...]] = {}
+@contextlib.contextmanager
+def _untraced() -> Iterator[None]:
+    tracing_state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        with _disable_current_modes():
+            yield
+    finally:
+        torch._C._set_tracing_state(tracing_state)
+
+
 _FIXED_TENSORS: dict[tuple[int, int, bool, str], torch.Tensor] = {}
 
 
-@torch.compiler.assume_constant_result  # compiled graphs take the values as a constant
-def fixed_permutation_values(num_tokens: int, seed: int, inverse: bool = False) -> tuple[int, ...]:
-    """The entries of `fixed_permutation` (or of its inverse) as Python ints, cached.
+@torch.compiler.assume_constant_result  # traced graphs hold the result as one constant tensor
+def _fixed_permutation_constant(num_tokens: int, seed: int, inverse: bool, device: str) -> torch.Tensor:
+    key = (num_tokens, seed, inverse, device)
+    if key not in _FIXED_TENSORS:
+        # a real tensor even while a tracer runs (export's fake and proxy modes, the JIT
+        # tracer of the legacy ONNX exporter): the cache never holds a traced value, and
+        # no trace records the hash
+        with _untraced():
+            perm = fixed_permutation(num_tokens, seed, torch.device(device))
+            _FIXED_TENSORS[key] = inverse_permutation(perm) if inverse else perm
+    return _FIXED_TENSORS[key]
 
-    Args:
-        num_tokens: Length of the permutation.
-        seed: Seed, as for `fixed_permutation`.
-        inverse: The inverse permutation instead.
 
-    Returns:
-        The permutation as a tuple.
-    """
-    key = (num_tokens, seed, inverse)
-    if key not in _FIXED_VALUES:
-        perm = fixed_permutation(num_tokens, seed)
-        _FIXED_VALUES[key] = tuple((inverse_permutation(perm) if inverse else perm).tolist())
-    return _FIXED_VALUES[key]
+@torch.compiler.assume_constant_result  # torch.compile takes the values as constants
+def _fixed_permutation_values(num_tokens: int, seed: int, inverse: bool) -> tuple[int, ...]:
+    return tuple(_fixed_permutation_constant(num_tokens, seed, inverse, "cpu").tolist())
 
 
 def cached_fixed_permutation(
@@ -125,8 +139,9 @@ def cached_fixed_permutation(
     """`fixed_permutation` (or its inverse), computed once per process and device.
 
     It depends only on Python ints, so layers look it up instead of hashing on every
-    call; under `torch.compile` it enters the graph as a constant, so the hash (whose
-    64-bit constants some compiler backends cannot take) is never compiled.
+    call; `torch.export`, the ONNX exporters and `torch.jit.trace` take it as one
+    constant tensor and `torch.compile` as constant values, so the hash and its stable
+    sort (which ONNX has no operator for) never enter a traced graph.
 
     Args:
         num_tokens: Length of the permutation.
@@ -141,13 +156,10 @@ def cached_fixed_permutation(
         >>> cached_fixed_permutation(6, 1).equal(fixed_permutation(6, seed=1))
         True
     """
-    values = fixed_permutation_values(num_tokens, seed, inverse)
-    if torch.compiler.is_compiling():
-        return torch.tensor(values, dtype=torch.int64, device=device)
-    key = (num_tokens, seed, inverse, str(torch.device(device or "cpu")))
-    if key not in _FIXED_TENSORS:
-        _FIXED_TENSORS[key] = torch.tensor(values, dtype=torch.int64, device=device)
-    return _FIXED_TENSORS[key]
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        # torch.compile: the values enter the graph as constants
+        return torch.tensor(_fixed_permutation_values(num_tokens, seed, inverse), dtype=torch.int64, device=device)
+    return _fixed_permutation_constant(num_tokens, seed, inverse, str(torch.device(device or "cpu")))
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
@@ -176,7 +188,7 @@ def permute_tokens(x: torch.Tensor, perm: torch.Tensor, num_prefix_tokens: int =
     Returns:
         Tensor of the same shape as `x`.
     """
-    if not num_prefix_tokens:
+    if num_prefix_tokens == 0:
         return x.index_select(1, perm)
     prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
     return torch.cat([prefix, patches.index_select(1, perm)], dim=1)

@@ -69,8 +69,31 @@ class PositionMap(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Add the (resized) map to `x` of shape (B, C, H, W)."""
-        if x.dim() != 4 or x.shape[1] != self.weight.shape[1]:
-            raise ValueError(
-                f"PositionMap expects (batch, {self.weight.shape[1]}, height, width) inputs, got {tuple(x.shape)}"
-            )
-        return x + resize_position_map(self.weight, tuple(x.shape[-2:]), self.mode)
+        return add_position_map(x, self.weight, self.mode)
+
+
+def add_position_map(x: torch.Tensor, pos: torch.Tensor, mode: str) -> torch.Tensor:
+    """Add a position map to a feature map, resized to the feature map's size if needed.
+
+    TorchScript compiles it, and `torch.fx` records it as one call (the size check
+    branches on the input's shape).
+
+    Args:
+        x: Feature map (B, C, H, W).
+        pos: Position map (1, C, h, w).
+        mode: Interpolation mode for another size.
+
+    Returns:
+        `x + pos`, with `pos` resized to (H, W).
+
+    Raises:
+        ValueError: If `x` is not a (B, C, H, W) map with the map's channels.
+    """
+    if x.dim() != 4 or x.shape[1] != pos.shape[1]:
+        raise ValueError(f"PositionMap expects (batch, {pos.shape[1]}, height, width) inputs, got shape {x.shape}")
+    if x.shape[-2] != pos.shape[-2] or x.shape[-1] != pos.shape[-1]:
+        pos = F.interpolate(pos.float(), size=[x.shape[-2], x.shape[-1]], mode=mode, align_corners=False).to(pos.dtype)
+    return x + pos
+
+
+torch.fx.wrap("add_position_map")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vitblocks.layers.loop import accepts_loop, call_with_loop
+from vitblocks.layers.loop import accepts_loop, accepts_mask, call_with_loop
 from vitblocks.layers.modes import CheckpointMode, CheckpointSetting, parse_checkpointing
 
 MixSpec = nn.Module | Callable[[], nn.Module] | None
@@ -62,6 +62,9 @@ class Recursive(nn.Module):
         torch.Size([2, 49, 192])
     """
 
+    # fixed at construction; TorchScript compiles only the calls they select
+    __constants__ = ["loops", "_block_takes_loop", "_block_takes_mask", "_mix_per_loop"]
+
     def __init__(
         self,
         block: nn.Module,
@@ -91,6 +94,8 @@ class Recursive(nn.Module):
         else:
             raise TypeError(f"mix must be an nn.Module, a factory of them, or None; got {type(mix).__name__}")
         self._block_takes_loop = accepts_loop(block)
+        self._block_takes_mask = accepts_mask(block)
+        self._mix_per_loop = not self.shared_mix
         self._block_plans = callable(getattr(block, "loop_plan", None))
         self._compiled: Callable[..., torch.Tensor] | None = None
 
@@ -162,17 +167,31 @@ class Recursive(nn.Module):
             x = checkpoint(self._apply_once, x, loop, use_reentrant=False, **block_kwargs)
         return x
 
-    def forward(self, x: torch.Tensor, **block_kwargs: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         """Apply the block `loops` times.
 
         Args:
             x: Input of the block's expected shape.
-            **block_kwargs: Further arguments for every application of the block, e.g.
-                timm's `attn_mask` (passed by timm's ViT `forward_features`).
+            attn_mask: timm's attention mask (passed by timm's ViT `forward_features`),
+                given to every application; only for blocks that take one.
+            is_causal: timm's causal-attention flag, likewise.
 
         Returns:
             The output of the last application (and its mix layer).
+
+        Raises:
+            TypeError: If a mask or causal attention is asked of a block without them.
         """
+        if torch.jit.is_scripting():
+            return self._forward_scripted(x, attn_mask, is_causal)
+        return self._forward_eager(x, attn_mask, is_causal)
+
+    def _forward_eager(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        block_kwargs: dict[str, Any] = {}
+        if attn_mask is not None or is_causal:
+            if not self._block_takes_mask:
+                raise TypeError(f"{type(self.block).__name__} takes no attn_mask or is_causal")
+            block_kwargs = {"attn_mask": attn_mask, "is_causal": is_causal}
         mode = self._checkpoint_mode if self.training and torch.is_grad_enabled() else None
         if mode is None:
             for loop in range(self.loops):
@@ -185,6 +204,31 @@ class Recursive(nn.Module):
                 stop = min(start + segment, self.loops)
                 x = checkpoint(self._apply_checkpointed, x, start, stop, use_reentrant=False, **block_kwargs)
         return x
+
+    def _forward_scripted(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        """`forward` as TorchScript compiles it (no checkpointing: scripted models infer)."""
+        if self._mix_per_loop:
+            loop = 0
+            for mix in self.mix:
+                x = mix(self._block_scripted(x, loop, attn_mask, is_causal))
+                loop += 1
+        else:
+            for loop in range(self.loops):
+                x = self._block_scripted(x, loop, attn_mask, is_causal)
+                if self.mix is not None:
+                    x = self.mix(x)
+        return x
+
+    def _block_scripted(self, x: torch.Tensor, loop: int, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        if self._block_takes_mask:
+            if self._block_takes_loop:
+                return self.block(x, loop, attn_mask=attn_mask, is_causal=is_causal)
+            return self.block(x, attn_mask=attn_mask, is_causal=is_causal)
+        if attn_mask is not None or is_causal:
+            raise RuntimeError("Recursive: this block takes no attn_mask or is_causal")
+        if self._block_takes_loop:
+            return self.block(x, loop)
+        return self.block(x)
 
     def extra_repr(self) -> str:
         mix = "none" if self.mix is None else ("shared" if self.shared_mix else "per-loop")

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from vitblocks.attention import TokenGroups, group_attention
+from vitblocks.attention.scripted import scripted_group_attention
+from vitblocks.layers.loop_plan import LoopPlan
 from vitblocks.layers.permutation import (
     cached_fixed_permutation,
     check_policy,
+    fixed_permutation,
     inverse_permutation,
     permute_tokens,
     random_permutation,
@@ -20,22 +22,8 @@ from vitblocks.layers.modes import PermutationPolicy
 from vitblocks.layers.schedule import GroupSchedule
 
 
-class LoopPlan(NamedTuple):
-    """What one loop of a `SlicedGroupAttention` does besides its weights.
-
-    Computed outside the layer's arithmetic (`SlicedGroupAttention.loop_plan`), so that a
-    compiled block takes it as input and every loop with the same group count runs the
-    same compiled code, whatever its index.
-
-    Attributes:
-        num_groups: Groups of patch tokens.
-        perm: Permutation of the patch tokens applied before grouping, or None.
-        inverse: The permutation that puts them back, or None.
-    """
-
-    num_groups: int
-    perm: torch.Tensor | None = None
-    inverse: torch.Tensor | None = None
+_NO_MASK = ("SlicedGroupAttention takes no attn_mask or is_causal: its token groups define the mask; "
+            "use timm.layers.Attention for masked attention")
 
 
 class SlicedGroupAttention(nn.Module):
@@ -117,6 +105,7 @@ class SlicedGroupAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.schedule = GroupSchedule.parse(groups)
         self.groups = self.schedule.counts
+        self.group_counts: list[int] = list(self.groups)  # a list: TorchScript indexes it by loop
         self.num_prefix_tokens = num_prefix_tokens
         self.permutation = check_policy(permutation, "permutation")
         self.eval_permutation = check_policy(eval_permutation, "eval_permutation")
@@ -207,11 +196,11 @@ class SlicedGroupAttention(nn.Module):
         Args:
             x: Tokens of shape (B, P + N, C), prefix tokens first.
             loop: Index of the current application of the shared weights.
-            plan: The loop's plan, if computed beforehand (`loop_plan`); `loop` is then
-                not used.
             attn_mask: Accepted for timm compatibility; must be None (the groups are
                 the mask).
             is_causal: Accepted for timm compatibility; must be False.
+            plan: The loop's plan, if computed beforehand (`loop_plan`); `loop` is then
+                not used.
 
         Returns:
             Tensor of shape (B, P + N, C).
@@ -220,33 +209,38 @@ class SlicedGroupAttention(nn.Module):
             ValueError: If the loop's group count exceeds the patch tokens, or a mask
                 or causal attention is requested.
         """
-        if attn_mask is not None or is_causal:
-            raise ValueError(
-                "SlicedGroupAttention takes no attn_mask or is_causal: its token groups define the mask; "
-                "use timm.layers.Attention for masked attention"
-            )
-        if x.dim() != 3 or x.shape[-1] != self.qkv.in_features:
-            raise ValueError(f"SlicedGroupAttention expects tokens of shape (batch, tokens, {self.qkv.in_features}), "
-                             f"got {tuple(x.shape)}; flatten a (B, C, H, W) map with x.flatten(2).transpose(1, 2)")
-        if loop < 0:
-            raise ValueError(f"loop={loop} must be >= 0")
-        batch, length, channels = x.shape
+        if torch.jit.is_scripting():
+            if attn_mask is not None or is_causal:
+                raise ValueError("SlicedGroupAttention takes no attn_mask or is_causal")
+            return self._forward_scripted(x, loop)
+        return sliced_attention_forward(self, x, loop, plan, attn_mask, is_causal)
+
+    def _forward_scripted(self, x: torch.Tensor, loop: int) -> torch.Tensor:
+        """`forward` as TorchScript compiles it: the same steps, attention by SDPA."""
+        batch, length, channels = x.shape[0], x.shape[1], x.shape[2]
         num_tokens = length - self.num_prefix_tokens
-        if plan is None:
-            plan = self.loop_plan(num_tokens, loop, x.device)
-        if plan.perm is not None:
-            x = permute_tokens(x, plan.perm, self.num_prefix_tokens)
+        counts = self.group_counts
+        num_groups = counts[min(loop, len(counts) - 1)]
+        if num_groups > num_tokens:
+            raise ValueError("SlicedGroupAttention: more groups than patch tokens; use a larger image or fewer groups")
+        perm: torch.Tensor | None = None
+        if loop > 0 and num_groups > 1:
+            policy = self.permutation if self.training else self.eval_permutation
+            if policy == "fixed":
+                perm = fixed_permutation(num_tokens, self.seed * 1_000_003 + loop, x.device)
+            elif policy == "random":
+                perm = torch.randperm(num_tokens, device=x.device)
+            elif policy == "random_cpu":
+                perm = torch.randperm(num_tokens).to(x.device)
+        if perm is not None:
+            x = permute_tokens(x, perm, self.num_prefix_tokens)
         q, k, v = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim).unbind(2)
         q, k = self.q_norm(q), self.k_norm(k)
-        x = group_attention(
-            q, k, v,
-            TokenGroups(num_tokens, plan.num_groups, self.num_prefix_tokens),
-            scale=self.scale,
-            dropout_p=self.attn_drop if self.training else 0.0,
-            backend=self.backend,
-        ).reshape(batch, length, channels)
-        if plan.inverse is not None:
-            x = permute_tokens(x, plan.inverse, self.num_prefix_tokens)
+        dropout_p = self.attn_drop if self.training else 0.0
+        x = scripted_group_attention(q, k, v, num_groups, self.num_prefix_tokens, self.scale, dropout_p)
+        x = x.reshape(batch, length, channels)
+        if perm is not None:
+            x = permute_tokens(x, inverse_permutation(perm), self.num_prefix_tokens)
         return self.proj_drop(self.proj(self.norm(x)))
 
     def extra_repr(self) -> str:
@@ -254,3 +248,59 @@ class SlicedGroupAttention(nn.Module):
             f"num_heads={self.num_heads}, groups={self.groups}, num_prefix_tokens={self.num_prefix_tokens}, "
             f"permutation={self.permutation.value!r}, eval_permutation={self.eval_permutation.value!r}"
         )
+
+
+def sliced_attention_forward(
+    attn: SlicedGroupAttention,
+    x: torch.Tensor,
+    loop: int,
+    plan: LoopPlan | None,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """One call of a `SlicedGroupAttention` (its `forward` after the argument checks).
+
+    A function of its own so that `torch.fx` records it as one call (`torch.fx.wrap`):
+    the token count decides the groups and permutations, which symbolic tracing cannot
+    branch on. Traced graphs (and timm's FX feature extraction) hold one node per
+    attention layer, run with real shapes.
+
+    Args:
+        attn: The layer.
+        x: Tokens (B, P + N, C).
+        loop: Loop index.
+        plan: A precomputed plan, or None.
+        attn_mask: Must be None.
+        is_causal: Must be False.
+
+    Returns:
+        (B, P + N, C).
+    """
+    if attn_mask is not None or is_causal:
+        raise ValueError(_NO_MASK)
+    if x.dim() != 3 or x.shape[-1] != attn.qkv.in_features:
+        raise ValueError(f"SlicedGroupAttention expects tokens of shape (batch, tokens, {attn.qkv.in_features}), "
+                         f"got {tuple(x.shape)}; flatten a (B, C, H, W) map with x.flatten(2).transpose(1, 2)")
+    if loop < 0:
+        raise ValueError(f"loop={loop} must be >= 0")
+    batch, length, channels = x.shape
+    num_tokens = length - attn.num_prefix_tokens
+    if plan is None:
+        plan = attn.loop_plan(num_tokens, loop, x.device)
+    if plan.perm is not None:
+        x = permute_tokens(x, plan.perm, attn.num_prefix_tokens)
+    q, k, v = attn.qkv(x).reshape(batch, length, 3, attn.num_heads, attn.head_dim).unbind(2)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    x = group_attention(
+        q, k, v,
+        TokenGroups(num_tokens, plan.num_groups, attn.num_prefix_tokens),
+        scale=attn.scale,
+        dropout_p=attn.attn_drop if attn.training else 0.0,
+        backend=attn.backend,
+    ).reshape(batch, length, channels)
+    if plan.inverse is not None:
+        x = permute_tokens(x, plan.inverse, attn.num_prefix_tokens)
+    return attn.proj_drop(attn.proj(attn.norm(x)))
+
+
+torch.fx.wrap("sliced_attention_forward")

@@ -70,6 +70,6 @@ class ConvStem(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map images (B, in_chans, H, W) to channels-last maps (B, C, ceil(H/8), ceil(W/8))."""
         x = x.contiguous(memory_format=torch.channels_last)
-        for i in (1, 2, 3):
-            x = getattr(self, f"act{i}")(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
-        return x
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.bn2(self.conv2(x)))
+        return self.act3(self.bn3(self.conv3(x)))

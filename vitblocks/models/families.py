@@ -18,6 +18,7 @@ from timm.models.vision_transformer import Block as VitBlock
 from torch import nn
 
 from vitblocks.layers import SlicedGroupAttention
+from vitblocks.layers.loop_plan import LoopPlan
 from vitblocks.layers.schedule import GroupSchedule
 
 
@@ -47,10 +48,15 @@ class LoopAwareBlock(nn.Module):
             move into this module.
     """
 
+    # fixed at construction; TorchScript compiles only the branches they select
+    __constants__ = ["_vit_layout", "_sliced"]
+
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
         self.block_forward = type(block).forward
         self.block_type = type(block).__name__
+        self._vit_layout = type(block) is VitBlock
+        self._sliced = isinstance(getattr(block, "attn", None), SlicedGroupAttention)
         for name, child in block.named_children():
             self.add_module(name, child)
         for name, param in block.named_parameters(recurse=False):
@@ -68,26 +74,60 @@ class LoopAwareBlock(nn.Module):
         Returns:
             The plan, or None when the attention is not sliced.
         """
-        if not isinstance(self.attn, SlicedGroupAttention):
+        if not self._sliced:
             return None
         return self.attn.loop_plan(x.shape[1] - self.attn.num_prefix_tokens, loop, x.device)
 
-    def forward(self, x: torch.Tensor, loop: int = 0, plan: Any = None, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        loop: int = 0,
+        plan: LoopPlan | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
         """Apply the block; sliced attention follows the loop (or its precomputed plan).
 
         Args:
             x: Tokens.
             loop: Loop index.
             plan: The loop's plan from `loop_plan`, if computed beforehand.
-            **kwargs: The block's own forward arguments (e.g. timm's `attn_mask`).
+            attn_mask: timm's attention mask, passed on when set.
+            is_causal: timm's causal flag, passed on when set.
 
         Returns:
             The block's output.
         """
-        if not isinstance(self.attn, SlicedGroupAttention):
+        if torch.jit.is_scripting():
+            return self._forward_scripted(x, loop, attn_mask, is_causal)
+        return self._forward_eager(x, loop, plan, attn_mask, is_causal)
+
+    def _forward_eager(
+        self, x: torch.Tensor, loop: int, plan: LoopPlan | None, attn_mask: torch.Tensor | None, is_causal: bool
+    ) -> torch.Tensor:
+        kwargs = {"attn_mask": attn_mask, "is_causal": is_causal} if attn_mask is not None or is_causal else {}
+        if not self._sliced:
             return self.block_forward(self, x, **kwargs)
         attn = functools.partial(self.attn, loop=loop, plan=plan)
         return self.block_forward(_LoopView(self, attn), x, **kwargs)
+
+    def _forward_scripted(
+        self, x: torch.Tensor, loop: int, attn_mask: torch.Tensor | None, is_causal: bool
+    ) -> torch.Tensor:
+        """`forward` as TorchScript compiles it.
+
+        TorchScript cannot run the block class's own `forward` with the attention bound
+        to a loop, so this spells out the forward of timm's pre-norm ViT block
+        (`vision_transformer.Block`, also PiT's); other blocks cannot be scripted.
+        """
+        if self._vit_layout:
+            if self._sliced:
+                attn = self.attn(self.norm1(x), loop)
+            else:
+                attn = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+            x = x + self.drop_path1(self.ls1(attn))
+            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        raise RuntimeError("LoopAwareBlock: only timm's vision_transformer.Block can be scripted")
 
     def extra_repr(self) -> str:
         return f"wraps={self.block_type}"
