@@ -93,3 +93,33 @@ def test_compiled_eval_holds_fixed_permutations_as_constants():
     torch.testing.assert_close(out, model(x))
     targets = {str(node.target) for g in graphs for node in g.graph.nodes if node.op == "call_function"}
     assert graphs and not [t for t in targets if "sort" in t or "xor" in t or "rshift" in t], targets
+
+
+@pytest.mark.parametrize("tracer", ["export_strict", "export_non_strict", "jit_trace"])
+def test_traced_graphs_hold_the_fixed_permutation_as_one_constant(tracer):
+    """The permutation is computed outside the tracer: no hash or sort ops in the graph, and
+    the cache keeps a real tensor (not a tracer's fake one) for later calls."""
+    import vitblocks.layers.permutation as permutation
+    from vitblocks.layers import SlicedGroupAttention
+
+    class SecondLoop(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = SlicedGroupAttention(16, 2, groups=(4, 2), num_prefix_tokens=1, seed=len(tracer))
+
+        def forward(self, x):
+            return self.attn(x, loop=1)
+
+    layer, x = SecondLoop().eval(), torch.randn(2, 1 + 37, 16)
+    if tracer == "jit_trace":
+        graph = torch.jit.trace(layer, x).inlined_graph
+        ops = {node.kind() for node in graph.nodes()}
+        traced_out = torch.jit.trace(layer, x)(x)
+    else:
+        program = torch.export.export(layer, (x,), strict=tracer == "export_strict")
+        ops = {str(node.target) for node in program.graph.nodes}
+        traced_out = program.module()(x)
+    assert not [op for op in ops if "sort" in op or "xor" in op or "rshift" in op], ops
+    torch.testing.assert_close(traced_out, layer(x))
+    cached = [t for key, t in permutation._FIXED_TENSORS.items() if key[0] == 37]
+    assert cached and all(type(t) is torch.Tensor for t in cached)

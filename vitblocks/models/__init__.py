@@ -10,6 +10,7 @@ from vitblocks.models import families, plug, plugged_variants, sret_variants
 from vitblocks.models.families import FamilyAdapter, register_family
 from vitblocks.models.plug import load_base_weights, make_recursive, recursion_plan_of
 from vitblocks.models.recursion_plan import RecursionPlan
+from vitblocks.models.registry import registered_models
 from vitblocks.models.sret import SReT, SReTStage
 
 __all__ = [
@@ -24,5 +25,6 @@ __all__ = [
     "plugged_variants",
     "recursion_plan_of",
     "register_family",
+    "registered_models",
     "sret_variants",
 ]

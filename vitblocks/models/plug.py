@@ -116,7 +116,25 @@ def make_recursive(
         ]
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         setattr(parent, name.split(".")[-1], nn.Sequential(*recursive))
+        _renumber_feature_info(model, name, len(recursive))
     return plan
+
+
+def _renumber_feature_info(model: nn.Module, stack: str, num_blocks: int) -> None:
+    """Give a stack whose blocks are feature levels (ViT) one level per recursive block.
+
+    timm's ViT lists every block in `feature_info`; after sharing, the stack holds fewer
+    blocks, and `forward_intermediates` / `features_only` index them by that list.
+    """
+    info = getattr(model, "feature_info", None)
+    if not isinstance(info, list):
+        return
+    levels = [i for i, entry in enumerate(info) if str(entry.get("module", "")).startswith(stack + ".")]
+    if not levels or len(levels) == num_blocks:
+        return
+    template = info[levels[-1]]
+    renumbered = [{**template, "module": f"{stack}.{j}"} for j in range(num_blocks)]
+    info[levels[0] : levels[-1] + 1] = renumbered
 
 
 def recursion_plan_of(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> RecursionPlan:

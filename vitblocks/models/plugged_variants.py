@@ -21,6 +21,7 @@ from typing import Any
 import timm
 import torch
 from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models._features import FeatureGetterNet
 from torch import nn
 
 from vitblocks.io import CheckpointError, read_checkpoint
@@ -95,6 +96,17 @@ def _load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], plan: R
         )
 
 
+def _rewrap_feature_getter(wrapper: FeatureGetterNet, out_indices: Any) -> FeatureGetterNet:
+    """`features_only` of a ViT whose blocks were shared: pick the levels among the new blocks.
+
+    timm wrapped the base model before recursion, with levels counted over its blocks;
+    sharing leaves fewer blocks, so the last-n default (or the indices asked for) is
+    applied again to the recursive model.
+    """
+    requested = len(wrapper.out_indices) if out_indices is None else out_indices
+    return FeatureGetterNet(wrapper.model, out_indices=requested, output_fmt=wrapper.output_fmt.value, norm=wrapper.norm)
+
+
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     base, recursion = VARIANTS[variant]
     cfg = kwargs.pop("pretrained_cfg", None)
@@ -104,6 +116,8 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     # without weights of its own the variant starts from the base model's timm weights, if asked
     model = timm.create_model(base, pretrained=pretrained and state_dict is None, **kwargs)
     plan = make_recursive(model, **recursion)
+    if isinstance(model, FeatureGetterNet):
+        model = _rewrap_feature_getter(model, kwargs.get("out_indices"))
     own = get_pretrained_cfg(variant).to_dict()
     model.pretrained_cfg = model.default_cfg = {**own, "architecture": variant, "tag": own.get("tag") or "untrained",
                                                 "hf_hub_id": None, "url": ""}

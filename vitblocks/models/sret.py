@@ -18,7 +18,6 @@ from functools import partial
 from typing import Any
 
 import torch
-from einops import rearrange
 from timm.models._features import feature_take_indices
 from torch import nn
 
@@ -159,11 +158,11 @@ class SReTStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map (B, C_in, H, W) to (B, dim, H', W')."""
         x = self.downsample(x)
-        height, width = x.shape[-2:]
-        x = rearrange(x, "b c h w -> b (h w) c")
+        height, width = x.shape[-2], x.shape[-1]
+        x = x.flatten(2).transpose(1, 2)  # (B, H*W, C); a view of a channels-last map
         for block in self.blocks:
             x = block(x)
-        return rearrange(x, "b (h w) c -> b c h w", h=height, w=width)
+        return x.transpose(1, 2).reshape(x.shape[0], -1, height, width)
 
 
 class SReT(nn.Module):
