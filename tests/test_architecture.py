@@ -108,3 +108,38 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+TRAIN_EXTRA = ("sklearn", "matplotlib", "tqdm")
+
+
+def test_core_dependencies_are_those_of_the_layers_and_models():
+    pyproject = (PACKAGE.parent / "pyproject.toml").read_text()
+    core = pyproject.split("dependencies = [", 1)[1].split("]", 1)[0]
+    assert [line.strip().strip('",').split(">")[0] for line in core.strip().splitlines()] == [
+        "torch", "timm", "einops", "safetensors"]
+    train = pyproject.split("train = [", 1)[1].split("]", 1)[0]
+    assert all(name in train for name in ("scikit-learn", "matplotlib", "tqdm"))
+
+
+def test_layers_and_models_work_without_the_train_extra_and_the_trainer_says_what_to_install():
+    """With scikit-learn, matplotlib and tqdm unimportable, as after a plain `pip install vitblocks`."""
+    code = f"""
+import sys
+for name in {TRAIN_EXTRA!r}:
+    sys.modules[name] = None  # makes `import name` raise ImportError
+import torch, timm, vitblocks
+from vitblocks import Recursive, SlicedGroupAttention, TransformerBlock
+model = timm.create_model("sret_t", img_size=64).eval()
+assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+assert timm.create_model("deit_tiny_rec_sliced_patch16_224") is not None
+from vitblocks.train.data import _digits
+from vitblocks.train.config import DataConfig
+try:
+    _digits(DataConfig(dataset="digits"), train=True, seed=0)
+except ImportError as error:
+    print(error)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "sklearn is not installed" in result.stdout and "pip install 'vitblocks[train]'" in result.stdout, result.stdout

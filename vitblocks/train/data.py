@@ -12,6 +12,7 @@ from timm.data import ImageDataset, create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from vitblocks.train.config import DataConfig, TrainConfig
+from vitblocks.train.extras import import_train_extra
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -112,9 +113,7 @@ def dataset_classes(config: TrainConfig) -> list[str]:
 
 
 def _digits(config: DataConfig, train: bool, seed: int) -> Dataset:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    digits = import_train_extra("sklearn.datasets").load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     images = F.interpolate(images, size=config.img_size, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
     mean, std = torch.tensor(config.mean).view(1, 3, 1, 1), torch.tensor(config.std).view(1, 3, 1, 1)

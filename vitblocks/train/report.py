@@ -6,6 +6,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from vitblocks.train.extras import import_train_extra
+
 
 class MetricsLog:
     """Append one row of metrics per epoch to `metrics.csv` (and TensorBoard if installed).
@@ -62,10 +64,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
         history: Metrics rows.
         path: The PNG file.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import_train_extra("matplotlib").use("Agg")
+    plt = import_train_extra("matplotlib.pyplot")
 
     epochs = [row["epoch"] for row in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
