@@ -22,3 +22,33 @@ def test_smoke_says_it_trains_on_synthetic_data(tmp_path, capsys):
     assert train_main([recipe, "--smoke"]) == 0
     assert train_main([recipe, "--smoke"]) == 0  # a smoke folder is a check: rerunning it is fine
     assert "smoke test: sret_t on synthetic data of the recipe's shape (32 px, 4 classes)" in capsys.readouterr().out
+
+
+def test_trainer_messages_are_log_records_of_rank_zero_by_default(capsys):
+    import logging
+
+    from vitblocks.train.logs import console_logging, logger
+
+    console_logging(rank=1, world_size=2)
+    assert not logger.isEnabledFor(logging.INFO)  # other ranks stay quiet
+    console_logging(rank=1, world_size=2, all_ranks=True)
+    assert logger.isEnabledFor(logging.INFO)
+    console, = [h for h in logger.handlers if type(h).__name__ == "_StdoutHandler"]
+    assert console.formatter.format(logging.makeLogRecord({"msg": "x"})) == "[rank 1] x"
+    console_logging(rank=0, world_size=1)
+    console, = [h for h in logger.handlers if type(h).__name__ == "_StdoutHandler"]
+    assert console.formatter.format(logging.makeLogRecord({"msg": "x"})) == "x"
+    logger.info("epoch=1 val_top1=50")
+    assert capsys.readouterr().out == "epoch=1 val_top1=50\n"
+
+    records = []
+    own = logging.Handler()
+    own.emit = records.append
+    logger.addHandler(own)  # an application's own handler receives the records too
+    try:
+        console_logging(rank=0, world_size=1)
+        logger.info("to the application")
+        assert [r.getMessage() for r in records] == ["to the application"]
+        assert capsys.readouterr().out == "to the application\n"
+    finally:
+        logger.removeHandler(own)

@@ -49,6 +49,32 @@ def test_hard_distillation_mixes_base_loss_and_teacher_argmax():
     torch.testing.assert_close(hard_distillation_loss(base, student, teacher), expected)
 
 
+class _Spy(torch.nn.Module):
+    """A teacher that records what it was given."""
+
+    pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+    def forward(self, images):
+        self.seen = images
+        return images.mean(dim=(2, 3)).repeat(1, 4)[:, :10]
+
+
+@pytest.mark.parametrize("pretrained", [True, False])
+def test_teacher_with_timm_weights_gets_images_normalized_as_its_cfg_says(pretrained):
+    from timm.task.distillation import DistillationTeacher
+
+    imagenet_mean, imagenet_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    teacher = DistillationTeacher(_Spy())
+    config = DistillConfig(kind="soft", teacher="spy", teacher_kwargs={"pretrained": pretrained})
+    loss = DistillationLoss(torch.nn.CrossEntropyLoss(), teacher, config, imagenet_mean, imagenet_std)
+    images = torch.randn(2, 3, 4, 4)
+    loss(images, torch.randn(2, 10), torch.tensor([1, 2]))
+    mean, std = torch.tensor(imagenet_mean).view(1, 3, 1, 1), torch.tensor(imagenet_std).view(1, 3, 1, 1)
+    pixels = images * std + mean
+    expected = (pixels - 0.5) / 0.5 if pretrained else images  # a checkpoint trained here sees the student's input
+    torch.testing.assert_close(teacher.model.seen, expected)
+
+
 def test_teacher_is_frozen_in_eval_mode_and_outside_the_student_state(tmp_path):
     config = tiny_config(tmp_path, distill=DistillConfig(kind="soft", teacher="resnet18"))
     trainer = Trainer(config)
@@ -67,7 +93,7 @@ def test_teacher_loads_a_local_checkpoint_and_refuses_random_or_mismatched_weigh
     config = tiny_config(tmp_path, distill=DistillConfig(kind="hard", teacher="resnet18",
                                                          teacher_checkpoint=str(tmp_path / "teacher.pth")))
     teacher = Trainer(config).criterion.teacher[0]
-    torch.testing.assert_close(teacher.fc.weight, weights["fc.weight"])
+    torch.testing.assert_close(teacher.model.fc.weight, weights["fc.weight"])
     config.data.num_classes = 7
     with pytest.raises(CheckpointError, match="does not fit the teacher 'resnet18'"):
         Trainer(config)

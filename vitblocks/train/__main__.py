@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a run already in the output folder (without it such a folder is refused)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--log-all-ranks", action="store_true",
+                        help="under torchrun, log from every process (default: the main process only)")
     return parser.parse_args(argv)
 
 
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(format_config(config))
             return 0
-        trainer = Trainer(config, overwrite=args.overwrite or args.smoke)
+        trainer = Trainer(config, overwrite=args.overwrite or args.smoke, log_all_ranks=args.log_all_ranks)
         if args.smoke:
             print(f"smoke test: {config.model.name} on synthetic data of the recipe's shape "
                   f"({config.data.img_size} px, {config.data.num_classes} classes), a few steps; "

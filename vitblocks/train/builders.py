@@ -179,4 +179,4 @@ def build_criterion(config: TrainConfig, device: torch.device | str = "cpu") -> 
     if config.distill.kind != "none":
         teacher = build_teacher(config.distill, classes, torch.device(device),
                                 allow_random=config.data.dataset == "synthetic")
-    return mixup, DistillationLoss(base, teacher, config.distill)
+    return mixup, DistillationLoss(base, teacher, config.distill, config.data.mean, config.data.std)

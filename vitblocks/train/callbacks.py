@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vitblocks.train.logs import logger
 from vitblocks.train.report import MetricsLog
 
 if TYPE_CHECKING:
@@ -123,7 +124,7 @@ class EmaEvaluation(Callback):
 
 
 class MetricsLogging(Callback):
-    """Print one line per epoch and keep `metrics.csv` (and TensorBoard) current, on the main process."""
+    """Log one line per epoch and keep `metrics.csv` (and TensorBoard) current, on the main process."""
 
     def __init__(self) -> None:
         self.log: MetricsLog | None = None
@@ -136,11 +137,11 @@ class MetricsLogging(Callback):
         if self.log is None:
             return
         self.log.write(trainer.state.history)
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
 
 class RunHeader(Callback):
-    """Print what a run is before it starts: model size, data, device, precision, output."""
+    """Log what a run is before it starts: model size, data, device, precision, output."""
 
     def on_fit_start(self, trainer: Trainer) -> None:
         if not trainer.runtime.is_main:
@@ -160,14 +161,13 @@ class RunHeader(Callback):
             trainer.model.train(training)
         source = config.data.dataset + (f" {config.data.root}" if config.data.dataset == "imagefolder" else "")
         start = "resuming at " if trainer.resumed else ""
-        print(
+        logger.info(
             f"model    {config.model.name}: {size}\n"
             f"data     {source}: {len(data.train_set):,} train / {len(data.val_set):,} val images, "
             f"{len(data.classes)} classes\n"
             f"runs on  {trainer.device} x {trainer.runtime.world_size}, {config.precision}, "
             f"attention backend {config.model.backend}\n"
-            f"output   {trainer.output_dir} ({start}epoch {trainer.state.epoch + 1} of {config.epochs})",
-            flush=True,
+            f"output   {trainer.output_dir} ({start}epoch {trainer.state.epoch + 1} of {config.epochs})"
         )
 
 

@@ -302,6 +302,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "augment.label_smoothing": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "schedule.warmup_epochs": (lambda v: v >= 0, "must be >= 0"),
     "ema_decay": (lambda v: 0 < v < 1, "must be in (0, 1), e.g. 0.9998 (or None for no EMA)"),
+    "seed": (lambda v: 0 <= v < 2**31, "must be in [0, 2**31): NumPy takes seeds (plus the process rank) below 2**32"),
 }
 # timm builds these schedules (create_scheduler_v2); used only to suggest a name
 _SCHEDULE_NAMES = ("cosine", "tanh", "step", "constant", "multistep", "plateau", "poly", "rsqrt")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
+from timm.task.distillation import DistillationTeacher
 from torch import nn
 
 from vitblocks.train.config import DistillConfig
@@ -53,7 +56,8 @@ def build_teacher(config: DistillConfig, num_classes: int, device: torch.device,
         allow_random: Accept a teacher without trained weights (smoke tests only).
 
     Returns:
-        The teacher, frozen, in eval mode.
+        The teacher, frozen, in eval mode, wrapped in timm's `DistillationTeacher` (which
+        knows the normalization the teacher's pretrained cfg expects).
 
     Raises:
         FileNotFoundError: If `teacher_checkpoint` names a missing file.
@@ -81,22 +85,37 @@ def build_teacher(config: DistillConfig, num_classes: int, device: torch.device,
                 f"{str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else error}"
             ) from error
     teacher.requires_grad_(False)
-    return teacher.to(device).eval()
+    return DistillationTeacher(teacher.to(device), device=device).eval()
 
 
 class DistillationLoss(nn.Module):
     """Wraps the base criterion with the configured distillation term.
 
+    Images reach the teacher normalized as it expects: a teacher with timm's pretrained
+    weights (`distill.teacher_kwargs.pretrained=True`) gets them re-normalized from the
+    data's mean/std to its pretrained cfg's (timm's `DistillationTeacher.normalize_input`);
+    a teacher loaded from `distill.teacher_checkpoint` was trained here and sees them as
+    the student does.
+
     Args:
         base: Loss on the (possibly mixed) labels.
         teacher: Frozen teacher, or None for no distillation.
         config: Kind, temperature and alpha.
+        data_mean: The data's normalization mean, per channel.
+        data_std: The data's normalization std, per channel.
     """
 
-    def __init__(self, base: nn.Module, teacher: nn.Module | None, config: DistillConfig) -> None:
+    def __init__(self, base: nn.Module, teacher: nn.Module | None, config: DistillConfig,
+                 data_mean: Sequence[float] | None = None, data_std: Sequence[float] | None = None) -> None:
         super().__init__()
         self.base, self.config = base, config
         self.teacher = [teacher]  # a list keeps the teacher out of state_dict and .parameters()
+        renormalize = isinstance(teacher, DistillationTeacher) and bool(config.teacher_kwargs.get("pretrained"))
+        self.student_norm = None
+        if renormalize and data_mean is not None and data_std is not None:
+            device = teacher.mean_kd.device
+            self.student_norm = (torch.tensor(data_mean, device=device).view(1, -1, 1, 1),
+                                 torch.tensor(data_std, device=device).view(1, -1, 1, 1))
 
     def forward(self, images: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Loss for one batch."""
@@ -104,6 +123,8 @@ class DistillationLoss(nn.Module):
         if teacher is None or self.config.kind == "none":
             return self.base(logits, targets)
         with torch.no_grad():
+            if self.student_norm is not None:
+                images = teacher.normalize_input(images, *self.student_norm)
             teacher_logits = teacher(images)
         if self.config.kind == "soft":
             return soft_distillation_loss(logits, teacher_logits, self.config.temperature)

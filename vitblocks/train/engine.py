@@ -10,21 +10,18 @@ it. Where the run stands is one `TrainingState`; what happens around the loop
 from __future__ import annotations
 
 import contextlib
-import random
-import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
-from timm.utils import ModelEmaV3, distribute_bn
+from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, distribute_bn, random_seed
+from timm.utils import accuracy as timm_accuracy
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 import vitblocks.train.checkpoint as ckpt
 import vitblocks.train.distributed as distributed
@@ -35,11 +32,13 @@ from vitblocks.train.callbacks import Callback, TrainingDiverged, default_callba
 from vitblocks.train.config import ConfigError, TrainConfig, to_dict
 from vitblocks.train.data import make_loader
 from vitblocks.train.distill import DistillationLoss
+from vitblocks.train.extras import import_train_extra
+from vitblocks.train.logs import console_logging, logger
 from vitblocks.train.precision import autocast_for
 from vitblocks.train.report import final_summary, plot_curves
 from vitblocks.train.state import TrainingState
 
-__all__ = ["Trainer", "TrainingDiverged", "accuracy", "create_model", "evaluate", "seed_everything"]
+__all__ = ["Trainer", "TrainingDiverged", "correct_counts", "create_model", "evaluate"]
 
 
 def create_model(config: TrainConfig) -> nn.Module:
@@ -54,31 +53,21 @@ def create_model(config: TrainConfig) -> nn.Module:
     return build_model(config)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch generators.
+def correct_counts(logits: torch.Tensor, targets: torch.Tensor) -> list[int]:
+    """Top-1 and top-5 correct predictions in a batch, by `timm.utils.accuracy`.
 
-    Args:
-        seed: The seed.
-    """
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def accuracy(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
-    """Count correct predictions at several k.
+    Counts rather than timm's percentages, so batches of any size (and processes) sum
+    exactly; top-5 is top-k for tasks with fewer than 5 classes.
 
     Args:
         logits: (B, classes).
         targets: (B,) class indices.
-        ks: The k of each top-k.
 
     Returns:
-        For each k, the number of samples whose target is among the top-k predictions.
+        The two counts.
     """
-    top = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices
-    hits = top == targets.unsqueeze(-1)
-    return [hits[:, :k].any(dim=-1).sum().item() for k in ks]
+    topk = (1, min(5, logits.shape[-1]))
+    return [round(percent.item() * len(targets) / 100) for percent in timm_accuracy(logits, targets, topk=topk)]
 
 
 @torch.no_grad()
@@ -107,7 +96,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
         with autocast or contextlib.nullcontext():
             logits = model(inputs)
         loss += F.cross_entropy(logits.float(), targets, reduction="sum").item()
-        hits = accuracy(logits, targets)
+        hits = correct_counts(logits, targets)
         top1, top5, count = top1 + hits[0], top5 + hits[1], count + len(targets)
     if runtime is not None:
         loss, top1, top5, count = distributed.all_sum([loss, top1, top5, count], runtime)
@@ -129,6 +118,8 @@ class Trainer:
         callbacks: Hooks around the loop (default: `default_callbacks(config)`).
         overwrite: Replace a run already in the output folder instead of refusing to
             start (a resumed run continues it either way).
+        log_all_ranks: Show the log records of every process, not only the main one's
+            (see `vitblocks.train.logs`).
 
     Example:
         >>> from vitblocks.train import Trainer, load_recipe
@@ -147,14 +138,16 @@ class Trainer:
         criterion: tuple[Mixup | None, DistillationLoss] | None = None,
         callbacks: list[Callback] | None = None,
         overwrite: bool = False,
+        log_all_ranks: bool = False,
     ) -> None:
         self.config = config
         self.runtime = rt = distributed.setup()
+        console_logging(rt.rank, rt.world_size, all_ranks=log_all_ranks)
         self.output_dir = Path(output_dir or config.output_dir)
         self.device = rt.device
         if config.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("precision='fp16' needs a CUDA device; use 'bf16' or 'fp32' on CPU")
-        seed_everything(config.seed + rt.rank)
+        random_seed(config.seed, rt.rank)
 
         self.data = data or build_data(config, rt)
         self.steps_per_epoch = self.data.steps_per_epoch
@@ -165,7 +158,7 @@ class Trainer:
         else:
             (self.optimizer, self.scheduler), self.lr = optimizer, optimizer[0].param_groups[0]["lr"]
         self.mixup, self.criterion = criterion or build_criterion(config, self.device)
-        self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+        self.scaler = NativeScaler(device="cuda") if config.precision == "fp16" else None
         self.ema = ModelEmaV3(self.model, decay=config.ema_decay) if config.ema_decay else None
         self.train_model = self._wrap_for_training(self.model)
         self.callbacks = list(default_callbacks(config) if callbacks is None else callbacks)
@@ -318,7 +311,7 @@ class Trainer:
         self.train_model.train()
         state.start_epoch()
         start, images = time.perf_counter(), 0
-        bar = tqdm(total=self.steps_per_epoch, initial=state.batch, desc=f"epoch {state.epoch + 1}/{config.epochs}",
+        bar = import_train_extra("tqdm").tqdm(total=self.steps_per_epoch, initial=state.batch, desc=f"epoch {state.epoch + 1}/{config.epochs}",
                    disable=not (progress and self.runtime.is_main), leave=False, dynamic_ncols=True)
         for inputs, targets in loader:
             if state.batch >= self.steps_per_epoch:
@@ -333,15 +326,10 @@ class Trainer:
             with sync, self._autocast():
                 loss = self.criterion(inputs, self.train_model(inputs), targets)
             self._each("on_loss", loss)
-            scaled = loss / accum
-            if self.scaler:
-                self.scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
+            self._backward_and_update(loss / accum, last_of_update)
             images += inputs.shape[0]
             state.record_batch(loss.item(), inputs.shape[0])
             if last_of_update:
-                self._optimizer_step()
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                                 img_s=f"{images * self.runtime.world_size / (time.perf_counter() - start):.0f}")
                 self._each("on_step_end")
@@ -353,17 +341,21 @@ class Trainer:
         return {"train_loss": loss_sum / max(count, 1), "train_img_s": images / max(seconds, 1e-9),
                 "seconds": seconds, "images": images}
 
-    def _optimizer_step(self) -> None:
-        clip = self.config.optim.clip_grad
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        if clip:
-            nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+    def _backward_and_update(self, loss: torch.Tensor, update: bool) -> None:
+        """Backward pass; on the last batch of an update, clip and step (timm's loss scaler in fp16)."""
+        clip = self.config.optim.clip_grad or None
+        if self.scaler is not None:
+            self.scaler(loss, self.optimizer, clip_grad=clip, parameters=self.model.parameters(), need_update=update)
         else:
-            self.optimizer.step()
+            loss.backward()
+            if update:
+                if clip:
+                    dispatch_clip_grad(self.model.parameters(), clip)
+                self.optimizer.step()
+        if update:
+            self._after_update()
+
+    def _after_update(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.scheduler.step_update(num_updates=self.state.step)
@@ -399,8 +391,8 @@ class Trainer:
         if not self.resumed and not self.overwrite:
             ckpt.refuse_existing_run(self.output_dir)
         if state.epoch >= config.epochs and state.history:
-            print(f"the run in {self.output_dir} is already complete: {state.epoch} of {config.epochs} epochs, "
-                  f"best top-1 {state.best_top1:.2f}%. Raise epochs (--set epochs=N) to train further.", flush=True)
+            logger.info(f"the run in {self.output_dir} is already complete: {state.epoch} of {config.epochs} epochs, "
+                        f"best top-1 {state.best_top1:.2f}%. Raise epochs (--set epochs=N) to train further.")
             return {**state.history[-1], "best_top1": state.best_top1}
         if self.runtime.is_main:
             ckpt.prepare_output_dir(self.output_dir)
@@ -436,4 +428,4 @@ class Trainer:
             files["EMA weights"] = self.output_dir / "model_ema.safetensors"
         plot_curves(self.state.history, self.output_dir / "curves.png")
         files["curves"] = self.output_dir / "curves.png"
-        print(final_summary(self.state.history, seconds, int(images), files), file=sys.stdout, flush=True)
+        logger.info(final_summary(self.state.history, seconds, int(images), files))
