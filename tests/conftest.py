@@ -12,6 +12,7 @@ settings.register_profile(
 )
 settings.load_profile("default")
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# under pytest-xdist (`-n 2`) each worker takes one core
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -167,3 +167,14 @@ def test_unknown_benchmark_group_is_refused():
     result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--groups", "modles"], capture_output=True,
                             text=True, cwd=ROOT)
     assert result.returncode == 2 and "unknown group(s) modles" in result.stderr
+
+
+def test_deploy_page_shows_the_latency_table_of_its_committed_run():
+    from benchmarks.deploy_latency import markdown
+
+    run = json.loads((ROOT / "docs" / "benchmarks" / "cpu" / "deploy_latency.json").read_text())
+    assert markdown(run["rows"]).strip() in (ROOT / "docs" / "deploy.md").read_text()
+    forms = {row["form"] for row in run["rows"]}
+    assert {"eager", "torch.export", "TorchScript script", "TorchScript trace", "ONNX (onnxruntime)",
+            "int8 dynamic quantization"} <= forms
+    assert all(row["max_abs_diff"] < 1e-4 for row in run["rows"] if row["form"] != "int8 dynamic quantization")
