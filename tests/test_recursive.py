@@ -174,3 +174,9 @@ def test_torch_compile_fullgraph_matches_eager(mode):
     expected = stage(x)
     torch.manual_seed(0)
     torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_mask_for_a_block_that_takes_none_is_a_clear_error():
+    stage = Recursive(TransformerBlock(dim=16, num_heads=2), loops=2)
+    with pytest.raises(TypeError, match="TransformerBlock takes no attn_mask or is_causal"):
+        stage(torch.randn(1, 4, 16), attn_mask=torch.ones(4, 4, dtype=torch.bool))
