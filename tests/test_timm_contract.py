@@ -55,6 +55,37 @@ def create(name: str, **kwargs) -> torch.nn.Module:
     return timm.create_model(name, **kwargs)
 
 
+def network_signature(name: str) -> tuple:
+    """What a model computes at its check size: its class, parameter shapes and group
+    schedules. Names that differ only in their default input size (SReT's *_384 / *_512)
+    build the same network at the check size."""
+    size = small_img_size(name)
+    with torch.device("meta"):
+        model = timm.create_model(name, **({} if size is None else {"img_size": size}))
+    shapes = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+    schedules = tuple(m.schedule.counts for m in model.modules() if getattr(m, "schedule", None) is not None)
+    return type(model).__name__, shapes, schedules
+
+
+def distinct_networks(names: list[str]) -> list[str]:
+    """One name per network at the check size (the first, in order)."""
+    seen: dict[tuple, str] = {}
+    for name in names:
+        seen.setdefault(network_signature(name), name)
+    return list(seen.values())
+
+
+# Checks that run at the small input size see the same network under every name of
+# such a group, so they run once per network; the default-cfg check runs per name.
+NETWORKS = distinct_networks(MODELS)
+
+
+def test_each_network_is_checked_once_and_every_name_has_one():
+    assert {network_signature(n) for n in NETWORKS} == {network_signature(n) for n in MODELS}
+    assert "sret_t_unsliced" in NETWORKS and "sret_t_unsliced_384" not in NETWORKS
+    assert "sret_t" in NETWORKS  # same parameters as sret_t_unsliced, other group counts
+
+
 def contract_input_size(model: torch.nn.Module) -> tuple[int, int, int]:
     """The input a check runs at: what the model was built for."""
     name = model.pretrained_cfg["architecture"]
@@ -84,7 +115,7 @@ def test_every_vitblocks_model_is_covered():
     assert "deit_tiny_patch16_224" not in MODELS and "sret_t_distill" not in MODELS  # timm's own, deprecated
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", NETWORKS)
 def test_forward_and_backward_with_a_new_class_count(name):
     model = create(name, num_classes=42).train()
     inputs = torch.randn(2, *contract_input_size(model))
@@ -125,7 +156,7 @@ def test_default_cfg_matches_the_model(name):
         assert channels_and_grid(model(inputs), fmt)[1] == tuple(cfg["pool_size"])
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", NETWORKS)
 @torch.no_grad()
 def test_intermediates_and_features_only_follow_feature_info(name):
     model = create(name).eval()
@@ -153,7 +184,7 @@ def test_attn_mask_reaches_the_blocks_where_timm_passes_one():
             sliced.forward_features(inputs, attn_mask=everywhere)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", NETWORKS)
 def test_fx_feature_extraction_forward_and_backward(name):
     model = create(name).eval()
     inputs = torch.randn(1, *contract_input_size(model))
@@ -172,7 +203,7 @@ def test_fx_feature_extraction_forward_and_backward(name):
     assert not missing, f"no gradient through the FX graph for {missing}"
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", NETWORKS)
 def test_torchscript_script_and_trace_match_eager(name):
     with set_scriptable(True):
         model = create(name).eval()
@@ -225,9 +256,9 @@ def one_per_architecture(names: list[str]) -> list[str]:
 # The dynamo exporter takes 15-45 s per model here; the registered names that share an
 # architecture (same model class, module types and slicing) differ only in widths,
 # depths, group counts and input size, which the TorchScript-based exporter checks for
-# every name.
+# every network.
 DYNAMO_MODELS = one_per_architecture(MODELS)
-ONNX_CASES = [(name, "legacy") for name in MODELS] + [(name, "dynamo") for name in DYNAMO_MODELS]
+ONNX_CASES = [(name, "legacy") for name in NETWORKS] + [(name, "dynamo") for name in DYNAMO_MODELS]
 
 
 def test_the_dynamo_export_covers_every_architecture():
