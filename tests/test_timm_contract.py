@@ -297,3 +297,17 @@ def test_onnx_export_runs_in_onnxruntime_with_a_dynamic_batch(name, exporter, tm
     record_property("onnx_max_abs_diff", worst)
     print(f"{name} {exporter}: max |onnxruntime - eager| = {worst:.2e}")
     assert worst < 1e-4
+
+
+@pytest.mark.slow
+def test_onnx_dynamo_export_with_a_static_batch(tmp_path):
+    model = create("sret_t_unsliced").eval()
+    example = torch.randn(1, *contract_input_size(model))
+    path = str(tmp_path / "static.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), path, dynamo=True, verbose=False, optimize=False)
+    with torch.no_grad():
+        expected = model(example)
+    got = run_onnx(path, example)
+    assert got.shape == expected.shape and (got - expected).abs().max().item() < 1e-4
