@@ -9,7 +9,7 @@ from torch import nn
 
 
 def resize_position_map(pos: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
-    """Resize a (1, C, H, W) position map to `size` = (H', W').
+    """Resize a (1, C, H, W) position map to `size` = (H', W'); TorchScript compiles it.
 
     Args:
         pos: The map.
@@ -19,9 +19,9 @@ def resize_position_map(pos: torch.Tensor, size: tuple[int, int], mode: str = "b
     Returns:
         The resized map; `pos` itself when it already has that size.
     """
-    if tuple(pos.shape[-2:]) == tuple(size):
+    if pos.shape[-2] == size[0] and pos.shape[-1] == size[1]:
         return pos
-    return F.interpolate(pos.float(), size=size, mode=mode, align_corners=False).to(pos.dtype)
+    return F.interpolate(pos.float(), size=[size[0], size[1]], mode=mode, align_corners=False).to(pos.dtype)
 
 
 class PositionMap(nn.Module):
@@ -91,9 +91,7 @@ def add_position_map(x: torch.Tensor, pos: torch.Tensor, mode: str) -> torch.Ten
     """
     if x.dim() != 4 or x.shape[1] != pos.shape[1]:
         raise ValueError(f"PositionMap expects (batch, {pos.shape[1]}, height, width) inputs, got shape {x.shape}")
-    if x.shape[-2] != pos.shape[-2] or x.shape[-1] != pos.shape[-1]:
-        pos = F.interpolate(pos.float(), size=[x.shape[-2], x.shape[-1]], mode=mode, align_corners=False).to(pos.dtype)
-    return x + pos
+    return x + resize_position_map(pos, (x.shape[-2], x.shape[-1]), mode)
 
 
 torch.fx.wrap("add_position_map")

@@ -116,7 +116,7 @@ def make_recursive(
         ]
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         setattr(parent, name.split(".")[-1], nn.Sequential(*recursive))
-        _renumber_feature_info(model, name, len(recursive))
+        _renumber_feature_info(parent, name.split(".")[-1], len(recursive))
     return plan
 
 
@@ -125,6 +125,12 @@ def _renumber_feature_info(model: nn.Module, stack: str, num_blocks: int) -> Non
 
     timm's ViT lists every block in `feature_info`; after sharing, the stack holds fewer
     blocks, and `forward_intermediates` / `features_only` index them by that list.
+
+    Args:
+        model: The module holding the stack (the ViT itself, also inside a timm feature
+            wrapper).
+        stack: The stack's attribute name on `model`.
+        num_blocks: Blocks the stack holds now.
     """
     info = getattr(model, "feature_info", None)
     if not isinstance(info, list):
