@@ -2,6 +2,7 @@
 
     python -m vitblocks.eval runs/sret_t_imagenet/best.pth --data /data/imagenet
     python -m vitblocks.eval runs/quickstart/best.pth            # the recipe's own data
+    python -m vitblocks.eval runs/quickstart/best.pth --loops 3  # test-time depth
 
 The images are resized to img_size / crop_pct (256 for 224) and center-cropped.
 """
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from vitblocks.io import CheckpointError
+from vitblocks.layers.depth import set_loops
 from vitblocks.train.builders import build_data, build_model
 from vitblocks.train.checkpoint import load_training_checkpoint
 from vitblocks.train.config import ConfigError, apply_overrides, from_dict
@@ -68,7 +70,7 @@ def check_classes(checkpoint: str, state: dict[str, Any], config: TrainConfig) -
 
 
 def run(checkpoint: str, data_root: str | None = None, overrides: list[str] | None = None, ema: bool = False,
-        batch_size: int | None = None) -> dict[str, float]:
+        batch_size: int | None = None, loops: int | None = None) -> dict[str, float]:
     """Evaluate the weights of a trainer checkpoint on its validation data.
 
     Args:
@@ -77,6 +79,8 @@ def run(checkpoint: str, data_root: str | None = None, overrides: list[str] | No
         overrides: Config overrides, e.g. `["data.img_size=256"]`.
         ema: Use the EMA weights stored in the checkpoint.
         batch_size: Evaluation batch size.
+        loops: Test-time depth: loops of every shared block (`vitblocks.layers.set_loops`);
+            None keeps the trained count.
 
     Returns:
         `val_loss`, `val_top1`, `val_top5` (%).
@@ -97,8 +101,10 @@ def run(checkpoint: str, data_root: str | None = None, overrides: list[str] | No
         raise CheckpointError(f"{checkpoint} holds no EMA weights (the run had ema_decay=None)")
     classes = check_classes(checkpoint, state, config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(config)
+    model = build_model(config, load_base=False)  # a converted model's base weights are not needed
     model.load_state_dict(weights)
+    if loops is not None:
+        set_loops(model, loops)
     try:
         data = build_data(config, train=False, classes=classes)
     except DataError as error:
@@ -122,10 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--loops", type=int, metavar="N",
+                        help="test-time depth: apply every shared block N times (default: as trained)")
     args = parser.parse_args(argv)
     try:
-        metrics = run(args.checkpoint, args.data, args.set, args.ema, args.batch_size)
-    except (CheckpointError, ConfigError, DataError, FileNotFoundError) as error:
+        metrics = run(args.checkpoint, args.data, args.set, args.ema, args.batch_size, args.loops)
+    except (CheckpointError, ConfigError, DataError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  loss {metrics['val_loss']:.4f}")

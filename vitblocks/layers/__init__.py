@@ -15,12 +15,32 @@ from vitblocks.layers.permutation import (
 from vitblocks.layers.pool import ConvPool
 from vitblocks.layers.position import PositionMap, resize_position_map
 from vitblocks.layers.recursive import Recursive
+from vitblocks.layers.relax import (
+    DEFAULT_TARGETS,
+    LoopLayerNorm,
+    LoopLayerScale,
+    LoopLoRALinear,
+    RelaxedBlock,
+    relax_recursion,
+)
+from vitblocks.layers.shared_sequence import SharedSequence
+from vitblocks.layers.sharing import sharing_assignment
+from vitblocks.layers.depth import set_loops
 from vitblocks.layers.regional import compile_regions
 from vitblocks.layers.schedule import GroupSchedule
 from vitblocks.layers.sliced import LoopPlan, SlicedGroupAttention
 from vitblocks.layers.stem import ConvStem
 
 __all__ = [
+    "DEFAULT_TARGETS",
+    "LoopLayerNorm",
+    "LoopLayerScale",
+    "LoopLoRALinear",
+    "RelaxedBlock",
+    "SharedSequence",
+    "relax_recursion",
+    "set_loops",
+    "sharing_assignment",
     "PERMUTATION_POLICIES",
     "CheckpointMode",
     "ConvPool",

@@ -26,6 +26,26 @@ def _block_then_mix(block: nn.Module, mix: nn.Module | None, x: torch.Tensor, lo
     return x if mix is None else mix(x)
 
 
+def loop_call_kwargs(block: nn.Module, x: torch.Tensor, loop: int, plans: bool, takes_loop: bool) -> dict[str, Any]:
+    """What a block is told about one loop: its precomputed loop plan, the loop index, or nothing.
+
+    Args:
+        block: The block.
+        x: Its input.
+        loop: The loop index.
+        plans: Whether the block has `loop_plan`.
+        takes_loop: Whether its forward takes `loop`.
+
+    Returns:
+        Keyword arguments for the call.
+    """
+    if plans:
+        plan = block.loop_plan(x, loop)
+        if plan is not None:
+            return {"plan": plan}
+    return {"loop": loop} if takes_loop else {}
+
+
 class Recursive(nn.Module):
     """Weight-shared recursion: `loops` applications of one block, each optionally mixed.
 
@@ -73,11 +93,8 @@ class Recursive(nn.Module):
         grad_checkpointing: CheckpointSetting = False,
     ) -> None:
         super().__init__()
-        if not isinstance(block, nn.Module):
-            raise TypeError(f"block must be an nn.Module, got {type(block).__name__}")
         if isinstance(loops, bool) or not isinstance(loops, int) or loops < 1:
             raise ValueError(f"loops must be an int >= 1, got {loops!r}")
-        self.block = block
         self.loops = loops
         self.set_grad_checkpointing(grad_checkpointing)
         self.mix: nn.Module | None
@@ -93,11 +110,25 @@ class Recursive(nn.Module):
             self.shared_mix = False
         else:
             raise TypeError(f"mix must be an nn.Module, a factory of them, or None; got {type(mix).__name__}")
+        self.replace_block(block)
+        self._mix_per_loop = not self.shared_mix
+        self._compiled: Callable[..., torch.Tensor] | None = None
+
+    def replace_block(self, block: nn.Module) -> None:
+        """Swap the repeated block (e.g. for a `RelaxedBlock` around it), keeping loops and mix layers.
+
+        Args:
+            block: The new block.
+
+        Raises:
+            TypeError: If `block` is not an nn.Module.
+        """
+        if not isinstance(block, nn.Module):
+            raise TypeError(f"block must be an nn.Module, got {type(block).__name__}")
+        self.block = block
         self._block_takes_loop = accepts_loop(block)
         self._block_takes_mask = accepts_mask(block)
-        self._mix_per_loop = not self.shared_mix
         self._block_plans = callable(getattr(block, "loop_plan", None))
-        self._compiled: Callable[..., torch.Tensor] | None = None
 
     def compile_block(self, **compile_kwargs: Any) -> None:
         """Regional compilation: compile one application of the block (and its mix layer).
@@ -121,11 +152,24 @@ class Recursive(nn.Module):
         return self._compiled is not None
 
     def _loop_kwargs(self, x: torch.Tensor, loop: int) -> dict[str, Any]:
-        if self._block_plans:
-            plan = self.block.loop_plan(x, loop)
-            if plan is not None:
-                return {"plan": plan}
-        return {"loop": loop} if self._block_takes_loop else {}
+        return loop_call_kwargs(self.block, x, loop, self._block_plans, self._block_takes_loop)
+
+    def set_loops(self, loops: int) -> None:
+        """Test-time depth: apply the block `loops` times from now on (more or fewer than trained).
+
+        Loops beyond those trained reuse the last trained loop's per-loop parts: its mix
+        layer, its group count and the last per-loop relaxation; fewer loops use the
+        first ones. Weights are unchanged, so `set_loops(trained)` restores the model.
+
+        Args:
+            loops: Applications, >= 1.
+
+        Raises:
+            ValueError: If `loops` is not an int >= 1.
+        """
+        if isinstance(loops, bool) or not isinstance(loops, int) or loops < 1:
+            raise ValueError(f"loops must be an int >= 1, got {loops!r}")
+        self.loops = loops
 
     def set_grad_checkpointing(self, enable: CheckpointSetting = True) -> None:
         """Set the activation checkpointing mode.
@@ -150,7 +194,7 @@ class Recursive(nn.Module):
         """
         if self.mix is None or self.shared_mix:
             return self.mix
-        return self.mix[loop]
+        return self.mix[min(loop, len(self.mix) - 1)]  # test-time depth: later loops reuse the last
 
     def _apply_once(self, x: torch.Tensor, loop: int, **block_kwargs: Any) -> torch.Tensor:
         if self._compiled is not None and not torch.compiler.is_compiling():
@@ -208,10 +252,18 @@ class Recursive(nn.Module):
     def _forward_scripted(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
         """`forward` as TorchScript compiles it (no checkpointing: scripted models infer)."""
         if self._mix_per_loop:
+            trained = len(self.mix)
             loop = 0
             for mix in self.mix:
-                x = mix(self._block_scripted(x, loop, attn_mask, is_causal))
+                if loop < self.loops:
+                    x = mix(self._block_scripted(x, loop, attn_mask, is_causal))
                 loop += 1
+            for extra in range(trained, self.loops):  # test-time depth: reuse the last mix layer
+                index = 0
+                for mix in self.mix:
+                    if index == trained - 1:
+                        x = mix(self._block_scripted(x, extra, attn_mask, is_causal))
+                    index += 1
         else:
             for loop in range(self.loops):
                 x = self._block_scripted(x, loop, attn_mask, is_causal)

@@ -8,13 +8,14 @@ import torch
 from torch import nn
 
 from vitblocks.layers.recursive import Recursive
+from vitblocks.layers.shared_sequence import SharedSequence
 
 VARIANTS_PER_REGION = 8
 """Compiled variants allowed per recursive block (train / eval, group counts, shapes)."""
 
 
 def compile_regions(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
-    """Compile every `Recursive` block of a model once (regional compilation).
+    """Compile every `Recursive` block (and `SharedSequence`) of a model once (regional compilation).
 
     `torch.compile(model)` traces the whole forward pass, unrolling each `Recursive`
     loop, so compile time grows with the number of loops (1000 block applications are
@@ -44,7 +45,7 @@ def compile_regions(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
         >>> sum(block.compiled for block in model.modules() if isinstance(block, Recursive))
         10
     """
-    regions = [module for module in model.modules() if isinstance(module, Recursive)]
+    regions = [module for module in model.modules() if isinstance(module, (Recursive, SharedSequence))]
     if not regions:
         raise ValueError(
             f"{type(model).__name__} has no Recursive block to compile; use torch.compile(model) instead"

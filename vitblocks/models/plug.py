@@ -4,8 +4,12 @@
 
 - `share=False` ("deepen"): each block is applied `loops` times — same parameters,
   `loops` times the depth (the paper's naive recursion);
-- `share=True`: each run of `loops` consecutive blocks becomes the run's first block
-  applied `loops` times — about 1/`loops` of the block parameters, same depth;
+- `share=True` / `"consecutive"`: each run of `loops` consecutive blocks becomes the
+  run's first block applied `loops` times — about 1/`loops` of the block parameters,
+  same depth; `"cycle"` or an explicit assignment share blocks in any other order
+  (see `vitblocks.layers.sharing`);
+- `relax={"rank": 8}` gives each use of a shared block its own low-rank correction
+  (`RelaxedBlock`);
 - `mix="per_loop"` / `"shared"` adds NonLinearMix layers after the applications;
 - `groups=(8, 2)` swaps each ViT block's attention for `SlicedGroupAttention` with the
   same weights; class and distillation tokens are prefix tokens that every group sees.
@@ -31,12 +35,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitblocks.layers import NonLinearMix, Recursive
+from vitblocks.layers import NonLinearMix, Recursive, RelaxedBlock, SharedSequence, relax_recursion
 from vitblocks.layers.mix import mix_for_mode
 from vitblocks.layers.modes import MixMode
 from vitblocks.layers.schedule import GroupSchedule
+from vitblocks.layers.sharing import Sharing, is_consecutive, runs_of, sharing_assignment
 from vitblocks.models.families import family_of
-from vitblocks.models.recursion_plan import RecursionPlan, plan_runs
+from vitblocks.models.recursion_plan import RecursionPlan
 
 
 def block_stacks(model: nn.Module) -> list[tuple[str, nn.Sequential]]:
@@ -52,23 +57,49 @@ def block_stacks(model: nn.Module) -> list[tuple[str, nn.Sequential]]:
             if name.split(".")[-1] == "blocks" and isinstance(module, nn.Sequential)]
 
 
+def _stack_schedules(share: bool | Sharing | Sequence[Sequence[int]], stacks: list[tuple[str, nn.Sequential]]) -> list:
+    """One sharing setting per stack: False (deepen), a schedule name, or an assignment."""
+    if share is False or share is True:
+        return ["consecutive" if share else False] * len(stacks)
+    if isinstance(share, str):
+        return [share] * len(stacks)
+    if not isinstance(share, Sequence) or not share:
+        raise ValueError(f"share must be False, True, 'consecutive', 'cycle' or an assignment, got {share!r}")
+    if all(isinstance(entry, Sequence) and not isinstance(entry, str) for entry in share):
+        if len(share) != len(stacks):
+            raise ValueError(f"share gives {len(share)} assignments but the model has {len(stacks)} block stacks "
+                             f"({', '.join(name for name, _ in stacks)}); give one per stack")
+        return list(share)
+    if len(stacks) > 1:
+        raise ValueError(f"share: the model has {len(stacks)} block stacks ({', '.join(name for name, _ in stacks)}); "
+                         "give one assignment per stack")
+    return [share]
+
+
 def make_recursive(
     model: nn.Module,
     loops: int = 2,
-    share: bool = False,
+    share: bool | Sharing | Sequence[Sequence[int]] = False,
     mix: MixMode | str = MixMode.NONE,
     mix_mlp_ratio: float = 1.0,
     groups: int | Sequence[int] | Sequence[Sequence[int]] | None = None,
+    relax: dict[str, Any] | None = None,
     **attn_options: Any,
 ) -> RecursionPlan:
     """Rewrite a timm DeiT/ViT, PiT or Swin model into its recursive form, in place.
 
     Args:
         model: The timm model (or a timm feature wrapper around one).
-        loops: Applications of each kept block (Swin: of each block pair).
-        share: False: every block loops (same parameters, deeper). True: runs of `loops`
-            consecutive blocks share the first one's weights (fewer parameters, same
-            depth; a short last run loops fewer times).
+        loops: Applications of each kept block (Swin: of each block pair); for the
+            named schedules, the uses of each unique block.
+        share: Which blocks share weights. False: none — every block loops (same
+            parameters, deeper). True or "consecutive": runs of `loops` neighbouring
+            blocks share the first one's weights (SReT; a short last run loops fewer
+            times). "cycle": ceil(depth / loops) unique blocks applied in turn, `loops`
+            times over. An explicit assignment: for each block position the index of the
+            unique block it uses, e.g. `(0, 1, 0, 1, 2, 2)`; one per stack for PiT and
+            Swin (units are Swin's block pairs). Consecutive runs become `Recursive`
+            blocks; any other schedule becomes one `SharedSequence` per stack.
         mix: "none", "per_loop" (a NonLinearMix after every application) or "shared"
             (one per recursive block, reused by its loops).
         mix_mlp_ratio: NonLinearMix hidden width ratio.
@@ -76,6 +107,9 @@ def make_recursive(
             one schedule such as `(4, 2)` for every stack, a list with one schedule per
             stack (PiT's three stages: `((8, 2), (4, 1), (1, 1))`), or None to keep full
             attention (see `GroupSchedule.per_stage`).
+        relax: Relaxed recursion: `RelaxedBlock` options (`rank`, `targets`, `norms`,
+            `biases`, `layer_scale`) given to every shared block, e.g. `{"rank": 8}`;
+            None for plain sharing.
         **attn_options: Further `SlicedGroupAttention` options (permutation policies,
             seed, backend).
 
@@ -83,9 +117,10 @@ def make_recursive(
         Where each original block went; pass it to `load_base_weights`.
 
     Raises:
-        ValueError: For bad arguments, a model without `blocks` stacks, a family no
-            adapter handles, slicing asked of Swin (its windows already restrict
-            attention), or odd Swin stages.
+        ValueError: For bad arguments (including a bad assignment: wrong length, an
+            index out of range, an unused unique block), a model without `blocks`
+            stacks, a family no adapter handles, slicing asked of Swin (its windows
+            already restrict attention), or odd Swin stages.
     """
     if isinstance(loops, bool) or not isinstance(loops, int) or loops < 1:
         raise ValueError(f"loops must be an int >= 1, got {loops!r}")
@@ -98,25 +133,34 @@ def make_recursive(
     except ValueError as error:
         raise ValueError(str(error).replace("stages", "block stacks")) from None
     families = [family_of(list(stack), name) for name, stack in stacks]
-    for (name, stack), family, schedule in zip(stacks, families, schedules):  # check all before rewriting any
-        family.check_stack(name, list(stack), schedule)
+    assignments = []
+    for (name, stack), family, schedule, setting in zip(stacks, families, schedules, _stack_schedules(share, stacks)):
+        family.check_stack(name, list(stack), schedule)  # check all before rewriting any
+        units = len(stack) // family.unit_size
+        where = f"{name} ({units} {'block pairs' if family.unit_size > 1 else 'blocks'})"
+        assignments.append(None if setting is False else sharing_assignment(setting, units, loops, where=where))
+    relaxation = dict(relax or {})
     plan = RecursionPlan()
-    for (name, stack), family, schedule in zip(stacks, families, schedules):
+    for (name, stack), family, schedule, assignment in zip(stacks, families, schedules, assignments):
         prefix = family.prefix_tokens(model)
         blocks = [family.prepare(b, schedule, prefix, attn_options) for b in stack]
         size = family.unit_size
-        units = [blocks[i : i + size] for i in range(0, len(blocks), size)]
-        runs = plan_runs(len(units), loops, share)
-        plan.add_stack(name, runs, size)
-        mix_factory = partial(NonLinearMix, family.embed_dim(blocks[0]), mix_mlp_ratio)
-        recursive = [
-            Recursive(units[run[0]][0] if size == 1 else nn.Sequential(*units[run[0]]),
-                      loops=len(run) if share else loops, mix=mix_for_mode(mix, mix_factory))
-            for run in runs
-        ]
+        units = [blocks[i] if size == 1 else nn.Sequential(*blocks[i : i + size]) for i in range(0, len(blocks), size)]
+        mix_layers = mix_for_mode(mix, partial(NonLinearMix, family.embed_dim(blocks[0]), mix_mlp_ratio))
+        if assignment is None:  # deepen: every unit loops
+            layers = [Recursive(unit, loops=loops, mix=mix_layers) for unit in units]
+        elif is_consecutive(assignment):
+            layers = [Recursive(units[run[0]], loops=len(run), mix=mix_layers) for run in runs_of(assignment)]
+        else:
+            first_use = [assignment.index(u) for u in range(max(assignment) + 1)]
+            layers = [SharedSequence([units[p] for p in first_use], assignment, mix=mix_layers)]
+        if relax is not None:
+            relax_recursion(nn.Sequential(*layers), **relaxation)
+        plan.add_stack(name, tuple(range(len(units))) if assignment is None else assignment, size,
+                       sequence=isinstance(layers[0], SharedSequence), relaxed=relax is not None)
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        setattr(parent, name.split(".")[-1], nn.Sequential(*recursive))
-        _renumber_feature_info(parent, name.split(".")[-1], len(recursive))
+        setattr(parent, name.split(".")[-1], nn.Sequential(*layers))
+        _renumber_feature_info(parent, name.split(".")[-1], len(layers))
     return plan
 
 
@@ -147,7 +191,8 @@ def recursion_plan_of(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> 
     """Recover the plan of a model rewritten by `make_recursive`, given its base's weights.
 
     Each stack's block count comes from the base weights and each recursive block's loop
-    count from the model, which together tell shared runs from deepened blocks.
+    count from the model, which together tell shared runs from deepened blocks; a
+    `SharedSequence` carries its assignment.
 
     Args:
         model: The rewritten model.
@@ -157,19 +202,30 @@ def recursion_plan_of(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> 
         The plan `make_recursive` returned when it rewrote the model.
 
     Raises:
-        ValueError: If a stack does not hold `Recursive` blocks.
+        ValueError: If a stack does not hold `Recursive` blocks or one `SharedSequence`.
     """
     plan = RecursionPlan()
     for name, stack in block_stacks(model):
-        recursive = list(stack)
-        if not all(isinstance(r, Recursive) for r in recursive):
+        layers = list(stack)
+        if len(layers) == 1 and isinstance(layers[0], SharedSequence):
+            sequence = layers[0]
+            relaxed = isinstance(sequence.blocks[0], RelaxedBlock)
+            unit = sequence.blocks[0].shared if relaxed else sequence.blocks[0]
+            size = len(unit) if isinstance(unit, nn.Sequential) else 1
+            plan.add_stack(name, sequence.assignment, size, sequence=True, relaxed=relaxed)
+            continue
+        if not all(isinstance(r, Recursive) for r in layers):
             raise ValueError(f"{name} was not made recursive; call make_recursive first")
-        size = len(recursive[0].block) if isinstance(recursive[0].block, nn.Sequential) else 1
+        relaxed = isinstance(layers[0].block, RelaxedBlock)
+        unit = layers[0].block.shared if relaxed else layers[0].block
+        size = len(unit) if isinstance(unit, nn.Sequential) else 1
         indices = {int(k[len(name) + 1 :].split(".")[0]) for k in state_dict if k.startswith(name + ".")}
-        num_units = (max(indices) + 1) // size if indices else len(recursive)
-        shared = num_units > len(recursive)
-        runs = plan_runs(num_units, recursive[0].loops, share=True) if shared else plan_runs(num_units, 1, False)
-        plan.add_stack(name, runs, size)
+        num_units = (max(indices) + 1) // size if indices else len(layers)
+        if num_units > len(layers):  # shared runs: run r covers its Recursive's loops
+            assignment = tuple(r for r, layer in enumerate(layers) for _ in range(layer.loops))
+        else:
+            assignment = tuple(range(num_units))
+        plan.add_stack(name, assignment, size, relaxed=relaxed)
     return plan
 
 

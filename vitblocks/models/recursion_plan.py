@@ -6,7 +6,10 @@ applies a plan; `load_base_weights` follows one to load the base model's weights
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from vitblocks.layers.sharing import loop_indices, runs_of
 
 
 def plan_runs(num_units: int, loops: int, share: bool) -> list[list[int]]:
@@ -32,28 +35,47 @@ def plan_runs(num_units: int, loops: int, share: bool) -> list[list[int]]:
 
 @dataclass
 class RecursionPlan:
-    """Where each original block went, for loading weights of the base model.
+    """Where each original block went, for loading and converting weights of the base model.
 
     Attributes:
         block_paths: Original block path (e.g. "blocks.3") -> its path in the rewritten
-            model, or None when it was dropped because it shares an earlier block's weights.
+            model when it is the first use of its shared block (its weights load there),
+            or None when it reuses a block placed earlier.
+        applications: Original block path -> (the path of the shared block that now runs
+            in its place, the loop index of that use).
+        unit_sizes: Stack path -> blocks per unit of recursion (Swin: 2).
     """
 
     block_paths: dict[str, str | None] = field(default_factory=dict)
+    applications: dict[str, tuple[str, int]] = field(default_factory=dict)
+    unit_sizes: dict[str, int] = field(default_factory=dict)
 
-    def add_stack(self, stack: str, runs: list[list[int]], unit_size: int) -> None:
+    def add_stack(self, stack: str, assignment: Sequence[int], unit_size: int, sequence: bool = False,
+                  relaxed: bool = False) -> None:
         """Record the blocks of one stack.
 
         Args:
             stack: The stack's module path, e.g. "transformers.1.blocks".
-            runs: From `plan_runs`.
+            assignment: The unique unit each original unit uses (see
+                `vitblocks.layers.sharing`); `range(n)` for unshared (deepened) units.
             unit_size: Blocks per unit (Swin: 2).
+            sequence: The stack holds one `SharedSequence` (else a `Recursive` per run
+                of equal neighbouring indices).
+            relaxed: The shared units are wrapped in `RelaxedBlock`s (their blocks sit
+                under `.shared`).
         """
-        for r, run in enumerate(runs):
-            for position, unit in enumerate(run):
-                for k in range(unit_size):
-                    inner = f"{stack}.{r}.block" + (f".{k}" if unit_size > 1 else "")
-                    self.block_paths[f"{stack}.{unit * unit_size + k}"] = inner if position == 0 else None
+        if sequence:
+            unit_paths = {u: f"{stack}.0.blocks.{u}" for u in set(assignment)}
+        else:
+            unit_paths = {assignment[run[0]]: f"{stack}.{r}.block" for r, run in enumerate(runs_of(assignment))}
+        inner = ".shared" if relaxed else ""
+        self.unit_sizes[stack] = unit_size
+        for position, (unit, loop) in enumerate(zip(assignment, loop_indices(assignment))):
+            for k in range(unit_size):
+                path = unit_paths[unit] + inner + (f".{k}" if unit_size > 1 else "")
+                original = f"{stack}.{position * unit_size + k}"
+                self.block_paths[original] = path if loop == 0 else None
+                self.applications[original] = (path, loop)
 
     def new_path(self, key: str) -> str | None:
         """Where a key of the base model's state dict goes.

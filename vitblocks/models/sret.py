@@ -25,6 +25,9 @@ from vitblocks.layers import ConvPool, ConvStem, NonLinearMix, PositionMap, Recu
 from vitblocks.layers.mix import mix_for_mode
 from vitblocks.layers.modes import CheckpointSetting, MixMode
 from vitblocks.layers.schedule import GroupSchedule
+from vitblocks.layers.shared_sequence import SharedSequence
+from vitblocks.layers.sharing import Sharing, is_consecutive, runs_of, sharing_assignment
+from vitblocks.layers.depth import set_layer_loops
 from vitblocks.layers.stem import downsampled_size
 
 _LayerNorm = partial(nn.LayerNorm, eps=1e-6)
@@ -96,6 +99,9 @@ class SReTStage(nn.Module):
             block, reused by its loops) or "none".
         mix_mlp_ratio: NonLinearMix MLP width ratio.
         drop_path_rates: Drop-path rate of each unique block.
+        share: Which block each of the `unique_blocks * loops` positions uses:
+            "consecutive" (SReT: A A B B), "cycle" (A B A B) or an explicit assignment
+            (see `vitblocks.layers.sharing`).
         downsample: Pooling applied first (None for the first stage).
         block_kwargs: Further `TransformerBlock` arguments (dropouts, permutation
             policies, attention backend).
@@ -116,6 +122,7 @@ class SReTStage(nn.Module):
         mix: MixMode | str,
         mix_mlp_ratio: float,
         drop_path_rates: Sequence[float],
+        share: Sharing = "consecutive",
         downsample: nn.Module | None = None,
         block_kwargs: dict[str, Any] | None = None,
         seed: int = 0,
@@ -129,17 +136,24 @@ class SReTStage(nn.Module):
         self.groups = self.schedule.counts
         block_kwargs = block_kwargs or {}
         mix_factory = partial(NonLinearMix, dim, mix_mlp_ratio, drop=block_kwargs.get("proj_drop", 0.0), **dd)
-        self.blocks = nn.ModuleList(
-            Recursive(
-                TransformerBlock(
-                    dim, num_heads, mlp_ratio=mlp_ratio, drop_path=drop_path_rates[i],
-                    residual_scalars=True, groups=self.schedule, seed=seed + i, **block_kwargs, **dd,
-                ),
-                loops=loops,
-                mix=mix_for_mode(mix, mix_factory),
+        assignment = sharing_assignment(share, unique_blocks * loops, loops, where="the stage")
+        if max(assignment) + 1 != unique_blocks:
+            raise ValueError(f"share={share!r} uses {max(assignment) + 1} unique blocks; the stage has {unique_blocks}")
+
+        def block(i: int) -> TransformerBlock:
+            return TransformerBlock(
+                dim, num_heads, mlp_ratio=mlp_ratio, drop_path=drop_path_rates[i],
+                residual_scalars=True, groups=self.schedule, seed=seed + i, **block_kwargs, **dd,
             )
-            for i in range(unique_blocks)
-        )
+
+        if is_consecutive(assignment):  # a Recursive per run (the paper's layout and initialisation order)
+            self.blocks = nn.ModuleList(
+                Recursive(block(assignment[run[0]]), loops=len(run), mix=mix_for_mode(mix, mix_factory))
+                for run in runs_of(assignment)
+            )
+        else:  # one layer that follows the schedule; each block's n-th use is its loop n
+            blocks = [block(i) for i in range(unique_blocks)]
+            self.blocks = nn.ModuleList([SharedSequence(blocks, assignment, mix=mix_for_mode(mix, mix_factory))])
         self.loops = loops
 
     def check_grid(self, height: int, width: int, where: str = "") -> None:
@@ -185,6 +199,9 @@ class SReT(nn.Module):
             `GroupSchedule.per_stage`).
         mlp_ratio: Block MLP width ratio.
         mix: "per_loop" (the paper), "shared" or "none" — see `SReTStage`.
+        share: Sharing schedule of every stage: "consecutive" (the paper: each block's
+            loops in a row), "cycle" (the stage's blocks in turn, `loops` times), or one
+            explicit assignment per stage (see `vitblocks.layers.sharing`).
         mix_mlp_ratio: NonLinearMix MLP width ratio.
         drop_rate: Dropout in the blocks, the mix layers and before the classifier.
         pos_drop_rate: Dropout after adding the position map.
@@ -218,6 +235,7 @@ class SReT(nn.Module):
         mlp_ratio: float = 3.6,
         mix: MixMode | str = MixMode.PER_LOOP,
         mix_mlp_ratio: float = 1.0,
+        share: Sharing | Sequence[Sequence[int]] = "consecutive",
         drop_rate: float = 0.0,
         pos_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
@@ -251,6 +269,9 @@ class SReT(nn.Module):
         unique_blocks = _per_stage(unique_blocks, num_stages, "unique_blocks")
         loops = _per_stage(loops, num_stages, "loops")
         schedules = GroupSchedule.per_stage(groups, num_stages)
+        shares = (share,) * num_stages if isinstance(share, str) else tuple(share)
+        if len(shares) != num_stages:
+            raise ValueError(f"share: give a schedule name or one assignment per stage ({num_stages}), got {share!r}")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
 
         self.num_classes = num_classes
@@ -276,7 +297,7 @@ class SReT(nn.Module):
                 SReTStage(
                     dim=embed_dims[s], num_heads=num_heads[s], unique_blocks=unique_blocks[s], loops=loops[s],
                     groups=schedules[s], mlp_ratio=mlp_ratio, mix=mix, mix_mlp_ratio=mix_mlp_ratio,
-                    drop_path_rates=rates[s], downsample=downsample, block_kwargs=block_kwargs, seed=100 * s, **dd,
+                    drop_path_rates=rates[s], share=shares[s], downsample=downsample, block_kwargs=block_kwargs, seed=100 * s, **dd,
                 )
             )
             self.feature_info.append(dict(num_chs=embed_dims[s], reduction=reduction, module=f"stages.{s}"))
@@ -341,6 +362,25 @@ class SReT(nn.Module):
         for stage in self.stages:
             for block in stage.blocks:
                 block.set_grad_checkpointing(enable)
+
+    @torch.jit.ignore
+    def set_loops(self, loops: int) -> None:
+        """Test-time depth: apply every shared block `loops` times (see `vitblocks.layers.set_loops`).
+
+        The image size is checked against the group schedule again (more loops may use
+        a later, larger group count).
+
+        Args:
+            loops: Loops per block (cycles for cycle-scheduled stages), >= 1.
+
+        Raises:
+            ValueError: If `loops` is invalid or the image size no longer fits the group
+                schedule.
+        """
+        set_layer_loops(self, loops)
+        for stage in self.stages:
+            stage.loops = loops
+        self._check_image_size(self.img_size)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

@@ -23,6 +23,8 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 from torch.utils.data import Dataset
 
+from vitblocks.io import CheckpointError, read_checkpoint
+from vitblocks.models.convert import convert_to_recursive
 from vitblocks.models.create import create_model_at_size
 from vitblocks.train.config import ConfigError, TrainConfig
 from vitblocks.train.data import ResumableSampler, build_dataset, dataset_classes, make_loader
@@ -30,12 +32,14 @@ from vitblocks.train.distill import DistillationLoss, build_teacher
 from vitblocks.train.distributed import Runtime
 
 
-def build_model(config: TrainConfig, device: torch.device | str = "cpu") -> nn.Module:
+def build_model(config: TrainConfig, device: torch.device | str = "cpu", load_base: bool = True) -> nn.Module:
     """The configured timm model at the data's resolution and class count.
 
     Args:
         config: The experiment.
         device: Where the model goes.
+        load_base: With `model.convert`, read the base weights before converting
+            (False builds the converted structure only, for weights loaded afterwards).
 
     Returns:
         The model with the configured activation checkpointing (img_size is passed only
@@ -43,7 +47,9 @@ def build_model(config: TrainConfig, device: torch.device | str = "cpu") -> nn.M
 
     Raises:
         ConfigError: If the model refuses its arguments (an image too small for its
-            groups, a bad option value), with the model's reason.
+            groups, a bad option value), with the model's reason, or the conversion
+            its options.
+        CheckpointError: If the base weights of a conversion cannot be read or do not fit.
     """
     try:
         model = create_model_at_size(config.model.name, config.data.img_size,
@@ -51,10 +57,39 @@ def build_model(config: TrainConfig, device: torch.device | str = "cpu") -> nn.M
     except (ValueError, TypeError) as error:  # the model's own argument checks
         raise ConfigError(f"{config.model.name} cannot be built from this config "
                           f"(data.img_size={config.data.img_size}, model.kwargs={config.model.kwargs}): {error}") from None
+    if config.model.convert:
+        convert_model(model, config.model.convert, load_base=load_base)
     model = model.to(device)
     if config.model.grad_checkpointing:
         model.set_grad_checkpointing(config.model.grad_checkpointing)
     return model
+
+
+def convert_model(model: nn.Module, options: dict[str, Any], load_base: bool = True) -> None:
+    """Load the base weights into an unshared model and convert it (`model.convert`), in place.
+
+    Args:
+        model: The unshared model.
+        options: `model.convert`.
+        load_base: Read `base_checkpoint` first.
+
+    Raises:
+        ConfigError: If the conversion refuses its options.
+        CheckpointError: If the base weights cannot be read or do not fit the model.
+    """
+    options = dict(options)
+    checkpoint = options.pop("base_checkpoint")
+    if load_base:
+        state = read_checkpoint(checkpoint)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:
+            raise CheckpointError(f"the base weights {checkpoint} do not fit the model to convert: "
+                                  f"{str(error).splitlines()[-1].strip()}") from error
+    try:
+        convert_to_recursive(model, **options)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"model.convert={options}: {error}") from None
 
 
 @dataclass

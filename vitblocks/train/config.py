@@ -54,6 +54,12 @@ class ModelConfig:
         compile: False; True (or "model") to wrap the model in `torch.compile`; or
             "regional" to compile each shared block once (`vitblocks.compile_regions`),
             whose compile time does not grow with the loop count.
+        convert: Turn the (unshared) model into a weight-shared one before training
+            (`vitblocks.models.convert_to_recursive`); empty: train `name` as it is.
+            Keys: `base_checkpoint` (the trained base weights: a trainer checkpoint,
+            state dict or .safetensors file) and the options of `convert_to_recursive`
+            (`loops`, `share`, `init`, `rank`, `targets`, `norms`, `biases`), e.g.
+            `{"base_checkpoint": "runs/base/best.pth", "share": "cycle", "rank": 8}`.
     """
 
     name: str = "sret_t"
@@ -61,6 +67,7 @@ class ModelConfig:
     grad_checkpointing: bool | str = False
     backend: str = "auto"
     compile: bool | str = False
+    convert: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -399,6 +406,17 @@ def check_model_options(model: ModelConfig) -> None:
     for key in model.kwargs if known else ():
         if key not in known:
             raise ConfigError(f"model.kwargs.{key}: {model.name} takes no option {key!r}{_did_you_mean(key, sorted(known))}")
+    for key in model.convert:
+        if key not in CONVERT_OPTIONS:
+            raise ConfigError(f"model.convert.{key} is not a conversion option{_did_you_mean(key, CONVERT_OPTIONS)} "
+                              f"(options: {', '.join(CONVERT_OPTIONS)})")
+    if model.convert and not model.convert.get("base_checkpoint"):
+        raise ConfigError("model.convert needs base_checkpoint: the trained weights of the unshared "
+                          f"{model.name} to convert (a trainer checkpoint, state dict or .safetensors file)")
+
+
+CONVERT_OPTIONS = ("base_checkpoint", "loops", "share", "init", "rank", "targets", "norms", "biases")
+"""Keys of `model.convert`."""
 
 
 def iter_fields(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any]]:

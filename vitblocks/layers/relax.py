@@ -1,0 +1,366 @@
+"""Relaxed recursion: each loop of a shared block gets its own small correction.
+
+Bae et al., "Relaxed Recursive Transformers" (ICLR 2025): a block shared across loops
+keeps one set of weights, and each loop adds its own low-rank (LoRA) update to the
+chosen linears, so sharing costs little accuracy for few parameters. MiniViT keeps the
+LayerNorms unshared per layer; here that is `norms=True`.
+
+Every relaxed parameter is *shared value + per-loop delta*, and every delta starts at
+zero, so relaxing a block does not change what it computes until the deltas train (or
+a conversion sets them; see `vitblocks.models.convert`). The shared weights keep their
+names (`attn.qkv.weight`), so weights of the unrelaxed block load unchanged.
+
+    block = RelaxedBlock(TransformerBlock(dim=192, num_heads=3), loops=2, rank=8)
+    stage = Recursive(block, loops=2)
+    relax_recursion(model, rank=8)       # every Recursive / SharedSequence of a model
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerScale
+from torch import nn
+
+from vitblocks.layers.loop import accepts_loop, accepts_mask
+from vitblocks.layers.recursive import Recursive
+from vitblocks.layers.shared_sequence import SharedSequence
+
+DEFAULT_TARGETS = ("qkv", "proj", "fc1", "fc2")
+"""Linears relaxed by default: attention input/output and MLP projections (timm's names)."""
+
+
+def _loop_count(loops: int) -> int:
+    if isinstance(loops, bool) or not isinstance(loops, int) or loops < 1:
+        raise ValueError(f"loops must be an int >= 1, got {loops!r}")
+    return loops
+
+
+class LoopLoRALinear(nn.Linear):
+    """A shared `nn.Linear` plus a per-loop low-rank update and bias offset.
+
+    Loop `l` computes `x W^T + b + delta_b[l] + (x A[l]^T) B[l]^T` with `A[l]` of shape
+    (rank, in) and `B[l]` of shape (out, rank). `B` starts at zero (and so does
+    `delta_b`), so the layer starts equal to the shared linear. Which loop runs is set
+    by the enclosing `RelaxedBlock` (`active_loop`); loops beyond `loops` use the last.
+
+    Args:
+        linear: The shared layer; its `weight` and `bias` are reused, not copied.
+        loops: Loops with their own update.
+        rank: LoRA rank, 0 <= rank <= min(in, out).
+        bias_offsets: Give each loop its own bias offset (needs a bias).
+    """
+
+    def __init__(self, linear: nn.Linear, loops: int, rank: int, bias_offsets: bool = False) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.loops, self.rank = _loop_count(loops), rank
+        self.active_loop = 0
+        dd = {"device": linear.weight.device, "dtype": linear.weight.dtype}
+        self.lora_down = self.lora_up = self.bias_delta = None
+        if rank:
+            self.lora_down = nn.Parameter(torch.empty(loops, rank, self.in_features, **dd))
+            self.lora_up = nn.Parameter(torch.zeros(loops, self.out_features, rank, **dd))
+            bound = 1 / math.sqrt(self.in_features)  # nn.Linear's default range, as in LoRA
+            nn.init.uniform_(self.lora_down, -bound, bound)
+        if bias_offsets and linear.bias is not None:
+            self.bias_delta = nn.Parameter(torch.zeros(loops, self.out_features, **dd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the shared linear and the active loop's update."""
+        loop = min(self.active_loop, self.loops - 1)
+        bias = self.bias if self.bias_delta is None else self.bias + self.bias_delta[loop]
+        y = F.linear(x, self.weight, bias)
+        if self.lora_down is None:
+            return y
+        return y + F.linear(F.linear(x, self.lora_down[loop]), self.lora_up[loop])
+
+    def loop_weight(self, loop: int) -> torch.Tensor:
+        """The dense weight loop `loop` applies (shared + its low-rank update)."""
+        weight = self.weight
+        if self.lora_down is not None:
+            weight = weight + self.lora_up[loop] @ self.lora_down[loop]
+        return weight
+
+    def loop_parameters(self, loop: int) -> dict[str, torch.Tensor]:
+        """The effective `weight` and `bias` of one loop."""
+        params = {"weight": self.loop_weight(loop)}
+        if self.bias is not None:
+            params["bias"] = self.bias if self.bias_delta is None else self.bias + self.bias_delta[loop]
+        return params
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, loops={self.loops}, rank={self.rank}, bias_offsets={self.bias_delta is not None}"
+
+
+class LoopLayerNorm(nn.LayerNorm):
+    """A shared `nn.LayerNorm` whose affine parameters get a per-loop offset (zero at start).
+
+    Args:
+        norm: The shared norm; its parameters are reused.
+        loops: Loops with their own offsets.
+    """
+
+    def __init__(self, norm: nn.LayerNorm, loops: int) -> None:
+        nn.Module.__init__(self)
+        self.normalized_shape, self.eps = norm.normalized_shape, norm.eps
+        self.elementwise_affine = norm.elementwise_affine
+        self.weight, self.bias = norm.weight, norm.bias
+        self.loops, self.active_loop = _loop_count(loops), 0
+        self.weight_delta = self.bias_delta = None
+        if norm.weight is not None:
+            self.weight_delta = nn.Parameter(torch.zeros(loops, *norm.weight.shape, dtype=norm.weight.dtype,
+                                                         device=norm.weight.device))
+        if norm.bias is not None:
+            self.bias_delta = nn.Parameter(torch.zeros(loops, *norm.bias.shape, dtype=norm.bias.dtype,
+                                                       device=norm.bias.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalize with the active loop's affine parameters."""
+        loop = min(self.active_loop, self.loops - 1)
+        weight = None if self.weight is None else self.weight + self.weight_delta[loop]
+        bias = None if self.bias is None else self.bias + self.bias_delta[loop]
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+    def loop_parameters(self, loop: int) -> dict[str, torch.Tensor]:
+        """The effective affine parameters of one loop."""
+        params = {}
+        if self.weight is not None:
+            params["weight"] = self.weight + self.weight_delta[loop]
+        if self.bias is not None:
+            params["bias"] = self.bias + self.bias_delta[loop]
+        return params
+
+
+class LoopLayerScale(nn.Module):
+    """timm's `LayerScale` with a per-loop offset of its scale (zero at start).
+
+    Args:
+        scale: The shared `timm.layers.LayerScale`; its `gamma` is reused.
+        loops: Loops with their own offsets.
+    """
+
+    def __init__(self, scale: LayerScale, loops: int) -> None:
+        super().__init__()
+        self.gamma = scale.gamma
+        self.loops, self.active_loop = _loop_count(loops), 0
+        self.gamma_delta = nn.Parameter(torch.zeros(loops, *scale.gamma.shape, dtype=scale.gamma.dtype,
+                                                    device=scale.gamma.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scale by the active loop's gamma."""
+        return x * (self.gamma + self.gamma_delta[min(self.active_loop, self.loops - 1)])
+
+    def loop_parameters(self, loop: int) -> dict[str, torch.Tensor]:
+        """The effective scale of one loop."""
+        return {"gamma": self.gamma + self.gamma_delta[loop]}
+
+
+PER_LOOP_MODULES = (LoopLoRALinear, LoopLayerNorm, LoopLayerScale)
+"""Modules whose parameters differ per loop; each has `active_loop` and `loop_parameters(loop)`."""
+
+
+def _full_rank(linear: nn.Linear) -> int:
+    return min(linear.in_features, linear.out_features)
+
+
+class RelaxedBlock(nn.Module):
+    """A shared block whose chosen linears (and optionally norms, LayerScale) vary per loop.
+
+    Wraps any block given to `Recursive` or `SharedSequence`: the wrapper takes the loop
+    index, selects that loop's corrections inside the block, and calls the block (passing
+    the loop on when the block takes one). The block's own parameters keep their names
+    under `shared.`; the per-loop ones are added beside them (`lora_down`, `lora_up`,
+    `bias_delta`, `weight_delta`, `gamma_delta`).
+
+    With `rank=0` and no other option nothing inside the block changes (the wrapper
+    computes exactly what the block does). Loops beyond `loops` (test-time depth) reuse
+    the last loop's corrections.
+
+    Args:
+        block: The shared block; relaxed in place.
+        loops: Loops with their own corrections (the block's uses).
+        rank: LoRA rank of every targeted linear, or "full" for min(in, out) of each
+            (with which a converted model reproduces its base exactly).
+        targets: Names of the linears to relax (the last part of their module path,
+            e.g. "qkv" matches `attn.qkv`).
+        norms: Per-loop LayerNorm offsets (MiniViT-style unshared norms).
+        biases: Per-loop bias offsets of the targeted linears.
+        layer_scale: Per-loop offsets of timm `LayerScale` gammas.
+
+    Raises:
+        ValueError: If `rank` is negative or above a targeted linear's full rank, or a
+            relaxation is asked that finds nothing to relax in the block.
+
+    Example:
+        >>> import torch
+        >>> from vitblocks.layers import Recursive, RelaxedBlock, TransformerBlock
+        >>> stage = Recursive(RelaxedBlock(TransformerBlock(dim=64, num_heads=2), loops=2, rank=4), loops=2)
+        >>> stage(torch.randn(2, 16, 64)).shape
+        torch.Size([2, 16, 64])
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        loops: int,
+        rank: int | str = 0,
+        targets: Sequence[str] = DEFAULT_TARGETS,
+        norms: bool = False,
+        biases: bool = False,
+        layer_scale: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(block, RelaxedBlock):
+            raise ValueError("this block is already relaxed")
+        self.loops = _loop_count(loops)
+        if rank != "full" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+            raise ValueError(f"rank must be an int >= 0 or 'full', got {rank!r}")
+        targets = (targets,) if isinstance(targets, str) else tuple(targets)
+        linears = [(name, m) for name, m in block.named_modules()
+                   if isinstance(m, nn.Linear) and not isinstance(m, LoopLoRALinear) and name.split(".")[-1] in targets]
+        if (rank or biases) and not linears:
+            found = sorted({name.split(".")[-1] for name, m in block.named_modules() if isinstance(m, nn.Linear)})
+            raise ValueError(f"no linear of {type(block).__name__} is named one of {targets}; its linears are {found}")
+        for name, linear in linears:
+            layer_rank = _full_rank(linear) if rank == "full" else rank
+            if layer_rank > _full_rank(linear):
+                raise ValueError(f"rank {rank} is above the full rank of {name} ({linear.out_features}x"
+                                 f"{linear.in_features}: at most {_full_rank(linear)}); use a rank <= "
+                                 f"{_full_rank(linear)} or 'full'")
+        self.rank, self.targets = rank, targets
+        self.options = {"norms": norms, "biases": biases, "layer_scale": layer_scale}
+        for name, linear in linears:
+            if rank or biases:
+                layer_rank = _full_rank(linear) if rank == "full" else rank
+                _replace(block, name, LoopLoRALinear(linear, loops, layer_rank, bias_offsets=biases))
+        if norms:
+            found = [(name, m) for name, m in block.named_modules() if isinstance(m, nn.LayerNorm) and not isinstance(m, LoopLayerNorm)]
+            if not found:
+                raise ValueError(f"norms=True: {type(block).__name__} has no nn.LayerNorm")
+            for name, norm in found:
+                _replace(block, name, LoopLayerNorm(norm, loops))
+        if layer_scale:
+            found = [(name, m) for name, m in block.named_modules() if isinstance(m, LayerScale)]
+            if not found:
+                raise ValueError(f"layer_scale=True: {type(block).__name__} has no timm LayerScale")
+            for name, scale in found:
+                _replace(block, name, LoopLayerScale(scale, loops))
+        self.shared = block
+        self._takes_loop = accepts_loop(block)
+        self._takes_mask = accepts_mask(block)
+
+    def _per_loop_modules(self) -> list[nn.Module]:
+        return [m for m in self.shared.modules() if isinstance(m, PER_LOOP_MODULES)]
+
+    def select_loop(self, loop: int) -> None:
+        """Make every per-loop module of the block use loop `loop`'s corrections."""
+        for module in self._per_loop_modules():
+            module.active_loop = loop
+
+    def forward(
+        self, x: torch.Tensor, loop: int = 0, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        """Apply the block with loop `loop`'s corrections.
+
+        Args:
+            x: The block's input.
+            loop: Loop index.
+            attn_mask: timm's attention mask, for blocks that take one.
+            is_causal: timm's causal flag, likewise.
+
+        Returns:
+            The block's output.
+
+        Raises:
+            TypeError: If a mask is given to a block that takes none.
+        """
+        # Selecting the loop is a side effect; under torch.fx the wrapped call below is only
+        # recorded (it reselects at run time, before layers that FX records as one call,
+        # such as sliced attention), so the loop is also selected here for traced-through code.
+        self.select_loop(loop)
+        x = select_loop_of(self, x, loop)
+        kwargs = {"loop": loop} if self._takes_loop else {}
+        if attn_mask is not None or is_causal:
+            if not self._takes_mask:
+                raise TypeError(f"{type(self.shared).__name__} takes no attn_mask or is_causal")
+            kwargs.update(attn_mask=attn_mask, is_causal=is_causal)
+        return self.shared(x, **kwargs)
+
+    def extra_repr(self) -> str:
+        options = ", ".join(k for k, v in self.options.items() if v)
+        return f"loops={self.loops}, rank={self.rank}, targets={self.targets}" + (f", {options}" if options else "")
+
+
+def select_loop_of(block: RelaxedBlock, x: torch.Tensor, loop: int) -> torch.Tensor:
+    """Select a relaxed block's loop and pass `x` through: one node of an FX graph, run in order."""
+    block.select_loop(loop)
+    return x
+
+
+torch.fx.wrap("select_loop_of")
+
+
+def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent = root.get_submodule(path.rsplit(".", 1)[0]) if "." in path else root
+    setattr(parent, path.rsplit(".", 1)[-1], module)
+
+
+def relax_recursion(
+    model: nn.Module,
+    rank: int | str = 0,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    norms: bool = False,
+    biases: bool = False,
+    layer_scale: bool = False,
+) -> int:
+    """Relax every shared block of a model: wrap it in a `RelaxedBlock`, in place.
+
+    Finds each `Recursive` (its block gets `loops` corrections) and `SharedSequence`
+    (each unique block gets one per use) — SReT's stages, `make_recursive`'s stacks, or
+    your own. Blocks already relaxed are left as they are.
+
+    Args:
+        model: Any module holding `Recursive` or `SharedSequence` layers.
+        rank: LoRA rank (int or "full"), as in `RelaxedBlock`.
+        targets: Linear names to relax.
+        norms: Per-loop LayerNorm offsets.
+        biases: Per-loop bias offsets of the targeted linears.
+        layer_scale: Per-loop LayerScale offsets.
+
+    Returns:
+        The number of blocks relaxed.
+
+    Raises:
+        ValueError: If the model has no shared block, or from `RelaxedBlock`.
+
+    Example:
+        >>> import timm, vitblocks
+        >>> from vitblocks.layers import relax_recursion
+        >>> model = timm.create_model("sret_t", img_size=64)
+        >>> relax_recursion(model, rank=4)
+        10
+    """
+    options = {"rank": rank, "targets": targets, "norms": norms, "biases": biases, "layer_scale": layer_scale}
+    relaxed = 0
+    found = False
+    for module in list(model.modules()):
+        if isinstance(module, Recursive):
+            found = True
+            if not isinstance(module.block, RelaxedBlock):
+                module.replace_block(RelaxedBlock(module.block, module.loops, **options))
+                relaxed += 1
+        elif isinstance(module, SharedSequence):
+            found = True
+            for index, uses in enumerate(module.loops):
+                if not isinstance(module.blocks[index], RelaxedBlock):
+                    module.replace_block(index, RelaxedBlock(module.blocks[index], uses, **options))
+                    relaxed += 1
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no Recursive or SharedSequence layer to relax; "
+                         "share its blocks first (vitblocks.models.make_recursive)")
+    return relaxed
