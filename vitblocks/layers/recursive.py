@@ -260,9 +260,9 @@ class Recursive(nn.Module):
                 loop += 1
             for extra in range(trained, self.loops):  # test-time depth: reuse the last mix layer
                 index = 0
-                for mix in self.mix:
+                for last in self.mix:
                     if index == trained - 1:
-                        x = mix(self._block_scripted(x, extra, attn_mask, is_causal))
+                        x = last(self._block_scripted(x, extra, attn_mask, is_causal))
                     index += 1
         else:
             for loop in range(self.loops):

@@ -66,6 +66,7 @@ def convert_to_recursive(
     targets: Sequence[str] = DEFAULT_TARGETS,
     norms: bool = True,
     biases: bool = True,
+    layer_scale: bool = False,
     mix: str = "none",
     **recursive_options: Any,
 ) -> ConversionReport:
@@ -85,6 +86,8 @@ def convert_to_recursive(
         targets: Linear names that get per-loop LoRA.
         norms: Per-loop LayerNorm offsets, set to each layer's own norm.
         biases: Per-loop bias offsets of the targets, set to each layer's own bias.
+        layer_scale: Per-loop LayerScale offsets, set to each layer's own scale (for
+            models with LayerScale, e.g. `init_values` ViTs).
         mix: Mix layers after each use ("none" keeps the conversion exact).
         **recursive_options: Further `make_recursive` options (`groups`, ...).
 
@@ -99,8 +102,9 @@ def convert_to_recursive(
         raise ValueError(f"init={init!r} is not one of {INITS}")
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     before = sum(p.numel() for p in model.parameters())
-    relaxed = bool(rank) or norms or biases
-    relax = {"rank": rank, "targets": targets, "norms": norms, "biases": biases} if relaxed else None
+    relaxed = bool(rank) or norms or biases or layer_scale
+    relax = {"rank": rank, "targets": targets, "norms": norms, "biases": biases, "layer_scale": layer_scale}
+    relax = relax if relaxed else None
     plan = make_recursive(model, loops=loops, share=share, mix=mix, relax=relax, **recursive_options)
     load_base_weights(model, base, plan)
     with torch.no_grad():

@@ -58,7 +58,8 @@ class ModelConfig:
             (`vitblocks.models.convert_to_recursive`); empty: train `name` as it is.
             Keys: `base_checkpoint` (the trained base weights: a trainer checkpoint,
             state dict or .safetensors file) and the options of `convert_to_recursive`
-            (`loops`, `share`, `init`, `rank`, `targets`, `norms`, `biases`), e.g.
+            (`loops`, `share`, `init`, `rank`, `targets`, `norms`, `biases`,
+            `layer_scale`), e.g.
             `{"base_checkpoint": "runs/base/best.pth", "share": "cycle", "rank": 8}`.
     """
 
@@ -415,7 +416,7 @@ def check_model_options(model: ModelConfig) -> None:
                           f"{model.name} to convert (a trainer checkpoint, state dict or .safetensors file)")
 
 
-CONVERT_OPTIONS = ("base_checkpoint", "loops", "share", "init", "rank", "targets", "norms", "biases")
+CONVERT_OPTIONS = ("base_checkpoint", "loops", "share", "init", "rank", "targets", "norms", "biases", "layer_scale")
 """Keys of `model.convert`."""
 
 
