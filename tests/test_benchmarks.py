@@ -178,3 +178,36 @@ def test_deploy_page_shows_the_latency_table_of_its_committed_run():
     assert {"eager", "torch.export", "TorchScript script", "TorchScript trace", "ONNX (onnxruntime)",
             "int8 dynamic quantization"} <= forms
     assert all(row["max_abs_diff"] < 1e-4 for row in run["rows"] if row["form"] != "int8 dynamic quantization")
+
+
+def _sharing_block(text):
+    import re
+
+    return re.search(r"<!-- sharing-digits:start -->\n(.*)\n<!-- sharing-digits:end -->", text, flags=re.S).group(1)
+
+
+def test_sharing_page_shows_the_digits_table_of_its_committed_run():
+    from benchmarks.sharing_digits import markdown
+
+    run = json.loads((ROOT / "docs" / "benchmarks" / "cpu" / "sharing_digits.json").read_text())
+    committed = (ROOT / "docs" / "benchmarks" / "cpu" / "sharing_digits.md").read_text()
+    assert markdown(run["rows"], run["depth"], run["depth_model"]) in committed
+    assert _sharing_block((ROOT / "docs" / "sharing.md").read_text()).strip() == committed.strip()
+    base, conversions = run["rows"][0], run["rows"][1:]
+    assert {(r["init"], r["rank"]) for r in conversions} == {
+        (init, rank) for init in ("first", "average", "stepwise") for rank in (0, 4, 8, "full")}
+    assert all(r["parameters"] < base["parameters"] for r in conversions if r["rank"] != "full")
+    # full rank reproduces the base exactly, on real data
+    assert all(r["top1_converted"] == base["top1_converted"] for r in conversions if r["rank"] == "full")
+
+
+def test_sharing_digits_script_runs_end_to_end(tmp_path):
+    from benchmarks.sharing_digits import main
+
+    assert main(["--base-epochs", "1", "--uptrain-epochs", "1", "--inits", "first", "--ranks", "0,full",
+                 "--depth-loops", "1,2", "--out", str(tmp_path)]) == 0
+    run = json.loads((tmp_path / "sharing_digits.json").read_text())
+    base, rank0, full = run["rows"]
+    assert full["top1_converted"] == base["top1_converted"] and rank0["parameters"] < base["parameters"] < full["parameters"]
+    assert [d["loops"] for d in run["depth"]] == [1, 2] and run["depth"][1]["trained"]
+    assert "| top-1 |" in (tmp_path / "sharing_digits.md").read_text()

@@ -131,7 +131,7 @@ def test_uptraining_a_converted_model_by_distillation_and_evaluating_deeper(tmp_
 def test_conversion_options_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="model.convert.rnk is not a conversion option; did you mean rank"):
         tiny_config(tmp_path, model=ModelConfig("vit_tiny_patch16_224", convert={"base_checkpoint": "x", "rnk": 2}))
-    with pytest.raises(ConfigError, match="model.convert needs base_checkpoint"):
+    with pytest.raises(ConfigError, match="model.convert needs base_checkpoint: .* or None to convert the weights"):
         tiny_config(tmp_path, model=ModelConfig("vit_tiny_patch16_224", convert={"rank": 2}))
     (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
     config = tiny_config(tmp_path, model=ModelConfig("vit_tiny_patch16_224", kwargs=dict(VIT),
@@ -148,3 +148,19 @@ def test_conversion_options_are_checked(tmp_path):
                                                      convert={"base_checkpoint": "x", "rank": 99}))
     with pytest.raises(ConfigError, match="rank 99 is above the full rank"):
         build_model(config, load_base=False)
+
+
+def test_per_loop_offsets_are_exempt_from_weight_decay(tmp_path):
+    from vitblocks.train.builders import build_optimizer_and_schedule
+
+    config = tiny_config(tmp_path, model=ModelConfig("vit_tiny_patch16_224", kwargs=dict(VIT),
+                                                     convert={"base_checkpoint": None, "rank": 2}))
+    model = build_model(config)
+    optimizer, _, _ = build_optimizer_and_schedule(model, config, updates_per_epoch=1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    exempt = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert "blocks.0.blocks.0.shared.attn.qkv.bias_delta" in exempt
+    assert "blocks.0.blocks.0.shared.norm1.weight_delta" in exempt and "pos_embed" in exempt
+    assert "blocks.0.blocks.0.shared.attn.qkv.lora_down" in decayed
+    assert "blocks.0.blocks.0.shared.attn.qkv.weight" in decayed

@@ -5,6 +5,8 @@ import copy
 import pytest
 import timm
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import vitblocks  # noqa: F401  (registers the models)
@@ -17,7 +19,7 @@ from vitblocks.layers import (
     compile_regions,
     relax_recursion,
 )
-from vitblocks.models import convert_to_recursive, make_recursive
+from vitblocks.models import convert_to_recursive, load_base_weights, make_recursive
 
 
 def tiny_vit(depth=6):
@@ -191,7 +193,7 @@ def test_relaxed_models_trace_export_and_checkpoint():
 
 def test_relaxed_blocks_compile_as_regions():
     torch.manual_seed(0)
-    stage = Recursive(RelaxedBlock(TransformerBlock(dim=32, num_heads=2), loops=3, rank=2, norms=True), loops=3)
+    stage = Recursive(RelaxedBlock(TransformerBlock(dim=32, num_heads=2), loops=2, rank=2, norms=True), loops=2)
     with torch.no_grad():
         for m in stage.modules():
             if isinstance(m, LoopLoRALinear):
@@ -201,3 +203,30 @@ def test_relaxed_blocks_compile_as_regions():
     expected = stage(x)
     compile_regions(stage)
     assert torch.allclose(stage(x), expected, atol=1e-5)
+
+
+def test_blocks_used_once_are_not_relaxed_and_the_plan_knows():
+    swin = timm.create_model("swin_tiny_patch4_window7_224", embed_dim=16, depths=(2, 2, 4, 2), num_heads=(1, 2, 2, 4))
+    base = swin.state_dict()
+    plan = make_recursive(swin, loops=2, share="cycle", relax={"rank": 2})
+    assert not isinstance(swin.layers[0].blocks[0].block, RelaxedBlock)  # one block pair: nothing shared
+    assert isinstance(swin.layers[2].blocks[0].block, RelaxedBlock)
+    assert plan.block_paths["layers.0.blocks.1"] == "layers.0.blocks.0.block.1"
+    assert plan.block_paths["layers.2.blocks.1"] == "layers.2.blocks.0.block.shared.1"
+    report = load_base_weights(swin, base, plan)
+    assert not [key for key in report.new if "lora" not in key]
+    vit = tiny_vit()
+    plan = make_recursive(vit, share=(1, 1, 0, 0, 2, 2), relax={"rank": 2})
+    assert plan.applications["blocks.1"] == ("blocks.0.block.shared", 1)
+    assert not [key for key in load_base_weights(vit, tiny_vit().state_dict(), plan).new if "lora" not in key]
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=4, max_size=4).filter(lambda a: set(a) == set(range(max(a) + 1))),
+       st.sampled_from(["first", "average", "stepwise"]))
+def test_any_assignment_converts_exactly_at_full_rank(assignment, init):
+    model = trained_like(tiny_vit(depth=4), seed=len(assignment))
+    expected = model(IMAGES)
+    report = convert_to_recursive(model, share=tuple(assignment), init=init, rank="full")
+    assert report.parameters_after == sum(p.numel() for p in model.parameters())
+    assert (model(IMAGES) - expected).abs().max() <= 1e-4

@@ -57,6 +57,21 @@ def test_docs_plugged_table_is_current_and_its_example_runs():
         exec(compile(block, "docs/plugged.md", "exec"), {})
 
 
+def test_docs_sharing_table_is_current():
+    from vitblocks.summary import SHARING_MARKERS, sharing_table
+
+    text = (DOCS / "plugged.md").read_text()
+    start, end = (re.escape(m) for m in SHARING_MARKERS)
+    documented = re.search(f"{start}\n(.*)\n{end}", text, flags=re.S).group(1)
+    bases = list(dict.fromkeys(re.findall(r"^\| `([^`]+)`", documented, flags=re.M)))
+    assert bases == ["deit_tiny_patch16_224", "pit_ti_224", "swin_tiny_patch4_window7_224"]
+    assert documented == sharing_table(bases), (
+        "docs/plugged.md is stale: run python -m vitblocks.summary deit_tiny_patch16_224 pit_ti_224 "
+        "swin_tiny_patch4_window7_224 --sharing --update docs/plugged.md"
+    )
+    assert "| `deit_tiny_patch16_224` | cycle, x2 | — | 6 / 12 | 3,048,232 | 1.254 |" in documented
+
+
 def test_update_between_markers(tmp_path):
     page = tmp_path / "page.md"
     page.write_text(f"before\n{ZOO_MARKERS[0]}\nold\n{ZOO_MARKERS[1]}\nafter\n")

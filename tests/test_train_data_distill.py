@@ -153,7 +153,8 @@ def test_eval_command_reproduces_the_trainers_validation_accuracy(tmp_path, caps
     assert eval_main([str(tmp_path / "nope.pth")]) == 2 and "no checkpoint at" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("recipe", ["recipes/sret_pit.py", "recipes/sret_t_distill.py", "recipes/deit_tiny_rec.py"])
+@pytest.mark.parametrize("recipe", ["recipes/sret_pit.py", "recipes/sret_t_distill.py", "recipes/deit_tiny_rec.py",
+                                    "recipes/digits_uptrain.py"])
 def test_smoke_runs_a_recipe_on_synthetic_data(tmp_path, recipe):
     argv = [recipe, "--smoke", "--no-progress", "--output-dir", str(tmp_path)]
     if recipe.endswith("sret_pit.py"):  # the real command line once; the entry point in this process otherwise

@@ -17,9 +17,13 @@ from vitblocks.layers import (
     NonLinearMix,
     PositionMap,
     Recursive,
+    RelaxedBlock,
+    SharedSequence,
     SlicedGroupAttention,
     TransformerBlock,
     compile_regions,
+    relax_recursion,
+    set_loops,
 )
 from vitblocks.models import SReT
 
@@ -32,7 +36,9 @@ __all__ = [
     "NonLinearMix",
     "PositionMap",
     "Recursive",
+    "RelaxedBlock",
     "SReT",
+    "SharedSequence",
     "SlicedGroupAttention",
     "TokenGroups",
     "TransformerBlock",
@@ -40,4 +46,6 @@ __all__ = [
     "compile_regions",
     "group_attention",
     "models",
+    "relax_recursion",
+    "set_loops",
 ]

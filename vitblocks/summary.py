@@ -3,6 +3,7 @@
     python -m vitblocks.summary sret_t --img-size 224
     python -m vitblocks.summary "sret*" --zoo          # one markdown row per model
     python -m vitblocks.summary "sret*" --zoo --tags --update docs/models.md
+    python -m vitblocks.summary deit_tiny_patch16_224 pit_ti_224 --sharing   # schedules and relaxation
 
 MACs count convolutions, linear layers and the two attention matmuls, measured with
 PyTorch's FLOP counter while attention runs as explicit matmuls (the `math` backend for
@@ -158,6 +159,57 @@ def zoo_table(names: list[str], top1: dict[str, float] | None = None) -> str:
     return "\n".join(lines)
 
 
+SHARING_SETTINGS: tuple[tuple[str, object, dict | None], ...] = (
+    ("consecutive", "consecutive", None),
+    ("cycle", "cycle", None),
+    ("cycle", "cycle", {"rank": 8}),
+    ("cycle", "cycle", {"rank": 8, "norms": True, "biases": True}),
+)
+"""(schedule label, `share`, `relax`) rows of `sharing_table`: every block used twice."""
+
+
+def _relaxation_label(relax: dict | None) -> str:
+    if relax is None:
+        return "—"
+    extras = [name for name in ("norms", "biases", "layer_scale") if relax.get(name)]
+    return f"LoRA rank {relax.get('rank', 0)}" + "".join(f" + per-loop {name}" for name in extras)
+
+
+def sharing_table(names: list[str], settings: tuple = SHARING_SETTINGS) -> str:
+    """A markdown table of parameters and MACs of timm models under sharing schedules and relaxation.
+
+    Each base model is measured as timm builds it, then after `make_recursive(loops=2,
+    share=..., relax=...)` for every setting (each unique block used twice).
+
+    Args:
+        names: Base timm models (ViT/DeiT, PiT, Swin).
+        settings: (schedule label, `share`, `relax`) per row.
+
+    Returns:
+        Markdown with unique blocks, parameters and GMACs per row.
+    """
+    from vitblocks.models.plug import block_stacks, make_recursive
+
+    lines = ["| model | sharing | relaxation | blocks (unique / applied) | params | GMACs |",
+             "|---|---|---|---:|---:|---:|"]
+    for name in names:
+        base = timm.create_model(name)
+        depth = sum(len(stack) for _, stack in block_stacks(base))
+        total = summarize(base)[-1]
+        lines.append(f"| `{name}` | none (timm) | — | {depth} / {depth} | {total.params:,} | {total.macs / 1e9:.3f} |")
+        for label, share, relax in settings:
+            model = timm.create_model(name)
+            plan = make_recursive(model, loops=2, share=share, relax=relax)
+            unique = len({path for path, _ in plan.applications.values()})
+            total = summarize(model)[-1]
+            lines.append(f"| `{name}` | {label}, x2 | {_relaxation_label(relax)} | {unique} / {depth} | "
+                         f"{total.params:,} | {total.macs / 1e9:.3f} |")
+    return "\n".join(lines)
+
+
+SHARING_MARKERS = ("<!-- sharing:start -->", "<!-- sharing:end -->")
+
+
 def paper_top1() -> dict[str, float]:
     """ImageNet-1k top-1 (%) the SReT paper reports, by `model.tag`.
 
@@ -226,11 +278,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's)")
     parser.add_argument("--zoo", action="store_true", help="one markdown row per model instead of per-part tables")
     parser.add_argument("--tags", action="store_true", help="with --zoo: one row per pretrained tag (model.tag)")
-    parser.add_argument("--update", metavar="FILE", help="with --zoo: write the table into FILE between zoo markers")
+    parser.add_argument("--sharing", action="store_true",
+                        help="one markdown row per base model and sharing schedule / relaxation (docs/plugged.md)")
+    parser.add_argument("--update", metavar="FILE",
+                        help="with --zoo or --sharing: write the table into FILE between its markers")
     args = parser.parse_args(argv)
+    markers = SHARING_MARKERS if args.sharing else ZOO_MARKERS
     if args.update and not Path(args.update).is_file():
-        update_between_markers(args.update, "")  # says what is missing before any model is measured
+        update_between_markers(args.update, "", markers)  # says what is missing before any model is measured
     names = _resolve(args.models, tags=args.tags)
+    if args.sharing:
+        table = sharing_table(names)
+        if args.update:
+            update_between_markers(args.update, table, markers)
+        else:
+            print(table)
+        return
     if args.zoo:
         table = zoo_table(names, paper_top1())
         if args.update:

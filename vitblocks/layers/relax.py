@@ -80,14 +80,28 @@ class LoopLoRALinear(nn.Linear):
         return y + F.linear(F.linear(x, self.lora_down[loop]), self.lora_up[loop])
 
     def loop_weight(self, loop: int) -> torch.Tensor:
-        """The dense weight loop `loop` applies (shared + its low-rank update)."""
+        """The dense weight one loop applies.
+
+        Args:
+            loop: The loop.
+
+        Returns:
+            The shared weight plus the loop's low-rank update, (out, in).
+        """
         weight = self.weight
         if self.lora_down is not None:
             weight = weight + self.lora_up[loop] @ self.lora_down[loop]
         return weight
 
     def loop_parameters(self, loop: int) -> dict[str, torch.Tensor]:
-        """The effective `weight` and `bias` of one loop."""
+        """The effective parameters of one loop.
+
+        Args:
+            loop: The loop.
+
+        Returns:
+            `weight` and (with a bias) `bias`, as the loop applies them.
+        """
         params = {"weight": self.loop_weight(loop)}
         if self.bias is not None:
             params["bias"] = self.bias if self.bias_delta is None else self.bias + self.bias_delta[loop]
@@ -127,7 +141,14 @@ class LoopLayerNorm(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
     def loop_parameters(self, loop: int) -> dict[str, torch.Tensor]:
-        """The effective affine parameters of one loop."""
+        """The effective affine parameters of one loop.
+
+        Args:
+            loop: The loop.
+
+        Returns:
+            `weight` and `bias` (those the norm has), as the loop applies them.
+        """
         params = {}
         if self.weight is not None:
             params["weight"] = self.weight + self.weight_delta[loop]
@@ -156,7 +177,14 @@ class LoopLayerScale(nn.Module):
         return x * (self.gamma + self.gamma_delta[min(self.active_loop, self.loops - 1)])
 
     def loop_parameters(self, loop: int) -> dict[str, torch.Tensor]:
-        """The effective scale of one loop."""
+        """The effective scale of one loop.
+
+        Args:
+            loop: The loop.
+
+        Returns:
+            `gamma`, as the loop applies it.
+        """
         return {"gamma": self.gamma + self.gamma_delta[loop]}
 
 
@@ -258,7 +286,11 @@ class RelaxedBlock(nn.Module):
         return [m for m in self.shared.modules() if isinstance(m, PER_LOOP_MODULES)]
 
     def select_loop(self, loop: int) -> None:
-        """Make every per-loop module of the block use loop `loop`'s corrections."""
+        """Make every per-loop module of the block use one loop's corrections.
+
+        Args:
+            loop: The loop (later loops than trained use the last one's).
+        """
         for module in self._per_loop_modules():
             module.active_loop = loop
 
@@ -296,8 +328,38 @@ class RelaxedBlock(nn.Module):
         return f"loops={self.loops}, rank={self.rank}, targets={self.targets}" + (f", {options}" if options else "")
 
 
+def per_loop_offsets(model: nn.Module) -> set[str]:
+    """Names of a model's per-loop bias, norm and LayerScale offsets.
+
+    Optimizers should exempt them from weight decay, as timm exempts the biases and norm
+    parameters they offset (LoRA matrices are decayed like other weights).
+
+    Args:
+        model: Any module.
+
+    Returns:
+        Parameter names as `model.named_parameters()` gives them.
+    """
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, PER_LOOP_MODULES):
+            for name in ("bias_delta", "weight_delta", "gamma_delta"):
+                if getattr(module, name, None) is not None:
+                    names.add(f"{prefix}.{name}" if prefix else name)
+    return names
+
+
 def select_loop_of(block: RelaxedBlock, x: torch.Tensor, loop: int) -> torch.Tensor:
-    """Select a relaxed block's loop and pass `x` through: one node of an FX graph, run in order."""
+    """Select a relaxed block's loop and pass `x` through: one node of an FX graph, run in order.
+
+    Args:
+        block: The relaxed block.
+        x: Its input, returned unchanged.
+        loop: The loop to select.
+
+    Returns:
+        `x`.
+    """
     block.select_loop(loop)
     return x
 
@@ -322,7 +384,8 @@ def relax_recursion(
 
     Finds each `Recursive` (its block gets `loops` corrections) and `SharedSequence`
     (each unique block gets one per use) — SReT's stages, `make_recursive`'s stacks, or
-    your own. Blocks already relaxed are left as they are.
+    your own. Blocks used once (nothing shared) and blocks already relaxed are left as
+    they are.
 
     Args:
         model: Any module holding `Recursive` or `SharedSequence` layers.
@@ -351,13 +414,13 @@ def relax_recursion(
     for module in list(model.modules()):
         if isinstance(module, Recursive):
             found = True
-            if not isinstance(module.block, RelaxedBlock):
+            if module.loops > 1 and not isinstance(module.block, RelaxedBlock):
                 module.replace_block(RelaxedBlock(module.block, module.loops, **options))
                 relaxed += 1
         elif isinstance(module, SharedSequence):
             found = True
             for index, uses in enumerate(module.loops):
-                if not isinstance(module.blocks[index], RelaxedBlock):
+                if uses > 1 and not isinstance(module.blocks[index], RelaxedBlock):
                     module.replace_block(index, RelaxedBlock(module.blocks[index], uses, **options))
                     relaxed += 1
     if not found:

@@ -103,12 +103,23 @@ class SharedSequence(nn.Module):
         return tuple(self.assignment.count(k) for k in range(len(self.blocks)))
 
     def set_grad_checkpointing(self, enable: CheckpointSetting = True) -> None:
-        """Set activation checkpointing: False, True / "loop" or "sqrt" (both recompute each position)."""
+        """Set activation checkpointing.
+
+        Args:
+            enable: False, True / "loop" or "sqrt" (both recompute each position).
+
+        Raises:
+            ValueError: For an unknown mode.
+        """
         self._checkpointing = parse_checkpointing(enable) is not None
         self.grad_checkpointing = enable
 
     def compile_block(self, **compile_kwargs: Any) -> None:
-        """Regional compilation: compile one application (block and mix) once for every position."""
+        """Regional compilation: compile one application (block and mix) once for every position.
+
+        Args:
+            **compile_kwargs: Passed to `torch.compile`.
+        """
         self._compiled = torch.compile(_block_then_mix, **compile_kwargs)
 
     @property
@@ -142,6 +153,12 @@ class SharedSequence(nn.Module):
 
         Positions beyond those trained (test-time depth) reuse the last trained cycle's
         layer of the same block.
+
+        Args:
+            position: The position.
+
+        Returns:
+            The layer, or None when there is no mixing.
         """
         if self.mix is None or self.shared_mix:
             return self.mix

@@ -95,6 +95,12 @@ def check_assignment(assignment: Sequence[int], num_positions: int, where: str =
 def is_consecutive(assignment: Sequence[int]) -> bool:
     """Whether every unique block's positions form one run of neighbours.
 
+    Args:
+        assignment: One unique-block index per position.
+
+    Returns:
+        True if each block is used in one run (it can then be a `Recursive`).
+
     Example:
         >>> is_consecutive((0, 0, 1, 1, 2)), is_consecutive((0, 1, 0, 1))
         (True, False)
@@ -109,6 +115,12 @@ def is_consecutive(assignment: Sequence[int]) -> bool:
 
 def runs_of(assignment: Sequence[int]) -> list[list[int]]:
     """The positions of each run of equal neighbouring indices, in order.
+
+    Args:
+        assignment: One unique-block index per position.
+
+    Returns:
+        Positions per run.
 
     Example:
         >>> runs_of((0, 0, 1, 2, 2))
@@ -126,6 +138,12 @@ def runs_of(assignment: Sequence[int]) -> list[list[int]]:
 def loop_indices(assignment: Sequence[int]) -> tuple[int, ...]:
     """For each position, how many earlier positions use the same unique block (its loop).
 
+    Args:
+        assignment: One unique-block index per position.
+
+    Returns:
+        The loop index of every position.
+
     Example:
         >>> loop_indices((0, 1, 2, 0, 1, 2))
         (0, 0, 0, 1, 1, 1)
@@ -139,7 +157,14 @@ def loop_indices(assignment: Sequence[int]) -> tuple[int, ...]:
 
 
 def cycle_period(assignment: Sequence[int]) -> int | None:
-    """K if the assignment is whole cycles of blocks 0..K-1 (0 1 2 0 1 2), else None."""
+    """The cycle length of an assignment that is whole cycles of blocks 0..K-1.
+
+    Args:
+        assignment: One unique-block index per position.
+
+    Returns:
+        K for `(0, 1, ..., K-1)` repeated, else None.
+    """
     unique = max(assignment) + 1
     if len(assignment) % unique or any(index != i % unique for i, index in enumerate(assignment)):
         return None

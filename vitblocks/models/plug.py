@@ -156,8 +156,9 @@ def make_recursive(
             layers = [SharedSequence([units[p] for p in first_use], assignment, mix=mix_layers)]
         if relax is not None:
             relax_recursion(nn.Sequential(*layers), **relaxation)
-        plan.add_stack(name, tuple(range(len(units))) if assignment is None else assignment, size,
-                       sequence=isinstance(layers[0], SharedSequence), relaxed=relax is not None)
+        assignment = tuple(range(len(units))) if assignment is None else assignment
+        plan.add_stack(name, assignment, size, sequence=isinstance(layers[0], SharedSequence),
+                       relaxed=_relaxed_units(layers, assignment))
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         setattr(parent, name.split(".")[-1], nn.Sequential(*layers))
         _renumber_feature_info(parent, name.split(".")[-1], len(layers))
@@ -209,24 +210,40 @@ def recursion_plan_of(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> 
         layers = list(stack)
         if len(layers) == 1 and isinstance(layers[0], SharedSequence):
             sequence = layers[0]
-            relaxed = isinstance(sequence.blocks[0], RelaxedBlock)
-            unit = sequence.blocks[0].shared if relaxed else sequence.blocks[0]
-            size = len(unit) if isinstance(unit, nn.Sequential) else 1
-            plan.add_stack(name, sequence.assignment, size, sequence=True, relaxed=relaxed)
+            plan.add_stack(name, sequence.assignment, _unit_size(sequence.blocks[0]), sequence=True,
+                           relaxed=_relaxed_units(layers, sequence.assignment))
             continue
         if not all(isinstance(r, Recursive) for r in layers):
             raise ValueError(f"{name} was not made recursive; call make_recursive first")
-        relaxed = isinstance(layers[0].block, RelaxedBlock)
-        unit = layers[0].block.shared if relaxed else layers[0].block
-        size = len(unit) if isinstance(unit, nn.Sequential) else 1
+        size = _unit_size(layers[0].block)
         indices = {int(k[len(name) + 1 :].split(".")[0]) for k in state_dict if k.startswith(name + ".")}
         num_units = (max(indices) + 1) // size if indices else len(layers)
         if num_units > len(layers):  # shared runs: run r covers its Recursive's loops
             assignment = tuple(r for r, layer in enumerate(layers) for _ in range(layer.loops))
         else:
             assignment = tuple(range(num_units))
-        plan.add_stack(name, assignment, size, relaxed=relaxed)
+        plan.add_stack(name, assignment, size, relaxed=_relaxed_units(layers, assignment))
     return plan
+
+
+def _unit_size(unit: nn.Module) -> int:
+    unit = unit.shared if isinstance(unit, RelaxedBlock) else unit
+    return len(unit) if isinstance(unit, nn.Sequential) else 1
+
+
+def _relaxed_units(layers: list[nn.Module], assignment: Sequence[int]) -> set[int]:
+    """Unique-unit indices (as the assignment numbers them) whose block is a `RelaxedBlock`.
+
+    Args:
+        layers: A `Recursive` per run of the assignment, or one `SharedSequence`.
+        assignment: The stack's assignment.
+
+    Returns:
+        The indices.
+    """
+    if len(layers) == 1 and isinstance(layers[0], SharedSequence):
+        return {u for u, block in enumerate(layers[0].blocks) if isinstance(block, RelaxedBlock)}
+    return {assignment[run[0]] for run, layer in zip(runs_of(assignment), layers) if isinstance(layer.block, RelaxedBlock)}
 
 
 @dataclass

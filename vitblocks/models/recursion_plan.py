@@ -6,7 +6,7 @@ applies a plan; `load_base_weights` follows one to load the base model's weights
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from vitblocks.layers.sharing import loop_indices, runs_of
@@ -51,7 +51,7 @@ class RecursionPlan:
     unit_sizes: dict[str, int] = field(default_factory=dict)
 
     def add_stack(self, stack: str, assignment: Sequence[int], unit_size: int, sequence: bool = False,
-                  relaxed: bool = False) -> None:
+                  relaxed: Collection[int] = ()) -> None:
         """Record the blocks of one stack.
 
         Args:
@@ -61,18 +61,17 @@ class RecursionPlan:
             unit_size: Blocks per unit (Swin: 2).
             sequence: The stack holds one `SharedSequence` (else a `Recursive` per run
                 of equal neighbouring indices).
-            relaxed: The shared units are wrapped in `RelaxedBlock`s (their blocks sit
-                under `.shared`).
+            relaxed: The unique units wrapped in `RelaxedBlock`s (their blocks sit under
+                `.shared`).
         """
         if sequence:
             unit_paths = {u: f"{stack}.0.blocks.{u}" for u in set(assignment)}
         else:
             unit_paths = {assignment[run[0]]: f"{stack}.{r}.block" for r, run in enumerate(runs_of(assignment))}
-        inner = ".shared" if relaxed else ""
         self.unit_sizes[stack] = unit_size
         for position, (unit, loop) in enumerate(zip(assignment, loop_indices(assignment))):
             for k in range(unit_size):
-                path = unit_paths[unit] + inner + (f".{k}" if unit_size > 1 else "")
+                path = unit_paths[unit] + (".shared" if unit in relaxed else "") + (f".{k}" if unit_size > 1 else "")
                 original = f"{stack}.{position * unit_size + k}"
                 self.block_paths[original] = path if loop == 0 else None
                 self.applications[original] = (path, loop)

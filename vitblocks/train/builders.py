@@ -12,18 +12,20 @@ them, so a part can be built, tested or replaced on its own::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 from torch.utils.data import Dataset
 
 from vitblocks.io import CheckpointError, read_checkpoint
+from vitblocks.layers.relax import per_loop_offsets
 from vitblocks.models.convert import convert_to_recursive
 from vitblocks.models.create import create_model_at_size
 from vitblocks.train.config import ConfigError, TrainConfig
@@ -71,7 +73,8 @@ def convert_model(model: nn.Module, options: dict[str, Any], load_base: bool = T
     Args:
         model: The unshared model.
         options: `model.convert`.
-        load_base: Read `base_checkpoint` first.
+        load_base: Read `base_checkpoint` first (None there: convert the weights the
+            model was built with).
 
     Raises:
         ConfigError: If the conversion refuses its options.
@@ -79,7 +82,7 @@ def convert_model(model: nn.Module, options: dict[str, Any], load_base: bool = T
     """
     options = dict(options)
     checkpoint = options.pop("base_checkpoint")
-    if load_base:
+    if load_base and checkpoint is not None:
         state = read_checkpoint(checkpoint)
         try:
             model.load_state_dict(state)
@@ -169,7 +172,8 @@ def build_optimizer_and_schedule(
     """timm's optimizer and per-step schedule for the model.
 
     Args:
-        model: The model (its `no_weight_decay` names are exempt from weight decay).
+        model: The model (its `no_weight_decay` names, and per-loop offsets of relaxed
+            blocks, are exempt from weight decay).
         config: The experiment.
         updates_per_epoch: Optimizer steps per epoch.
         world_size: Processes, for the learning rate of `lr_per_512`.
@@ -180,7 +184,8 @@ def build_optimizer_and_schedule(
     optim = config.optim
     global_batch = config.data.batch_size * optim.accum_steps * world_size
     lr = optim.lr if optim.lr is not None else optim.lr_per_512 * global_batch / 512
-    optimizer = create_optimizer_v2(model, optim.opt, lr=lr, weight_decay=optim.weight_decay)
+    optimizer = create_optimizer_v2(model, optim.opt, lr=lr, weight_decay=optim.weight_decay,
+                                    param_group_fn=_offset_aware_groups(model, optim.weight_decay))
     schedule = config.schedule
     scheduler, _ = create_scheduler_v2(
         optimizer, schedule.sched, num_epochs=config.epochs, warmup_epochs=schedule.warmup_epochs,
@@ -188,6 +193,22 @@ def build_optimizer_and_schedule(
         updates_per_epoch=updates_per_epoch,
     )
     return optimizer, scheduler, lr
+
+
+def _offset_aware_groups(model: nn.Module, weight_decay: float) -> Callable[[nn.Module], list[dict]] | None:
+    """timm's weight-decay groups with relaxed blocks' per-loop offsets exempt, like what they offset.
+
+    Returns None (timm's own grouping) for models without such offsets.
+    """
+    offsets = per_loop_offsets(model)
+    if not offsets:
+        return None
+
+    def groups(module: nn.Module) -> list[dict]:
+        exempt = set(getattr(module, "no_weight_decay", lambda: set())()) | offsets
+        return param_groups_weight_decay(module, weight_decay, no_weight_decay_list=exempt)
+
+    return groups
 
 
 def build_criterion(config: TrainConfig, device: torch.device | str = "cpu") -> tuple[Mixup | None, DistillationLoss]:

@@ -57,7 +57,8 @@ class ModelConfig:
         convert: Turn the (unshared) model into a weight-shared one before training
             (`vitblocks.models.convert_to_recursive`); empty: train `name` as it is.
             Keys: `base_checkpoint` (the trained base weights: a trainer checkpoint,
-            state dict or .safetensors file) and the options of `convert_to_recursive`
+            state dict or .safetensors file; None converts the weights the model is
+            built with, e.g. timm's `pretrained=True`) and the options of `convert_to_recursive`
             (`loops`, `share`, `init`, `rank`, `targets`, `norms`, `biases`,
             `layer_scale`), e.g.
             `{"base_checkpoint": "runs/base/best.pth", "share": "cycle", "rank": 8}`.
@@ -411,9 +412,10 @@ def check_model_options(model: ModelConfig) -> None:
         if key not in CONVERT_OPTIONS:
             raise ConfigError(f"model.convert.{key} is not a conversion option{_did_you_mean(key, CONVERT_OPTIONS)} "
                               f"(options: {', '.join(CONVERT_OPTIONS)})")
-    if model.convert and not model.convert.get("base_checkpoint"):
+    if model.convert and "base_checkpoint" not in model.convert:
         raise ConfigError("model.convert needs base_checkpoint: the trained weights of the unshared "
-                          f"{model.name} to convert (a trainer checkpoint, state dict or .safetensors file)")
+                          f"{model.name} to convert (a trainer checkpoint, state dict or .safetensors file), "
+                          "or None to convert the weights the model is built with (model.kwargs.pretrained=True)")
 
 
 CONVERT_OPTIONS = ("base_checkpoint", "loops", "share", "init", "rank", "targets", "norms", "biases", "layer_scale")
@@ -643,8 +645,13 @@ def smoke_config(config: TrainConfig, steps: int = 3) -> TrainConfig:
     """
     batch = min(config.data.batch_size, 4)
     precision = config.precision if torch.cuda.is_available() else "fp32"
+    weights = {}  # a smoke run converts and distills from whatever weights the models are built with
+    if config.model.convert:
+        weights["model"] = {"convert": {"base_checkpoint": None}}
+    if config.distill.teacher_checkpoint:
+        weights["distill"] = {"teacher_checkpoint": None}
     return derive(
-        config, epochs=1, precision=precision, output_dir=str(Path(config.output_dir) / "smoke"),
+        config, epochs=1, precision=precision, output_dir=str(Path(config.output_dir) / "smoke"), **weights,
         data=dict(dataset="synthetic", batch_size=batch, workers=0,
                   synthetic_samples=batch * config.optim.accum_steps * steps),
         augment=dict(repeated_aug=False), schedule=dict(warmup_epochs=0),
