@@ -1,6 +1,7 @@
 """Relaxed recursion (per-loop LoRA, norms, biases) and conversion of trained models."""
 
 import copy
+import warnings
 
 import pytest
 import timm
@@ -15,6 +16,7 @@ from vitblocks.layers import (
     LoopLoRALinear,
     Recursive,
     RelaxedBlock,
+    SharedSequence,
     TransformerBlock,
     compile_regions,
     relax_recursion,
@@ -230,3 +232,17 @@ def test_any_assignment_converts_exactly_at_full_rank(assignment, init):
     report = convert_to_recursive(model, share=tuple(assignment), init=init, rank="full")
     assert report.parameters_after == sum(p.numel() for p in model.parameters())
     assert (model(IMAGES) - expected).abs().max() <= 1e-4
+
+
+def test_torchscript_refuses_schedules_and_relaxation_with_a_reason():
+    x = torch.randn(2, 16, 32)
+    sequence = SharedSequence([TransformerBlock(dim=32, num_heads=2) for _ in range(2)], (0, 1, 0, 1))
+    relaxed = Recursive(RelaxedBlock(TransformerBlock(dim=32, num_heads=2), loops=2, rank=2), loops=2)
+    for layer, message in ((sequence, "SharedSequence cannot run in TorchScript"),
+                           (relaxed, "RelaxedBlock cannot run in TorchScript")):
+        with warnings.catch_warnings():  # newer torch deprecates torch.jit.script itself
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.script(layer)
+        with pytest.raises(Exception, match=message):
+            scripted(x)
+        assert torch.jit.trace(layer.eval(), x)(x).shape == x.shape  # tracing works

@@ -93,8 +93,11 @@ class Recursive(nn.Module):
         grad_checkpointing: CheckpointSetting = False,
     ) -> None:
         super().__init__()
+        if not isinstance(block, nn.Module):
+            raise TypeError(f"block must be an nn.Module, got {type(block).__name__}")
         if isinstance(loops, bool) or not isinstance(loops, int) or loops < 1:
             raise ValueError(f"loops must be an int >= 1, got {loops!r}")
+        self.block = block  # registered before the mix layers: parameter order is checkpoint and optimizer order
         self.loops = loops
         self.set_grad_checkpointing(grad_checkpointing)
         self.mix: nn.Module | None

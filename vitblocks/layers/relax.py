@@ -310,7 +310,17 @@ class RelaxedBlock(nn.Module):
 
         Raises:
             TypeError: If a mask is given to a block that takes none.
+            RuntimeError: Under TorchScript.
         """
+        if torch.jit.is_scripting():
+            raise RuntimeError("RelaxedBlock cannot run in TorchScript (it selects each loop's corrections as a side "
+                               "effect); export the model with torch.export, torch.jit.trace or ONNX instead")
+        return self._forward_eager(x, loop, attn_mask, is_causal)
+
+    @torch.jit.unused
+    def _forward_eager(
+        self, x: torch.Tensor, loop: int, attn_mask: torch.Tensor | None, is_causal: bool
+    ) -> torch.Tensor:
         # Selecting the loop is a side effect; under torch.fx the wrapped call below is only
         # recorded (it reselects at run time, before layers that FX records as one call,
         # such as sliced attention), so the loop is also selected here for traced-through code.

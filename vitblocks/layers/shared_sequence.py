@@ -46,6 +46,8 @@ class SharedSequence(nn.Module):
         torch.Size([2, 16, 64])
     """
 
+    __jit_unused_properties__ = ["loops", "compiled"]
+
     def __init__(
         self,
         blocks: Sequence[nn.Module],
@@ -189,7 +191,11 @@ class SharedSequence(nn.Module):
 
         Raises:
             TypeError: If a mask or causal attention is asked of blocks without them.
+            RuntimeError: Under TorchScript.
         """
+        if torch.jit.is_scripting():
+            raise RuntimeError("SharedSequence cannot run in TorchScript (it picks blocks by position); export the "
+                               "model with torch.export, torch.jit.trace or ONNX instead")
         block_kwargs: dict[str, Any] = {}
         if attn_mask is not None or is_causal:
             if not all(self._takes_mask):

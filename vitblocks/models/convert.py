@@ -80,7 +80,8 @@ def convert_to_recursive(
         init: Shared weights of each unique block: "first" (the first layer that uses
             it), "average" (the mean of every layer that uses it) or "stepwise" (the
             j-th unique block of a stack, counted in order of first use, takes layer
-            floor(j * depth / unique): evenly spaced layers).
+            floor(j * depth / unique): evenly spaced layers). A block used by one layer
+            only takes that layer's weights whatever the init.
         rank: Per-loop LoRA rank of the `targets` linears: 0 (none), an int up to
             min(in, out) of each, or "full".
         targets: Linear names that get per-loop LoRA.
@@ -138,7 +139,7 @@ def _initialise_shared(model: nn.Module, base: dict[str, torch.Tensor], plan: Re
         users = {path: [index for index, p, _ in entries if p == path] for path in paths}
         units, shared_units = len(entries) // unit_size, len(paths) // unit_size
         for j, path in enumerate(paths):
-            if init == "average":
+            if init == "average" or len(users[path]) == 1:  # a block used once keeps its own layer
                 sources = users[path]
             else:  # stepwise: evenly spaced units (the same block of each unit)
                 unit, k = divmod(j, unit_size)
