@@ -199,15 +199,3 @@ def test_sharing_page_shows_the_digits_table_of_its_committed_run():
     assert all(r["parameters"] < base["parameters"] for r in conversions if r["rank"] != "full")
     # full rank reproduces the base exactly, on real data
     assert all(r["top1_converted"] == base["top1_converted"] for r in conversions if r["rank"] == "full")
-
-
-def test_sharing_digits_script_runs_end_to_end(tmp_path):
-    from benchmarks.sharing_digits import main
-
-    assert main(["--base-epochs", "1", "--uptrain-epochs", "1", "--inits", "stepwise", "--ranks", "full",
-                 "--depth-loops", "1,2", "--out", str(tmp_path)]) == 0
-    run = json.loads((tmp_path / "sharing_digits.json").read_text())
-    base, full = run["rows"]
-    assert full["top1_converted"] == base["top1_converted"] and base["parameters"] < full["parameters"]
-    assert [d["loops"] for d in run["depth"]] == [1, 2] and run["depth"][1]["trained"]
-    assert "| top-1 |" in (tmp_path / "sharing_digits.md").read_text()
