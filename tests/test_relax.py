@@ -246,3 +246,19 @@ def test_torchscript_refuses_schedules_and_relaxation_with_a_reason():
         with pytest.raises(Exception, match=message):
             scripted(x)
         assert torch.jit.trace(layer.eval(), x)(x).shape == x.shape  # tracing works
+
+
+def test_a_refused_relaxation_changes_nothing():
+    model = tiny_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for relax, message in (({"rank": 33}, "rank 33 is above the full rank"),
+                            ({"rank": 2, "dropout": 0.1}, r"relax: unknown option\(s\) \['dropout'\]"),
+                            ({"rank": 2, "layer_scale": True}, "has no timm LayerScale")):
+        with pytest.raises(ValueError, match=message):
+            make_recursive(model, share="cycle", relax=relax)
+        assert isinstance(model.blocks[0], timm.models.vision_transformer.Block)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    block = TransformerBlock(dim=32, num_heads=2)
+    with pytest.raises(ValueError, match="has no timm LayerScale"):
+        RelaxedBlock(block, loops=2, rank=2, norms=True, layer_scale=True)
+    assert type(block.attn.qkv) is torch.nn.Linear and type(block.norm1) is torch.nn.LayerNorm

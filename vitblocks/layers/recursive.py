@@ -113,7 +113,7 @@ class Recursive(nn.Module):
             self.shared_mix = False
         else:
             raise TypeError(f"mix must be an nn.Module, a factory of them, or None; got {type(mix).__name__}")
-        self.replace_block(block)
+        self._read_block()
         self._mix_per_loop = not self.shared_mix
         self._compiled: Callable[..., torch.Tensor] | None = None
 
@@ -129,9 +129,13 @@ class Recursive(nn.Module):
         if not isinstance(block, nn.Module):
             raise TypeError(f"block must be an nn.Module, got {type(block).__name__}")
         self.block = block
-        self._block_takes_loop = accepts_loop(block)
-        self._block_takes_mask = accepts_mask(block)
-        self._block_plans = callable(getattr(block, "loop_plan", None))
+        self._read_block()
+
+    def _read_block(self) -> None:
+        """Record how the block is called (loop index, mask, precomputed loop plans)."""
+        self._block_takes_loop = accepts_loop(self.block)
+        self._block_takes_mask = accepts_mask(self.block)
+        self._block_plans = callable(getattr(self.block, "loop_plan", None))
 
     def compile_block(self, **compile_kwargs: Any) -> None:
         """Regional compilation: compile one application of the block (and its mix layer).

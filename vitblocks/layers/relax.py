@@ -18,7 +18,9 @@ names (`attn.qkv.weight`), so weights of the unrelaxed block load unchanged.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -243,41 +245,13 @@ class RelaxedBlock(nn.Module):
         layer_scale: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(block, RelaxedBlock):
-            raise ValueError("this block is already relaxed")
         self.loops = _loop_count(loops)
-        if rank != "full" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
-            raise ValueError(f"rank must be an int >= 0 or 'full', got {rank!r}")
         targets = (targets,) if isinstance(targets, str) else tuple(targets)
-        linears = [(name, m) for name, m in block.named_modules()
-                   if isinstance(m, nn.Linear) and not isinstance(m, LoopLoRALinear) and name.split(".")[-1] in targets]
-        if (rank or biases) and not linears:
-            found = sorted({name.split(".")[-1] for name, m in block.named_modules() if isinstance(m, nn.Linear)})
-            raise ValueError(f"no linear of {type(block).__name__} is named one of {targets}; its linears are {found}")
-        for name, linear in linears:
-            layer_rank = _full_rank(linear) if rank == "full" else rank
-            if layer_rank > _full_rank(linear):
-                raise ValueError(f"rank {rank} is above the full rank of {name} ({linear.out_features}x"
-                                 f"{linear.in_features}: at most {_full_rank(linear)}); use a rank <= "
-                                 f"{_full_rank(linear)} or 'full'")
+        replacements = _relaxation_of(block, rank, targets, norms, biases, layer_scale)  # checks all first
         self.rank, self.targets = rank, targets
         self.options = {"norms": norms, "biases": biases, "layer_scale": layer_scale}
-        for name, linear in linears:
-            if rank or biases:
-                layer_rank = _full_rank(linear) if rank == "full" else rank
-                _replace(block, name, LoopLoRALinear(linear, loops, layer_rank, bias_offsets=biases))
-        if norms:
-            found = [(name, m) for name, m in block.named_modules() if isinstance(m, nn.LayerNorm) and not isinstance(m, LoopLayerNorm)]
-            if not found:
-                raise ValueError(f"norms=True: {type(block).__name__} has no nn.LayerNorm")
-            for name, norm in found:
-                _replace(block, name, LoopLayerNorm(norm, loops))
-        if layer_scale:
-            found = [(name, m) for name, m in block.named_modules() if isinstance(m, LayerScale)]
-            if not found:
-                raise ValueError(f"layer_scale=True: {type(block).__name__} has no timm LayerScale")
-            for name, scale in found:
-                _replace(block, name, LoopLayerScale(scale, loops))
+        for name, per_loop in replacements:
+            _replace(block, name, per_loop(loops))
         self.shared = block
         self._takes_loop = accepts_loop(block)
         self._takes_mask = accepts_mask(block)
@@ -375,6 +349,79 @@ def select_loop_of(block: RelaxedBlock, x: torch.Tensor, loop: int) -> torch.Ten
 
 
 torch.fx.wrap("select_loop_of")
+
+
+RELAX_OPTIONS = ("rank", "targets", "norms", "biases", "layer_scale")
+"""The options of a relaxation (`RelaxedBlock`, `relax_recursion`, `make_recursive(relax=...)`)."""
+
+
+def check_relaxation(block: nn.Module, options: dict[str, Any]) -> None:
+    """Check relaxation options against a block without changing it.
+
+    Args:
+        block: A block of the kind that will be relaxed.
+        options: `RelaxedBlock` options (`rank`, `targets`, `norms`, `biases`, `layer_scale`).
+
+    Raises:
+        ValueError: For an unknown option, a bad rank (negative, or above a targeted
+            linear's full rank) or a relaxation that finds nothing to relax.
+    """
+    unknown = sorted(set(options) - set(RELAX_OPTIONS))
+    if unknown:
+        raise ValueError(f"relax: unknown option(s) {unknown}; the options are {RELAX_OPTIONS}")
+    targets = options.get("targets", DEFAULT_TARGETS)
+    _relaxation_of(block, options.get("rank", 0), (targets,) if isinstance(targets, str) else tuple(targets),
+                   options.get("norms", False), options.get("biases", False), options.get("layer_scale", False))
+
+
+def _relaxation_of(block: nn.Module, rank: int | str, targets: tuple[str, ...], norms: bool, biases: bool,
+                   layer_scale: bool) -> list[tuple[str, Callable[[int], nn.Module]]]:
+    """The modules a relaxation replaces, each with a factory of its per-loop version (given loops).
+
+    Everything is checked before anything is replaced, so a refused relaxation leaves the
+    block as it was.
+    """
+    if isinstance(block, RelaxedBlock):
+        raise ValueError("this block is already relaxed")
+    if rank != "full" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+        raise ValueError(f"rank must be an int >= 0 or 'full', got {rank!r}")
+    modules = list(block.named_modules())
+    linears = [(name, m) for name, m in modules
+               if isinstance(m, nn.Linear) and not isinstance(m, LoopLoRALinear) and name.split(".")[-1] in targets]
+    if (rank or biases) and not linears:
+        found = sorted({name.split(".")[-1] for name, m in modules if isinstance(m, nn.Linear)})
+        raise ValueError(f"no linear of {type(block).__name__} is named one of {targets}; its linears are {found}")
+    replacements: list[tuple[str, Callable[[int], nn.Module]]] = []
+    for name, linear in linears if rank or biases else ():
+        full = _full_rank(linear)
+        layer_rank = full if rank == "full" else rank
+        if layer_rank > full:
+            raise ValueError(f"rank {rank} is above the full rank of {name} ({linear.out_features}x"
+                             f"{linear.in_features}: at most {full}); use a rank <= {full} or 'full'")
+        replacements.append((name, partial(_lora_of, linear, layer_rank, biases)))
+    if norms:
+        found = [(name, m) for name, m in modules if isinstance(m, nn.LayerNorm) and not isinstance(m, LoopLayerNorm)]
+        if not found:
+            raise ValueError(f"norms=True: {type(block).__name__} has no nn.LayerNorm")
+        replacements += [(name, partial(_norm_of, norm)) for name, norm in found]
+    if layer_scale:
+        found = [(name, m) for name, m in modules if isinstance(m, LayerScale)]
+        if not found:
+            raise ValueError(f"layer_scale=True: {type(block).__name__} has no timm LayerScale")
+        replacements += [(name, partial(_scale_of, scale)) for name, scale in found]
+    return replacements
+
+
+def _lora_of(linear: nn.Linear, rank: int, biases: bool, loops: int) -> LoopLoRALinear:
+    return LoopLoRALinear(linear, loops, rank, bias_offsets=biases)
+
+
+def _norm_of(norm: nn.LayerNorm, loops: int) -> LoopLayerNorm:
+    return LoopLayerNorm(norm, loops)
+
+
+def _scale_of(scale: LayerScale, loops: int) -> LoopLayerScale:
+    return LoopLayerScale(scale, loops)
 
 
 def _replace(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -38,6 +38,7 @@ from torch import nn
 from vitblocks.layers import NonLinearMix, Recursive, RelaxedBlock, SharedSequence, relax_recursion
 from vitblocks.layers.mix import mix_for_mode
 from vitblocks.layers.modes import MixMode
+from vitblocks.layers.relax import check_relaxation
 from vitblocks.layers.schedule import GroupSchedule
 from vitblocks.layers.sharing import Sharing, is_consecutive, runs_of, sharing_assignment
 from vitblocks.models.families import family_of
@@ -139,6 +140,8 @@ def make_recursive(
         units = len(stack) // family.unit_size
         where = f"{name} ({units} {'block pairs' if family.unit_size > 1 else 'blocks'})"
         assignments.append(None if setting is False else sharing_assignment(setting, units, loops, where=where))
+        if relax is not None:
+            check_relaxation(stack[0], relax)
     relaxation = dict(relax or {})
     plan = RecursionPlan()
     for (name, stack), family, schedule, assignment in zip(stacks, families, schedules, assignments):
