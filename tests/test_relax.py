@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import vitblocks  # noqa: F401  (registers the models)
+from tests.checkpointing import assert_checkpointing_changes_nothing
 from vitblocks.layers import (
     LoopLayerNorm,
     LoopLoRALinear,
@@ -179,18 +180,7 @@ def test_relaxed_models_trace_export_and_checkpoint():
     expected = model(IMAGES)
     assert torch.equal(torch.fx.symbolic_trace(model)(IMAGES), expected)
     assert torch.allclose(torch.export.export(model, (IMAGES,)).module()(IMAGES), expected, atol=1e-6)
-    model.train()
-    torch.manual_seed(2)
-    plain = model(IMAGES)
-    plain.sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    model.set_grad_checkpointing(True)
-    torch.manual_seed(2)
-    checkpointed = model(IMAGES)
-    checkpointed.sum().backward()
-    assert torch.equal(plain, checkpointed)
-    assert all(torch.allclose(grads[n], p.grad, atol=1e-6) for n, p in model.named_parameters())
+    assert_checkpointing_changes_nothing(model, IMAGES, seed=2)
 
 
 def test_relaxed_blocks_compile_as_regions():
