@@ -169,12 +169,12 @@ def test_make_recursive_returns_its_plan_and_the_plan_can_be_recovered(base, kwa
 
 
 def test_plan_runs_put_every_unit_in_exactly_one_run():
-    from vitblocks.models.recursion_plan import plan_runs
+    from vitblocks.layers.sharing import runs_of, sharing_assignment
 
     for units in range(1, 9):
         for loops in range(1, 5):
-            for share in (False, True):
-                runs = plan_runs(units, loops, share)
+            for share in (False, True):  # consecutive sharing, or every unit its own run (deepen)
+                runs = runs_of(sharing_assignment("consecutive", units, loops) if share else tuple(range(units)))
                 assert [u for run in runs for u in run] == list(range(units))
                 assert all(len(run) <= (loops if share else 1) for run in runs)
 

@@ -207,3 +207,12 @@ def test_relaxed_stacks_keep_their_plan():
     assert torch.equal(model.blocks[0].blocks[1].shared.attn.qkv.weight, base.state_dict()["blocks.1.attn.qkv.weight"])
     assert all("lora" in key for key in report.new)
     assert recursion_plan_of(model, base.state_dict()).applications == plan.applications
+
+
+@pytest.mark.parametrize("share", [False, True, "cycle"])
+def test_a_shared_mix_layer_is_one_per_recursive_layer(share):
+    model = tiny_vit()
+    make_recursive(model, loops=2, share=share, mix="shared")
+    mixes = [layer.mix for layer in model.blocks]
+    assert all(isinstance(m, NonLinearMix) for m in mixes)
+    assert len({id(m) for m in mixes}) == len(mixes) == {False: 6, True: 3, "cycle": 1}[share]

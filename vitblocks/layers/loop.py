@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,3 +53,43 @@ def call_with_loop(module: nn.Module, x: torch.Tensor, loop: int, takes_loop: bo
         `module(x, loop=loop)` or `module(x)`.
     """
     return module(x, loop=loop) if takes_loop else module(x)
+
+
+def check_loop_count(loops: int) -> int:
+    """Refuse a loop count that is not an int >= 1.
+
+    Args:
+        loops: The count.
+
+    Returns:
+        `loops`.
+
+    Raises:
+        ValueError: Naming the value.
+    """
+    if isinstance(loops, bool) or not isinstance(loops, int) or loops < 1:
+        raise ValueError(f"loops must be an int >= 1, got {loops!r}")
+    return loops
+
+
+def mask_kwargs(attn_mask: torch.Tensor | None, is_causal: bool, takes_mask: bool, who: str) -> dict[str, Any]:
+    """timm's mask arguments to pass on to a block: none when unset.
+
+    Args:
+        attn_mask: timm's attention mask, or None.
+        is_causal: timm's causal flag.
+        takes_mask: Whether the block takes them (see `accepts_mask`).
+        who: The block, for the error.
+
+    Returns:
+        `{}` when neither is set, else both as keyword arguments.
+
+    Raises:
+        TypeError: If one is set and the block takes none.
+    """
+    if attn_mask is None and not is_causal:
+        return {}
+    if not takes_mask:
+        raise TypeError(f"{who} takes no attn_mask or is_causal")
+    return {"attn_mask": attn_mask, "is_causal": is_causal}
+

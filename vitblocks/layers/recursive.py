@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vitblocks.layers.loop import accepts_loop, accepts_mask, call_with_loop
+from vitblocks.layers.loop import accepts_loop, accepts_mask, call_with_loop, check_loop_count, mask_kwargs
 from vitblocks.layers.modes import CheckpointMode, CheckpointSetting, parse_checkpointing
 
 MixSpec = nn.Module | Callable[[], nn.Module] | None
@@ -44,6 +44,30 @@ def loop_call_kwargs(block: nn.Module, x: torch.Tensor, loop: int, plans: bool, 
         if plan is not None:
             return {"plan": plan}
     return {"loop": loop} if takes_loop else {}
+
+
+def mix_layers(mix: MixSpec, count: int) -> tuple[nn.Module | None, bool]:
+    """What a `mix` argument builds: one layer per application, or one shared layer, or none.
+
+    Args:
+        mix: A factory (called `count` times for unshared layers), a module (shared) or None.
+        count: Applications that get an unshared layer each.
+
+    Returns:
+        (an `nn.ModuleList` of `count` layers, a module or None; whether it is shared).
+
+    Raises:
+        TypeError: If `mix` is none of these or the factory returns something else than a module.
+    """
+    if mix is None or isinstance(mix, nn.Module):
+        return mix, True
+    if not callable(mix):
+        raise TypeError(f"mix must be an nn.Module, a factory of them, or None; got {type(mix).__name__}")
+    layers = [mix() for _ in range(count)]
+    for layer in layers:
+        if not isinstance(layer, nn.Module):
+            raise TypeError(f"the mix factory must return nn.Module instances, got {type(layer).__name__}")
+    return nn.ModuleList(layers), False
 
 
 class Recursive(nn.Module):
@@ -95,24 +119,12 @@ class Recursive(nn.Module):
         super().__init__()
         if not isinstance(block, nn.Module):
             raise TypeError(f"block must be an nn.Module, got {type(block).__name__}")
-        if isinstance(loops, bool) or not isinstance(loops, int) or loops < 1:
-            raise ValueError(f"loops must be an int >= 1, got {loops!r}")
+        check_loop_count(loops)
         self.block = block  # registered before the mix layers: parameter order is checkpoint and optimizer order
         self.loops = loops
         self.set_grad_checkpointing(grad_checkpointing)
         self.mix: nn.Module | None
-        if mix is None or isinstance(mix, nn.Module):
-            self.mix = mix
-            self.shared_mix = True
-        elif callable(mix):
-            layers = [mix() for _ in range(loops)]
-            for layer in layers:
-                if not isinstance(layer, nn.Module):
-                    raise TypeError(f"the mix factory must return nn.Module instances, got {type(layer).__name__}")
-            self.mix = nn.ModuleList(layers)
-            self.shared_mix = False
-        else:
-            raise TypeError(f"mix must be an nn.Module, a factory of them, or None; got {type(mix).__name__}")
+        self.mix, self.shared_mix = mix_layers(mix, loops)
         self._read_block()
         self._mix_per_loop = not self.shared_mix
         self._compiled: Callable[..., torch.Tensor] | None = None
@@ -174,8 +186,7 @@ class Recursive(nn.Module):
         Raises:
             ValueError: If `loops` is not an int >= 1.
         """
-        if isinstance(loops, bool) or not isinstance(loops, int) or loops < 1:
-            raise ValueError(f"loops must be an int >= 1, got {loops!r}")
+        check_loop_count(loops)
         self.loops = loops
 
     def set_grad_checkpointing(self, enable: CheckpointSetting = True) -> None:
@@ -238,11 +249,7 @@ class Recursive(nn.Module):
         return self._forward_eager(x, attn_mask, is_causal)
 
     def _forward_eager(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
-        block_kwargs: dict[str, Any] = {}
-        if attn_mask is not None or is_causal:
-            if not self._block_takes_mask:
-                raise TypeError(f"{type(self.block).__name__} takes no attn_mask or is_causal")
-            block_kwargs = {"attn_mask": attn_mask, "is_causal": is_causal}
+        block_kwargs = mask_kwargs(attn_mask, is_causal, self._block_takes_mask, type(self.block).__name__)
         mode = self._checkpoint_mode if self.training and torch.is_grad_enabled() else None
         if mode is None:
             for loop in range(self.loops):

@@ -27,18 +27,12 @@ import torch.nn.functional as F
 from timm.layers import LayerScale
 from torch import nn
 
-from vitblocks.layers.loop import accepts_loop, accepts_mask
+from vitblocks.layers.loop import accepts_loop, accepts_mask, check_loop_count, mask_kwargs
 from vitblocks.layers.recursive import Recursive
 from vitblocks.layers.shared_sequence import SharedSequence
 
 DEFAULT_TARGETS = ("qkv", "proj", "fc1", "fc2")
 """Linears relaxed by default: attention input/output and MLP projections (timm's names)."""
-
-
-def _loop_count(loops: int) -> int:
-    if isinstance(loops, bool) or not isinstance(loops, int) or loops < 1:
-        raise ValueError(f"loops must be an int >= 1, got {loops!r}")
-    return loops
 
 
 class LoopLoRALinear(nn.Linear):
@@ -60,7 +54,7 @@ class LoopLoRALinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.loops, self.rank = _loop_count(loops), rank
+        self.loops, self.rank = check_loop_count(loops), rank
         self.active_loop = 0
         dd = {"device": linear.weight.device, "dtype": linear.weight.dtype}
         self.lora_down = self.lora_up = self.bias_delta = None
@@ -72,11 +66,16 @@ class LoopLoRALinear(nn.Linear):
         if bias_offsets and linear.bias is not None:
             self.bias_delta = nn.Parameter(torch.zeros(loops, self.out_features, **dd))
 
+    offsets = ("bias_delta",)
+    """Per-loop offsets of parameters that optimizers exempt from weight decay (see `per_loop_offsets`)."""
+
+    def _loop_bias(self, loop: int) -> torch.Tensor | None:
+        return self.bias if self.bias_delta is None else self.bias + self.bias_delta[loop]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the shared linear and the active loop's update."""
         loop = min(self.active_loop, self.loops - 1)
-        bias = self.bias if self.bias_delta is None else self.bias + self.bias_delta[loop]
-        y = F.linear(x, self.weight, bias)
+        y = F.linear(x, self.weight, self._loop_bias(loop))
         if self.lora_down is None:
             return y
         return y + F.linear(F.linear(x, self.lora_down[loop]), self.lora_up[loop])
@@ -106,8 +105,27 @@ class LoopLoRALinear(nn.Linear):
         """
         params = {"weight": self.loop_weight(loop)}
         if self.bias is not None:
-            params["bias"] = self.bias if self.bias_delta is None else self.bias + self.bias_delta[loop]
+            params["bias"] = self._loop_bias(loop)
         return params
+
+    @torch.no_grad()
+    def fit_loop(self, loop: int, target: dict[str, torch.Tensor]) -> None:
+        """Set one loop's corrections so that it applies `target` as closely as they can.
+
+        The low-rank update becomes the truncated SVD (rank `rank`, in float64) of the
+        difference between the target weight and the shared one; the bias offset, the
+        exact difference. At full rank `loop_parameters(loop)` then equals the target.
+
+        Args:
+            loop: The loop.
+            target: `weight` and `bias` to reproduce (missing ones are left alone).
+        """
+        if self.lora_down is not None and "weight" in target:
+            u, s, vh = torch.linalg.svd(target["weight"].double() - self.weight.double(), full_matrices=False)
+            self.lora_up[loop].copy_(u[:, : self.rank] * s[: self.rank])
+            self.lora_down[loop].copy_(vh[: self.rank])
+        if self.bias_delta is not None and "bias" in target:
+            self.bias_delta[loop].copy_(target["bias"] - self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, loops={self.loops}, rank={self.rank}, bias_offsets={self.bias_delta is not None}"
@@ -126,7 +144,7 @@ class LoopLayerNorm(nn.LayerNorm):
         self.normalized_shape, self.eps = norm.normalized_shape, norm.eps
         self.elementwise_affine = norm.elementwise_affine
         self.weight, self.bias = norm.weight, norm.bias
-        self.loops, self.active_loop = _loop_count(loops), 0
+        self.loops, self.active_loop = check_loop_count(loops), 0
         self.weight_delta = self.bias_delta = None
         if norm.weight is not None:
             self.weight_delta = nn.Parameter(torch.zeros(loops, *norm.weight.shape, dtype=norm.weight.dtype,
@@ -135,11 +153,17 @@ class LoopLayerNorm(nn.LayerNorm):
             self.bias_delta = nn.Parameter(torch.zeros(loops, *norm.bias.shape, dtype=norm.bias.dtype,
                                                        device=norm.bias.device))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalize with the active loop's affine parameters."""
-        loop = min(self.active_loop, self.loops - 1)
+    offsets = ("weight_delta", "bias_delta")
+    """Per-loop offsets of parameters that optimizers exempt from weight decay (see `per_loop_offsets`)."""
+
+    def _affine(self, loop: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         weight = None if self.weight is None else self.weight + self.weight_delta[loop]
         bias = None if self.bias is None else self.bias + self.bias_delta[loop]
+        return weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalize with the active loop's affine parameters."""
+        weight, bias = self._affine(min(self.active_loop, self.loops - 1))
         return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
     def loop_parameters(self, loop: int) -> dict[str, torch.Tensor]:
@@ -151,12 +175,20 @@ class LoopLayerNorm(nn.LayerNorm):
         Returns:
             `weight` and `bias` (those the norm has), as the loop applies them.
         """
-        params = {}
-        if self.weight is not None:
-            params["weight"] = self.weight + self.weight_delta[loop]
-        if self.bias is not None:
-            params["bias"] = self.bias + self.bias_delta[loop]
-        return params
+        weight, bias = self._affine(loop)
+        return {name: value for name, value in (("weight", weight), ("bias", bias)) if value is not None}
+
+    @torch.no_grad()
+    def fit_loop(self, loop: int, target: dict[str, torch.Tensor]) -> None:
+        """Set one loop's offsets so that it applies `target` exactly.
+
+        Args:
+            loop: The loop.
+            target: `weight` and `bias` to reproduce (missing ones are left alone).
+        """
+        for name, delta in (("weight", self.weight_delta), ("bias", self.bias_delta)):
+            if delta is not None and name in target:
+                delta[loop].copy_(target[name] - getattr(self, name))
 
 
 class LoopLayerScale(nn.Module):
@@ -170,13 +202,16 @@ class LoopLayerScale(nn.Module):
     def __init__(self, scale: LayerScale, loops: int) -> None:
         super().__init__()
         self.gamma = scale.gamma
-        self.loops, self.active_loop = _loop_count(loops), 0
+        self.loops, self.active_loop = check_loop_count(loops), 0
         self.gamma_delta = nn.Parameter(torch.zeros(loops, *scale.gamma.shape, dtype=scale.gamma.dtype,
                                                     device=scale.gamma.device))
 
+    offsets = ("gamma_delta",)
+    """Per-loop offsets of parameters that optimizers exempt from weight decay (see `per_loop_offsets`)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Scale by the active loop's gamma."""
-        return x * (self.gamma + self.gamma_delta[min(self.active_loop, self.loops - 1)])
+        return x * self.loop_parameters(min(self.active_loop, self.loops - 1))["gamma"]
 
     def loop_parameters(self, loop: int) -> dict[str, torch.Tensor]:
         """The effective scale of one loop.
@@ -189,9 +224,21 @@ class LoopLayerScale(nn.Module):
         """
         return {"gamma": self.gamma + self.gamma_delta[loop]}
 
+    @torch.no_grad()
+    def fit_loop(self, loop: int, target: dict[str, torch.Tensor]) -> None:
+        """Set one loop's offset so that it applies `target` exactly.
+
+        Args:
+            loop: The loop.
+            target: `gamma` to reproduce (left alone when missing).
+        """
+        if "gamma" in target:
+            self.gamma_delta[loop].copy_(target["gamma"] - self.gamma)
+
 
 PER_LOOP_MODULES = (LoopLoRALinear, LoopLayerNorm, LoopLayerScale)
-"""Modules whose parameters differ per loop; each has `active_loop` and `loop_parameters(loop)`."""
+"""Modules whose parameters differ per loop; each has `active_loop`, `loop_parameters(loop)`,
+its inverse `fit_loop(loop, target)`, and the names of its decay-exempt `offsets`."""
 
 
 def _full_rank(linear: nn.Linear) -> int:
@@ -245,7 +292,7 @@ class RelaxedBlock(nn.Module):
         layer_scale: bool = False,
     ) -> None:
         super().__init__()
-        self.loops = _loop_count(loops)
+        self.loops = check_loop_count(loops)
         targets = (targets,) if isinstance(targets, str) else tuple(targets)
         replacements = _relaxation_of(block, rank, targets, norms, biases, layer_scale)  # checks all first
         self.rank, self.targets = rank, targets
@@ -255,9 +302,8 @@ class RelaxedBlock(nn.Module):
         self.shared = block
         self._takes_loop = accepts_loop(block)
         self._takes_mask = accepts_mask(block)
-
-    def _per_loop_modules(self) -> list[nn.Module]:
-        return [m for m in self.shared.modules() if isinstance(m, PER_LOOP_MODULES)]
+        # found once, not on every application (a plain list: the modules are registered under `shared`)
+        self._per_loop = [m for m in block.modules() if isinstance(m, PER_LOOP_MODULES)]
 
     def select_loop(self, loop: int) -> None:
         """Make every per-loop module of the block use one loop's corrections.
@@ -265,7 +311,7 @@ class RelaxedBlock(nn.Module):
         Args:
             loop: The loop (later loops than trained use the last one's).
         """
-        for module in self._per_loop_modules():
+        for module in self._per_loop:
             module.active_loop = loop
 
     def forward(
@@ -300,12 +346,8 @@ class RelaxedBlock(nn.Module):
         # such as sliced attention), so the loop is also selected here for traced-through code.
         self.select_loop(loop)
         x = select_loop_of(self, x, loop)
-        kwargs = {"loop": loop} if self._takes_loop else {}
-        if attn_mask is not None or is_causal:
-            if not self._takes_mask:
-                raise TypeError(f"{type(self.shared).__name__} takes no attn_mask or is_causal")
-            kwargs.update(attn_mask=attn_mask, is_causal=is_causal)
-        return self.shared(x, **kwargs)
+        kwargs = mask_kwargs(attn_mask, is_causal, self._takes_mask, type(self.shared).__name__)
+        return self.shared(x, **({"loop": loop} if self._takes_loop else {}), **kwargs)
 
     def extra_repr(self) -> str:
         options = ", ".join(k for k, v in self.options.items() if v)
@@ -324,13 +366,9 @@ def per_loop_offsets(model: nn.Module) -> set[str]:
     Returns:
         Parameter names as `model.named_parameters()` gives them.
     """
-    names = set()
-    for prefix, module in model.named_modules():
-        if isinstance(module, PER_LOOP_MODULES):
-            for name in ("bias_delta", "weight_delta", "gamma_delta"):
-                if getattr(module, name, None) is not None:
-                    names.add(f"{prefix}.{name}" if prefix else name)
-    return names
+    return {f"{prefix}.{name}" if prefix else name
+            for prefix, module in model.named_modules() if isinstance(module, PER_LOOP_MODULES)
+            for name in module.offsets if getattr(module, name) is not None}
 
 
 def select_loop_of(block: RelaxedBlock, x: torch.Tensor, loop: int) -> torch.Tensor:

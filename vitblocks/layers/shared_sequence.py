@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vitblocks.layers.loop import accepts_loop, accepts_mask
+from vitblocks.layers.loop import accepts_loop, accepts_mask, check_loop_count, mask_kwargs
 from vitblocks.layers.modes import CheckpointSetting, parse_checkpointing
-from vitblocks.layers.recursive import MixSpec, _block_then_mix, loop_call_kwargs
-from vitblocks.layers.sharing import check_assignment, cycle_period, loop_indices
+from vitblocks.layers.recursive import MixSpec, Recursive, _block_then_mix, loop_call_kwargs, mix_layers
+from vitblocks.layers.sharing import check_assignment, cycle_period, is_consecutive, loop_indices, runs_of
 
 
 class SharedSequence(nn.Module):
@@ -67,15 +67,7 @@ class SharedSequence(nn.Module):
         self.assignment = assignment
         self.set_grad_checkpointing(grad_checkpointing)
         self.mix: nn.Module | None
-        if mix is None or isinstance(mix, nn.Module):
-            self.mix, self.shared_mix = mix, True
-        elif callable(mix):
-            layers = [mix() for _ in assignment]
-            if not all(isinstance(layer, nn.Module) for layer in layers):
-                raise TypeError("the mix factory must return nn.Module instances")
-            self.mix, self.shared_mix = nn.ModuleList(layers), False
-        else:
-            raise TypeError(f"mix must be an nn.Module, a factory of them, or None; got {type(mix).__name__}")
+        self.mix, self.shared_mix = mix_layers(mix, len(assignment))
         self._read_blocks()
         self._compiled: Callable[..., torch.Tensor] | None = None
 
@@ -142,8 +134,7 @@ class SharedSequence(nn.Module):
             ValueError: If `loops` is not an int >= 1, or the assignment is not whole
                 cycles (another schedule has no single notion of "one more loop").
         """
-        if isinstance(loops, bool) or not isinstance(loops, int) or loops < 1:
-            raise ValueError(f"loops must be an int >= 1, got {loops!r}")
+        check_loop_count(loops)
         period = cycle_period(self.assignment)
         if period is None:
             raise ValueError(f"set_loops needs a cycle schedule (0 1 ... K-1 repeated); this sequence's assignment is "
@@ -196,11 +187,7 @@ class SharedSequence(nn.Module):
         if torch.jit.is_scripting():
             raise RuntimeError("SharedSequence cannot run in TorchScript (it picks blocks by position); export the "
                                "model with torch.export, torch.jit.trace or ONNX instead")
-        block_kwargs: dict[str, Any] = {}
-        if attn_mask is not None or is_causal:
-            if not all(self._takes_mask):
-                raise TypeError("SharedSequence: a block takes no attn_mask or is_causal")
-            block_kwargs = {"attn_mask": attn_mask, "is_causal": is_causal}
+        block_kwargs = mask_kwargs(attn_mask, is_causal, all(self._takes_mask), "a block of this SharedSequence")
         recompute = self._checkpointing and self.training and torch.is_grad_enabled()
         for position, loop in enumerate(loop_indices(self.assignment)):
             if recompute:
@@ -212,3 +199,27 @@ class SharedSequence(nn.Module):
     def extra_repr(self) -> str:
         mix = "none" if self.mix is None else ("shared" if self.shared_mix else "per-position")
         return f"assignment={self.assignment}, mix={mix}, grad_checkpointing={self.grad_checkpointing}"
+
+
+def shared_layers(
+    assignment: Sequence[int], unique_block: Callable[[int], nn.Module], mix: Callable[[], MixSpec] = lambda: None
+) -> list[nn.Module]:
+    """The layers that run an assignment: a `Recursive` per run, or one `SharedSequence`.
+
+    When every unique block's uses are neighbours (SReT's consecutive sharing), each run
+    becomes a `Recursive`; any other schedule becomes one `SharedSequence`.
+
+    Args:
+        assignment: One unique-block index per position (see `vitblocks.layers.sharing`).
+        unique_block: Builds (or returns) unique block `u`; called once per block, in
+            the order the layers hold them.
+        mix: Called once per layer for its `mix` argument (e.g. `mix_for_mode`), so a
+            "shared" mix layer is one per layer.
+
+    Returns:
+        The layers, in order.
+    """
+    if is_consecutive(assignment):
+        return [Recursive(unique_block(assignment[run[0]]), loops=len(run), mix=mix()) for run in runs_of(assignment)]
+    return [SharedSequence([unique_block(u) for u in range(max(assignment) + 1)], assignment, mix=mix())]
+

@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from vitblocks.layers.loop import check_loop_count
+
 SCHEDULES = ("consecutive", "cycle")
 """Named schedules; an explicit assignment is the third kind."""
 
@@ -48,8 +50,7 @@ def sharing_assignment(share: Sharing, num_positions: int, loops: int = 2, where
         >>> sharing_assignment("consecutive", 6), sharing_assignment("cycle", 6)
         ((0, 0, 1, 1, 2, 2), (0, 1, 2, 0, 1, 2))
     """
-    if isinstance(loops, bool) or not isinstance(loops, int) or loops < 1:
-        raise ValueError(f"loops must be an int >= 1, got {loops!r}")
+    check_loop_count(loops)
     if isinstance(share, str):
         unique = math.ceil(num_positions / loops)
         if share == "consecutive":

@@ -156,26 +156,13 @@ def _per_loop_modules(model: nn.Module, path: str) -> list[tuple[str, nn.Module]
 
 
 def _fit_per_loop_corrections(model: nn.Module, base: dict[str, torch.Tensor], plan: RecursionPlan) -> None:
-    """Set each use's deltas to what separates its original layer from the shared weights."""
+    """Set each use's corrections to what separates its original layer from the shared weights."""
     for original, (path, loop) in plan.applications.items():
         weights = _block_weights(base, original)
         for name, module in _per_loop_modules(model, path):
             prefix = f"{name}." if name else ""
-            if isinstance(module, PER_LOOP_MODULES[0]):  # LoopLoRALinear
-                if module.lora_down is not None:
-                    residual = (weights[prefix + "weight"].double() - module.weight.double())
-                    u, s, vh = torch.linalg.svd(residual, full_matrices=False)
-                    r = module.rank
-                    module.lora_up[loop].copy_(u[:, :r] * s[:r])
-                    module.lora_down[loop].copy_(vh[:r])
-                if module.bias_delta is not None:
-                    module.bias_delta[loop].copy_(weights[prefix + "bias"] - module.bias)
-            else:
-                for param_name, delta_name in (("weight", "weight_delta"), ("bias", "bias_delta"),
-                                               ("gamma", "gamma_delta")):
-                    delta = getattr(module, delta_name, None)
-                    if delta is not None and prefix + param_name in weights:
-                        delta[loop].copy_(weights[prefix + param_name] - getattr(module, param_name))
+            module.fit_loop(loop, {k[len(prefix):]: v for k, v in weights.items()
+                                   if k.startswith(prefix) and "." not in k[len(prefix):]})
 
 
 def effective_block_weights(model: nn.Module, path: str, loop: int) -> dict[str, torch.Tensor]:

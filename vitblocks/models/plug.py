@@ -36,11 +36,13 @@ import torch
 from torch import nn
 
 from vitblocks.layers import NonLinearMix, Recursive, RelaxedBlock, SharedSequence, relax_recursion
+from vitblocks.layers.loop import check_loop_count
 from vitblocks.layers.mix import mix_for_mode
 from vitblocks.layers.modes import MixMode
 from vitblocks.layers.relax import check_relaxation
 from vitblocks.layers.schedule import GroupSchedule
-from vitblocks.layers.sharing import Sharing, is_consecutive, runs_of, sharing_assignment
+from vitblocks.layers.shared_sequence import shared_layers
+from vitblocks.layers.sharing import Sharing, runs_of, sharing_assignment
 from vitblocks.models.families import family_of
 from vitblocks.models.recursion_plan import RecursionPlan
 
@@ -123,8 +125,7 @@ def make_recursive(
             stacks, a family no adapter handles, slicing asked of Swin (its windows
             already restrict attention), or odd Swin stages.
     """
-    if isinstance(loops, bool) or not isinstance(loops, int) or loops < 1:
-        raise ValueError(f"loops must be an int >= 1, got {loops!r}")
+    check_loop_count(loops)
     mix = MixMode.parse(mix, "mix")
     stacks = block_stacks(model)
     if not stacks:
@@ -142,23 +143,19 @@ def make_recursive(
         assignments.append(None if setting is False else sharing_assignment(setting, units, loops, where=where))
         if relax is not None:
             check_relaxation(stack[0], relax)
-    relaxation = dict(relax or {})
     plan = RecursionPlan()
     for (name, stack), family, schedule, assignment in zip(stacks, families, schedules, assignments):
         prefix = family.prefix_tokens(model)
         blocks = [family.prepare(b, schedule, prefix, attn_options) for b in stack]
         size = family.unit_size
         units = [blocks[i] if size == 1 else nn.Sequential(*blocks[i : i + size]) for i in range(0, len(blocks), size)]
-        mix_layers = mix_for_mode(mix, partial(NonLinearMix, family.embed_dim(blocks[0]), mix_mlp_ratio))
+        mix_spec = partial(mix_for_mode, mix, partial(NonLinearMix, family.embed_dim(blocks[0]), mix_mlp_ratio))
         if assignment is None:  # deepen: every unit loops
-            layers = [Recursive(unit, loops=loops, mix=mix_layers) for unit in units]
-        elif is_consecutive(assignment):
-            layers = [Recursive(units[run[0]], loops=len(run), mix=mix_layers) for run in runs_of(assignment)]
-        else:
-            first_use = [assignment.index(u) for u in range(max(assignment) + 1)]
-            layers = [SharedSequence([units[p] for p in first_use], assignment, mix=mix_layers)]
+            layers = [Recursive(unit, loops=loops, mix=mix_spec()) for unit in units]
+        else:  # each unique unit keeps the weights of the first position that uses it
+            layers = shared_layers(assignment, lambda u, a=assignment: units[a.index(u)], mix_spec)
         if relax is not None:
-            relax_recursion(nn.Sequential(*layers), **relaxation)
+            relax_recursion(nn.Sequential(*layers), **relax)
         assignment = tuple(range(len(units))) if assignment is None else assignment
         plan.add_stack(name, assignment, size, sequence=isinstance(layers[0], SharedSequence),
                        relaxed=_relaxed_units(layers, assignment))

@@ -21,12 +21,12 @@ import torch
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from vitblocks.layers import ConvPool, ConvStem, NonLinearMix, PositionMap, Recursive, TransformerBlock
+from vitblocks.layers import ConvPool, ConvStem, NonLinearMix, PositionMap, TransformerBlock
 from vitblocks.layers.mix import mix_for_mode
 from vitblocks.layers.modes import CheckpointSetting, MixMode
 from vitblocks.layers.schedule import GroupSchedule
-from vitblocks.layers.shared_sequence import SharedSequence
-from vitblocks.layers.sharing import Sharing, is_consecutive, runs_of, sharing_assignment
+from vitblocks.layers.shared_sequence import shared_layers
+from vitblocks.layers.sharing import Sharing, sharing_assignment
 from vitblocks.layers.depth import set_layer_loops
 from vitblocks.layers.stem import downsampled_size
 
@@ -146,14 +146,9 @@ class SReTStage(nn.Module):
                 residual_scalars=True, groups=self.schedule, seed=seed + i, **block_kwargs, **dd,
             )
 
-        if is_consecutive(assignment):  # a Recursive per run (the paper's layout and initialisation order)
-            self.blocks = nn.ModuleList(
-                Recursive(block(assignment[run[0]]), loops=len(run), mix=mix_for_mode(mix, mix_factory))
-                for run in runs_of(assignment)
-            )
-        else:  # one layer that follows the schedule; each block's n-th use is its loop n
-            blocks = [block(i) for i in range(unique_blocks)]
-            self.blocks = nn.ModuleList([SharedSequence(blocks, assignment, mix=mix_for_mode(mix, mix_factory))])
+        # consecutive: a Recursive per block, each built just before its mix layers (the paper's layout and
+        # initialisation order); any other schedule: one SharedSequence
+        self.blocks = nn.ModuleList(shared_layers(assignment, block, partial(mix_for_mode, mix, mix_factory)))
         self.loops = loops
 
     def check_grid(self, height: int, width: int, where: str = "") -> None:
