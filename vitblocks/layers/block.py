@@ -13,6 +13,7 @@ from vitblocks.layers.drop import DropPath
 from vitblocks.layers.loop import accepts_loop, call_with_loop
 from vitblocks.layers.scalar import learnable_scalar
 from vitblocks.layers.loop_plan import LoopPlan
+from vitblocks.layers.residual import scaled_residual
 from vitblocks.layers.sliced import SlicedGroupAttention
 
 
@@ -135,9 +136,27 @@ class TransformerBlock(nn.Module):
             attn = self.attn(normed, plan=plan)
         else:
             attn = call_with_loop(self.attn, normed, loop, self._attn_takes_loop)
-        attn = self.drop_path1(attn)
-        if self.residual_scalars:
-            x = x * self.skip_scale1 + attn * self.branch_scale1
-            return x * self.skip_scale2 + self.drop_path2(self.mlp(self.norm2(x))) * self.branch_scale2
-        x = x + attn
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        if torch.jit.is_scripting() or not self.residual_scalars:
+            attn = self.drop_path1(attn)
+            if self.residual_scalars:
+                x = x * self.skip_scale1 + attn * self.branch_scale1
+                return x * self.skip_scale2 + self.drop_path2(self.mlp(self.norm2(x))) * self.branch_scale2
+            x = x + attn
+            return x + self.drop_path2(self.mlp(self.norm2(x)))
+        # one fused sum per residual, stochastic depth folded into the branch gate
+        mask1, mask2 = self._drop_masks(attn)
+        x = scaled_residual(x, self.skip_scale1, attn, self.branch_scale1, mask1)
+        mlp = self.mlp(self.norm2(x))
+        return scaled_residual(x, self.skip_scale2, mlp, self.branch_scale2, mask2)
+
+    def _drop_masks(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Both branches' stochastic-depth factors (None where there is none), drawn at once when they
+        share a rate."""
+        drop1, drop2 = self.drop_path1, self.drop_path2
+        if isinstance(drop1, DropPath) and isinstance(drop2, DropPath) and drop1.drop_prob == drop2.drop_prob:
+            masks = drop1.gate(x, draws=2)
+            if masks is None:
+                return None, None
+            masks = masks.to(x.dtype)  # one cast for both, instead of one per gate
+            return masks[0], masks[1]
+        return tuple(d.gate(x) if isinstance(d, DropPath) else None for d in (drop1, drop2))

@@ -47,12 +47,51 @@ class DropPath(nn.Module):
         """
         if not self.training:
             return x
-        keep = self.keep_prob.to(x.dtype)
-        # one draw per sample on the flattened sample, with no arithmetic on x's rank,
-        # which symbolic tracing (torch.fx) cannot do
-        flat = x.flatten(1)
-        kept = torch.rand_like(flat[:, :1]) < keep
-        return (flat * (kept.to(x.dtype) / keep)).reshape(x.shape)
+        return x * keep_mask(x, self.keep_prob).to(x.dtype)
+
+    def gate(self, x: torch.Tensor, draws: int = 1) -> torch.Tensor | None:
+        """The per-sample factor `forward` multiplies by, or None in eval mode.
+
+        A block that scales its branch anyway folds this factor into that scale
+        (`vitblocks.layers.residual.scaled_residual`), so stochastic depth costs it two
+        operators on a (B, 1, ..., 1) tensor and no pass over the branch; a block with
+        two branches of one rate draws both factors at once (`draws=2`).
+
+        Args:
+            x: The residual branch it would be applied to.
+            draws: Independent factors to draw.
+
+        Returns:
+            float32 (B, 1, ..., 1), or (draws, B, 1, ..., 1) for `draws > 1`: 0 for
+            dropped samples, 1 / keep for the others.
+        """
+        if not self.training:
+            return None
+        return keep_mask(x, self.keep_prob) if draws == 1 else keep_mask(x, self.keep_prob, draws)
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:.3f}"
+
+
+def keep_mask(x: torch.Tensor, keep_prob: torch.Tensor, draws: int = 0) -> torch.Tensor:
+    """One Bernoulli(keep) draw per sample of `x`, scaled by 1 / keep, shaped to broadcast.
+
+    A function of its own so that `torch.fx` records it as one call (`torch.fx.wrap`):
+    the mask's shape follows the rank of `x`, which symbolic tracing cannot read.
+
+    Args:
+        x: Batch-first tensor.
+        keep_prob: 0-dim probability of keeping a sample (float32).
+        draws: 0 for one mask; otherwise that many independent masks, stacked first.
+
+    Returns:
+        Tensor of shape (B, 1, ..., 1), or (draws, B, 1, ..., 1), in the dtype of
+        `keep_prob`.
+    """
+    shape = [x.shape[0]] + [1] * (x.dim() - 1)
+    if draws:
+        shape = [draws] + shape
+    return torch.bernoulli(keep_prob.expand(shape)) / keep_prob
+
+
+torch.fx.wrap("keep_mask")

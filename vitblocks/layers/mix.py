@@ -10,6 +10,7 @@ from timm.layers import Mlp
 from torch import nn
 
 from vitblocks.layers.modes import MixMode
+from vitblocks.layers.residual import scaled_residual
 from vitblocks.layers.scalar import learnable_scalar
 
 
@@ -55,7 +56,9 @@ class NonLinearMix(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mix tokens of shape (B, N, C); returns the same shape."""
-        return x * self.skip_scale + self.mlp(self.norm(x)) * self.branch_scale
+        if torch.jit.is_scripting():
+            return x * self.skip_scale + self.mlp(self.norm(x)) * self.branch_scale
+        return scaled_residual(x, self.skip_scale, self.mlp(self.norm(x)), self.branch_scale)
 
 
 def mix_for_mode(mode: MixMode | str, factory: Callable[[], nn.Module]) -> Callable[[], nn.Module] | nn.Module | None:

@@ -171,9 +171,7 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     Returns:
         `inverse` such that `perm[inverse] == arange(n)` and `inverse[perm] == arange(n)`.
     """
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-    return inverse
+    return torch.argsort(perm)  # one operator; a permutation's values are distinct, so no order is ambiguous
 
 
 def permute_tokens(x: torch.Tensor, perm: torch.Tensor, num_prefix_tokens: int = 0) -> torch.Tensor:
@@ -192,3 +190,44 @@ def permute_tokens(x: torch.Tensor, perm: torch.Tensor, num_prefix_tokens: int =
         return x.index_select(1, perm)
     prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
     return torch.cat([prefix, patches.index_select(1, perm)], dim=1)
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """`x.index_select(1, perm)` whose backward gathers with the inverse permutation.
+
+    Autograd's own backward of `index_select` scatters into zeros (two operators, and
+    atomic adds on a GPU); for a permutation, gathering with its inverse is the same
+    result in one operator.
+    """
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):  # noqa: D102 - see the class
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, perm)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+def permute_tokens_with_inverse(
+    x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor, num_prefix_tokens: int = 0
+) -> torch.Tensor:
+    """`permute_tokens`, given the inverse permutation too, so that its backward pass is one gather.
+
+    Args:
+        x: Tokens of shape (B, P + N, C).
+        perm: Permutation of the N patch tokens.
+        inverse: Its inverse.
+        num_prefix_tokens: P.
+
+    Returns:
+        Tensor of the same shape as `x`, equal to `permute_tokens(x, perm, num_prefix_tokens)`.
+    """
+    if not (torch.is_grad_enabled() and x.requires_grad) or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return permute_tokens(x, perm, num_prefix_tokens)
+    if num_prefix_tokens == 0:
+        return _PermuteTokens.apply(x, perm, inverse)
+    prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
+    return torch.cat([prefix, _PermuteTokens.apply(patches, perm, inverse)], dim=1)

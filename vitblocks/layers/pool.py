@@ -5,10 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def _channels_last_strides(shape: torch.Size) -> tuple[int, ...]:
-    out, channels, height, width = shape
-    return (channels * height * width, 1, width * channels, channels)
+from vitblocks.layers.layout import lay_out_channels_last
 
 
 class ConvPool(nn.Module):
@@ -46,13 +43,7 @@ class ConvPool(nn.Module):
             raise ValueError(f"out_dim={out_dim} must be a multiple of in_dim={in_dim}")
         self.conv = nn.Conv2d(in_dim, out_dim, stride + 1, stride=stride, padding=stride // 2, groups=in_dim,
                               device=device, dtype=dtype)
-        # Its input is channels-last (see ConvStem), so autograd lays the weight's gradient out channels-last;
-        # giving the weight those strides too (the same tensor: its channel dimension has size 1) lets DDP's
-        # gradient buckets match without a copy or a stride warning.
-        weight = self.conv.weight.data
-        laid_out = torch.empty_strided(weight.shape, _channels_last_strides(weight.shape), dtype=weight.dtype,
-                                       device=weight.device)
-        self.conv.weight.data = laid_out.copy_(weight)
+        lay_out_channels_last(self.conv)  # its input is channels-last (see ConvStem)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map (B, in_dim, H, W) to (B, out_dim, H', W')."""

@@ -84,14 +84,15 @@ def add_position_map(x: torch.Tensor, pos: torch.Tensor, mode: str) -> torch.Ten
         mode: Interpolation mode for another size.
 
     Returns:
-        `x + pos`, with `pos` resized to (H, W).
+        `x + pos`, with `pos` resized to (H, W), in the dtype of `x` (under autocast the
+        map then does not turn a bfloat16 stem output into a float32 residual stream).
 
     Raises:
         ValueError: If `x` is not a (B, C, H, W) map with the map's channels.
     """
     if x.dim() != 4 or x.shape[1] != pos.shape[1]:
         raise ValueError(f"PositionMap expects (batch, {pos.shape[1]}, height, width) inputs, got shape {x.shape}")
-    return x + resize_position_map(pos, (x.shape[-2], x.shape[-1]), mode)
+    return x + resize_position_map(pos, (x.shape[-2], x.shape[-1]), mode).to(x.dtype)
 
 
 torch.fx.wrap("add_position_map")

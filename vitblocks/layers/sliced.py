@@ -16,6 +16,7 @@ from vitblocks.layers.permutation import (
     fixed_permutation,
     inverse_permutation,
     permute_tokens,
+    permute_tokens_with_inverse,
     random_permutation,
 )
 from vitblocks.layers.modes import PermutationPolicy
@@ -288,7 +289,7 @@ def sliced_attention_forward(
     if plan is None:
         plan = attn.loop_plan(num_tokens, loop, x.device)
     if plan.perm is not None:
-        x = permute_tokens(x, plan.perm, attn.num_prefix_tokens)
+        x = permute_tokens_with_inverse(x, plan.perm, plan.inverse, attn.num_prefix_tokens)
     q, k, v = attn.qkv(x).reshape(batch, length, 3, attn.num_heads, attn.head_dim).unbind(2)
     q, k = attn.q_norm(q), attn.k_norm(k)
     x = group_attention(
@@ -299,7 +300,7 @@ def sliced_attention_forward(
         backend=attn.backend,
     ).reshape(batch, length, channels)
     if plan.inverse is not None:
-        x = permute_tokens(x, plan.inverse, attn.num_prefix_tokens)
+        x = permute_tokens_with_inverse(x, plan.inverse, plan.perm, attn.num_prefix_tokens)
     return attn.proj_drop(attn.proj(attn.norm(x)))
 
 

@@ -431,7 +431,9 @@ class SReT(nn.Module):
             Logits (B, num_classes), or features.
         """
         if self.global_pool == "avg":
-            x = x.mean(dim=(2, 3))
+            # the mean over tokens laid out as the stages hold them (B, H*W, C): its gradient then comes
+            # back in that layout, and the stage's backward runs on contiguous tensors
+            x = x.flatten(2).transpose(1, 2).mean(1)
             x = self.norm(x)
         else:
             x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)

@@ -166,6 +166,10 @@ def build_data(config: TrainConfig, runtime: Runtime | None = None, train: bool 
     return Data(train_set, val_set, sampler, val_sampler, steps, steps // config.optim.accum_steps, classes)
 
 
+FUSED_OPTIMIZERS = ("adam", "adamw")
+"""Optimizer names whose PyTorch class has a fused kernel (`optim.fused`)."""
+
+
 def build_optimizer_and_schedule(
     model: nn.Module, config: TrainConfig, updates_per_epoch: int, world_size: int = 1
 ) -> tuple[torch.optim.Optimizer, Any, float]:
@@ -184,8 +188,13 @@ def build_optimizer_and_schedule(
     optim = config.optim
     global_batch = config.data.batch_size * optim.accum_steps * world_size
     lr = optim.lr if optim.lr is not None else optim.lr_per_512 * global_batch / 512
+    fusable = optim.opt.lower() in FUSED_OPTIMIZERS
+    if optim.fused and not fusable:
+        raise ConfigError(f"optim.fused=True: PyTorch has a fused kernel for {' and '.join(FUSED_OPTIMIZERS)} only, "
+                          f"not {optim.opt!r}; set optim.fused=None")
+    fused = {"fused": True} if fusable and optim.fused is not False else {}
     optimizer = create_optimizer_v2(model, optim.opt, lr=lr, weight_decay=optim.weight_decay,
-                                    param_group_fn=_offset_aware_groups(model, optim.weight_decay))
+                                    param_group_fn=_offset_aware_groups(model, optim.weight_decay), **fused)
     schedule = config.schedule
     scheduler, _ = create_scheduler_v2(
         optimizer, schedule.sched, num_epochs=config.epochs, warmup_epochs=schedule.warmup_epochs,

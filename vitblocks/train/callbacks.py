@@ -13,8 +13,9 @@ on a cadence, evaluates the EMA weights, and logs metrics. Add your own::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -30,6 +31,22 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class LossRecord(NamedTuple):
+    """One batch's loss, read from the device, and where it was (1-based).
+
+    Attributes:
+        step: The optimizer step the batch belongs to.
+        epoch: Its epoch.
+        batch: Its index in the epoch.
+        loss: The loss.
+    """
+
+    step: int
+    epoch: int
+    batch: int
+    loss: float
+
+
 class Callback:
     """Hooks around the training loop; every method does nothing by default."""
 
@@ -43,9 +60,24 @@ class Callback:
     def on_loss(self, trainer: Trainer, loss: torch.Tensor) -> None:
         """After each batch's forward pass, before its backward pass.
 
+        Reading the loss here (`.item()`, `if loss ...`) waits for the device every
+        step; callbacks that need its value use `on_losses_read`.
+
         Args:
             trainer: The trainer (`trainer.state.batch` is the batch's index in the epoch).
-            loss: The batch's loss.
+            loss: The batch's loss, still on the device.
+        """
+
+    def on_losses_read(self, trainer: Trainer, losses: list[LossRecord]) -> None:
+        """After the losses since the last read were copied to the host in one transfer.
+
+        The trainer reads them every `log_every` optimizer steps, at the end of an
+        epoch and before writing any checkpoint, so steps in between never wait for
+        the device.
+
+        Args:
+            trainer: The trainer.
+            losses: The batches' losses, in order.
         """
 
     def on_step_end(self, trainer: Trainer) -> None:
@@ -87,16 +119,20 @@ class OnStepEnd(Callback):
 
 
 class DivergenceStop(Callback):
-    """Stop with `TrainingDiverged` when a loss is NaN or infinite, naming the last good checkpoint."""
+    """Stop with `TrainingDiverged` when a loss is NaN or infinite, naming the last good checkpoint.
 
-    def on_loss(self, trainer: Trainer, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss):
-            state = trainer.state
-            kept = trainer.last_good_checkpoint or "none written yet"
-            raise TrainingDiverged(
-                f"loss is {loss.item()} at step {state.step + 1} (epoch {state.epoch + 1}, batch {state.batch + 1}); "
-                f"stopped. Last good checkpoint: {kept}. Try a lower optim.lr, optim.clip_grad, or fp32."
-            )
+    Losses are checked when the trainer reads them (`on_losses_read`): at most
+    `log_every` steps after the first bad one, and always before a checkpoint is written.
+    """
+
+    def on_losses_read(self, trainer: Trainer, losses: list[LossRecord]) -> None:
+        for record in losses:
+            if not math.isfinite(record.loss):
+                kept = trainer.last_good_checkpoint or "none written yet"
+                raise TrainingDiverged(
+                    f"loss is {record.loss} at step {record.step} (epoch {record.epoch}, batch {record.batch}); "
+                    f"stopped. Last good checkpoint: {kept}. Try a lower optim.lr, optim.clip_grad, or fp32."
+                )
 
 
 class CheckpointCadence(Callback):

@@ -151,6 +151,9 @@ class OptimConfig:
             the parameters a model lists in `no_weight_decay`).
         clip_grad: Clip the gradient norm to this value; None: off.
         accum_steps: Batches accumulated per optimizer step.
+        fused: PyTorch's fused kernel for "adam" / "adamw" (one update for all
+            parameters, with no host synchronisation: the multi-tensor version reads
+            each parameter's step count on the host). None: fused for those two.
     """
 
     opt: str = "adamw"
@@ -159,6 +162,7 @@ class OptimConfig:
     weight_decay: float = 0.05
     clip_grad: float | None = None
     accum_steps: int = 1
+    fused: bool | None = None
 
 
 @dataclass
@@ -231,7 +235,8 @@ class TrainConfig:
         ema_decay: Keep an exponential moving average of the weights; None: off.
         output_dir: Where checkpoints, metrics and plots go.
         seed: Random seed.
-        log_every: Steps between progress updates.
+        log_every: Optimizer steps between reads of the loss from the device (progress bar,
+            divergence check); the steps in between never wait for the device.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -28,7 +28,7 @@ import vitblocks.train.distributed as distributed
 from vitblocks.attention import attention_backend
 from vitblocks.layers import compile_regions
 from vitblocks.train.builders import Data, build_criterion, build_data, build_model, build_optimizer_and_schedule
-from vitblocks.train.callbacks import Callback, TrainingDiverged, default_callbacks
+from vitblocks.train.callbacks import Callback, LossRecord, TrainingDiverged, default_callbacks
 from vitblocks.train.config import ConfigError, TrainConfig, to_dict
 from vitblocks.train.data import make_loader
 from vitblocks.train.distill import DistillationLoss
@@ -166,6 +166,8 @@ class Trainer:
         self.last_good_checkpoint: Path | None = None
         self.overwrite = overwrite
         self.resumed = False
+        # losses still on the device, with where they were: read every log_every steps, not every step
+        self._unread_losses: list[tuple[int, int, int, torch.Tensor]] = []
 
     def _wrap_for_training(self, model: nn.Module) -> nn.Module:
         config, rt = self.config, self.runtime
@@ -232,6 +234,7 @@ class Trainer:
         Returns:
             The path written, or None on other processes.
         """
+        self.read_losses()  # a diverged loss stops the run before anything is written
         if not self.runtime.is_main:
             return None
         path = self.output_dir / name
@@ -326,20 +329,47 @@ class Trainer:
             with sync, self._autocast():
                 loss = self.criterion(inputs, self.train_model(inputs), targets)
             self._each("on_loss", loss)
+            self._unread_losses.append((state.step + 1, state.epoch + 1, state.batch + 1, loss.detach()))
             self._backward_and_update(loss / accum, last_of_update)
             images += inputs.shape[0]
-            state.record_batch(loss.item(), inputs.shape[0])
+            state.record_batch(inputs.shape[0])
             if last_of_update:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                                img_s=f"{images * self.runtime.world_size / (time.perf_counter() - start):.0f}")
+                if state.step % config.log_every == 0:
+                    last = self.read_losses()
+                    bar.set_postfix(loss=f"{last:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                                    img_s=f"{images * self.runtime.world_size / (time.perf_counter() - start):.0f}")
                 self._each("on_step_end")
             bar.update(1)
         bar.close()
+        self.read_losses()
         seconds = time.perf_counter() - start
         loss_sum, count = distributed.all_sum([state.epoch_loss, state.epoch_batches], self.runtime)
         images = distributed.all_sum([images], self.runtime)[0]
         return {"train_loss": loss_sum / max(count, 1), "train_img_s": images / max(seconds, 1e-9),
                 "seconds": seconds, "images": images}
+
+    def read_losses(self) -> float | None:
+        """Copy the losses of the batches since the last read to the host, in one transfer.
+
+        Training steps never wait for the device otherwise: the trainer calls this every
+        `log_every` optimizer steps, at the end of each epoch and before writing a
+        checkpoint. The losses go to the epoch's running mean and to the callbacks'
+        `on_losses_read` (where `DivergenceStop` checks them).
+
+        Returns:
+            The last loss read, or None if there was none to read.
+
+        Raises:
+            TrainingDiverged: From `DivergenceStop`, for a loss that is not finite.
+        """
+        if not self._unread_losses:
+            return None
+        unread, self._unread_losses = self._unread_losses, []
+        values = torch.stack([loss for *_, loss in unread]).float().tolist()
+        records = [LossRecord(step, epoch, batch, value) for (step, epoch, batch, _), value in zip(unread, values)]
+        self._each("on_losses_read", records)
+        self.state.add_losses(values)
+        return values[-1]
 
     def _backward_and_update(self, loss: torch.Tensor, update: bool) -> None:
         """Backward pass; on the last batch of an update, clip and step (timm's loss scaler in fp16)."""

@@ -35,17 +35,24 @@ class TrainingState:
         if self.batch == 0:
             self.epoch_loss, self.epoch_batches, self.epoch_images = 0.0, 0, 0
 
-    def record_batch(self, loss: float, images: int) -> None:
-        """Count one batch.
+    def record_batch(self, images: int) -> None:
+        """Count one batch (its loss arrives later, through `add_losses`).
 
         Args:
-            loss: Its loss.
             images: Its size.
         """
         self.batch += 1
-        self.epoch_loss += loss
         self.epoch_batches += 1
         self.epoch_images += images
+
+    def add_losses(self, losses: list[float]) -> None:
+        """Add batch losses read from the device to the epoch's running sum.
+
+        Args:
+            losses: Losses of batches already counted by `record_batch`.
+        """
+        for loss in losses:  # one at a time: the same sum whichever steps the reads fall on
+            self.epoch_loss += loss
 
     def finish_epoch(self, row: dict[str, Any]) -> bool:
         """Record an epoch's metrics and move to the next epoch.
