@@ -1,14 +1,18 @@
-"""The whole GPU check in one command: environment, CUDA tests, training runs, benchmarks.
+"""The whole GPU check in one command: environment, kernels, steps, training runs, tests.
 
     bash benchmarks/gpu_check.sh OUTPUT_DIR            # on a GPU machine (see the script)
     python -m benchmarks.gpu_check OUTPUT_DIR --dry-run  # the same stages on CPU, tiny sizes
 
-Stages run in order of importance, each in its own process under a time limit taken from
-one overall budget, so a slow or failing stage costs only itself and the summary is always
-written. Everything lands in OUTPUT_DIR: `environment.json`, `logs/<stage>.log`, the
-benchmark reports (`cuda/`, `cuda-compiled/`), the training runs (`train-*/`), the
-profiler tables (`profile.txt`) and `summary.md`, whose table of target ratios is also
-printed last.
+Stages run in order of importance — the environment (with whether xformers' kernels
+load), the attention kernels at every sliced shape, eager steps, compiled steps and CUDA
+graphs of sret_t and deit_tiny, inference, SReT-S's FLOP utilisation (`benchmarks.gpu_step`),
+the official-computation and recursion-memory rows (`benchmarks.run`), the trainer end to
+end, the profiler table and the CUDA tests — each in its own process under a time limit
+taken from one overall budget, so a slow or failing stage costs only itself and the
+summary is always written. Measurements land in OUTPUT_DIR/rows.jsonl as they are made;
+with them `environment.json`, `logs/<stage>.log`, the benchmark report (`cuda/`), the
+training runs (`train-*/`), the profiler table (`profile.txt`) and `summary.md`, whose
+table of target ratios is also printed last.
 """
 
 from __future__ import annotations
@@ -53,50 +57,45 @@ def stages(out: Path, dry_run: bool) -> list[Stage]:
 
     Args:
         out: Output folder.
-        dry_run: CPU, tiny sizes, no torch.compile: checks the script itself.
+        dry_run: CPU, tiny sizes, tracing-only compilation: checks the script itself.
 
     Returns:
         The stages.
     """
+    step = ["-m", "benchmarks.gpu_step"]
+    dry = ["--dry-run"] if dry_run else []
     train = ["-m", "vitblocks.train", "recipes/sret_pit.py", "--overwrite", "--set", "data.dataset=synthetic",
-             "augment.repeated_aug=False", "log_every=1000000"]
+             "augment.repeated_aug=False", "log_every=20"]
     if dry_run:
         train += ["data.img_size=64", "data.synthetic_samples=16", "data.batch_size=8", "data.workers=0",
                   "epochs=1", "precision=fp32"]
-        bench = ["--suite", "cpu", "--quick", "--groups", "vs_naive"]  # the full --quick run has its own test
+        bench = ["--suite", "cpu", "--quick", "--groups", "vs_naive"]
         profile = ["--device", "cpu", "--batch-size", "2", "--img-size", "64", "--precision", "fp32", "--steps", "1"]
-        compile_time = []
-    else:  # 20 steps per epoch x 10 epochs = 200 steps of 256 images at 224 px
+    else:  # 20 steps per epoch x 5 epochs = 100 steps of 256 images at 224 px
         train += ["data.img_size=224", "data.synthetic_samples=5120", "data.batch_size=256", "data.workers=6",
-                  "epochs=10", "precision=bf16"]
-        bench = ["--suite", "cuda", "--precision", "bf16"]
+                  "epochs=5", "precision=bf16"]
+        bench = ["--suite", "cuda", "--precision", "bf16", "--groups", "vs_naive,recursion"]
         profile = ["--batch-size", "256", "--precision", "bf16"]
-        compile_time = ["--device", "cuda", "--img-size", "224", "--batch-size", "64", "--timeout", "120",
-                        "--modes", "regional,model"]
     found = [
-        # a dry run collects only the CUDA test file (the suite around it runs the rest)
-        Stage("tests", ["-m", "pytest", "-m", "cuda", "tests/test_cuda.py" if dry_run else "tests", "-q",
-                        "-p", "no:cacheprovider", "-o", "addopts=-ra"], 60 if dry_run else 150),
-        Stage("bench", ["-m", "benchmarks.run", *bench, "--out", str(out / "cuda")], 150),
+        Stage("attention", [*step, "attention", str(out), *dry], 50),
+        Stage("eager", [*step, "eager", str(out), *dry], 70),
+        Stage("compiled-sret", [*step, "compiled-sret", str(out), *dry], 130),
+        Stage("compiled-deit", [*step, "compiled-deit", str(out), *dry], 80),
+        Stage("inference", [*step, "inference", str(out), *dry], 60),
+        Stage("mfu", [*step, "mfu", str(out), *dry], 60),
+        Stage("bench", ["-m", "benchmarks.run", *bench, "--out", str(out / "cuda")], 90),
         Stage("train-eager", [*train, f"output_dir={out / 'train-eager'}"], 60),
+        Stage("train-graphs", [*train, "model.compile=graphs", f"output_dir={out / 'train-graphs'}"], 90),
         Stage("profile", ["-m", "benchmarks.profile_step", "sret_t", "deit_tiny_patch16_224", *profile,
                           "--out", str(out / "profile.txt")], 45),
-        # Before bench-compiled: its SReT-T training graph is this one's, so inductor's cache serves it.
-        Stage("train-compiled", [*train, "model.compile=True", *([] if dry_run else ["epochs=5"]),
-                                 f"output_dir={out / 'train-compiled'}"], 150),
-        Stage("bench-compiled", ["-m", "benchmarks.run", *bench, "--compile", "--groups", "vs_naive",
-                                 "--out", str(out / "cuda-compiled")], 200),
-        Stage("profile-compiled", ["-m", "benchmarks.profile_step", "sret_t", "deit_tiny_patch16_224", *profile,
-                                   "--compile", "--out", str(out / "profile-compiled.txt")], 90),
-        Stage("train-regional", [*train, "model.compile=regional", *([] if dry_run else ["epochs=5"]),
-                                 f"output_dir={out / 'train-regional'}"], 150),
-        Stage("compile-time", ["-m", "benchmarks.compile_time", *compile_time, "--out", str(out / "compile-time")],
-              300),
+        # a dry run collects only the CUDA test file (the suite around it runs the rest)
+        Stage("tests", ["-m", "pytest", "-m", "cuda", "tests/test_cuda.py" if dry_run else "tests", "-q",
+                        "-p", "no:cacheprovider", "-o", "addopts=-ra"], 60 if dry_run else 120),
     ]
     if dry_run:
         for stage in found:
-            if "compile" in stage.name or "regional" in stage.name:
-                stage.status = "skipped: no torch.compile in a dry run"
+            if stage.name == "train-graphs":
+                stage.status = "skipped: CUDA graphs need a GPU"
     return found
 
 
@@ -118,6 +117,7 @@ def environment(dry_run: bool) -> dict:
     if torch.cuda.is_available():
         from vitblocks.attention import available_backends
         from vitblocks.attention.backends import XFORMERS_INSTALLED, xformers_kernel_problem
+        from vitblocks.attention.xformers_runtime import preload_cuda12_runtime
 
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gib=round(props.total_memory / 2**30, 1),
@@ -125,6 +125,7 @@ def environment(dry_run: bool) -> dict:
         if XFORMERS_INSTALLED:
             info["xformers_kernels"] = {str(dtype): xformers_kernel_problem("cuda:0", dtype, 32) or "ok"
                                         for dtype in (torch.float16, torch.bfloat16, torch.float32)}
+            info["cuda12_runtime"] = preload_cuda12_runtime() or "not loaded (torch provides it, or not installed)"
         info["backends"] = {str(dtype): available_backends("cuda", dtype)
                             for dtype in (torch.float16, torch.bfloat16, torch.float32)}
         try:
@@ -182,14 +183,55 @@ def ratio_lines(folder: Path) -> list[str]:
     return [line[2:] for line in text.splitlines() if line.startswith("- ") and " = " in line]
 
 
+def read_rows(out: Path) -> list[dict]:
+    """The measurement rows the `benchmarks.gpu_step` stages wrote."""
+    try:
+        return [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines() if line.strip()]
+    except OSError:
+        return []
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    """The step issue's target ratios, each from two rows of this run (missing rows: no line)."""
+    best: dict[str, float] = {}
+    for row in rows:
+        if "img_s" in row and "name" in row:
+            best[row["name"]] = max(best.get(row["name"], 0.0), row["img_s"])
+    lines = []
+
+    def line(label: str, numerator: str, denominator: str, target: str) -> None:
+        if best.get(numerator) and best.get(denominator):
+            lines.append(f"{label} = {best[numerator] / best[denominator]:.2f}x (target {target})")
+
+    line("SReT-T training / deit_tiny, both eager (fused AdamW)", "sret_t fused", "deit_tiny_patch16_224 fused", ">= 1.0x")
+    line("SReT-T training / deit_tiny, both under CUDA graphs", "sret_t cuda graphs",
+         "deit_tiny_patch16_224 cuda graphs", ">= 0.8x")
+    line("SReT-T training / deit_tiny, both torch.compile", "sret_t torch.compile",
+         "deit_tiny_patch16_224 torch.compile", ">= 0.8x")
+    for treatment in ("autocast eager", "autocast compiled", "bf16 weights eager", "bf16 weights compiled"):
+        line(f"SReT-T inference / deit_tiny, {treatment}", f"sret_t {treatment}",
+             f"deit_tiny_patch16_224 {treatment}", ">= 1.0x")
+    line("SReT-T training: sliced / unsliced", "sret_t fused", "sret_t_unsliced fused", ">= 1.10x")
+    mfu = [row for row in rows if "mfu_percent" in row]
+    if mfu:
+        top = max(mfu, key=lambda row: row["mfu_percent"])
+        lines.append(f"SReT-S model FLOP utilisation = {top['mfu_percent']:.1f}% ({top['name']}, against a "
+                     f"{top['matmul_tflops']:.0f} TFLOP/s bf16 matmul) (target >= 20%)")
+    for row in rows:
+        if "check" in row:
+            lines.append(f"check {row['name']} {row['check']}: " + ", ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                if k not in ("stage", "device", "name", "check")))
+    return lines
+
+
 def summary(stage_list: list[Stage], env: dict, out: Path) -> str:
     """The closing report: environment, stage outcomes, training speeds and target ratios."""
     lines = ["# GPU check", "", f"device: {env.get('gpu', 'no GPU (dry run)' if env['dry_run'] else 'no GPU')}; "
              f"torch {env['torch']} (CUDA {env['cuda']}), timm {env['timm']}, xformers {env['xformers']}"]
-    if "xformers_kernels" in env:
-        lines.append(f"xformers kernels: {env['xformers_kernels']}")
-    if "backends" in env:
-        lines.append(f"backends available: {env['backends']}")
+    for key in ("nvidia_smi", "cuda12_runtime", "xformers_kernels", "backends"):
+        if key in env:
+            lines.append(f"{key.replace('_', ' ')}: {env[key]}")
     lines += ["", "| stage | status | seconds |", "|---|---|---:|"]
     lines += [f"| {s.name} | {s.status} | {s.seconds:.0f} |" for s in stage_list]
     tests = out / "logs" / "tests.log"
@@ -199,13 +241,9 @@ def summary(stage_list: list[Stage], env: dict, out: Path) -> str:
         lines += ["", f"tests: {closing[-1].strip('= ') if closing else 'no result line'}"]
     lines += ["", "training (python -m vitblocks.train recipes/sret_pit.py on synthetic data):",
               f"- eager: {training_throughput(out / 'train-eager')}",
-              f"- torch.compile: {training_throughput(out / 'train-compiled')}",
-              f"- compile_regions: {training_throughput(out / 'train-regional')}"]
-    table = out / "compile-time" / "compile_time.md"
-    if table.exists():
-        lines += ["", table.read_text().strip()]
+              f"- model.compile=graphs: {training_throughput(out / 'train-graphs')}"]
     lines += ["", "target ratios:"]
-    lines += [f"- {line}" for line in ratio_lines(out / "cuda") + ratio_lines(out / "cuda-compiled")]
+    lines += [f"- {line}" for line in target_lines(read_rows(out)) + ratio_lines(out / "cuda")]
     return "\n".join(lines) + "\n"
 
 
@@ -214,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="folder for logs, reports and the summary")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, no compile: checks the script")
-    parser.add_argument("--budget-s", type=float, default=550.0, help="overall time limit of all stages")
+    parser.add_argument("--budget-s", type=float, default=450.0, help="overall time limit of all stages")
     parser.add_argument("--only", default="", help="comma-separated stage names to run (default: all)")
     args = parser.parse_args(argv)
     deadline = time.monotonic() + args.budget_s

@@ -8,12 +8,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from train_helpers import tiny_config
+from train_helpers import TINY_SRET, tiny_config
 from vitblocks.layers import NonLinearMix, Recursive, TransformerBlock
 from vitblocks.layers.drop import keep_mask
 from vitblocks.layers.permutation import permute_tokens, permute_tokens_with_inverse, random_permutation
 from vitblocks.layers.residual import scaled_residual
-from vitblocks.train import OnStepEnd, Trainer
+from vitblocks.layers.modes import PermutationPolicy
+from vitblocks.train import ConfigError, ModelConfig, OnStepEnd, Trainer
 from vitblocks.train.builders import build_optimizer_and_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,3 +159,18 @@ def test_the_committed_op_count_table_meets_the_byte_target():
     table = (ROOT / "docs/benchmarks/cpu/op_count.md").read_text()
     assert f"| sret_t | {sret['ops']:,} |" in table
     assert f"{sret['ops'] / base['ops']:.2f}x" in table
+
+
+def test_graphs_mode_is_refused_with_its_reasons(tmp_path):
+    from vitblocks.train.compile_modes import compile_mode, graphs_refusals
+
+    with pytest.raises(ConfigError, match="model.compile='graphs' cannot run here: CUDA graphs need a CUDA device"):
+        Trainer(tiny_config(tmp_path, model=ModelConfig("sret_t", kwargs=dict(TINY_SRET), compile="graphs")))
+    model = torch.nn.Sequential(_tiny_stage())
+    assert graphs_refusals(model, torch.device("cuda"), False) == []
+    model[0].block.attn.permutation = PermutationPolicy.RANDOM_CPU
+    reasons = graphs_refusals(model, torch.device("cuda"), "sqrt")
+    assert len(reasons) == 2 and "permutation='random'" in reasons[0] and "#130123" in reasons[1]
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [compile_mode(v, cpu) for v in (False, True, "regional", "auto")] == ["none", "model", "regional", "none"]
+    assert compile_mode("auto", cuda) in ("none", "model", "regional", "graphs")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from vitblocks.attention.groups import GroupRun, TokenGroups
 from vitblocks.attention.scripted import fold_run, with_prefix
+from vitblocks.attention.xformers_runtime import preload_cuda12_runtime, runtime_advice
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -187,6 +188,7 @@ XFORMERS_INSTALLED = importlib.util.find_spec("xformers") is not None
 
 @functools.lru_cache(maxsize=None)
 def _import_xformers_ops() -> ModuleType:
+    preload_cuda12_runtime()  # before xformers' _C.so is loaded: it links libcudart.so.12
     import xformers.ops
 
     return xformers.ops
@@ -219,8 +221,10 @@ def xformers_kernel_problem(device: str, dtype: torch.dtype, head_dim: int) -> s
             _XFORMERS_PROBES[key] = None
         except Exception as error:  # noqa: BLE001 - any failure means: do not pick xformers
             message = str(error).strip().splitlines()
+            advice = runtime_advice() if device.startswith("cuda") else ""
             _XFORMERS_PROBES[key] = (
                 f"xformers' kernels cannot run it here ({type(error).__name__}: {message[0] if message else ''})"
+                + (f"; {advice}" if advice else "")
             )
     return _XFORMERS_PROBES[key]
 

@@ -14,6 +14,8 @@ from vitblocks.layers.loop import accepts_loop, call_with_loop
 from vitblocks.layers.scalar import learnable_scalar
 from vitblocks.layers.loop_plan import LoopPlan
 from vitblocks.layers.residual import scaled_residual
+
+torch.fx.wrap("scaled_residual")  # torch.fx records it as one call: it branches on whether gradients are needed
 from vitblocks.layers.sliced import SlicedGroupAttention
 
 

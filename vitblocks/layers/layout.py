@@ -23,5 +23,10 @@ def lay_out_channels_last(conv: nn.Conv2d) -> nn.Conv2d:
     Returns:
         `conv`.
     """
-    conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+    weight = conv.weight.data
+    out, channels, height, width = weight.shape
+    # explicit strides: with one input channel `contiguous(memory_format=channels_last)` keeps the old ones
+    laid_out = torch.empty_strided(weight.shape, (channels * height * width, 1, width * channels, channels),
+                                   dtype=weight.dtype, device=weight.device)
+    conv.weight.data = laid_out.copy_(weight)
     return conv

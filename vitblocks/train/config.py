@@ -51,9 +51,12 @@ class ModelConfig:
             for vitblocks recursive models.
         backend: Attention backend of vitblocks layers: auto, xformers, sdpa, math, or
             any registered backend.
-        compile: False; True (or "model") to wrap the model in `torch.compile`; or
-            "regional" to compile each shared block once (`vitblocks.compile_regions`),
-            whose compile time does not grow with the loop count.
+        compile: "none" (or False): eager; "model" (or True): `torch.compile(model)`;
+            "regional": each shared block compiled once (`vitblocks.compile_regions`),
+            whose compile time does not grow with the loop count; "graphs" (CUDA):
+            `torch.compile(mode="reduce-overhead")`, forward and backward replayed as
+            CUDA graphs; "auto": the device's default (see
+            `vitblocks.train.compile_modes.CUDA_DEFAULT`).
         convert: Turn the (unshared) model into a weight-shared one before training
             (`vitblocks.models.convert_to_recursive`); empty: train `name` as it is.
             Keys: `base_checkpoint` (the trained base weights: a trainer checkpoint,
@@ -263,7 +266,7 @@ _CHOICES: dict[str, typing.Callable[[], tuple[Any, ...]]] = {
     "distill.kind": lambda: ("none", "soft", "hard"),
     "model.backend": backend_names,  # read when validating: backends registered later count
     "model.grad_checkpointing": lambda: CHECKPOINT_SETTINGS,
-    "model.compile": lambda: (False, True, "model", "regional"),
+    "model.compile": lambda: (False, True, "none", "model", "regional", "graphs", "auto"),
 }
 
 _RENAMED = {"model.attn_backend": "model.backend"}

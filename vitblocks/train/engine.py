@@ -29,6 +29,7 @@ from vitblocks.attention import attention_backend
 from vitblocks.layers import compile_regions
 from vitblocks.train.builders import Data, build_criterion, build_data, build_model, build_optimizer_and_schedule
 from vitblocks.train.callbacks import Callback, LossRecord, TrainingDiverged, default_callbacks
+from vitblocks.train.compile_modes import compile_mode, graphs_refusals
 from vitblocks.train.config import ConfigError, TrainConfig, to_dict
 from vitblocks.train.data import make_loader
 from vitblocks.train.distill import DistillationLoss
@@ -176,12 +177,19 @@ class Trainer:
             # gradients as views of DDP's buckets: the channels-last stem's gradients then need no stride match
             train_model = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None,
                                                   gradient_as_bucket_view=True)
-        if config.model.compile == "regional":
+        mode = compile_mode(config.model.compile, self.device)
+        self.graphs = mode == "graphs"
+        if mode == "regional":
             try:
                 compile_regions(model)  # in place, so the DDP wrapper runs the compiled blocks
             except ValueError as error:
                 raise ConfigError(f"model.compile='regional': {error} (set model.compile=True)") from None
-        elif config.model.compile:
+        elif mode == "graphs":
+            refusals = graphs_refusals(model, self.device, config.model.grad_checkpointing)
+            if refusals:
+                raise ConfigError("model.compile='graphs' cannot run here: " + "; ".join(refusals))
+            train_model = torch.compile(train_model, mode="reduce-overhead")
+        elif mode == "model":
             train_model = torch.compile(train_model)
         return train_model
 
@@ -326,6 +334,8 @@ class Trainer:
             sync = contextlib.nullcontext()
             if self.runtime.distributed and not last_of_update:
                 sync = self.train_model.no_sync()
+            if self.graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are done with
             with sync, self._autocast():
                 loss = self.criterion(inputs, self.train_model(inputs), targets)
             self._each("on_loss", loss)
@@ -335,18 +345,21 @@ class Trainer:
             state.record_batch(inputs.shape[0])
             if last_of_update:
                 if state.step % config.log_every == 0:
-                    last = self.read_losses()
-                    bar.set_postfix(loss=f"{last:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                                    img_s=f"{images * self.runtime.world_size / (time.perf_counter() - start):.0f}")
+                    self._show_progress(bar, self.read_losses(), images, start)
                 self._each("on_step_end")
             bar.update(1)
+        self._show_progress(bar, self.read_losses(), images, start)
         bar.close()
-        self.read_losses()
         seconds = time.perf_counter() - start
         loss_sum, count = distributed.all_sum([state.epoch_loss, state.epoch_batches], self.runtime)
         images = distributed.all_sum([images], self.runtime)[0]
         return {"train_loss": loss_sum / max(count, 1), "train_img_s": images / max(seconds, 1e-9),
                 "seconds": seconds, "images": images}
+
+    def _show_progress(self, bar: Any, loss: float | None, images: int, start: float) -> None:
+        if loss is not None:
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{images * self.runtime.world_size / (time.perf_counter() - start):.0f}")
 
     def read_losses(self) -> float | None:
         """Copy the losses of the batches since the last read to the host, in one transfer.
