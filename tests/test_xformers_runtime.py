@@ -78,3 +78,24 @@ def test_a_kernel_that_does_not_load_on_cuda_is_refused_with_that_advice(fresh):
     problem = backends.xformers_kernel_problem("cuda:0", torch.bfloat16, 8)
     assert "xFormers wasn't build with CUDA support" in problem
     assert "pip install nvidia-cuda-runtime-cu12" in problem
+
+
+def test_xformers_extension_loads_once_the_runtime_is_preloaded():
+    """For real, where xformers and the runtime wheel are installed and torch is not built for CUDA 12."""
+    import importlib.util
+    import subprocess
+
+    spec = importlib.util.find_spec("xformers")
+    if spec is None or runtime.torch_cuda_major() in (None, 12) or runtime.cuda12_runtime_library() is None:
+        pytest.skip("needs xformers, the nvidia-cuda-runtime-cu12 wheel and a torch built for CUDA 13")
+    extension = next(iter(spec.submodule_search_locations)) + "/_C.so"
+    probe = ("import ctypes, sys, torch\n"
+             "from vitblocks.attention.xformers_runtime import preload_cuda12_runtime\n"
+             "if sys.argv[1] == 'preload': preload_cuda12_runtime()\n"
+             f"ctypes.CDLL({extension!r})\n")
+    runs = {mode: subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True)
+            for mode in ("plain", "preload")}
+    assert runs["preload"].returncode == 0, runs["preload"].stderr
+    # without the preload it loads only where something else put libcudart.so.12 in the process
+    # (torch's own loader does for a wheel in site-packages; not for one on PYTHONPATH)
+    assert runs["plain"].returncode == 0 or "libcudart.so.12" in runs["plain"].stderr

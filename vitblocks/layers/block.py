@@ -9,7 +9,7 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
-from vitblocks.layers.drop import DropPath
+from vitblocks.layers.drop import DropPath, keep_mask
 from vitblocks.layers.loop import accepts_loop, call_with_loop
 from vitblocks.layers.scalar import learnable_scalar
 from vitblocks.layers.loop_plan import LoopPlan
@@ -119,7 +119,30 @@ class TransformerBlock(nn.Module):
         num_tokens = x.shape[1] - getattr(self.attn, "num_prefix_tokens", 0)
         return self.attn.loop_plan(num_tokens, loop, x.device)
 
-    def forward(self, x: torch.Tensor, loop: int = 0, plan: LoopPlan | None = None) -> torch.Tensor:
+    def draw_drop_masks(self, x: torch.Tensor, loops: int) -> torch.Tensor | None:
+        """Stochastic-depth factors of `loops` applications, drawn at once.
+
+        `Recursive` calls it once per forward pass and hands each application its
+        slice (`forward(..., drop_masks=...)`), so a block applied `loops` times draws
+        its masks in one operator instead of one per application.
+
+        Args:
+            x: The block's input (for batch size, rank and dtype).
+            loops: Applications to draw for.
+
+        Returns:
+            (loops, 2, B, 1, ..., 1) factors (0 or 1 / keep) in the dtype of `x`, or None
+            in eval mode or when the two branches' rates differ or are zero.
+        """
+        drop1, drop2 = self.drop_path1, self.drop_path2
+        if not (self.training and self.residual_scalars and isinstance(drop1, DropPath) and isinstance(drop2, DropPath)
+                and drop1.drop_prob == drop2.drop_prob):
+            return None
+        return keep_mask(x, drop1.keep_prob, draws=2 * loops).to(x.dtype).unflatten(0, (loops, 2))
+
+    def forward(
+        self, x: torch.Tensor, loop: int = 0, plan: LoopPlan | None = None, drop_masks: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Apply the block once.
 
         Args:
@@ -127,6 +150,8 @@ class TransformerBlock(nn.Module):
             loop: Index of this application of the block's weights.
             plan: The loop's plan from `loop_plan`, if computed beforehand; `loop` is then
                 not used.
+            drop_masks: This application's (2, B, 1, ..., 1) stochastic-depth factors,
+                if drawn beforehand (`draw_drop_masks`); otherwise the block draws them.
 
         Returns:
             Tensor of shape (B, N, C).
@@ -146,7 +171,7 @@ class TransformerBlock(nn.Module):
             x = x + attn
             return x + self.drop_path2(self.mlp(self.norm2(x)))
         # one fused sum per residual, stochastic depth folded into the branch gate
-        mask1, mask2 = self._drop_masks(attn)
+        mask1, mask2 = self._drop_masks(attn) if drop_masks is None else (drop_masks[0], drop_masks[1])
         x = scaled_residual(x, self.skip_scale1, attn, self.branch_scale1, mask1)
         mlp = self.mlp(self.norm2(x))
         return scaled_residual(x, self.skip_scale2, mlp, self.branch_scale2, mask2)

@@ -148,6 +148,7 @@ class Recursive(nn.Module):
         self._block_takes_loop = accepts_loop(self.block)
         self._block_takes_mask = accepts_mask(self.block)
         self._block_plans = callable(getattr(self.block, "loop_plan", None))
+        self._block_draws_masks = callable(getattr(self.block, "draw_drop_masks", None))
 
     def compile_block(self, **compile_kwargs: Any) -> None:
         """Regional compilation: compile one application of the block (and its mix layer).
@@ -214,7 +215,10 @@ class Recursive(nn.Module):
             return self.mix
         return self.mix[min(loop, len(self.mix) - 1)]  # test-time depth: later loops reuse the last
 
-    def _apply_once(self, x: torch.Tensor, loop: int, **block_kwargs: Any) -> torch.Tensor:
+    def _apply_once(self, x: torch.Tensor, loop: int, masks: torch.Tensor | None = None,
+                    **block_kwargs: Any) -> torch.Tensor:
+        if masks is not None:  # every loop's stochastic-depth masks, drawn at once
+            block_kwargs = {**block_kwargs, "drop_masks": masks[loop]}
         if self._compiled is not None and not torch.compiler.is_compiling():
             return self._compiled(self.block, self.mix_at(loop), x, {**self._loop_kwargs(x, loop), **block_kwargs})
         if block_kwargs:
@@ -224,9 +228,10 @@ class Recursive(nn.Module):
         mix = self.mix_at(loop)
         return x if mix is None else mix(x)
 
-    def _apply_checkpointed(self, x: torch.Tensor, start: int, stop: int, **block_kwargs: Any) -> torch.Tensor:
+    def _apply_checkpointed(self, x: torch.Tensor, start: int, stop: int, masks: torch.Tensor | None = None,
+                            **block_kwargs: Any) -> torch.Tensor:
         for loop in range(start, stop):
-            x = checkpoint(self._apply_once, x, loop, use_reentrant=False, **block_kwargs)
+            x = checkpoint(self._apply_once, x, loop, masks, use_reentrant=False, **block_kwargs)
         return x
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
@@ -251,16 +256,18 @@ class Recursive(nn.Module):
     def _forward_eager(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
         block_kwargs = mask_kwargs(attn_mask, is_causal, self._block_takes_mask, type(self.block).__name__)
         mode = self._checkpoint_mode if self.training and torch.is_grad_enabled() else None
+        # drawn outside any checkpoint: a recomputed loop reuses its masks instead of replaying the generator
+        masks = self.block.draw_drop_masks(x, self.loops) if self._block_draws_masks and self.training else None
         if mode is None:
             for loop in range(self.loops):
-                x = self._apply_once(x, loop, **block_kwargs)
+                x = self._apply_once(x, loop, masks, **block_kwargs)
         elif mode is CheckpointMode.LOOP or self.loops < 4:
-            x = self._apply_checkpointed(x, 0, self.loops, **block_kwargs)
+            x = self._apply_checkpointed(x, 0, self.loops, masks, **block_kwargs)
         else:
             segment = math.isqrt(self.loops - 1) + 1  # ceil(sqrt(loops))
             for start in range(0, self.loops, segment):
                 stop = min(start + segment, self.loops)
-                x = checkpoint(self._apply_checkpointed, x, start, stop, use_reentrant=False, **block_kwargs)
+                x = checkpoint(self._apply_checkpointed, x, start, stop, masks, use_reentrant=False, **block_kwargs)
         return x
 
     def _forward_scripted(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
