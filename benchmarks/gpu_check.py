@@ -79,6 +79,7 @@ def stages(out: Path, dry_run: bool) -> list[Stage]:
     found = [
         Stage("attention", [*step, "attention", str(out), *dry], 50),
         Stage("eager", [*step, "eager", str(out), *dry], 70),
+        Stage("pool", [*step, "pool", str(out), *dry], 25),
         Stage("compiled-sret", [*step, "compiled-sret", str(out), *dry], 130),
         Stage("compiled-deit", [*step, "compiled-deit", str(out), *dry], 80),
         Stage("inference", [*step, "inference", str(out), *dry], 60),
@@ -212,6 +213,9 @@ def target_lines(rows: list[dict]) -> list[str]:
         line(f"SReT-T inference / deit_tiny, {treatment}", f"sret_t {treatment}",
              f"deit_tiny_patch16_224 {treatment}", ">= 1.0x")
     line("SReT-T training: sliced / unsliced", "sret_t fused", "sret_t_unsliced fused", ">= 1.10x")
+    for pool in ("64->128", "128->256"):
+        line(f"pooling {pool}, forward + backward: depthwise on repeated channels / grouped",
+             f"pool {pool} repeated + depthwise", f"pool {pool} grouped", "> 1.0x: make it ConvPool's default")
     mfu = [row for row in rows if "mfu_percent" in row]
     if mfu:
         top = max(mfu, key=lambda row: row["mfu_percent"])

@@ -6,7 +6,8 @@
 Stages (`STAGES`): `attention` (every kernel at every sliced-attention shape of SReT-T,
 SReT-S, the sliced DeiT and PiT, forward + backward, SReT-S's head size 42 also padded
 to 48), `eager` (training steps of sret_t and deit_tiny with foreach / fused AdamW and
-cudnn.benchmark off / on: step time, host time, kernels per step, GPU time), `compiled-sret`
+cudnn.benchmark off / on: step time, host time, kernels per step, GPU time), `pool`
+(SReT-T's poolings, grouped against depthwise on repeated channels), `compiled-sret`
 and `compiled-deit` (torch.compile and CUDA graphs: step time, loss and gradients against
 eager at a fixed permutation, and whether random permutations differ between graph
 replays), `inference` (batch 1024, autocast against bf16 weights, eager and compiled) and
@@ -35,7 +36,7 @@ from benchmarks.measure import time_interleaved
 from vitblocks.attention import available_backends, group_attention
 from vitblocks.summary import summarize
 
-STAGES = ("attention", "eager", "compiled-sret", "compiled-deit", "inference", "mfu")
+STAGES = ("attention", "eager", "pool", "compiled-sret", "compiled-deit", "inference", "mfu")
 DEIT = "deit_tiny_patch16_224"
 
 
@@ -140,6 +141,30 @@ def stage_eager(setup: Setup, rows: Rows) -> None:
             rows.add(name=label, cudnn_benchmark=benchmark, img_s=setup.train_batch / seconds,
                      step_ms=1e3 * seconds, **profiles[label])
     torch.backends.cudnn.benchmark = False
+
+
+def stage_pool(setup: Setup, rows: Rows) -> None:
+    """SReT-T's two poolings, forward + backward: a grouped convolution against a depthwise one on
+    repeated channels (`ConvPool(repeat_input=...)`), with kernels per call."""
+    from vitblocks.layers import ConvPool
+
+    side = setup.img_size // 8
+    for in_dim, grid in ((64, side), (128, (side + 1) // 2)):
+        x = torch.randn(setup.train_batch, in_dim, grid, grid, device=setup.device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        fns = {}
+        for repeat in (False, True):
+            pool = ConvPool(in_dim, 2 * in_dim, repeat_input=repeat).to(setup.device)
+
+            def call(pool=pool):
+                inputs = x.detach().requires_grad_()
+                with setup.autocast():
+                    out = pool(inputs)
+                out.float().sum().backward()
+            fns[f"pool {in_dim}->{2 * in_dim} {'repeated + depthwise' if repeat else 'grouped'}"] = call
+        profiles = {label: profile_step(fn, setup) for label, fn in fns.items()}
+        for label, seconds in setup.timed(fns).items():
+            rows.add(name=label, img_s=setup.train_batch / seconds, call_ms=1e3 * seconds, **profiles[label])
 
 
 def _grads(model: torch.nn.Module) -> torch.Tensor:
@@ -328,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     setup = Setup(args.dry_run)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = Rows(args.out, args.stage, setup.device)
-    stage = {"attention": stage_attention, "eager": stage_eager, "inference": stage_inference, "mfu": stage_mfu,
+    stage = {"attention": stage_attention, "eager": stage_eager, "pool": stage_pool, "inference": stage_inference,
+             "mfu": stage_mfu,
              "compiled-sret": lambda s, r: stage_compiled("sret_t", s, r),
              "compiled-deit": lambda s, r: stage_compiled(DEIT, s, r)}[args.stage]
     stage(setup, rows)

@@ -43,6 +43,8 @@ DEIT_COMPILED = "deit_tiny_patch16_224 (torch.compile)"
 PAIRED = "vs_naive"
 GROUPS = ("models", "vs_naive", "backends", "attention", "recursion", "reference")
 MATMUL = "matmul TFLOP/s (8192^3 on GPU)"
+DROP_PATH = 0.0
+"""Stochastic depth of every benchmarked model: the same for all, and the naive baseline has none."""
 SRET_S_FLOPS = "sret_s training GFLOP per image (6 x MACs)"
 
 
@@ -149,16 +151,16 @@ def run_suite(args) -> list[Result]:
     for train in (False, True):
         images = batches[train]
         for name in models if "models" in args.groups else ():
-            model = timm.create_model(name, img_size=size)
+            model = timm.create_model(name, img_size=size, drop_path_rate=DROP_PATH)
             results.append(measure("models", name, model, images, fast, train, args))
-        sret = timm.create_model("sret_t", img_size=size)
+        sret = timm.create_model("sret_t", img_size=size, drop_path_rate=DROP_PATH)
         for backend in available_backends(device, dtype) if "backends" in args.groups else ():
             results.append(measure("backends", "sret_t", sret, images, backend, train, args, memory=False))
         if "attention" in args.groups:
             results += measure_attention_shapes(images.shape[0], size, device, dtype, train, args)
         if "vs_naive" not in args.groups:
             continue
-        deit = timm.create_model(DEIT, img_size=size)
+        deit = timm.create_model(DEIT, img_size=size, drop_path_rate=DROP_PATH)
         entries = [(NAIVE, naive_sret_t(sret, size), "math"), ("sret_t", sret, fast), (DEIT, deit, fast)]
         if args.compile:
             entries += [(COMPILED, torch.compile(copy.deepcopy(sret)), fast),

@@ -115,7 +115,7 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     summary = (out / "summary.md").read_text()
-    for stage in ("attention", "eager", "compiled-sret", "compiled-deit", "inference", "mfu", "bench", "train-eager",
+    for stage in ("attention", "eager", "pool", "compiled-sret", "compiled-deit", "inference", "mfu", "bench", "train-eager",
                   "profile", "tests"):
         assert f"| {stage} | ok |" in summary, summary
     assert "| train-graphs | skipped: CUDA graphs need a GPU |" in summary
@@ -127,7 +127,7 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
         assert target in summary, (target, summary)
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     stages = {row["stage"] for row in rows}
-    assert stages == {"attention", "eager", "compiled-sret", "compiled-deit", "inference", "mfu"}
+    assert stages == {"attention", "eager", "pool", "compiled-sret", "compiled-deit", "inference", "mfu"}
     assert all(row["device"] == "cpu" for row in rows)
     kernels = {row["kernel"] for row in rows if row["stage"] == "attention"}
     assert {"sdpa/math", "math", "sdpa padded to 48"} <= kernels  # SReT-S's head size 42, padded

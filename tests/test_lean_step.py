@@ -174,3 +174,20 @@ def test_graphs_mode_is_refused_with_its_reasons(tmp_path):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert [compile_mode(v, cpu) for v in (False, True, "regional", "auto")] == ["none", "model", "regional", "none"]
     assert compile_mode("auto", cuda) in ("none", "model", "regional", "graphs")
+
+
+def test_pooling_on_repeated_channels_is_the_grouped_convolution():
+    from vitblocks.layers import ConvPool
+
+    grouped, repeated = ConvPool(8, 16), ConvPool(8, 16, repeat_input=True)
+    repeated.load_state_dict(grouped.state_dict())
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(2, 16, 5, 5)
+    outs = [pool(x) for pool in (grouped, repeated)]
+    torch.testing.assert_close(outs[1], outs[0])
+    assert outs[1].is_contiguous(memory_format=torch.channels_last)
+    grads = [torch.autograd.grad(out, [x, pool.conv.weight], grad) for out, pool in zip(outs, (grouped, repeated))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    traced = torch.fx.symbolic_trace(repeated)
+    assert torch.equal(traced(x), outs[1])
