@@ -343,7 +343,7 @@ def _attention_call(qkv, groups, prefix, backend, grad, sdpa_choice=None, scale=
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_step", description=__doc__.split("\n")[0])
-    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("stage", choices=(*STAGES, "all"), help="one stage, or all of them in turn (a dry run's way)")
     parser.add_argument("out", type=Path)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, tracing-only compile")
     args = parser.parse_args(argv)
@@ -352,12 +352,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup = Setup(args.dry_run)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = Rows(args.out, args.stage, setup.device)
-    stage = {"attention": stage_attention, "eager": stage_eager, "pool": stage_pool, "inference": stage_inference,
-             "mfu": stage_mfu,
-             "compiled-sret": lambda s, r: stage_compiled("sret_t", s, r),
-             "compiled-deit": lambda s, r: stage_compiled(DEIT, s, r)}[args.stage]
-    stage(setup, rows)
+    stages = {"attention": stage_attention, "eager": stage_eager, "pool": stage_pool, "inference": stage_inference,
+              "mfu": stage_mfu,
+              "compiled-sret": lambda s, r: stage_compiled("sret_t", s, r),
+              "compiled-deit": lambda s, r: stage_compiled(DEIT, s, r)}
+    for name in STAGES if args.stage == "all" else (args.stage,):
+        stages[name](setup, Rows(args.out, name, setup.device))
     return 0
 
 

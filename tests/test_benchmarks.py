@@ -115,14 +115,13 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     summary = (out / "summary.md").read_text()
-    for stage in ("attention", "eager", "pool", "compiled-sret", "compiled-deit", "inference", "mfu", "bench", "train-eager",
-                  "profile", "tests"):
+    for stage in ("steps", "train-eager", "profile", "tests"):
         assert f"| {stage} | ok |" in summary, summary
     assert "| train-graphs | skipped: CUDA graphs need a GPU |" in summary
     assert "tests: " in summary and "skipped" in summary  # the CUDA tests ran and skipped cleanly
     assert "- eager: " in summary and "img/s" in summary
     for target in ("SReT-T training / deit_tiny, both eager", "SReT-T inference / deit_tiny, autocast eager",
-                   "sliced / unsliced", "SReT-S model FLOP utilisation", "optimized / naive",
+                   "sliced / unsliced", "SReT-S model FLOP utilisation", "pooling 64->128",
                    "check sret_t torch.compile vs eager", "random permutations differ between calls: differ=True"):
         assert target in summary, (target, summary)
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
@@ -132,7 +131,7 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     kernels = {row["kernel"] for row in rows if row["stage"] == "attention"}
     assert {"sdpa/math", "math", "sdpa padded to 48"} <= kernels  # SReT-S's head size 42, padded
     assert summary.strip().splitlines()[-1] in result.stdout  # the table of ratios is printed last
-    assert (out / "cuda" / "results.csv").exists() and (out / "profile.txt").read_text().startswith("# sret_t")
+    assert (out / "profile.txt").read_text().startswith("# sret_t")
     assert json.loads((out / "environment.json").read_text())["dry_run"] is True
 
 
