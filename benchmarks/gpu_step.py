@@ -216,22 +216,22 @@ def _compile_modes(setup: Setup, in_dry_run: bool = True) -> dict[str, Callable[
 
 
 def stage_compiled(name: str, setup: Setup, rows: Rows) -> None:
-    """A model's step eager, compiled and under CUDA graphs; correctness against eager."""
+    """A model's step eager, compiled and under CUDA graphs (timed first: the targets need them), then
+    the compiled steps' loss and gradients against eager, and whether graph replays redraw permutations."""
     images = setup.images(setup.train_batch)
     modes = _compile_modes(setup, in_dry_run=name == "sret_t")
+    fns = {"eager": train_step(setup.model(name).train(), images, setup, fused=True)}
+    for mode, compile_fn in modes.items() if not setup.dry_run else ():  # a dry run traces them below
+        fns[mode] = train_step(compile_fn(setup.model(name).train()), images, setup, fused=True)
+        fns[mode]()  # compile outside the timing
+    profiles = {label: profile_step(fn, setup) for label, fn in fns.items()}
+    for label, seconds in setup.timed(fns).items():
+        rows.add(name=f"{name} {label}", img_s=setup.train_batch / seconds, step_ms=1e3 * seconds, **profiles[label])
     for mode, compile_fn in modes.items():
         rows.add(name=name, check=f"{mode} vs eager", **compare_with_eager(name, setup, compile_fn))
         if name == "sret_t":
             rows.add(name=name, check=f"{mode}: random permutations differ between calls",
                      differ=permutations_differ_between_replays(setup, compile_fn))
-    fns = {"eager": train_step(setup.model(name).train(), images, setup, fused=True)}
-    for mode, compile_fn in modes.items() if not setup.dry_run else ():  # a dry run has traced them above
-        model = setup.model(name).train()
-        fns[mode] = train_step(compile_fn(model), images, setup, fused=True)
-        fns[mode]()  # compile outside the timing
-    profiles = {label: profile_step(fn, setup) for label, fn in fns.items()}
-    for label, seconds in setup.timed(fns).items():
-        rows.add(name=f"{name} {label}", img_s=setup.train_batch / seconds, step_ms=1e3 * seconds, **profiles[label])
 
 
 def stage_inference(setup: Setup, rows: Rows) -> None:
