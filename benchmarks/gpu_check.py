@@ -68,25 +68,24 @@ def stages(out: Path, dry_run: bool) -> list[Stage]:
     if dry_run:
         train += ["data.img_size=64", "data.synthetic_samples=16", "data.batch_size=8", "data.workers=0",
                   "epochs=1", "precision=fp32"]
-        bench = []  # the dry run measures no benchmarks.run group (those have tests of their own)
         profile = ["--device", "cpu", "--batch-size", "2", "--img-size", "64", "--precision", "fp32", "--steps", "1"]
+        # the step stages' code at tiny sizes, in one process; no benchmarks.run group (those have tests of their own)
+        measured = [Stage("steps", [*step, "all", str(out), "--dry-run"], 120)]
     else:  # 20 steps per epoch x 5 epochs = 100 steps of 256 images at 224 px
         train += ["data.img_size=224", "data.synthetic_samples=5120", "data.batch_size=256", "data.workers=6",
                   "epochs=5", "precision=bf16"]
-        bench = ["--suite", "cuda", "--precision", "bf16", "--groups", "vs_naive,recursion"]
         profile = ["--batch-size", "256", "--precision", "bf16"]
-    measured = [
-        Stage("attention", [*step, "attention", str(out)], 50),
-        Stage("eager", [*step, "eager", str(out)], 70),
-        Stage("pool", [*step, "pool", str(out)], 25),
-        Stage("compiled-sret", [*step, "compiled-sret", str(out)], 130),
-        Stage("compiled-deit", [*step, "compiled-deit", str(out)], 80),
-        Stage("inference", [*step, "inference", str(out)], 60),
-        Stage("mfu", [*step, "mfu", str(out)], 60),
-        Stage("bench", ["-m", "benchmarks.run", *bench, "--out", str(out / "cuda")], 90),
-    ]
-    if dry_run:  # the same code at tiny sizes, in one process (benchmarks.run has tests of its own)
-        measured = [Stage("steps", [*step, "all", str(out), "--dry-run"], 120)]
+        bench = ["--suite", "cuda", "--precision", "bf16", "--groups", "vs_naive,recursion"]
+        measured = [
+            Stage("attention", [*step, "attention", str(out)], 50),
+            Stage("eager", [*step, "eager", str(out)], 70),
+            Stage("pool", [*step, "pool", str(out)], 25),
+            Stage("compiled-sret", [*step, "compiled-sret", str(out)], 130),
+            Stage("compiled-deit", [*step, "compiled-deit", str(out)], 80),
+            Stage("inference", [*step, "inference", str(out)], 60),
+            Stage("mfu", [*step, "mfu", str(out)], 60),
+            Stage("bench", ["-m", "benchmarks.run", *bench, "--out", str(out / "cuda")], 90),
+        ]
     found = [
         *measured,
         Stage("train-eager", [*train, f"output_dir={out / 'train-eager'}"], 60),

@@ -33,6 +33,7 @@ import torch
 
 import vitblocks  # noqa: F401  (registers the models)
 from benchmarks.measure import time_interleaved
+from benchmarks.run import _step_fn
 from vitblocks.attention import available_backends, group_attention
 from vitblocks.summary import summarize
 
@@ -88,22 +89,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(model: torch.nn.Module, images: torch.Tensor, setup: Setup, fused: bool) -> Callable[[], torch.Tensor]:
-    """One training step (forward, backward, AdamW) that returns its loss without reading it."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=None if fused else True)
-
-    def step() -> torch.Tensor:
-        if setup.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA graph trees (no-op otherwise)
-        optimizer.zero_grad(set_to_none=True)
-        with setup.autocast():
-            loss = model(images).float().logsumexp(-1).mean()
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-    return step
-
-
 def profile_step(step: Callable[[], object], setup: Setup, steps: int = 3) -> dict[str, float]:
     """Kernels and device time per step (profiler), and host time per step (no synchronisation)."""
     from torch.profiler import ProfilerActivity, profile
@@ -135,7 +120,7 @@ def stage_eager(setup: Setup, rows: Rows) -> None:
         for name in ("sret_t", "sret_t_unsliced", DEIT):
             for fused in (False, True) if name != "sret_t_unsliced" and not setup.dry_run else (True,):
                 label = f"{name} {'fused' if fused else 'foreach'}"
-                fns[label] = train_step(setup.model(name).train(), images, setup, fused)
+                fns[label] = _step_fn(setup.model(name).train(), images, True, "bf16", fused)
                 profiles[label] = profile_step(fns[label], setup)
         for label, seconds in setup.timed(fns).items():
             rows.add(name=label, cudnn_benchmark=benchmark, img_s=setup.train_batch / seconds,
@@ -220,9 +205,9 @@ def stage_compiled(name: str, setup: Setup, rows: Rows) -> None:
     the compiled steps' loss and gradients against eager, and whether graph replays redraw permutations."""
     images = setup.images(setup.train_batch)
     modes = _compile_modes(setup, in_dry_run=name == "sret_t")
-    fns = {"eager": train_step(setup.model(name).train(), images, setup, fused=True)}
+    fns = {"eager": _step_fn(setup.model(name).train(), images, True, "bf16", fused=True)}
     for mode, compile_fn in modes.items() if not setup.dry_run else ():  # a dry run traces them below
-        fns[mode] = train_step(compile_fn(setup.model(name).train()), images, setup, fused=True)
+        fns[mode] = _step_fn(compile_fn(setup.model(name).train()), images, True, "bf16", fused=True)
         fns[mode]()  # compile outside the timing
     profiles = {label: profile_step(fn, setup) for label, fn in fns.items()}
     for label, seconds in setup.timed(fns).items():
@@ -264,9 +249,9 @@ def stage_mfu(setup: Setup, rows: Rows) -> None:
     peak = 2 * n**3 / matmul
     macs = summarize(timm.create_model("sret_s", img_size=setup.img_size), setup.img_size)[-1].macs
     images = setup.images(setup.train_batch // (4 if not setup.dry_run else 1))
-    fns = {"eager": train_step(setup.model("sret_s").train(), images, setup, fused=True)}
+    fns = {"eager": _step_fn(setup.model("sret_s").train(), images, True, "bf16", fused=True)}
     for mode, compile_fn in _compile_modes(setup, in_dry_run=False).items():
-        fns[mode] = train_step(compile_fn(setup.model("sret_s").train()), images, setup, fused=True)
+        fns[mode] = _step_fn(compile_fn(setup.model("sret_s").train()), images, True, "bf16", fused=True)
         fns[mode]()
     for label, seconds in setup.timed(fns).items():
         flops = 6 * macs * images.shape[0] / seconds

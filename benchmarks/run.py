@@ -52,15 +52,17 @@ def _autocast(device, precision):
     return autocast_for(precision, device.type)
 
 
-def _step_fn(model, images, train, precision):
+def _step_fn(model, images, train, precision, fused=False):
     if not train:
         def infer():
             with torch.no_grad(), _autocast(images.device, precision):
                 model(images)
         return infer
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if fused else {}))
 
     def train_step():
+        if images.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA graph trees (no-op otherwise)
         optimizer.zero_grad(set_to_none=True)
         with _autocast(images.device, precision):
             loss = model(images).float().logsumexp(-1).mean()

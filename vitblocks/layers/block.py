@@ -14,9 +14,9 @@ from vitblocks.layers.loop import accepts_loop, call_with_loop
 from vitblocks.layers.scalar import learnable_scalar
 from vitblocks.layers.loop_plan import LoopPlan
 from vitblocks.layers.residual import scaled_residual
+from vitblocks.layers.sliced import SlicedGroupAttention
 
 torch.fx.wrap("scaled_residual")  # torch.fx records it as one call: it branches on whether gradients are needed
-from vitblocks.layers.sliced import SlicedGroupAttention
 
 
 class TransformerBlock(nn.Module):
@@ -179,11 +179,7 @@ class TransformerBlock(nn.Module):
     def _drop_masks(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Both branches' stochastic-depth factors (None where there is none), drawn at once when they
         share a rate."""
-        drop1, drop2 = self.drop_path1, self.drop_path2
-        if isinstance(drop1, DropPath) and isinstance(drop2, DropPath) and drop1.drop_prob == drop2.drop_prob:
-            masks = drop1.gate(x, draws=2)
-            if masks is None:
-                return None, None
-            masks = masks.to(x.dtype)  # one cast for both, instead of one per gate
-            return masks[0], masks[1]
-        return tuple(d.gate(x) if isinstance(d, DropPath) else None for d in (drop1, drop2))
+        masks = self.draw_drop_masks(x, loops=1)
+        if masks is not None:
+            return masks[0, 0], masks[0, 1]
+        return tuple(d.gate(x) if isinstance(d, DropPath) else None for d in (self.drop_path1, self.drop_path2))

@@ -49,25 +49,21 @@ class DropPath(nn.Module):
             return x
         return x * keep_mask(x, self.keep_prob).to(x.dtype)
 
-    def gate(self, x: torch.Tensor, draws: int = 1) -> torch.Tensor | None:
+    def gate(self, x: torch.Tensor) -> torch.Tensor | None:
         """The per-sample factor `forward` multiplies by, or None in eval mode.
 
         A block that scales its branch anyway folds this factor into that scale
         (`vitblocks.layers.residual.scaled_residual`), so stochastic depth costs it two
-        operators on a (B, 1, ..., 1) tensor and no pass over the branch; a block with
-        two branches of one rate draws both factors at once (`draws=2`).
+        operators on a (B, 1, ..., 1) tensor and no pass over the branch
+        (`TransformerBlock.draw_drop_masks` draws several such factors at once).
 
         Args:
             x: The residual branch it would be applied to.
-            draws: Independent factors to draw.
 
         Returns:
-            float32 (B, 1, ..., 1), or (draws, B, 1, ..., 1) for `draws > 1`: 0 for
-            dropped samples, 1 / keep for the others.
+            float32 (B, 1, ..., 1): 0 for dropped samples, 1 / keep for the others.
         """
-        if not self.training:
-            return None
-        return keep_mask(x, self.keep_prob) if draws == 1 else keep_mask(x, self.keep_prob, draws)
+        return keep_mask(x, self.keep_prob) if self.training else None
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:.3f}"

@@ -11,9 +11,9 @@ from torch import nn
 
 from vitblocks.layers.modes import MixMode
 from vitblocks.layers.residual import scaled_residual
+from vitblocks.layers.scalar import learnable_scalar
 
 torch.fx.wrap("scaled_residual")  # torch.fx records it as one call: it branches on whether gradients are needed
-from vitblocks.layers.scalar import learnable_scalar
 
 
 class NonLinearMix(nn.Module):

@@ -257,7 +257,7 @@ class Recursive(nn.Module):
         block_kwargs = mask_kwargs(attn_mask, is_causal, self._block_takes_mask, type(self.block).__name__)
         mode = self._checkpoint_mode if self.training and torch.is_grad_enabled() else None
         # drawn outside any checkpoint: a recomputed loop reuses its masks instead of replaying the generator
-        masks = self.block.draw_drop_masks(x, self.loops) if self._block_draws_masks and self.training else None
+        masks = self.block.draw_drop_masks(x, self.loops) if self._block_draws_masks else None
         if mode is None:
             for loop in range(self.loops):
                 x = self._apply_once(x, loop, masks, **block_kwargs)

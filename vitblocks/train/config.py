@@ -34,6 +34,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from vitblocks.attention import backend_names
 from vitblocks.layers.modes import CHECKPOINT_SETTINGS
+from vitblocks.train.compile_modes import COMPILE_MODES
 
 
 class ConfigError(ValueError):
@@ -266,7 +267,7 @@ _CHOICES: dict[str, typing.Callable[[], tuple[Any, ...]]] = {
     "distill.kind": lambda: ("none", "soft", "hard"),
     "model.backend": backend_names,  # read when validating: backends registered later count
     "model.grad_checkpointing": lambda: CHECKPOINT_SETTINGS,
-    "model.compile": lambda: (False, True, "none", "model", "regional", "graphs", "auto"),
+    "model.compile": lambda: (False, True, *COMPILE_MODES, "auto"),
 }
 
 _RENAMED = {"model.attn_backend": "model.backend"}
