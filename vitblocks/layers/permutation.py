@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
+from vitblocks.layers.custom_backward import custom_backward_applies
 from vitblocks.layers.modes import PermutationPolicy
 
 PERMUTATION_POLICIES = tuple(p.value for p in PermutationPolicy)
@@ -225,7 +226,7 @@ def permute_tokens_with_inverse(
     Returns:
         Tensor of the same shape as `x`, equal to `permute_tokens(x, perm, num_prefix_tokens)`.
     """
-    if not (torch.is_grad_enabled() and x.requires_grad) or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if not custom_backward_applies(x):
         return permute_tokens(x, perm, num_prefix_tokens)
     if num_prefix_tokens == 0:
         return _PermuteTokens.apply(x, perm, inverse)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from vitblocks.layers.custom_backward import custom_backward_applies
+
 
 class _ScaledResidual(torch.autograd.Function):
     """`skip * x + scale * mask * y` with 0-dim `skip` and `scale`, and a (B, 1, ..., 1) `mask` or None."""
@@ -79,15 +81,7 @@ def scaled_residual(
                 [0.5000, 0.5000, 0.5000]])
     """
     skip, scale = skip.reshape(()), scale.reshape(())
-    if _plain_ops_wanted(x, y):
+    if not custom_backward_applies(x, y):
         gate = scale if mask is None else _gate_in_dtype(mask * scale, x, y)
         return torch.addcmul(x * skip, y, gate)
     return _ScaledResidual.apply(x, skip, y, scale, mask)
-
-
-def _plain_ops_wanted(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Whether to record plain operators: no gradient needed, or a tracer or compiler is
-    recording (graphs then hold standard operators, and compilers fuse them anyway)."""
-    if not torch.is_grad_enabled() or not (x.requires_grad or y.requires_grad):
-        return True
-    return torch.jit.is_tracing() or torch.compiler.is_compiling()
