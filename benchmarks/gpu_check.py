@@ -70,7 +70,7 @@ def stages(out: Path, dry_run: bool) -> list[Stage]:
                   "epochs=1", "precision=fp32"]
         profile = ["--device", "cpu", "--batch-size", "2", "--img-size", "64", "--precision", "fp32", "--steps", "1"]
         # the step stages' code at tiny sizes, in one process; no benchmarks.run group (those have tests of their own)
-        measured = [Stage("steps", [*step, "all", str(out), "--dry-run"], 120)]
+        measured = [Stage("steps", [*step, "all", str(out), "--dry-run"], 300)]  # ~1 min alone, 2-4 under a loaded CPU
     else:  # 20 steps per epoch x 5 epochs = 100 steps of 256 images at 224 px
         train += ["data.img_size=224", "data.synthetic_samples=5120", "data.batch_size=256", "data.workers=6",
                   "epochs=5", "precision=bf16"]
