@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from vitblocks.io import CheckpointError
+from vitblocks.io import CheckpointError, non_finite_tensors
 from vitblocks.layers.depth import set_loops
 from vitblocks.train.builders import build_data, build_model
 from vitblocks.train.checkpoint import load_training_checkpoint
@@ -99,6 +99,13 @@ def run(checkpoint: str, data_root: str | None = None, overrides: list[str] | No
     weights = state["ema"] if ema else state["model"]
     if weights is None:
         raise CheckpointError(f"{checkpoint} holds no EMA weights (the run had ema_decay=None)")
+    broken = non_finite_tensors(weights)
+    if broken:
+        raise CheckpointError(
+            f"the {'EMA ' if ema else ''}weights in {checkpoint} are not finite (NaN or infinity in {len(broken)} "
+            f"tensors: {', '.join(broken[:5])}{', ...' if len(broken) > 5 else ''}): the run had diverged when it "
+            "was written. Evaluate an earlier checkpoint."
+        )
     classes = check_classes(checkpoint, state, config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(config, load_base=False)  # a converted model's base weights are not needed
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitblocks.eval", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a checkpoint written by the trainer")
     parser.add_argument("--data", help="ImageFolder root with a val/ folder (default: the recipe's data)")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--loops", type=int, metavar="N",

@@ -46,6 +46,29 @@ def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> None:
         raise
 
 
+def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors that hold a NaN or an infinity.
+
+    One host synchronization for the whole dict, whatever its size.
+
+    Args:
+        tensors: A state dict (non-float entries are ignored).
+
+    Returns:
+        The names, in the dict's order; empty when every value is finite.
+
+    Example:
+        >>> non_finite_tensors({"w": torch.ones(2), "b": torch.tensor([float("nan")]), "n": torch.tensor([3])})
+        ['b']
+    """
+    names = [name for name, t in tensors.items() if torch.is_tensor(t) and t.is_floating_point() and t.numel()]
+    if not names:
+        return []
+    device = tensors[names[0]].device
+    finite = torch.stack([torch.isfinite(tensors[name]).all().to(device) for name in names])
+    return [name for name, ok in zip(names, finite.tolist()) if not ok]
+
+
 def load_weights_only(path: str | os.PathLike, hint: str = "") -> Any:
     """`torch.load` that only accepts tensors and plain containers, with clear errors.
 

@@ -306,13 +306,25 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         try:
             model = create_model_at_size(name, args.img_size)
+            size = _input_size(model, args.img_size)
+            table = format_table(summarize(model, args.img_size))
         except (ValueError, TypeError) as error:
             raise SystemExit(f"error: {name} cannot be built at --img-size {args.img_size}: {error}") from None
-        size = _input_size(model, args.img_size)
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+            if not isinstance(error, (torch.OutOfMemoryError, MemoryError)) and "memory" not in str(error):
+                raise
+            raise SystemExit(f"error: measuring {name} at --img-size {args.img_size} needs more memory than this "
+                             f"machine has ({' '.join(str(error).split())[:200]}); choose a smaller --img-size") from None
         print(f"{name} @ {size[1]}x{size[2]}")
-        print(format_table(summarize(model, args.img_size)))
+        print(table)
         print()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        main()
+    except SystemExit as stop:  # a message is bad input: print it and exit 2, as argparse does
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+            sys.exit(2)
+        raise

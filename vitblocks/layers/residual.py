@@ -43,8 +43,8 @@ class _ScaledResidual(torch.autograd.Function):
             if need_scale and mask is None:
                 grad_scale = torch.dot(grad_at_y.reshape(-1), y.reshape(-1)).to(scale.dtype)
             elif need_scale:  # per-sample dot products as a batched (1 x K) @ (K x 1) product, then the mask's
-                batch = grad.shape[0]
-                per_sample = torch.bmm(grad_at_y.reshape(batch, 1, -1), y.reshape(batch, -1, 1))
+                batch, size = grad.shape[0], grad[0].numel() if grad.shape[0] else 0
+                per_sample = torch.bmm(grad_at_y.reshape(batch, 1, size), y.reshape(batch, size, 1))
                 grad_scale = torch.dot(per_sample.reshape(-1).to(mask.dtype), mask.reshape(-1)).to(scale.dtype)
         return grad_x, grad_skip, grad_y, grad_scale, None
 

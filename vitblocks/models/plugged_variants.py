@@ -109,6 +109,8 @@ def _rewrap_feature_getter(wrapper: FeatureGetterNet, out_indices: Any) -> Featu
 
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     base, recursion = VARIANTS[variant]
+    if kwargs.get("num_classes", 0) < 0:  # timm would build a headless model without a word
+        raise ValueError(f"num_classes={kwargs['num_classes']}: give the number of classes, or 0 for no classifier")
     cfg = kwargs.pop("pretrained_cfg", None)
     cfg = dict(cfg) if isinstance(cfg, dict) else (cfg.to_dict() if hasattr(cfg, "to_dict") else {})
     cfg.update(kwargs.pop("pretrained_cfg_overlay", None) or {})

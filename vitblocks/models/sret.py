@@ -171,7 +171,7 @@ class SReTStage(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, H*W, C); a view of a channels-last map
         for block in self.blocks:
             x = block(x)
-        return x.transpose(1, 2).reshape(x.shape[0], -1, height, width)
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], height, width)
 
 
 class SReT(nn.Module):
@@ -269,6 +269,7 @@ class SReT(nn.Module):
             raise ValueError(f"share: give a schedule name or one assignment per stage ({num_stages}), got {share!r}")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
 
+        _check_num_classes(num_classes)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.img_size = img_size
@@ -394,8 +395,9 @@ class SReT(nn.Module):
             global_pool: "avg" or "", or None to keep the current pooling.
 
         Raises:
-            ValueError: For an unsupported pooling.
+            ValueError: For an unsupported pooling or a negative class count.
         """
+        _check_num_classes(num_classes)
         self.num_classes = num_classes
         if global_pool is not None:
             if global_pool not in ("avg", ""):
@@ -499,3 +501,8 @@ class SReT(nn.Module):
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
             self.reset_classifier(0, "")
         return take
+
+
+def _check_num_classes(num_classes: int) -> None:
+    if num_classes < 0:  # timm's models turn any count below 1 into a silent identity head
+        raise ValueError(f"num_classes={num_classes}: give the number of classes, or 0 for no classifier")

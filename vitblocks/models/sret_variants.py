@@ -13,6 +13,7 @@ official code's layout or in vitblocks' own (the position map is resized to the 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +50,10 @@ def _create_sret(variant: str, pretrained: bool = False, **kwargs: Any) -> SReT:
                 f"vitblocks.models.official.load_official_checkpoint(path, {variant!r}), or any checkpoint with "
                 f"timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file=path))"
             )
+        for source in sources:
+            location = source.get("file") if isinstance(source, dict) else None
+            if location and not Path(location).exists():  # timm would raise a FileNotFoundError without a message
+                raise FileNotFoundError(f"{variant}: no weights file at {str(location)!r} (pretrained_cfg file)")
     out_indices = kwargs.pop("out_indices", (0, 1, 2))
     return build_model_with_cfg(
         SReT,

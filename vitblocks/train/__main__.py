@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the trainer's command line."""
     parser = argparse.ArgumentParser(prog="python -m vitblocks.train", description="Train a model from a recipe file.")
     parser.add_argument("recipe", help="path of a recipe file, e.g. recipes/quickstart.py")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config fields by dotted path, e.g. optim.lr=1e-3 epochs=5")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--smoke", action="store_true", help="a few steps on synthetic data of the recipe's shape")

@@ -21,7 +21,10 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
+import re
 import runpy
+import traceback
 import types
 import typing
 from dataclasses import dataclass, field
@@ -289,6 +292,9 @@ def validate(config: TrainConfig) -> None:
         choices = allowed()
         if values[path] not in choices:
             raise ConfigError(f"{path}={values[path]!r} is not one of {choices}")
+    for path, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path}={value!r} is not a finite number")
     for path in _POSITIVE:
         if values[path] < 1:
             raise ConfigError(f"{path}={values[path]!r} must be >= 1")
@@ -413,6 +419,9 @@ def check_model_options(model: ModelConfig) -> None:
     Raises:
         ConfigError: For an unknown option, with a did-you-mean.
     """
+    if "num_classes" in model.kwargs:  # the trainer passes data.num_classes: this copy would be ignored
+        raise ConfigError(f"model.kwargs.num_classes={model.kwargs['num_classes']!r}: the model takes its class "
+                          "count from data.num_classes; set that instead")
     known = model_options(model.name) if model.kwargs else None
     for key in model.kwargs if known else ():
         if key not in known:
@@ -683,13 +692,36 @@ def load_recipe(path: str | Path) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no recipe at {str(path)!r}; recipes are Python files such as recipes/quickstart.py")
+    if path.suffix.lower() in (".yaml", ".yml", ".json", ".toml"):
+        raise ConfigError(f"{path}: recipes are Python files that assign config = TrainConfig(...), such as "
+                          f"recipes/quickstart.py; a {path.suffix} file is not read. Write its fields as a Python "
+                          "recipe, or start from one and change fields with --set key=value")
     try:
         namespace = runpy.run_path(str(path))
     except SyntaxError as error:
         raise ConfigError(f"{error.filename}:{error.lineno}: {error.msg} (the recipe is not valid Python)") from None
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - whatever the recipe's own code raised, with the recipe's line
+        raise ConfigError(f"{_recipe_location(error, path)}: {type(error).__name__}: {error}"
+                          f"{_unknown_field_hint(error)}") from None
     config = namespace.get("config")
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"{path} must assign a vitblocks.train.TrainConfig to the name 'config'")
     return config
+
+
+def _recipe_location(error: Exception, path: Path) -> str:
+    """`path:line` of the recipe line the error came from (the innermost frame in the recipe file)."""
+    lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__) if Path(frame.filename) == path]
+    return f"{path}:{lines[-1]}" if lines else str(path)
+
+
+def _unknown_field_hint(error: Exception) -> str:
+    """For `SomeConfig(fieldz=...)`: the closest field names of that config class."""
+    found = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(error))
+    cls = globals().get(found.group(1)) if found else None
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        return ""
+    names = [f.name for f in dataclasses.fields(cls)]
+    return _did_you_mean(found.group(2), names, otherwise=f" ({cls.__name__} fields: {', '.join(names)})")
