@@ -16,6 +16,16 @@ from train_helpers import tiny_config  # noqa: E402
 
 from vitblocks.train import Callback, Trainer, default_callbacks  # noqa: E402
 from vitblocks.train import distributed  # noqa: E402
+from vitblocks.train.preemption import PREEMPTED_EXIT_CODE, TrainingInterrupted  # noqa: E402
+
+
+class SignalAtStep(Callback):
+    def __init__(self, step, rank, number):
+        self.step, self.rank, self.number = step, rank, number
+
+    def on_step_end(self, trainer):
+        if trainer.state.step == self.step and trainer.runtime.rank == self.rank:
+            os.kill(os.getpid(), self.number)
 
 
 class KillAtStep(Callback):
@@ -32,6 +42,8 @@ def main():
     parser.add_argument("output_dir")
     parser.add_argument("--kill-at-step", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--signal-at-step", type=int, default=0, help="send SIGTERM to itself after this step")
+    parser.add_argument("--signal-rank", type=int, default=0, help="the process that receives it")
     parser.add_argument("--save-rank-weights", action="store_true")
     parser.add_argument("--kill-before-last-of-epoch", type=int, default=0,
                         help="SIGKILL after best.pth and before last.pth of this epoch are written")
@@ -39,7 +51,9 @@ def main():
     torch.set_num_threads(1)
     config = tiny_config(args.output_dir)
     config.checkpoint.every_steps = 2
-    trainer = Trainer(config, callbacks=[*default_callbacks(config), KillAtStep(args.kill_at_step)])
+    callbacks = [*default_callbacks(config), KillAtStep(args.kill_at_step),
+                 SignalAtStep(args.signal_at_step, args.signal_rank, signal.SIGTERM)]
+    trainer = Trainer(config, callbacks=callbacks)
     if args.kill_before_last_of_epoch:
         save = trainer.save
 
@@ -51,7 +65,12 @@ def main():
         trainer.save = save_then_die
     if args.resume:
         trainer.resume(Path(args.output_dir) / "last.pth")
-    trainer.fit(progress=False)
+    try:
+        trainer.fit(progress=False)
+    except TrainingInterrupted as stop:
+        print(f"rank {trainer.runtime.rank}: {stop}", file=sys.stderr)
+        distributed.teardown()
+        sys.exit(PREEMPTED_EXIT_CODE)
     if args.save_rank_weights:
         torch.save(trainer.model.state_dict(), Path(args.output_dir) / f"rank{trainer.runtime.rank}.pt")
     distributed.teardown()

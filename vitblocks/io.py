@@ -46,6 +46,36 @@ def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> None:
         raise
 
 
+def save_model_atomic(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Write a module's weights as safetensors, atomically (like `save_atomic`).
+
+    Args:
+        model: The module (`safetensors.torch.save_model`: shared tensors are stored once).
+        path: Destination.
+
+    Raises:
+        OSError: If the file cannot be written (a full disk, no permission); the
+            previous file, if any, is left as it was.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        try:
+            save_model(model, tmp)
+        except SafetensorError as error:  # how safetensors reports a failed write (ENOSPC among others)
+            raise OSError(f"safetensors could not write {path.name}: {error}") from error
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
     """The names of the floating-point tensors that hold a NaN or an infinity.
 

@@ -24,9 +24,12 @@ from vitblocks.train.config import (
     smoke_config,
 )
 from vitblocks.train.engine import Trainer, create_model
+from vitblocks.train.preemption import PREEMPTED_EXIT_CODE, TrainingInterrupted
+from vitblocks.train.run_lock import RunLockedError
 from vitblocks.train.state import TrainingState
 
 __all__ = [
+    "PREEMPTED_EXIT_CODE",
     "AugmentConfig",
     "Callback",
     "CheckpointConfig",
@@ -37,10 +40,12 @@ __all__ = [
     "ModelConfig",
     "OnStepEnd",
     "OptimConfig",
+    "RunLockedError",
     "ScheduleConfig",
     "TrainConfig",
     "Trainer",
     "TrainingDiverged",
+    "TrainingInterrupted",
     "TrainingState",
     "apply_overrides",
     "build_criterion",

@@ -8,15 +8,18 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
 import vitblocks.train.distributed as distributed
 from vitblocks.io import CheckpointError
 from vitblocks.train.callbacks import TrainingDiverged
+from vitblocks.train.checkpoint import resume_candidate
 from vitblocks.train.config import ConfigError, apply_overrides, format_config, load_recipe, smoke_config
 from vitblocks.train.data import DataError
 from vitblocks.train.engine import Trainer
+from vitblocks.train.preemption import PREEMPTED_EXIT_CODE, TrainingInterrupted
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,8 +42,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the trainer; returns the process exit code."""
-    args = parse_args(argv)
+    """Run the trainer; returns the process exit code.
+
+    0: done; 2: bad input or a stopped run (the message says why and what to do);
+    `PREEMPTED_EXIT_CODE` (75): stopped by a signal after writing a checkpoint to continue
+    from with `--resume auto`; 130: a second Ctrl-C, which stops without a checkpoint.
+    """
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    trainer = None
     try:
         config = apply_overrides(load_recipe(args.recipe), args.set)
         if args.output_dir:
@@ -56,18 +65,44 @@ def main(argv: list[str] | None = None) -> int:
                   f"({config.data.img_size} px, {config.data.num_classes} classes), a few steps; "
                   f"writing to {trainer.output_dir}", flush=True)
         if args.resume:
-            last = Path(trainer.output_dir) / "last.pth"
-            if args.resume != "auto":
-                trainer.resume(args.resume)
-            elif last.is_file():
-                trainer.resume(last)
+            found = resume_candidate(trainer.output_dir) if args.resume == "auto" else Path(args.resume)
+            if found is not None:
+                trainer.resume(found)
         trainer.fit(progress=not args.no_progress and sys.stderr.isatty())  # no bar in logs: one line per epoch
-    except (ConfigError, DataError, CheckpointError, TrainingDiverged, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except TrainingInterrupted as stop:
+        if trainer is None or trainer.runtime.is_main:
+            print(f"{stop}. Continue with: {_resume_command(argv, args)}", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT_CODE
+    except KeyboardInterrupt:
+        kept = trainer.last_good_checkpoint if trainer is not None else None
+        print(f"interrupted; stopped at once, without a checkpoint of this point. "
+              f"{f'The last checkpoint is {kept}.' if kept else 'No checkpoint was written.'}",
+              file=sys.stderr, flush=True)
+        return 130
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged, FileNotFoundError, OSError) as error:
+        print(f"error: {_message(error)}", file=sys.stderr)
         return 2
     finally:
         distributed.teardown()
     return 0
+
+
+def _message(error: BaseException) -> str:
+    """The error's text, or what it is about when it has none (a bare FileNotFoundError, say)."""
+    text = str(error).strip()
+    if isinstance(error, OSError) and (not text or text.startswith("[Errno")):
+        text = f"{error.strerror or type(error).__name__}: {error.filename}" if error.filename else text
+    return text or f"{type(error).__name__} (no message)"
+
+
+def _resume_command(argv: list[str] | None, args: argparse.Namespace) -> str:
+    """The command line that continues this run: the same one, with --resume auto."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    if "--resume" in words:
+        at = words.index("--resume")
+        del words[at : at + 2]
+    words = [w for w in words if not w.startswith("--resume=")]
+    return " ".join(["python -m vitblocks.train", *(shlex.quote(w) for w in words), "--resume auto"])
 
 
 if __name__ == "__main__":

@@ -12,14 +12,18 @@ import torch
 from vitblocks.io import CheckpointError, load_weights_only, save_atomic
 
 __all__ = [
+    "CHECKPOINTS",
     "RESUME_KEYS",
     "RUN_FILES",
+    "RUN_OUTPUTS",
     "CheckpointError",
     "RunExistsError",
+    "clear_run",
     "incompatible_changes",
     "load_training_checkpoint",
     "prepare_output_dir",
     "refuse_existing_run",
+    "resume_candidate",
     "rng_state",
     "save_atomic",
     "set_rng_state",
@@ -27,6 +31,12 @@ __all__ = [
 
 RUN_FILES = ("last.pth", "best.pth", "metrics.csv", "model.safetensors")
 """Files whose presence means a folder holds a run."""
+
+RUN_OUTPUTS = (*RUN_FILES, "model_ema.safetensors", "curves.png")
+"""Everything a run writes; `--overwrite` removes all of it, so nothing of the replaced run is left behind."""
+
+CHECKPOINTS = ("last.pth", "best.pth")
+"""The checkpoints a run can continue from, newest first."""
 
 
 class RunExistsError(CheckpointError):
@@ -70,10 +80,37 @@ def refuse_existing_run(output_dir: Path) -> None:
     """
     found = [name for name in RUN_FILES if (Path(output_dir) / name).exists()]
     if found:
-        raise RunExistsError(
-            f"{output_dir} already holds a run ({', '.join(found)}); starting afresh would overwrite it. "
-            "Continue it with --resume auto, replace it with --overwrite, or choose another --output-dir."
-        )
+        ways = "Replace it with --overwrite or choose another --output-dir."
+        if resume_candidate(output_dir) is not None:
+            ways = "Continue it with --resume auto, replace it with --overwrite, or choose another --output-dir."
+        raise RunExistsError(f"{output_dir} already holds a run ({', '.join(found)}); starting afresh would "
+                             f"overwrite it. {ways}")
+
+
+def resume_candidate(output_dir: str | Path) -> Path | None:
+    """The checkpoint `--resume auto` continues from: `last.pth`, else `best.pth` (when writing
+    `last.pth` failed after `best.pth` was written, say on a full disk).
+
+    Args:
+        output_dir: The run folder.
+
+    Returns:
+        The path, or None when the folder holds neither.
+    """
+    for name in CHECKPOINTS:
+        if (Path(output_dir) / name).is_file():
+            return Path(output_dir) / name
+    return None
+
+
+def clear_run(output_dir: str | Path) -> None:
+    """Remove every file a run writes (`RUN_OUTPUTS`), for `--overwrite`.
+
+    Args:
+        output_dir: The run folder.
+    """
+    for name in RUN_OUTPUTS:
+        (Path(output_dir) / name).unlink(missing_ok=True)
 
 
 def prepare_output_dir(output_dir: Path) -> None:
@@ -90,8 +127,9 @@ def prepare_output_dir(output_dir: Path) -> None:
     except OSError as error:
         raise CheckpointError(f"cannot create the output folder {output_dir}: {error.strerror or error}; "
                               "choose another --output-dir") from None
-    for stale in Path(output_dir).glob(".*.pth.*.tmp"):
-        stale.unlink(missing_ok=True)
+    for pattern in (".*.pth.*.tmp", ".*.safetensors.*.tmp"):
+        for stale in Path(output_dir).glob(pattern):
+            stale.unlink(missing_ok=True)
 
 
 def rng_state() -> dict[str, Any]:

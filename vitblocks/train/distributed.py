@@ -55,6 +55,7 @@ def setup() -> Runtime:
 
 def teardown() -> None:
     """Leave the process group."""
+    _flag_groups.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -74,3 +75,29 @@ def all_sum(values: list[float], runtime: Runtime) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+_flag_groups: dict[str, object] = {}
+
+
+def any_rank(flag: bool, runtime: Runtime) -> bool:
+    """Whether `flag` is set on any process; every process gets the same answer.
+
+    The vote travels over a CPU (gloo) group, so on GPUs it waits for no device work:
+    the trainer asks it after every optimizer step (has a stop signal arrived?).
+
+    Args:
+        flag: This process's flag.
+        runtime: The process group.
+
+    Returns:
+        The flag itself when not distributed.
+    """
+    if not runtime.distributed:
+        return flag
+    backend = dist.get_backend()
+    if backend not in _flag_groups:
+        _flag_groups[backend] = None if backend == "gloo" else dist.new_group(backend="gloo")
+    vote = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=_flag_groups[backend])
+    return bool(vote.item())

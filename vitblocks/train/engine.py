@@ -10,6 +10,7 @@ it. Where the run stands is one `TrainingState`; what happens around the loop
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 import vitblocks.train.checkpoint as ckpt
 import vitblocks.train.distributed as distributed
 from vitblocks.attention import attention_backend
+from vitblocks.io import save_model_atomic
 from vitblocks.layers import compile_regions
 from vitblocks.train.builders import Data, build_criterion, build_data, build_model, build_optimizer_and_schedule
 from vitblocks.train.callbacks import Callback, LossRecord, TrainingDiverged, default_callbacks
@@ -34,12 +36,15 @@ from vitblocks.train.config import ConfigError, TrainConfig, to_dict
 from vitblocks.train.data import make_loader
 from vitblocks.train.distill import DistillationLoss
 from vitblocks.train.extras import import_train_extra
+from vitblocks.train.health import checkpoint_problem
 from vitblocks.train.logs import console_logging, logger
 from vitblocks.train.precision import autocast_for
+from vitblocks.train.preemption import StopSignals, TrainingInterrupted
 from vitblocks.train.report import final_summary, plot_curves
+from vitblocks.train.run_lock import RunLock
 from vitblocks.train.state import TrainingState
 
-__all__ = ["Trainer", "TrainingDiverged", "correct_counts", "create_model", "evaluate"]
+__all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "correct_counts", "create_model", "evaluate"]
 
 
 def create_model(config: TrainConfig) -> nn.Module:
@@ -169,6 +174,10 @@ class Trainer:
         self.resumed = False
         # losses still on the device, with where they were: read every log_every steps, not every step
         self._unread_losses: list[tuple[int, int, int, torch.Tensor]] = []
+        self._last_inputs: torch.Tensor | None = None  # the batch a checkpoint's weights are tried on
+        self._stop = StopSignals()
+        self._lock: RunLock | None = None
+        self._schedule_offset = 0  # schedule position - optimizer steps (nonzero after resuming at another batch size)
 
     def _wrap_for_training(self, model: nn.Module) -> nn.Module:
         config, rt = self.config, self.runtime
@@ -231,6 +240,7 @@ class Trainer:
             "classes": list(self.data.classes),
             "config": to_dict(self.config),
             "rng": ckpt.rng_state(),
+            "world_size": self.runtime.world_size,
         }
 
     def save(self, name: str = "last.pth") -> Path | None:
@@ -243,6 +253,14 @@ class Trainer:
             The path written, or None on other processes.
         """
         self.read_losses()  # a diverged loss stops the run before anything is written
+        at_epoch_end = self.state.batch == 0  # the weights were just evaluated: their loss is known
+        problem = checkpoint_problem(self.model, self.ema.module if self.ema else None,
+                                     None if at_epoch_end else self._last_inputs, self._autocast())
+        if distributed.any_rank(problem is not None, self.runtime):
+            raise TrainingDiverged(
+                f"{problem or 'the weights diverged on another process'} after step {self.state.step} (epoch "
+                f"{self.state.epoch + 1}, batch {self.state.batch}); {name} was not written. Last good checkpoint: "
+                f"{self.last_good_checkpoint or 'none written yet'}. Try a lower optim.lr, optim.clip_grad, or fp32.")
         if not self.runtime.is_main:
             return None
         path = self.output_dir / name
@@ -250,12 +268,13 @@ class Trainer:
             ckpt.save_atomic(self.state_dict(), path)
         except (OSError, RuntimeError) as error:  # a full disk reaches torch.save as a RuntimeError
             kept = f"the previous {name} is intact" if path.exists() else f"no {name} was written"
+            continue_with = ("continue with --resume auto" if ckpt.resume_candidate(self.output_dir)
+                             else "start again (--overwrite)")
             raise ckpt.CheckpointError(
                 f"could not write {path} ({' '.join(str(error).split())[:300]}); {kept}. Free some space or "
-                "choose another --output-dir, then continue with --resume auto."
+                f"choose another --output-dir, then {continue_with}."
             ) from error
-        if name == "last.pth":
-            self.last_good_checkpoint = path
+        self.last_good_checkpoint = path
         return path
 
     def resume(self, path: str | Path) -> None:
@@ -289,10 +308,33 @@ class Trainer:
         if self.ema and saved["ema"]:
             self.ema.module.load_state_dict(saved["ema"])
         self.state.load_state_dict(saved)
-        self.scheduler.step_update(num_updates=self.state.step)
+        self._continue_epoch_at_this_batch_size(saved)
+        self.scheduler.step_update(num_updates=self.state.step + self._schedule_offset)
         ckpt.set_rng_state(saved["rng"])
         self.last_good_checkpoint = Path(path)
         self.resumed = True
+
+    def _continue_epoch_at_this_batch_size(self, saved: dict[str, Any]) -> None:
+        """Map a checkpoint's progress onto this run's batch size, process count and accumulation.
+
+        The epoch continues after the samples already consumed (not after as many batches
+        of the new size), and the schedule continues at the same fraction of training, so
+        the learning rate is the one a run at this batch size has at that point.
+        """
+        state, world, accum = self.state, self.runtime.world_size, self.config.optim.accum_steps
+        saved_batch_size = saved.get("config", {}).get("data", {}).get("batch_size", self.config.data.batch_size)
+        if "epoch_samples" not in saved:  # written before samples were counted: batches of the saved size
+            state.epoch_samples = state.batch * saved_batch_size * world
+        before = (saved_batch_size, saved.get("world_size", world), saved.get("config", {}).get("optim", {})
+                  .get("accum_steps", accum))
+        state.batch = state.epoch_samples // world // self.config.data.batch_size
+        self._schedule_offset = state.epoch * self.data.updates_per_epoch + state.batch // accum - state.step
+        if before != (self.config.data.batch_size, world, accum):
+            logger.info(f"resuming with batch size {self.config.data.batch_size} x {world} processes x {accum} "
+                        f"accumulation (the checkpoint had {before[0]} x {before[1]} x {before[2]}): epoch "
+                        f"{state.epoch + 1} continues after {state.epoch_samples} samples, and the schedule at "
+                        f"update {state.step + self._schedule_offset} of this run's {self.data.updates_per_epoch} "
+                        "per epoch")
 
     # ---- steps -------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -316,7 +358,7 @@ class Trainer:
         """
         config, state, accum = self.config, self.state, self.config.optim.accum_steps
         sampler = self.data.train_sampler
-        sampler.set_epoch(state.epoch, skip=state.batch * config.data.batch_size)
+        sampler.set_epoch(state.epoch, skip=state.epoch_samples)
         loader = make_loader(self.data.train_set, sampler, config.data.batch_size, config.data.workers, True,
                              config.seed)
         self.train_model.train()
@@ -341,12 +383,14 @@ class Trainer:
             self._each("on_loss", loss)
             self._unread_losses.append((state.step + 1, state.epoch + 1, state.batch + 1, loss.detach()))
             self._backward_and_update(loss / accum, last_of_update)
+            self._last_inputs = inputs
             images += inputs.shape[0]
-            state.record_batch(inputs.shape[0])
+            state.record_batch(inputs.shape[0], inputs.shape[0] * self.runtime.world_size)
             if last_of_update:
                 if state.step % config.log_every == 0:
                     self._show_progress(bar, self.read_losses(), images, start)
                 self._each("on_step_end")
+                self._stop_if_asked()
             bar.update(1)
         self._show_progress(bar, self.read_losses(), images, start)
         bar.close()
@@ -355,6 +399,26 @@ class Trainer:
         images = distributed.all_sum([images], self.runtime)[0]
         return {"train_loss": loss_sum / max(count, 1), "train_img_s": images / max(seconds, 1e-9),
                 "seconds": seconds, "images": images}
+
+    def _stop_if_asked(self, saved: Path | None = None) -> None:
+        """After an optimizer step (or an epoch's checkpoints): stop if any process received a stop signal.
+
+        Args:
+            saved: The checkpoint already written at this point, if any (else `last.pth` is written).
+
+        Raises:
+            TrainingInterrupted: Naming the signal and the checkpoint to resume from.
+        """
+        if not distributed.any_rank(self._stop.received is not None, self.runtime):
+            return
+        saved = saved or self.save()
+        # no process leaves before the main one has written: torchrun stops the others when one exits
+        distributed.any_rank(False, self.runtime)
+        state = self.state
+        if saved is None and not self.runtime.is_main:
+            saved = self.output_dir / "last.pth"  # written by the main process
+        raise TrainingInterrupted(self._stop.received or "a signal to another process", saved, state.step,
+                                  state.epoch + (state.batch > 0), state.batch)
 
     def _show_progress(self, bar: Any, loss: float | None, images: int, start: float) -> None:
         if loss is not None:
@@ -380,6 +444,14 @@ class Trainer:
         unread, self._unread_losses = self._unread_losses, []
         values = torch.stack([loss for *_, loss in unread]).float().tolist()
         records = [LossRecord(step, epoch, batch, value) for (step, epoch, batch, _), value in zip(unread, values)]
+        if self._lock is not None:
+            self._lock.refresh()
+        finite = all(math.isfinite(value) for value in values)
+        if distributed.any_rank(not finite, self.runtime) and finite:  # every process stops, not only the one
+            raise TrainingDiverged(
+                f"the loss is not finite on another process by step {records[-1].step}; stopped. Last good "
+                f"checkpoint: {self.last_good_checkpoint or 'none written yet'}. Try a lower optim.lr, "
+                "optim.clip_grad, or fp32.")
         self._each("on_losses_read", records)
         self.state.add_losses(values)
         return values[-1]
@@ -401,7 +473,7 @@ class Trainer:
     def _after_update(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        self.scheduler.step_update(num_updates=self.state.step)
+        self.scheduler.step_update(num_updates=self.state.step + self._schedule_offset)
         if self.ema is not None:
             self.ema.update(self.model, step=self.state.step)
 
@@ -421,6 +493,10 @@ class Trainer:
     def fit(self, progress: bool = True) -> dict[str, Any]:
         """Train to `config.epochs`, evaluating and checkpointing every epoch.
 
+        The output folder is locked for the run's life (`vitblocks.train.run_lock`), and
+        SIGTERM, SIGINT and SIGUSR1 stop the run after its current step with a resumable
+        checkpoint (`vitblocks.train.preemption`).
+
         Args:
             progress: Show a progress bar.
 
@@ -428,17 +504,50 @@ class Trainer:
             The last epoch's metrics, with `best_top1` added.
 
         Raises:
-            TrainingDiverged: On a non-finite loss (earlier checkpoints are kept).
+            TrainingDiverged: On a non-finite loss or weights (no checkpoint of them is written).
+            TrainingInterrupted: After a stop signal, once the checkpoint is written.
+            RunLockedError: If another live run holds the output folder.
         """
+        try:
+            self._lock_output_dir()
+            with self._stop:
+                return self._fit(progress)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def _lock_output_dir(self) -> None:
+        lock, error = None, None
+        if self.runtime.is_main:
+            try:
+                lock = RunLock(self.output_dir).acquire()
+            except ckpt.CheckpointError as refused:
+                error = refused
+        if distributed.any_rank(error is not None, self.runtime):
+            if lock is not None:
+                lock.release()
+            raise error or ckpt.CheckpointError(f"the main process could not lock {self.output_dir}")
+        self._lock = lock
+        if lock is not None and lock.took_over:
+            logger.info(f"took over the lock of a run that is no longer running "
+                        f"(pid {lock.took_over.get('pid')} on {lock.took_over.get('host')})")
+
+    def _fit(self, progress: bool) -> dict[str, Any]:
         config, state = self.config, self.state
         if not self.resumed and not self.overwrite:
             ckpt.refuse_existing_run(self.output_dir)
         if state.epoch >= config.epochs and state.history:
+            if self.runtime.is_main and self._final_files_missing():
+                self._write_final_files()
+                logger.info(f"wrote the final weights of {self.output_dir} again from the checkpoint")
             logger.info(f"the run in {self.output_dir} is already complete: {state.epoch} of {config.epochs} epochs, "
                         f"best top-1 {state.best_top1:.2f}%. Raise epochs (--set epochs=N) to train further.")
             return {**state.history[-1], "best_top1": state.best_top1}
         if self.runtime.is_main:
             ckpt.prepare_output_dir(self.output_dir)
+            if self.overwrite and not self.resumed:
+                ckpt.clear_run(self.output_dir)
         self._each("on_fit_start")
         start, images = time.perf_counter(), 0
         with attention_backend(config.model.backend):
@@ -448,26 +557,59 @@ class Trainer:
                     distribute_bn(self.model, self.runtime.world_size, reduce=True)
                 images += train["images"]
                 row: dict[str, Any] = {"epoch": state.epoch + 1, "train_loss": train["train_loss"], **self.evaluate()}
+                if not math.isfinite(row["val_loss"]):  # the same on every process: the sums were reduced
+                    raise TrainingDiverged(
+                        f"the validation loss is {row['val_loss']} after epoch {state.epoch + 1} (step {state.step}); "
+                        f"stopped without recording the epoch. Last good checkpoint: "
+                        f"{self.last_good_checkpoint or 'none written yet'}. Try a lower optim.lr, optim.clip_grad, "
+                        "or fp32.")
                 self._each("on_epoch_end", row)
                 row.update(lr=self.optimizer.param_groups[0]["lr"], train_img_s=train["train_img_s"],
                            epoch_seconds=train["seconds"])
                 improved = state.finish_epoch(row)
                 if improved:  # best first: a crash between the writes leaves last.pth behind, never best.pth
                     self.save("best.pth")
-                self.save()
+                saved = self.save()
                 self._each("on_epoch_recorded", row)
+                if state.epoch < config.epochs:
+                    self._stop_if_asked(saved=saved or self.last_good_checkpoint)
         if self.runtime.is_main:
             self._finish(time.perf_counter() - start, images)
         return {**state.history[-1], "best_top1": state.best_top1}
 
-    def _finish(self, seconds: float, images: float) -> None:
-        from safetensors.torch import save_model
-
-        files = {"checkpoints": self.output_dir / "last.pth", "metrics": self.output_dir / "metrics.csv"}
-        save_model(self.model, str(self.output_dir / "model.safetensors"))
-        files["weights"] = self.output_dir / "model.safetensors"
+    def _final_weights(self) -> dict[str, nn.Module]:
+        files = {"model.safetensors": self.model}
         if self.ema is not None:
-            save_model(self.ema.module, str(self.output_dir / "model_ema.safetensors"))
+            files["model_ema.safetensors"] = self.ema.module
+        return files
+
+    def _final_files_missing(self) -> bool:
+        """Whether a final weights file is absent or unreadable (a write that failed)."""
+        from safetensors import safe_open
+
+        for name in self._final_weights():
+            try:
+                with safe_open(str(self.output_dir / name), "pt"):
+                    pass
+            except Exception:  # noqa: BLE001 - missing, truncated or not safetensors: write it again
+                return True
+        return False
+
+    def _write_final_files(self) -> None:
+        for name, module in self._final_weights().items():
+            try:
+                save_model_atomic(module, self.output_dir / name)
+            except OSError as error:
+                raise ckpt.CheckpointError(
+                    f"could not write {self.output_dir / name} ({' '.join(str(error).split())[:300]}); the training "
+                    f"checkpoints are complete. Free some space, then run the same command with --resume auto to "
+                    "write the final files.") from error
+
+    def _finish(self, seconds: float, images: float) -> None:
+        self._write_final_files()
+        files = {"checkpoints": self.output_dir / "last.pth", "metrics": self.output_dir / "metrics.csv",
+                 "weights": self.output_dir / "model.safetensors"}
+        if self.ema is not None:
             files["EMA weights"] = self.output_dir / "model_ema.safetensors"
         plot_curves(self.state.history, self.output_dir / "curves.png")
         files["curves"] = self.output_dir / "curves.png"

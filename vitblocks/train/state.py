@@ -16,7 +16,9 @@ class TrainingState:
         step: Optimizer steps done.
         epoch_loss: Sum of the current epoch's batch losses so far.
         epoch_batches: Batches behind `epoch_loss`.
-        epoch_images: Images seen in the current epoch so far.
+        epoch_images: Images this process has seen in the current epoch so far.
+        epoch_samples: Samples of the current epoch's order consumed so far by all
+            processes together: where a resumed epoch continues, whatever its batch size.
         best_top1: Best validation top-1 (%) so far; -1 before the first evaluation.
         history: One metrics row per completed epoch.
     """
@@ -27,23 +29,26 @@ class TrainingState:
     epoch_loss: float = 0.0
     epoch_batches: int = 0
     epoch_images: int = 0
+    epoch_samples: int = 0
     best_top1: float = -1.0
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def start_epoch(self) -> None:
         """Clear the running totals when an epoch starts from its first batch."""
         if self.batch == 0:
-            self.epoch_loss, self.epoch_batches, self.epoch_images = 0.0, 0, 0
+            self.epoch_loss, self.epoch_batches, self.epoch_images, self.epoch_samples = 0.0, 0, 0, 0
 
-    def record_batch(self, images: int) -> None:
+    def record_batch(self, images: int, samples: int | None = None) -> None:
         """Count one batch (its loss arrives later, through `add_losses`).
 
         Args:
             images: Its size.
+            samples: Samples it consumed over all processes (default: `images`).
         """
         self.batch += 1
         self.epoch_batches += 1
         self.epoch_images += images
+        self.epoch_samples += images if samples is None else samples
 
     def add_losses(self, losses: list[float]) -> None:
         """Add batch losses read from the device to the epoch's running sum.
@@ -64,7 +69,7 @@ class TrainingState:
             Whether the epoch set a new best top-1.
         """
         self.history.append(row)
-        self.epoch, self.batch = self.epoch + 1, 0
+        self.epoch, self.batch, self.epoch_samples = self.epoch + 1, 0, 0
         improved = row["val_top1"] > self.best_top1
         self.best_top1 = max(self.best_top1, row["val_top1"])
         return improved
@@ -80,6 +85,7 @@ class TrainingState:
             "batch": self.batch,
             "step": self.step,
             "epoch_totals": [self.epoch_loss, self.epoch_batches, self.epoch_images],
+            "epoch_samples": self.epoch_samples,
             "best_top1": self.best_top1,
             "history": [dict(row) for row in self.history],
         }
@@ -92,5 +98,6 @@ class TrainingState:
         """
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
         self.epoch_loss, self.epoch_batches, self.epoch_images = state.get("epoch_totals", [0.0, 0, 0])
+        self.epoch_samples = state.get("epoch_samples", 0)
         self.best_top1 = state["best_top1"]
         self.history = [dict(row) for row in state["history"]]
