@@ -200,11 +200,22 @@ class RunHeader(Callback):
         logger.info(
             f"model    {config.model.name}: {size}\n"
             f"data     {source}: {len(data.train_set):,} train / {len(data.val_set):,} val images, "
-            f"{len(data.classes)} classes\n"
+            f"{len(data.classes)} classes{_per_class(data.train_set)}\n"
             f"runs on  {trainer.device} x {trainer.runtime.world_size}, {config.precision}, "
             f"attention backend {config.model.backend}\n"
             f"output   {trainer.output_dir} ({start}epoch {trainer.state.epoch + 1} of {config.epochs})"
         )
+
+
+def _per_class(dataset: Any) -> str:
+    """The training images per class of an ImageFolder dataset, as the header shows them."""
+    counts = dataset.class_counts() if hasattr(dataset, "class_counts") else None
+    if not counts:
+        return ""
+    if len(counts) <= 10:
+        return " (train images per class: " + ", ".join(f"{name} {n}" for name, n in counts.items()) + ")"
+    low, high = min(counts, key=counts.get), max(counts, key=counts.get)
+    return f" (train images per class: {counts[low]} ({low}) to {counts[high]} ({high}))"
 
 
 def default_callbacks(config: TrainConfig) -> list[Callback]:

@@ -98,6 +98,8 @@ class DataConfig:
         interpolation: Resize interpolation.
         mean: Normalization mean.
         std: Normalization standard deviation.
+        max_bad_images: ImageFolder files that cannot be decoded which each loading
+            process skips (naming them) before the run stops.
     """
 
     dataset: str = "imagefolder"
@@ -112,6 +114,7 @@ class DataConfig:
     interpolation: str = "bicubic"
     mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN
     std: tuple[float, ...] = IMAGENET_DEFAULT_STD
+    max_bad_images: int = 100
 
 
 @dataclass
@@ -317,6 +320,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "optim.lr_per_512": (lambda v: v > 0, "must be > 0"),
     "optim.weight_decay": (lambda v: v >= 0, "must be >= 0"),
     "data.workers": (lambda v: v >= 0, "must be >= 0 (0 loads data in the main process)"),
+    "data.max_bad_images": (lambda v: v >= 0, "must be >= 0 (0 stops at the first image that cannot be decoded)"),
     "data.val_fraction": (lambda v: 0 < v < 1,
                           "must be between 0 and 1 (exclusive): the share of the digits held out for validation"),
     "data.crop_pct": (lambda v: 0 < v <= 1, "must be in (0, 1]"),

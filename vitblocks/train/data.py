@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timm.data import ImageDataset, create_transform
+from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from vitblocks.train.config import DataConfig, TrainConfig
 from vitblocks.train.extras import import_train_extra
-
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+from vitblocks.train.image_folder import FolderError, FolderScan, ImageFiles, class_folders, holds_images, load_image
+from vitblocks.train.image_folder import scan_split
+from vitblocks.train.logs import logger
 
 
 class DataError(FileNotFoundError):
@@ -54,28 +55,45 @@ def check_image_folder(root: Path, split: str) -> None:
     Raises:
         DataError: Explaining the expected layout and what to do.
     """
-    folder = root / split
-    if not (folder.is_dir() and any(_holds_images(d) for d in folder.iterdir())):
+    if not folder_classes(root / split):
         raise DataError(_layout_help(root, split), _TRAINER_ADVICE)
-
-
-def _holds_images(folder: Path) -> bool:
-    """Whether a folder is a class folder: a directory with at least one image file."""
-    return folder.is_dir() and any(p.suffix.lower() in _IMAGE_SUFFIXES for p in folder.iterdir())
 
 
 def folder_classes(folder: Path) -> list[str]:
     """The class names of an ImageFolder split: its subfolders that hold images, sorted.
+
+    Images count by `vitblocks.train.image_folder`'s rule, nested subfolders included.
 
     Args:
         folder: A split folder, e.g. `root/train`.
 
     Returns:
         The names.
+
+    Raises:
+        DataError: If a folder of the tree cannot be listed.
     """
     if not folder.is_dir():
         return []
-    return sorted(d.name for d in folder.iterdir() if _holds_images(d))
+    try:
+        return [d.name for d in class_folders(folder) if holds_images(d)]
+    except FolderError as error:
+        raise DataError(str(error)) from None
+
+
+def empty_class_folders(folder: Path) -> list[str]:
+    """Subfolders of a split folder that hold no image (not counted as classes).
+
+    Args:
+        folder: A split folder.
+
+    Returns:
+        Their names.
+    """
+    try:
+        return [d.name for d in class_folders(folder) if not holds_images(d)] if folder.is_dir() else []
+    except FolderError:
+        return []
 
 
 def dataset_classes(config: TrainConfig) -> list[str]:
@@ -107,8 +125,10 @@ def dataset_classes(config: TrainConfig) -> list[str]:
     if len(names) != data.num_classes:
         where = "scikit-learn's digits" if data.dataset == "digits" else f"{Path(data.root) / 'train'}"
         shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-        raise DataError(f"data.num_classes={data.num_classes} but {where} has {len(names)} classes ({shown}); "
-                        f"set data.num_classes={len(names)}")
+        empty = empty_class_folders(Path(data.root) / "train") if data.dataset == "imagefolder" else []
+        uncounted = f"; not counted, as they hold no images: {', '.join(empty[:8])}" if empty else ""
+        raise DataError(f"data.num_classes={data.num_classes} but {where} has {len(names)} classes ({shown}"
+                        f"{uncounted}); set data.num_classes={len(names)}")
     return names
 
 
@@ -174,36 +194,63 @@ def build_dataset(config: TrainConfig, train: bool, classes: list[str] | None = 
         )
     else:
         transform = eval_transform(data)
-    check_images_open(root / split)
-    return ImageDataset(str(root / split), transform=transform, class_map={name: i for i, name in enumerate(classes)})
+    try:
+        scan = scan_split(root / split)
+    except FolderError as error:
+        raise DataError(str(error)) from None
+    report_scan(root / split, scan)
+    check_images_open(scan, root / split)
+    return ImageFiles(root / split, {name: i for i, name in enumerate(classes)}, transform,
+                      max_bad_images=data.max_bad_images, scan=scan)
 
 
-def check_images_open(folder: Path, per_class: int = 1) -> None:
-    """Open the first image(s) of each class folder, so unreadable data fails before training.
+def report_scan(folder: Path, scan: FolderScan) -> None:
+    """Name what a split's scan left out: empty class folders and folders reached twice (link loops).
 
     Args:
-        folder: A split folder.
-        per_class: Images tried per class.
+        folder: The split folder.
+        scan: Its scan.
+    """
+    if scan.empty:
+        logger.warning(f"{folder}: class folders without images, not counted as classes: "
+                       f"{', '.join(scan.empty[:10])}{' ...' if len(scan.empty) > 10 else ''}")
+    if scan.loops:
+        logger.warning(f"{folder}: skipped folders reached a second time through links (a loop or a duplicate): "
+                       f"{', '.join(scan.loops[:5])}{' ...' if len(scan.loops) > 5 else ''}")
+
+
+def check_images_open(scan: FolderScan, folder: Path, tries: int = 3) -> None:
+    """Decode images of each class until one works, so unreadable data fails before training.
+
+    Up to `tries` images per class are decoded; the undecodable ones are named (they
+    are skipped when loading). The run is refused only when no tried image decodes.
+
+    Args:
+        scan: The split's scan.
+        folder: The split folder, for messages.
+        tries: Images tried per class at most.
 
     Raises:
-        DataError: If none of the tried images opens, naming them and why.
+        DataError: If none of the tried images decodes, naming them and why.
     """
-    from PIL import Image
-
-    tried: list[str] = []
-    for class_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
-        images = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)[:per_class]
-        for image in images:
+    bad: list[str] = []
+    good = 0
+    start = 0
+    for count in scan.counts.values():
+        for path in scan.files[start : start + min(count, tries)]:
             try:
-                with Image.open(image) as handle:
-                    handle.verify()
-                return
+                load_image(path)
+                good += 1
+                break
             except Exception as error:  # noqa: BLE001 - PIL raises many types for unreadable files
-                tried.append(f"{image} ({type(error).__name__}: {' '.join(str(error).split())[:120]})")
-    if tried:
-        raise DataError(f"no image in {folder} could be read; tried: " + "; ".join(tried[:5])
-                        + (f"; and {len(tried) - 5} more" if len(tried) > 5 else "")
-                        + ". Check that the files are images (not empty, truncated, or of another format).")
+                bad.append(f"{path} ({type(error).__name__}: {' '.join(str(error).split())[:120]})")
+        start += count
+    shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+    if bad and not good:
+        raise DataError(f"no image in {folder} could be read; tried: {shown}. Check that the files are images "
+                        "(not empty, truncated, or of another format).")
+    if bad:
+        logger.warning(f"{folder}: {len(bad)} images cannot be decoded and will be skipped: {shown}")
 
 
 def eval_transform(data: DataConfig) -> Callable:

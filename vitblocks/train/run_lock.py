@@ -87,6 +87,10 @@ class RunLock:
         """
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CheckpointError(f"cannot create the output folder {self.path.parent}: {error.strerror or error}; "
+                                  "choose another --output-dir") from None
+        try:
             while self._fd is None:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
                 previous = self.holder()

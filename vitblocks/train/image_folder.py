@@ -1,0 +1,226 @@
+"""ImageFolder trees: one rule for which files are images, for counting and for loading.
+
+A split folder holds one folder per class; every image below a class folder belongs to
+that class, in nested subfolders too. An image is a file whose suffix is in
+`IMAGE_SUFFIXES` (formats Pillow decodes), and the same rule decides which classes a
+split has, how many images it counts and which files it loads. Symbolic links are
+followed, but a folder reached twice (a link loop such as `cls/loop -> ..`) is skipped
+and named. 16-bit images are scaled to 8 bits rather than clipped. A file that cannot be
+decoded is named and replaced by the next readable one; past `max_bad_images` such files
+in one loading process the run stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+logger = logging.getLogger("vitblocks.train")
+
+__all__ = ["IMAGE_SUFFIXES", "FolderScan", "ImageFiles", "class_folders", "is_image", "load_image", "scan_split"]
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+"""Suffixes (any case) of the files counted and loaded as images."""
+
+
+class FolderError(OSError):
+    """A folder of the tree that cannot be listed."""
+
+
+def is_image(name: str) -> bool:
+    """Whether a file name is an image by `IMAGE_SUFFIXES`.
+
+    Example:
+        >>> is_image("a.JPEG"), is_image("labels.txt")
+        (True, False)
+    """
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def _listdir(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda entry: entry.name)
+    except OSError as error:
+        raise FolderError(f"cannot read the folder {folder}: {error.strerror or error}; fix its permissions or "
+                          "move it out of the dataset") from None
+
+
+def _walk(folder: Path, seen: set[tuple[int, int]], loops: list[str], first_only: bool = False) -> list[str]:
+    """Image paths below `folder`, depth first and sorted, each folder visited once."""
+    images: list[str] = []
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        entries = _listdir(current)
+        subfolders = []
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=True):
+                info = entry.stat(follow_symlinks=True)
+                if (info.st_dev, info.st_ino) in seen:
+                    loops.append(entry.path)
+                    continue
+                seen.add((info.st_dev, info.st_ino))
+                subfolders.append(Path(entry.path))
+            elif is_image(entry.name) and entry.is_file(follow_symlinks=True):
+                images.append(entry.path)
+                if first_only:
+                    return images
+        pending.extend(reversed(subfolders))
+    return images
+
+
+def class_folders(split: Path) -> list[Path]:
+    """The folders directly in a split folder, sorted (each a class if it holds an image).
+
+    Raises:
+        FolderError: If the split folder cannot be listed.
+    """
+    return [Path(entry.path) for entry in _listdir(split) if entry.is_dir(follow_symlinks=True)]
+
+
+def holds_images(folder: Path) -> bool:
+    """Whether any image lies below a folder (stops at the first).
+
+    Raises:
+        FolderError: If a folder on the way cannot be listed.
+    """
+    info = folder.stat()
+    return bool(_walk(folder, {(info.st_dev, info.st_ino)}, [], first_only=True))
+
+
+@dataclass
+class FolderScan:
+    """What a split folder holds.
+
+    Attributes:
+        files: Image paths, class by class.
+        labels: The class name of each file.
+        counts: Images per class folder that holds any.
+        empty: Class folders that hold no image.
+        loops: Folders skipped because they were reached before (link loops).
+    """
+
+    files: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    empty: list[str] = field(default_factory=list)
+    loops: list[str] = field(default_factory=list)
+
+
+def scan_split(split: Path) -> FolderScan:
+    """List every image of a split folder by the one rule.
+
+    Args:
+        split: E.g. `root/train`.
+
+    Returns:
+        The scan.
+
+    Raises:
+        FolderError: If a folder of the tree cannot be listed.
+    """
+    scan = FolderScan()
+    info = split.stat()
+    seen = {(info.st_dev, info.st_ino)}
+    for folder in class_folders(split):
+        mark = folder.stat()
+        if (mark.st_dev, mark.st_ino) in seen:
+            scan.loops.append(str(folder))
+            continue
+        seen.add((mark.st_dev, mark.st_ino))
+        images = _walk(folder, seen, scan.loops)
+        if not images:
+            scan.empty.append(folder.name)
+            continue
+        scan.files += images
+        scan.labels += [folder.name] * len(images)
+        scan.counts[folder.name] = len(images)
+    return scan
+
+
+def load_image(path: str) -> Any:
+    """Open an image as 8-bit RGB, scaling 16-bit and 32-bit integer pixels instead of clipping them.
+
+    Args:
+        path: The file.
+
+    Returns:
+        A PIL image in mode RGB.
+    """
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        if image.mode.startswith("I"):  # "I;16*" (16-bit) or "I" (32-bit integers, from 16-bit PNGs)
+            pixels = np.asarray(image, dtype=np.float64)
+            top = 65535.0 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255.0
+            image = Image.fromarray(np.clip(pixels * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
+        elif image.mode == "F":  # floating point: 0..1, or already 0..255
+            pixels = np.asarray(image, dtype=np.float64)
+            scale = 255.0 if pixels.max(initial=0) <= 1.0 else 1.0
+            image = Image.fromarray(np.clip(pixels * scale + 0.5, 0, 255).astype(np.uint8), "L")
+        return image.convert("RGB")
+
+
+class ImageFiles(Dataset):
+    """The images of a split folder with their labels, loaded by `load_image`.
+
+    Args:
+        split: The split folder.
+        class_to_index: Label of each class name (the train split's numbering).
+        transform: Applied to each PIL image.
+        max_bad_images: Undecodable files skipped per loading process before the run stops.
+        scan: A scan of `split` already made.
+    """
+
+    def __init__(self, split: Path, class_to_index: dict[str, int], transform: Callable | None = None,
+                 max_bad_images: int = 100, scan: FolderScan | None = None) -> None:
+        self.split, self.transform, self.max_bad_images = Path(split), transform, max_bad_images
+        self.scan = scan or scan_split(self.split)
+        self.samples = [(path, class_to_index[label]) for path, label in zip(self.scan.files, self.scan.labels)]
+        self.bad: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def class_counts(self) -> dict[str, int]:
+        """Images per class."""
+        return dict(self.scan.counts)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        if not -len(self.samples) <= index < len(self.samples):
+            raise IndexError(f"index {index} is out of range for {len(self.samples)} images")
+        for attempt in range(len(self.samples)):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                image = load_image(path)
+            except Exception as error:  # noqa: BLE001 - PIL raises many types for files it cannot decode
+                self._skip(path, error)
+                continue
+            return (self.transform(image) if self.transform else image), label
+        raise self._too_many(f"no image of {self.split} could be decoded")
+
+    def _skip(self, path: str, error: Exception) -> None:
+        if path in self.bad:  # named once; later epochs skip it quietly
+            return
+        self.bad.append(path)
+        logger.warning(f"skipped {path}: it cannot be decoded ({type(error).__name__}: "
+                       f"{' '.join(str(error).split())[:120]})")
+        if len(self.bad) > self.max_bad_images:
+            raise self._too_many(f"{len(self.bad)} images of {self.split} cannot be decoded, more than "
+                                 f"data.max_bad_images={self.max_bad_images}")
+
+    def _too_many(self, message: str) -> Exception:
+        from vitblocks.train.data import DataError
+
+        shown = ", ".join(self.bad[:5]) + (", ..." if len(self.bad) > 5 else "")
+        return DataError(f"{message} (e.g. {shown}); stopped. Replace or remove them, or raise "
+                         "data.max_bad_images to skip more.")
