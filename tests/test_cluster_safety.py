@@ -82,6 +82,9 @@ def test_sigint_to_the_command_line_saves_says_how_to_resume_and_exits_75(tmp_pa
 
 def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path, monkeypatch, capsys):
     with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's --signal
+        assert stop.received == "SIGUSR1"
+    with StopSignals() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.received == "SIGINT"
         with pytest.raises(KeyboardInterrupt):

@@ -31,13 +31,15 @@ def run_train(capsys, *argv):
     ("data.val_fraction=1.5", ["data.val_fraction=1.5 must be between 0 and 1"]),
     ("augment.mixup=-1", ["augment.mixup=-1.0 must be >= 0"]),
     ("data.img_size=8", ["sret_t cannot be built from this config", "too small"]),
+    ("optim.lr=1e309", ["optim.lr=inf is not a finite number"]),
+    ("model.kwargs.num_classes=-1", ["model.kwargs.num_classes=-1", "set that instead"]),
 ])
 def test_bad_overrides_are_refused_before_any_work(tmp_path, capsys, override, fragments):
     recipe = write_tiny_recipe(tmp_path, tmp_path / "run")
     for extra in ([], ["--print-config"]):  # --print-config validates too
-        code, err = run_train(capsys, recipe, "--no-progress", "--set", override, *extra)
         if override == "data.img_size=8" and extra:
             continue  # the model is only built when training
+        code, err = run_train(capsys, recipe, "--no-progress", "--set", override, *extra)
         assert code == 2 and "Traceback" not in err, err
         for fragment in fragments:
             assert fragment in err, (fragment, err)
@@ -54,6 +56,34 @@ def test_a_recipe_with_a_syntax_error_names_file_and_line(tmp_path, capsys):
     broken.write_text("x = 1\nconfig = = 2\n")
     code, err = run_train(capsys, broken)
     assert code == 2 and f"{broken}:2" in err and "Traceback" not in err
+
+
+def test_a_recipe_that_raises_or_is_yaml_names_the_file_the_line_and_the_fix(tmp_path, capsys):
+    typo = tmp_path / "typo.py"
+    typo.write_text("from vitblocks.train import TrainConfig\n\nconfig = TrainConfig(epochz=3)\n")
+    code, err = run_train(capsys, typo)
+    assert code == 2 and f"{typo}:3: TypeError" in err and "did you mean epochs?" in err and "Traceback" not in err
+    yaml = tmp_path / "recipe.yaml"
+    yaml.write_text("epochs: 3\nmodel: sret_t\n")
+    code, err = run_train(capsys, yaml)
+    assert code == 2 and "recipes are Python files" in err and "a .yaml file is not read" in err
+    yaml_in_py = tmp_path / "recipe.py"
+    yaml_in_py.write_text("epochs: 3\nmodel: sret_t\n")
+    code, err = run_train(capsys, yaml_in_py)
+    assert code == 2 and f"{yaml_in_py}:2: NameError: name 'sret_t' is not defined" in err
+
+
+def test_models_refuse_a_negative_class_count_and_run_empty_batches():
+    import timm
+
+    for name in ("sret_t", "deit_tiny_rec_patch16_224"):
+        with pytest.raises(ValueError, match=r"num_classes=-1: give the number of classes, or 0 for no classifier"):
+            timm.create_model(name, num_classes=-1)
+    model = timm.create_model("sret_t", num_classes=3, img_size=32, embed_dims=(16, 32, 64), num_heads=(1, 2, 4),
+                              groups=((4, 2), (1,), (1,)), drop_path_rate=0.1)
+    logits = model(torch.empty(0, 3, 32, 32))
+    logits.sum().backward()
+    assert logits.shape == (0, 3) and model.head.weight.grad.abs().sum() == 0
 
 
 def test_empty_and_foreign_checkpoints_on_resume(tmp_path, capsys):
@@ -116,6 +146,41 @@ def test_eval_never_follows_paths_named_in_a_stored_config(tmp_path, capsys):
     torch.save(state, tmp_path / "edited.pth")
     capsys.readouterr()
     assert eval_main([str(tmp_path / "edited.pth")]) == 0
+
+
+def test_messages_without_text_or_from_loader_workers_stay_one_clear_line():
+    from vitblocks.train.__main__ import _message
+    from vitblocks.train.data import DataError
+
+    assert _message(FileNotFoundError()) == "FileNotFoundError (no message)"
+    assert _message(FileNotFoundError(2, "No such file or directory", "/x.pth")) == "No such file or directory: /x.pth"
+    worker = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                       "  File \"x.py\", line 1\nvitblocks.train.data.DataError: 101 images cannot be decoded")
+    assert _message(worker) == "101 images cannot be decoded"
+
+
+def test_a_missing_weights_file_is_named(tmp_path, capsys):
+    recipe = write_tiny_recipe(tmp_path, tmp_path / "run")
+    code, err = run_train(capsys, recipe, "--set", "model.kwargs.pretrained=True",
+                          "--set", "model.kwargs.pretrained_cfg_overlay={'file': '/nonexistent.pth'}")
+    assert code == 2 and "no weights file at '/nonexistent.pth'" in err and "Traceback" not in err
+
+
+def test_eval_refuses_non_finite_weights(tmp_path, capsys):
+    trainer = Trainer(tiny_config(tmp_path / "run", epochs=1))
+    trainer.fit(progress=False)
+    state = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    state["model"]["head.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    capsys.readouterr()
+    assert eval_main([str(tmp_path / "nan.pth")]) == 2
+    assert "are not finite (NaN or infinity in 1 tensors: head.weight)" in capsys.readouterr().err
+
+
+def test_summary_out_of_memory_is_exit_2_with_advice():
+    result = run_cli("vitblocks.summary", "sret_t", "--img-size", "100000")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "needs more memory than this machine has" in result.stderr and "smaller --img-size" in result.stderr
 
 
 def test_summary_errors():

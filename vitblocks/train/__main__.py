@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 def _message(error: BaseException) -> str:
     """The error's text, or what it is about when it has none (a bare FileNotFoundError, say)."""
     text = str(error).strip()
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: the worker's own message is the last line
+        text = text.splitlines()[-1].split(": ", 1)[-1]
     if isinstance(error, OSError) and (not text or text.startswith("[Errno")):
         text = f"{error.strerror or type(error).__name__}: {error.filename}" if error.filename else text
     return text or f"{type(error).__name__} (no message)"

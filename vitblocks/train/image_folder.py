@@ -37,6 +37,12 @@ class FolderError(OSError):
 def is_image(name: str) -> bool:
     """Whether a file name is an image by `IMAGE_SUFFIXES`.
 
+    Args:
+        name: A file name or path.
+
+    Returns:
+        Whether its suffix is an image suffix.
+
     Example:
         >>> is_image("a.JPEG"), is_image("labels.txt")
         (True, False)
@@ -80,6 +86,12 @@ def _walk(folder: Path, seen: set[tuple[int, int]], loops: list[str], first_only
 def class_folders(split: Path) -> list[Path]:
     """The folders directly in a split folder, sorted (each a class if it holds an image).
 
+    Args:
+        split: A split folder.
+
+    Returns:
+        The folders.
+
     Raises:
         FolderError: If the split folder cannot be listed.
     """
@@ -88,6 +100,12 @@ def class_folders(split: Path) -> list[Path]:
 
 def holds_images(folder: Path) -> bool:
     """Whether any image lies below a folder (stops at the first).
+
+    Args:
+        folder: A class folder.
+
+    Returns:
+        Whether it holds an image.
 
     Raises:
         FolderError: If a folder on the way cannot be listed.
@@ -192,7 +210,11 @@ class ImageFiles(Dataset):
         return len(self.samples)
 
     def class_counts(self) -> dict[str, int]:
-        """Images per class."""
+        """Images per class.
+
+        Returns:
+            Class name -> image count, for the classes that hold images.
+        """
         return dict(self.scan.counts)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:

@@ -69,7 +69,11 @@ class RunLock:
         """The holder a stale lock named, when this run took it over."""
 
     def holder(self) -> dict[str, Any]:
-        """The run the lock file names (empty if there is none or it cannot be read)."""
+        """The run the lock file names.
+
+        Returns:
+            Its pid, host, start time and command (empty if there is none or it cannot be read).
+        """
         try:
             return json.loads(self.path.read_text())
         except (OSError, ValueError):
