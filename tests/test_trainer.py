@@ -177,6 +177,21 @@ def test_sampler_resumes_mid_epoch_and_splits_ranks():
         s.set_epoch(0)
         shares.append(list(s))
     assert len({len(s) for s in shares}) == 1 and set().union(*shares) == set(range(20))
+    for rank in (0, 1):  # a global skip of 2k samples over 2 ranks is each rank's first k
+        s = ResumableSampler(20, True, seed=3, rank=rank, world_size=2)
+        s.set_epoch(1)
+        whole = list(s)
+        s.set_epoch(1, skip=6)
+        assert list(s) == whole[3:] and len(s) == len(whole) - 3
+    shares = []  # resumed on 3 processes after 8 samples: the rest of the order, shared equally
+    for rank in range(3):
+        s = ResumableSampler(20, True, seed=3, rank=rank, world_size=3)
+        s.set_epoch(1, skip=8)
+        shares.append(list(s))
+    full_order = ResumableSampler(20, True, seed=3)
+    full_order.set_epoch(1)
+    assert len({len(share) for share in shares}) == 1 and set(list(full_order)[8:]) <= set().union(*shares)
+    assert sum(map(len, shares)) - 12 < 2 * 3  # at most two rounds of padding repeat samples
     repeated = ResumableSampler(30, True, repeats=3)
     assert len(list(repeated)) == 30 and len(set(repeated)) == 10
 

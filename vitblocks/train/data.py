@@ -13,22 +13,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from vitblocks.train.config import DataConfig, TrainConfig
 from vitblocks.train.extras import import_train_extra
-from vitblocks.train.image_folder import FolderError, FolderScan, ImageFiles, class_folders, holds_images, load_image
+from vitblocks.train.image_folder import DataError, FolderError, FolderScan, ImageFiles, class_folders, holds_images
+from vitblocks.train.image_folder import load_image
 from vitblocks.train.image_folder import scan_split
 from vitblocks.train.logs import logger
-
-
-class DataError(FileNotFoundError):
-    """A dataset folder that is missing or has no images.
-
-    Args:
-        message: What is wrong.
-        advice: What to do, for the trainer's command line (eval gives its own).
-    """
-
-    def __init__(self, message: str, advice: str = "") -> None:
-        super().__init__(f"{message}\n{advice}" if advice else message)
-        self.problem, self.advice = message, advice
 
 
 _TRAINER_ADVICE = ("Point the recipe at your copy with --set data.root=/path/to/imagenet, check the recipe first "
@@ -296,7 +284,9 @@ class ResumableSampler(Sampler[int]):
 
         Args:
             epoch: Epoch index (selects the order).
-            skip: This rank's samples to skip (already seen before an interruption).
+            skip: Samples of the epoch's order already consumed, by all processes
+                together (before an interruption, at whatever batch size or process
+                count that run had).
         """
         self.epoch, self.skip = epoch, skip
 
@@ -308,15 +298,21 @@ class ResumableSampler(Sampler[int]):
         if self.repeats > 1:
             order = order.repeat_interleave(self.repeats)[: self.length]
         if self.shuffle and self.world_size > 1:  # equal shares, so every rank runs the same number of steps
-            per_rank = math.ceil(len(order) / self.world_size)
-            order = torch.cat([order, order[: per_rank * self.world_size - len(order)]])
+            order = self._padded(order)
+        order = order[self.skip :]
+        if self.shuffle and self.world_size > 1:  # the rest, shared equally again (another process count)
+            order = self._padded(order)
         return order[self.rank :: self.world_size].tolist()
 
+    def _padded(self, order: torch.Tensor) -> torch.Tensor:
+        per_rank = math.ceil(len(order) / self.world_size)
+        return torch.cat([order, order[: per_rank * self.world_size - len(order)]])
+
     def __iter__(self) -> Iterator[int]:
-        return iter(self._indices()[self.skip :])
+        return iter(self._indices())
 
     def __len__(self) -> int:
-        return max(len(self._indices()) - self.skip, 0)
+        return len(self._indices())
 
 
 def make_loader(dataset: Dataset, sampler: ResumableSampler, batch_size: int, workers: int, train: bool,

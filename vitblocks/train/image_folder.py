@@ -24,10 +24,23 @@ from torch.utils.data import Dataset
 
 logger = logging.getLogger("vitblocks.train")
 
-__all__ = ["IMAGE_SUFFIXES", "FolderScan", "ImageFiles", "class_folders", "is_image", "load_image", "scan_split"]
+__all__ = ["IMAGE_SUFFIXES", "DataError", "FolderScan", "ImageFiles", "class_folders", "is_image", "load_image", "scan_split"]
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 """Suffixes (any case) of the files counted and loaded as images."""
+
+
+class DataError(FileNotFoundError):
+    """A dataset folder that is missing or has no images.
+
+    Args:
+        message: What is wrong.
+        advice: What to do, for the trainer's command line (eval gives its own).
+    """
+
+    def __init__(self, message: str, advice: str = "") -> None:
+        super().__init__(f"{message}\n{advice}" if advice else message)
+        self.problem, self.advice = message, advice
 
 
 class FolderError(OSError):
@@ -241,8 +254,6 @@ class ImageFiles(Dataset):
                                  f"data.max_bad_images={self.max_bad_images}")
 
     def _too_many(self, message: str) -> Exception:
-        from vitblocks.train.data import DataError
-
         shown = ", ".join(self.bad[:5]) + (", ..." if len(self.bad) > 5 else "")
         return DataError(f"{message} (e.g. {shown}); stopped. Replace or remove them, or raise "
                          "data.max_bad_images to skip more.")
