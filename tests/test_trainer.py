@@ -18,7 +18,7 @@ from vitblocks.train.data import ResumableSampler
 DRIVER = Path(__file__).with_name("train_driver.py")
 
 
-TIMING = ("train_img_s", "epoch_seconds")
+TIMING = ("train_img_s", "step_img_s", "data_wait_s", "epoch_seconds")
 
 
 def read_metrics(run, timing=True):
@@ -47,6 +47,39 @@ def test_a_run_writes_metrics_checkpoints_plot_and_safetensors(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "best top-1" in out and "train img/s" in out and str(tmp_path / "model.safetensors") in out
     assert trainer.step == 2 * 6  # 48 samples / batch 8, two epochs
+
+
+def test_the_log_states_the_step_and_splits_loader_wait_from_step_time(tmp_path, monkeypatch, capsys):
+    import time
+
+    import vitblocks.train.engine as engine
+
+    make_loader = engine.make_loader
+
+    class SlowLoader:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __iter__(self):
+            for batch in self.loader:
+                time.sleep(0.05)
+                yield batch
+
+    monkeypatch.setattr(engine, "make_loader", lambda *args: SlowLoader(make_loader(*args)))
+    config = tiny_config(tmp_path, epochs=1)
+    config.optim.accum_steps = 2
+    Trainer(config).fit(progress=False)
+    out = capsys.readouterr().out
+    assert "step     compile=none (model.compile=False); AdamW (fused), 2 batches per update; losses read from " \
+           "the device every 10 steps" in out
+    row = read_metrics(tmp_path)[0]
+    assert float(row["data_wait_s"]) >= 6 * 0.05 and float(row["step_img_s"]) > float(row["train_img_s"])
+    assert float(row["data_wait_s"]) < float(row["epoch_seconds"])
+    from vitblocks.train.compile_modes import describe_compile
+
+    assert describe_compile("auto", torch.device("cuda")) == (
+        "compile=none (model.compile='auto' on cuda: eager until a GPU run has timed the modes)")
+    assert describe_compile("graphs", torch.device("cuda")) == "compile=graphs (model.compile='graphs')"
 
 
 def test_schedule_warms_up_then_decays_per_step(tmp_path):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from vitblocks.train.compile_modes import describe_compile
 from vitblocks.train.logs import logger
 from vitblocks.train.report import MetricsLog
 
@@ -203,8 +204,28 @@ class RunHeader(Callback):
             f"{len(data.classes)} classes{_per_class(data.train_set)}\n"
             f"runs on  {trainer.device} x {trainer.runtime.world_size}, {config.precision}, "
             f"attention backend {config.model.backend}\n"
+            f"step     {describe_step(trainer)}\n"
             f"output   {trainer.output_dir} ({start}epoch {trainer.state.epoch + 1} of {config.epochs})"
         )
+
+
+def describe_step(trainer: Trainer) -> str:
+    """What one training step runs, and why, as the run header states it.
+
+    Args:
+        trainer: The trainer.
+
+    Returns:
+        Compile mode and its reason, the optimizer's kernel, and how often the step
+        waits for the device.
+    """
+    config = trainer.config
+    optimizer = type(trainer.optimizer).__name__
+    defaults = trainer.optimizer.defaults
+    kernel = "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") is not False else "for-loop"
+    accumulate = f", {config.optim.accum_steps} batches per update" if config.optim.accum_steps > 1 else ""
+    return (f"{describe_compile(config.model.compile, trainer.device)}; {optimizer} ({kernel}){accumulate}; "
+            f"losses read from the device every {config.log_every} steps")
 
 
 def _per_class(dataset: Any) -> str:

@@ -40,6 +40,30 @@ def compile_mode(value: Any, device: torch.device) -> str:
     return value
 
 
+def describe_compile(value: Any, device: torch.device) -> str:
+    """The compile mode a run uses and why, for its header.
+
+    Args:
+        value: The config's `model.compile`.
+        device: Where the run trains.
+
+    Returns:
+        E.g. "compile=none (model.compile='auto' on cuda: eager until a GPU run has timed the modes)".
+
+    Example:
+        >>> describe_compile(True, torch.device("cpu"))
+        'compile=model (model.compile=True)'
+    """
+    mode = compile_mode(value, device)
+    if value != "auto":
+        return f"compile={mode} (model.compile={value!r})"
+    if device.type == "cuda":
+        why = "eager until a GPU run has timed the modes" if mode == "none" else "the measured default on CUDA"
+    else:
+        why = "eager off CUDA, where compiling takes about a minute before the first step"
+    return f"compile={mode} (model.compile='auto' on {device.type}: {why})"
+
+
 def graphs_refusals(model: nn.Module, device: torch.device, grad_checkpointing: Any) -> list[str]:
     """Why `model.compile="graphs"` cannot run this model here; empty when it can.
 

@@ -351,7 +351,11 @@ class Trainer:
             progress: Show a progress bar.
 
         Returns:
-            Mean training loss of the epoch, throughput, seconds and images seen.
+            Mean training loss of the epoch, throughput (`train_img_s`: images per second
+            of the epoch; `step_img_s`: images per second of the time not spent waiting
+            for the loader), seconds, images seen and `data_wait_s`, the seconds the
+            loop waited for the loader: when it is a large share of the epoch, the data
+            path (workers, decoding) limits the run rather than the model.
 
         Raises:
             TrainingDiverged: On a non-finite loss (from the `DivergenceStop` callback).
@@ -366,9 +370,14 @@ class Trainer:
         start, images = time.perf_counter(), 0
         bar = import_train_extra("tqdm").tqdm(total=self.steps_per_epoch, initial=state.batch, desc=f"epoch {state.epoch + 1}/{config.epochs}",
                    disable=not (progress and self.runtime.is_main), leave=False, dynamic_ncols=True)
-        for inputs, targets in loader:
-            if state.batch >= self.steps_per_epoch:
+        batches, data_wait = iter(loader), 0.0
+        while state.batch < self.steps_per_epoch:
+            fetch = time.perf_counter()
+            try:
+                inputs, targets = next(batches)
+            except StopIteration:
                 break
+            data_wait += time.perf_counter() - fetch
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             if self.mixup is not None:
                 inputs, targets = self.mixup(inputs, targets)
@@ -398,7 +407,8 @@ class Trainer:
         loss_sum, count = distributed.all_sum([state.epoch_loss, state.epoch_batches], self.runtime)
         images = distributed.all_sum([images], self.runtime)[0]
         return {"train_loss": loss_sum / max(count, 1), "train_img_s": images / max(seconds, 1e-9),
-                "seconds": seconds, "images": images}
+                "seconds": seconds, "images": images, "data_wait_s": data_wait,
+                "step_img_s": images / max(seconds - data_wait, 1e-9)}
 
     def _stop_if_asked(self, saved: Path | None = None) -> None:
         """After an optimizer step (or an epoch's checkpoints): stop if any process received a stop signal.
@@ -565,6 +575,7 @@ class Trainer:
                         "or fp32.")
                 self._each("on_epoch_end", row)
                 row.update(lr=self.optimizer.param_groups[0]["lr"], train_img_s=train["train_img_s"],
+                           step_img_s=train["step_img_s"], data_wait_s=train["data_wait_s"],
                            epoch_seconds=train["seconds"])
                 improved = state.finish_epoch(row)
                 if improved:  # best first: a crash between the writes leaves last.pth behind, never best.pth
