@@ -191,19 +191,40 @@ def test_fp16_on_cpu_is_refused_and_bf16_runs(tmp_path):
     Trainer(tiny_config(tmp_path, precision="bf16", epochs=1)).fit(progress=False)
 
 
-def test_two_gloo_processes_end_with_identical_weights(tmp_path):
+def torchrun(output_dir, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(DRIVER),
-         str(tmp_path), "--save-rank-weights"],
+         str(output_dir), *args],
         capture_output=True, text=True, env=env, timeout=300,
     )
+
+
+def test_two_gloo_processes_end_with_identical_weights_also_after_a_sigterm_and_resume(tmp_path):
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    result = torchrun(reference, "--save-rank-weights")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Grad strides do not match bucket view strides" not in result.stderr
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    rank0, rank1 = (torch.load(reference / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
-    assert len(read_metrics(tmp_path)) == 2  # written once, by rank 0
+    assert len(read_metrics(reference)) == 2  # written once, by rank 0
+    # SIGTERM to rank 1 after step 3 of epoch 1 (every_steps=2: the cadence alone would have saved step 2)
+    signalled = torchrun(stopped, "--signal-at-step", "3", "--signal-rank", "1")
+    assert signalled.returncode != 0 and "exitcode  : 75" in signalled.stderr, signalled.stderr[-3000:]
+    # both processes stop at the same step; the main one writes (torchrun ends the other once one exits)
+    assert "rank 1: stopped by SIGTERM at step 3 (epoch 1, batch 3)" in signalled.stderr
+    assert f"rank 0: stopped by a signal to another process at step 3 (epoch 1, batch 3); saved {stopped}" \
+        in signalled.stderr
+    state = load_training_checkpoint(stopped / "last.pth")
+    assert (state["step"], state["batch"], state["epoch_samples"], state["world_size"]) == (3, 3, 48, 2)
+    resumed = torchrun(stopped, "--resume", "--save-rank-weights")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read_metrics(stopped, timing=False) == read_metrics(reference, timing=False)
+    for rank in (0, 1):
+        final = torch.load(stopped / f"rank{rank}.pt", weights_only=True)
+        for key in rank0:
+            assert torch.equal(final[key], rank0[key]), (rank, key)
 
 
 def test_sampler_resumes_mid_epoch_and_splits_ranks():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -101,3 +102,20 @@ def any_rank(flag: bool, runtime: Runtime) -> bool:
     vote = torch.tensor([int(flag)], dtype=torch.int32)
     dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=_flag_groups[backend])
     return bool(vote.item())
+
+
+def gather(value: Any, runtime: Runtime) -> list[Any]:
+    """Every process's `value`, in rank order, on every process.
+
+    Args:
+        value: This process's value (picklable: tensors, numbers, containers).
+        runtime: The process group.
+
+    Returns:
+        One value per rank (`[value]` when not distributed).
+    """
+    if not runtime.distributed:
+        return [value]
+    values: list[Any] = [None] * runtime.world_size
+    dist.all_gather_object(values, value)
+    return values

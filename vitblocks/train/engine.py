@@ -224,8 +224,12 @@ class Trainer:
         return self.state.history
 
     # ---- checkpoints -------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Everything needed to continue this run exactly.
+
+        Args:
+            ranks: Every process's own part (`_own_state`), when distributed; each process
+                has its own random streams and running loss sums.
 
         Returns:
             Model, optimizer, schedule, scaler and EMA states, the `TrainingState`, config and RNG.
@@ -241,7 +245,17 @@ class Trainer:
             "config": to_dict(self.config),
             "rng": ckpt.rng_state(),
             "world_size": self.runtime.world_size,
+            "ranks": ranks or [self._own_state()],
         }
+
+    def _own_state(self) -> dict[str, Any]:
+        """What differs between processes: random streams, the epoch's running sums and, when
+        distributed, BatchNorm statistics (averaged over the processes only at an epoch's end)."""
+        own = {"rng": ckpt.rng_state(), "epoch_totals": self.state.state_dict()["epoch_totals"]}
+        if self.runtime.distributed:
+            own["norm_statistics"] = {name: buffer.detach().cpu().clone() for name, buffer in self.model.named_buffers()
+                                      if "running_mean" in name or "running_var" in name}
+        return own
 
     def save(self, name: str = "last.pth") -> Path | None:
         """Write a checkpoint atomically (main process only).
@@ -261,11 +275,12 @@ class Trainer:
                 f"{problem or 'the weights diverged on another process'} after step {self.state.step} (epoch "
                 f"{self.state.epoch + 1}, batch {self.state.batch}); {name} was not written. Last good checkpoint: "
                 f"{self.last_good_checkpoint or 'none written yet'}. Try a lower optim.lr, optim.clip_grad, or fp32.")
+        ranks = distributed.gather(self._own_state(), self.runtime)
         if not self.runtime.is_main:
             return None
         path = self.output_dir / name
         try:
-            ckpt.save_atomic(self.state_dict(), path)
+            ckpt.save_atomic(self.state_dict(ranks), path)
         except (OSError, RuntimeError) as error:  # a full disk reaches torch.save as a RuntimeError
             kept = f"the previous {name} is intact" if path.exists() else f"no {name} was written"
             continue_with = ("continue with --resume auto" if ckpt.resume_candidate(self.output_dir)
@@ -310,7 +325,15 @@ class Trainer:
         self.state.load_state_dict(saved)
         self._continue_epoch_at_this_batch_size(saved)
         self.scheduler.step_update(num_updates=self.state.step + self._schedule_offset)
-        ckpt.set_rng_state(saved["rng"])
+        ranks, rank = saved.get("ranks") or [], self.runtime.rank
+        if len(ranks) == self.runtime.world_size:  # each process continues its own streams and sums
+            ckpt.set_rng_state(ranks[rank]["rng"])
+            self.state.epoch_loss, self.state.epoch_batches, self.state.epoch_images = ranks[rank]["epoch_totals"]
+            buffers = dict(self.model.named_buffers())
+            for name, value in ranks[rank].get("norm_statistics", {}).items():
+                buffers[name].copy_(value)
+        else:  # another process count (or an older checkpoint): the main process's streams for all
+            ckpt.set_rng_state(saved["rng"])
         self.last_good_checkpoint = Path(path)
         self.resumed = True
 

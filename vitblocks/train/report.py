@@ -47,7 +47,8 @@ class MetricsLog:
         self.history = list(history)
         row = self.history[-1]
         with self.path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(self.history[0]))
+            columns = list(dict.fromkeys(key for past in self.history for key in past))  # rows of older runs lack new ones
+            writer = csv.DictWriter(handle, fieldnames=columns, restval="")
             writer.writeheader()
             writer.writerows(self.history)
         if self._tensorboard is not None:
