@@ -9,11 +9,12 @@ def test_a_run_logged_to_a_file_has_a_header_and_one_line_per_epoch_without_a_pr
     assert train_main([recipe, "--set", "epochs=2"]) == 0  # stderr is captured: not a terminal
     out, err = capsys.readouterr()
     assert "\r" not in err and "epoch 1/2" not in err  # no bar
-    header = out.splitlines()[:4]
+    header = out.splitlines()[:5]
     assert header[0].startswith("model    sret_t: ") and "parameters" in header[0] and "GMACs" in header[0]
     assert "synthetic" in header[1] and "4 classes" in header[1]
     assert "cpu" in header[2] and "fp32" in header[2] and "attention backend auto" in header[2]
-    assert str(tmp_path / "run") in header[3]
+    assert header[3].startswith("step     compile=none (model.compile=False); AdamW")
+    assert str(tmp_path / "run") in header[4]
     assert sum(line.startswith("epoch=") for line in out.splitlines()) == 2
 
 
