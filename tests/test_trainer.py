@@ -218,6 +218,12 @@ def test_two_gloo_processes_end_with_identical_weights_also_after_a_sigterm_and_
         in signalled.stderr
     state = load_training_checkpoint(stopped / "last.pth")
     assert (state["step"], state["batch"], state["epoch_samples"], state["world_size"]) == (3, 3, 48, 2)
+    # a signal while evaluating stops after the epoch's checkpoints, which every process writes together
+    at_epoch_end = torchrun(tmp_path / "epoch_end", "--signal-at-epoch-end", "1", "--signal-rank", "1")
+    assert "exitcode  : 75" in at_epoch_end.stderr, at_epoch_end.stderr[-3000:]
+    assert f"rank 0: stopped by a signal to another process at step 3 (epoch 1, batch 0); saved {tmp_path}" \
+        in at_epoch_end.stderr
+    assert load_training_checkpoint(tmp_path / "epoch_end" / "last.pth")["epoch"] == 1
     resumed = torchrun(stopped, "--resume", "--save-rank-weights")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert read_metrics(stopped, timing=False) == read_metrics(reference, timing=False)

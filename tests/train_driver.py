@@ -28,6 +28,15 @@ class SignalAtStep(Callback):
             os.kill(os.getpid(), self.number)
 
 
+class SignalWhileEvaluating(Callback):
+    def __init__(self, epoch, rank, number):
+        self.epoch, self.rank, self.number = epoch, rank, number
+
+    def on_epoch_end(self, trainer, row):
+        if row["epoch"] == self.epoch and trainer.runtime.rank == self.rank:
+            os.kill(os.getpid(), self.number)
+
+
 class KillAtStep(Callback):
     def __init__(self, step):
         self.step = step
@@ -44,6 +53,8 @@ def main():
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--signal-at-step", type=int, default=0, help="send SIGTERM to itself after this step")
     parser.add_argument("--signal-rank", type=int, default=0, help="the process that receives it")
+    parser.add_argument("--signal-at-epoch-end", type=int, default=0,
+                        help="send SIGTERM to itself after this epoch's evaluation, before its checkpoints")
     parser.add_argument("--save-rank-weights", action="store_true")
     parser.add_argument("--kill-before-last-of-epoch", type=int, default=0,
                         help="SIGKILL after best.pth and before last.pth of this epoch are written")
@@ -52,7 +63,8 @@ def main():
     config = tiny_config(args.output_dir)
     config.checkpoint.every_steps = 2
     callbacks = [*default_callbacks(config), KillAtStep(args.kill_at_step),
-                 SignalAtStep(args.signal_at_step, args.signal_rank, signal.SIGTERM)]
+                 SignalAtStep(args.signal_at_step, args.signal_rank, signal.SIGTERM),
+                 SignalWhileEvaluating(args.signal_at_epoch_end, args.signal_rank, signal.SIGTERM)]
     trainer = Trainer(config, callbacks=callbacks)
     if args.kill_before_last_of_epoch:
         save = trainer.save

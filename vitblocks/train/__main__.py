@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.fit(progress=not args.no_progress and sys.stderr.isatty())  # no bar in logs: one line per epoch
     except TrainingInterrupted as stop:
         if trainer is None or trainer.runtime.is_main:
-            print(f"{stop}. Continue with: {_resume_command(argv, args)}", file=sys.stderr, flush=True)
+            print(f"{stop}. Continue with: {_resume_command(argv)}", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
         kept = trainer.last_good_checkpoint if trainer is not None else None
@@ -97,7 +97,7 @@ def _message(error: BaseException) -> str:
     return text or f"{type(error).__name__} (no message)"
 
 
-def _resume_command(argv: list[str] | None, args: argparse.Namespace) -> str:
+def _resume_command(argv: list[str] | None) -> str:
     """The command line that continues this run: the same one, with --resume auto."""
     words = list(sys.argv[1:] if argv is None else argv)
     if "--resume" in words:

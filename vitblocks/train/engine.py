@@ -234,6 +234,7 @@ class Trainer:
         Returns:
             Model, optimizer, schedule, scaler and EMA states, the `TrainingState`, config and RNG.
         """
+        ranks = ranks or [self._own_state()]
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -243,9 +244,9 @@ class Trainer:
             **self.state.state_dict(),
             "classes": list(self.data.classes),
             "config": to_dict(self.config),
-            "rng": ckpt.rng_state(),
+            "rng": ranks[0]["rng"],  # the main process's, as checkpoints have always held
             "world_size": self.runtime.world_size,
-            "ranks": ranks or [self._own_state()],
+            "ranks": ranks,
         }
 
     def _own_state(self) -> dict[str, Any]:
@@ -433,25 +434,25 @@ class Trainer:
                 "seconds": seconds, "images": images, "data_wait_s": data_wait,
                 "step_img_s": images / max(seconds - data_wait, 1e-9)}
 
-    def _stop_if_asked(self, saved: Path | None = None) -> None:
+    def _stop_if_asked(self, write: bool = True) -> None:
         """After an optimizer step (or an epoch's checkpoints): stop if any process received a stop signal.
 
         Args:
-            saved: The checkpoint already written at this point, if any (else `last.pth` is written).
+            write: Write `last.pth` first (False where it was just written, at an epoch's end);
+                the same on every process, since writing one is a collective step.
 
         Raises:
             TrainingInterrupted: Naming the signal and the checkpoint to resume from.
         """
         if not distributed.any_rank(self._stop.received is not None, self.runtime):
             return
-        saved = saved or self.save()
+        if write:
+            self.save()
         # no process leaves before the main one has written: torchrun stops the others when one exits
         distributed.any_rank(False, self.runtime)
         state = self.state
-        if saved is None and not self.runtime.is_main:
-            saved = self.output_dir / "last.pth"  # written by the main process
-        raise TrainingInterrupted(self._stop.received or "a signal to another process", saved, state.step,
-                                  state.epoch + (state.batch > 0), state.batch)
+        raise TrainingInterrupted(self._stop.received or "a signal to another process", self.output_dir / "last.pth",
+                                  state.step, state.epoch + (state.batch > 0), state.batch)
 
     def _show_progress(self, bar: Any, loss: float | None, images: int, start: float) -> None:
         if loss is not None:
@@ -603,10 +604,10 @@ class Trainer:
                 improved = state.finish_epoch(row)
                 if improved:  # best first: a crash between the writes leaves last.pth behind, never best.pth
                     self.save("best.pth")
-                saved = self.save()
+                self.save()
                 self._each("on_epoch_recorded", row)
                 if state.epoch < config.epochs:
-                    self._stop_if_asked(saved=saved or self.last_good_checkpoint)
+                    self._stop_if_asked(write=False)
         if self.runtime.is_main:
             self._finish(time.perf_counter() - start, images)
         return {**state.history[-1], "best_top1": state.best_top1}
