@@ -10,8 +10,10 @@ official-checkpoint converter all read files through it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +34,21 @@ def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> None:
         obj: What to save.
         path: Destination.
     """
+    with _replacing(path) as tmp:
+        torch.save(obj, tmp)
+
+
+@contextlib.contextmanager
+def _replacing(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary file beside `path` to write; on success it is synced and renamed over
+    `path`, on any error (KeyboardInterrupt too) removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
+        yield tmp
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -60,20 +70,11 @@ def save_model_atomic(model: torch.nn.Module, path: str | os.PathLike) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import save_model
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with _replacing(path) as tmp:
         try:
             save_model(model, tmp)
         except SafetensorError as error:  # how safetensors reports a failed write (ENOSPC among others)
-            raise OSError(f"safetensors could not write {path.name}: {error}") from error
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            raise OSError(f"safetensors could not write {Path(path).name}: {error}") from error
 
 
 def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
