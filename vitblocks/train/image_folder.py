@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,24 +63,23 @@ def is_image(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
-def _listdir(folder: Path) -> list[os.DirEntry]:
+def _entries(folder: Path, ordered: bool = True) -> Iterator[os.DirEntry]:
+    """A folder's entries: sorted by name, or as the filesystem lists them (read lazily, so a
+    search that stops early does not list a large folder whole)."""
     try:
         with os.scandir(folder) as entries:
-            return sorted(entries, key=lambda entry: entry.name)
+            yield from sorted(entries, key=lambda entry: entry.name) if ordered else entries
     except OSError as error:
         raise FolderError(f"cannot read the folder {folder}: {error.strerror or error}; fix its permissions or "
                           "move it out of the dataset") from None
 
 
-def _walk(folder: Path, seen: set[tuple[int, int]], loops: list[str], first_only: bool = False) -> list[str]:
-    """Image paths below `folder`, depth first and sorted, each folder visited once."""
-    images: list[str] = []
+def _walk(folder: Path, seen: set[tuple[int, int]], loops: list[str], ordered: bool = True) -> Iterator[str]:
+    """Image paths below `folder`, depth first (sorted when `ordered`), each folder visited once."""
     pending = [folder]
     while pending:
-        current = pending.pop()
-        entries = _listdir(current)
         subfolders = []
-        for entry in entries:
+        for entry in _entries(pending.pop(), ordered):
             if entry.is_dir(follow_symlinks=True):
                 info = entry.stat(follow_symlinks=True)
                 if (info.st_dev, info.st_ino) in seen:
@@ -89,11 +88,8 @@ def _walk(folder: Path, seen: set[tuple[int, int]], loops: list[str], first_only
                 seen.add((info.st_dev, info.st_ino))
                 subfolders.append(Path(entry.path))
             elif is_image(entry.name) and entry.is_file(follow_symlinks=True):
-                images.append(entry.path)
-                if first_only:
-                    return images
+                yield entry.path
         pending.extend(reversed(subfolders))
-    return images
 
 
 def class_folders(split: Path) -> list[Path]:
@@ -108,7 +104,7 @@ def class_folders(split: Path) -> list[Path]:
     Raises:
         FolderError: If the split folder cannot be listed.
     """
-    return [Path(entry.path) for entry in _listdir(split) if entry.is_dir(follow_symlinks=True)]
+    return [Path(entry.path) for entry in _entries(split) if entry.is_dir(follow_symlinks=True)]
 
 
 def holds_images(folder: Path) -> bool:
@@ -124,7 +120,7 @@ def holds_images(folder: Path) -> bool:
         FolderError: If a folder on the way cannot be listed.
     """
     info = folder.stat()
-    return bool(_walk(folder, {(info.st_dev, info.st_ino)}, [], first_only=True))
+    return next(_walk(folder, {(info.st_dev, info.st_ino)}, [], ordered=False), None) is not None
 
 
 @dataclass
@@ -167,7 +163,7 @@ def scan_split(split: Path) -> FolderScan:
             scan.loops.append(str(folder))
             continue
         seen.add((mark.st_dev, mark.st_ino))
-        images = _walk(folder, seen, scan.loops)
+        images = list(_walk(folder, seen, scan.loops))
         if not images:
             scan.empty.append(folder.name)
             continue
