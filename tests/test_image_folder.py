@@ -14,6 +14,17 @@ from vitblocks.train.data import DataError, build_dataset, dataset_classes
 from vitblocks.train.image_folder import ImageFiles, load_image, scan_split
 
 
+@pytest.fixture
+def train_log(caplog):
+    """The trainer's warnings; its logger does not propagate once a Trainer exists, so the
+    capture handler is attached to it directly."""
+    logger = logging.getLogger("vitblocks.train")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING, logger="vitblocks.train")
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
 def write_images(folder, count, suffix=".png", shade=100, size=20):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(shade)
@@ -43,18 +54,16 @@ def test_every_counted_image_is_loaded_whatever_its_format_and_depth(tmp_path):
     assert tuple(image.shape) == (3, 32, 32) and label == 2
 
 
-def test_a_link_loop_is_skipped_and_named(tmp_path, caplog):
+def test_a_link_loop_is_skipped_and_named(tmp_path, train_log):
     root = tmp_path / "data"
     for name, shade in (("c0", 50), ("c1", 150)):
         write_images(root / "train" / name, 12, shade=shade)
     os.symlink("..", root / "train" / "c0" / "loop")
-    with caplog.at_level(logging.WARNING, logger="vitblocks.train"):
-        scan = scan_split(root / "train")
+    scan = scan_split(root / "train")
     assert len(scan.files) == 24 and scan.counts == {"c0": 12, "c1": 12}
     assert scan.loops == [str(root / "train" / "c0" / "loop")]
-    with caplog.at_level(logging.WARNING, logger="vitblocks.train"):
-        build_dataset(folder_config(tmp_path, root, 2), train=True)
-    assert "reached a second time through links" in caplog.text and "c0/loop" in caplog.text
+    build_dataset(folder_config(tmp_path, root, 2), train=True)
+    assert "reached a second time through links" in train_log.text and "c0/loop" in train_log.text
 
 
 def test_16_bit_images_are_scaled_not_clipped(tmp_path):
@@ -66,27 +75,25 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     assert np.abs(pixels - expected).max() <= 1 and len(np.unique(pixels)) > 200
 
 
-def test_an_empty_class_folder_is_named(tmp_path, caplog):
+def test_an_empty_class_folder_is_named(tmp_path, train_log):
     root = tmp_path / "data"
     write_images(root / "train" / "ant", 2)
     write_images(root / "train" / "bee", 2)
     (root / "train" / "wasp").mkdir()
     with pytest.raises(DataError, match=r"has 2 classes \(ant, bee; not counted, as they hold no images: wasp\)"):
         dataset_classes(folder_config(tmp_path, root, 3))
-    with caplog.at_level(logging.WARNING, logger="vitblocks.train"):
-        build_dataset(folder_config(tmp_path, root, 2), train=True)
-    assert "class folders without images, not counted as classes: wasp" in caplog.text
+    build_dataset(folder_config(tmp_path, root, 2), train=True)
+    assert "class folders without images, not counted as classes: wasp" in train_log.text
 
 
-def test_corrupt_images_are_named_and_skipped_up_to_a_limit(tmp_path, caplog, capsys):
+def test_corrupt_images_are_named_and_skipped_up_to_a_limit(tmp_path, train_log, capsys):
     root = tmp_path / "data"
     for split in ("train", "val"):
         for name, shade in (("a", 40), ("b", 120), ("c", 200)):
             write_images(root / split / name, 8, shade=shade)
             (root / split / name / "0.png").write_bytes(b"not a png")  # the first image of every class
-    with caplog.at_level(logging.WARNING, logger="vitblocks.train"):
-        trainer = Trainer(folder_config(tmp_path, root, 3))
-    assert "3 images cannot be decoded and will be skipped" in caplog.text and "a/0.png" in caplog.text
+    trainer = Trainer(folder_config(tmp_path, root, 3))
+    assert "3 images cannot be decoded and will be skipped" in train_log.text and "a/0.png" in train_log.text
     trainer.fit(progress=False)  # 21 of 24 images are fine: the run trains
     out = capsys.readouterr().out
     assert "24 train / 24 val images, 3 classes (train images per class: a 8, b 8, c 8)" in out
