@@ -208,3 +208,15 @@ def test_sharing_page_shows_the_digits_table_of_its_committed_run():
     assert all(r["parameters"] < base["parameters"] for r in conversions if r["rank"] != "full")
     # full rank reproduces the base exactly, on real data
     assert all(r["top1_converted"] == base["top1_converted"] for r in conversions if r["rank"] == "full")
+
+
+def test_training_guide_shows_the_feed_table_of_its_committed_run():
+    from benchmarks.feed import markdown
+
+    run = json.loads((ROOT / "docs" / "benchmarks" / "cpu" / "feed.json").read_text())
+    table = markdown(run["loader"], run["step"], run["environment"])
+    assert table == (ROOT / "docs" / "benchmarks" / "cpu" / "feed.md").read_text()
+    assert table.strip() in (ROOT / "docs" / "training.md").read_text()
+    for row in run["loader"]:
+        assert row["ratio"] == pytest.approx(row["uint8_ms_per_image"] / row["float32_ms_per_image"])
+    assert run["step"]["ratio"] == pytest.approx(run["step"]["trainer_img_s"] / run["step"]["bare_step_img_s"])

@@ -115,9 +115,11 @@ def test_image_folder_training_with_timm_augmentation(tmp_path):
                                                          cutmix=1.0, label_smoothing=0.1, repeated_aug=True))
     dataset = build_dataset(config, train=True)
     names = " ".join(type(t).__name__ for t in dataset.transform.transforms)
-    assert "RandAugment" in names and "RandomErasing" in names and "RandomResizedCrop" in names
+    assert "RandAugment" in names and "RandomResizedCrop" in names and "RandomErasing" not in names
+    assert dataset[0][0].dtype == torch.uint8  # workers send uint8; erasing runs on the device
     trainer = Trainer(config)
     assert trainer.data.train_sampler.repeats == 3
+    assert trainer.data.train_loader(config, trainer.device).random_erasing.probability == 0.25
     trainer.fit(progress=False)
 
 

@@ -1,4 +1,5 @@
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train_helpers import tiny_config
+from train_helpers import doubled_batch_config, tiny_config
 from vitblocks.io import CheckpointError
 from vitblocks.train import ConfigError, OnStepEnd, Trainer, TrainingDiverged, load_recipe
 from vitblocks.train.checkpoint import load_training_checkpoint, save_atomic
@@ -52,9 +53,9 @@ def test_a_run_writes_metrics_checkpoints_plot_and_safetensors(tmp_path, capsys)
 def test_the_log_states_the_step_and_splits_loader_wait_from_step_time(tmp_path, monkeypatch, capsys):
     import time
 
-    import vitblocks.train.engine as engine
+    import vitblocks.train.builders as builders
 
-    make_loader = engine.make_loader
+    make_loader = builders.make_loader
 
     class SlowLoader:
         def __init__(self, loader):
@@ -65,7 +66,7 @@ def test_the_log_states_the_step_and_splits_loader_wait_from_step_time(tmp_path,
                 time.sleep(0.05)
                 yield batch
 
-    monkeypatch.setattr(engine, "make_loader", lambda *args: SlowLoader(make_loader(*args)))
+    monkeypatch.setattr(builders, "make_loader", lambda *args, **kwargs: SlowLoader(make_loader(*args, **kwargs)))
     config = tiny_config(tmp_path, epochs=1)
     config.optim.accum_steps = 2
     Trainer(config).fit(progress=False)
@@ -231,6 +232,23 @@ def test_two_gloo_processes_end_with_identical_weights_also_after_a_sigterm_and_
         final = torch.load(stopped / f"rank{rank}.pt", weights_only=True)
         for key in rank0:
             assert torch.equal(final[key], rank0[key]), (rank, key)
+
+
+def test_two_processes_compute_one_process_at_the_doubled_batch_and_reduce_only_on_updates(tmp_path):
+    result = torchrun(tmp_path / "two", "--doubled-batch-check")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "DDP with gradients as bucket views, all-reducing only each update's last batch (no_sync)" in (
+        result.stdout + result.stderr)
+    for rank in (0, 1):  # 4 batches, 2 per update: only the backward of each update's last batch all-reduces
+        reduced_at = json.loads((tmp_path / "two" / f"reduced{rank}.json").read_text())
+        assert reduced_at and set(reduced_at) == {1, 3} and reduced_at.count(1) == reduced_at.count(3)
+    one = Trainer(doubled_batch_config(tmp_path / "one", batch_size=16))
+    one.fit(progress=False)
+    two = torch.load(tmp_path / "two" / "rank0.pt", weights_only=True)
+    for key, value in one.model.state_dict().items():
+        torch.testing.assert_close(two[key], value, atol=2e-6, rtol=1e-5, msg=key)
+    assert float(read_metrics(tmp_path / "two")[0]["train_loss"]) == pytest.approx(
+        float(read_metrics(tmp_path / "one")[0]["train_loss"]), rel=1e-5)
 
 
 def test_sampler_resumes_mid_epoch_and_splits_ranks():

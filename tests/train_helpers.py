@@ -21,6 +21,18 @@ def tiny_config(output_dir, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def doubled_batch_config(output_dir, batch_size) -> TrainConfig:
+    """A run with no randomness beyond the data order and no BatchNorm (a tiny ViT), 2 batches per
+    update: two processes at `batch_size` and one at twice it compute the same updates."""
+    return TrainConfig(
+        model=ModelConfig("vit_tiny_patch16_224", kwargs=dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)),
+        data=DataConfig(dataset="synthetic", img_size=32, num_classes=4, batch_size=batch_size, workers=0,
+                        synthetic_samples=64),
+        augment=AugmentConfig(auto_augment=None, re_prob=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.0),
+        optim=OptimConfig(lr=1e-3, accum_steps=2), schedule=ScheduleConfig(warmup_epochs=0), epochs=1,
+        output_dir=str(output_dir))
+
+
 TINY_RECIPE = '''
 from vitblocks.train import AugmentConfig, DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
 

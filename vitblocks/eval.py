@@ -117,7 +117,7 @@ def run(checkpoint: str, data_root: str | None = None, overrides: list[str] | No
     except DataError as error:
         raise DataError(error.problem, "Give the dataset root with --data /path/to/dataset (it needs a val/ "
                                        "folder of class folders), or change the stored config with --set.") from None
-    return evaluate(model.to(device), data.val_loader(config), device)
+    return evaluate(model.to(device), data.val_loader(config, device), device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,14 +22,17 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from vitblocks.io import CheckpointError, read_checkpoint
 from vitblocks.layers.relax import per_loop_offsets
 from vitblocks.models.convert import convert_to_recursive
 from vitblocks.models.create import create_model_at_size
 from vitblocks.train.config import ConfigError, TrainConfig
-from vitblocks.train.data import ResumableSampler, build_dataset, dataset_classes, make_loader
+from vitblocks.train.data import ResumableSampler, build_dataset, dataset_classes
+from vitblocks.train.device_decode import DeviceDecode
+from vitblocks.train.feed import make_loader
+from vitblocks.train.timm_datasets import is_stream
 from vitblocks.train.distill import DistillationLoss, build_teacher
 from vitblocks.train.distributed import Runtime
 
@@ -97,7 +100,7 @@ def convert_model(model: nn.Module, options: dict[str, Any], load_base: bool = T
 
 @dataclass
 class Data:
-    """The datasets and samplers of a run.
+    """The datasets and samplers of a run, and the loaders that bring their batches to the device.
 
     Attributes:
         train_set: Training images (None when only evaluating).
@@ -116,18 +119,53 @@ class Data:
     steps_per_epoch: int = 0
     updates_per_epoch: int = 0
     classes: list[str] = field(default_factory=list)
+    _loaders: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
-    def val_loader(self, config: TrainConfig) -> Any:
-        """A loader over the validation set.
+    def train_loader(self, config: TrainConfig, device: torch.device | str = "cpu") -> Any:
+        """The training batches on `device` (`vitblocks.train.feed.make_loader`), one loader for the run.
 
         Args:
-            config: Batch size, workers and seed.
+            config: Batch size, workers, normalization, random erasing and seed.
+            device: Where batches go.
+
+        Returns:
+            The loader; set the sampler's epoch before each pass.
+        """
+        return self._loader("train", self.train_set, self.train_sampler, config, device)
+
+    def val_loader(self, config: TrainConfig, device: torch.device | str = "cpu") -> Any:
+        """The validation batches on `device`, one loader for the run.
+
+        Args:
+            config: Batch size, workers, normalization and seed.
+            device: Where batches go.
 
         Returns:
             The loader.
         """
-        return make_loader(self.val_set, self.val_sampler, config.data.batch_size, config.data.workers, False,
-                           config.seed)
+        return self._loader("val", self.val_set, self.val_sampler, config, device)
+
+    def _loader(self, split: str, dataset: Dataset, sampler: ResumableSampler, config: TrainConfig,
+                device: torch.device | str) -> Any:
+        key = f"{split}:{torch.device(device)}"
+        if key not in self._loaders:
+            data, train = config.data, split == "train"
+            encoded = getattr(dataset, "read_bytes", False)
+            uint8 = encoded or getattr(dataset, "uint8", False)
+            decode = None
+            if encoded:
+                aug = config.augment
+                decode = DeviceDecode(data.img_size, train, torch.device(device), aug.scale, aug.hflip, data.crop_pct,
+                                      data.interpolation, data.max_bad_images)
+            self._loaders[key] = make_loader(
+                dataset, sampler, data.batch_size, data.workers, train, config.seed, device,
+                normalize=(data.mean, data.std) if uint8 else None,
+                re_prob=config.augment.re_prob if train and uint8 else 0.0, decode=decode)
+        return self._loaders[key]
+
+    def close(self) -> None:
+        """Stop the loaders' worker processes (they live until this, across epochs)."""
+        self._loaders.clear()
 
 
 def build_data(config: TrainConfig, runtime: Runtime | None = None, train: bool = True,
@@ -150,20 +188,32 @@ def build_data(config: TrainConfig, runtime: Runtime | None = None, train: bool 
     """
     rank, world = (runtime.rank, runtime.world_size) if runtime else (0, 1)
     classes = classes if classes is not None else dataset_classes(config)
-    val_set = build_dataset(config, train=False, classes=classes)
+    device = runtime.device if runtime else "cpu"
+    val_set = build_dataset(config, train=False, classes=classes, device=device)
     val_sampler = ResumableSampler(len(val_set), False, config.seed, rank, world)
     if not train:
         return Data(None, val_set, None, val_sampler, classes=classes)
-    train_set = build_dataset(config, train=True, classes=classes)
+    train_set = build_dataset(config, train=True, classes=classes, device=device)
     repeats = 3 if config.augment.repeated_aug else 1
-    sampler = ResumableSampler(len(train_set), True, config.seed, rank, world, repeats)
-    steps = len(sampler) // config.data.batch_size
-    if steps < config.optim.accum_steps:
+    if is_stream(train_set):  # the sampler only holds the epoch, the samples to skip and the epoch's length
+        if config.augment.repeated_aug:
+            raise ConfigError(f"augment.repeated_aug=True needs random access to the images; {config.data.dataset} is "
+                              "read as a stream: set augment.repeated_aug=False")
+        total = getattr(getattr(train_set, "reader", None), "num_samples", None) or len(train_set)
+        sampler = ResumableSampler(total, True, config.seed, rank, world)
+    else:
+        sampler = ResumableSampler(len(train_set), True, config.seed, rank, world, repeats,
+                                   draws=not isinstance(train_set, TensorDataset))
+    accum = config.optim.accum_steps
+    # whole updates only: a batch left over would carry its gradients into the next epoch's first update
+    batches = len(sampler) // config.data.batch_size
+    steps = batches // accum * accum
+    if steps < accum:
         raise ConfigError(
-            f"the training set gives {steps} batches of {config.data.batch_size} per epoch and process, "
+            f"the training set gives {batches} batches of {config.data.batch_size} per epoch and process, "
             f"fewer than optim.accum_steps={config.optim.accum_steps}; lower data.batch_size"
         )
-    return Data(train_set, val_set, sampler, val_sampler, steps, steps // config.optim.accum_steps, classes)
+    return Data(train_set, val_set, sampler, val_sampler, steps, steps // accum, classes)
 
 
 FUSED_OPTIMIZERS = ("adam", "adamw")

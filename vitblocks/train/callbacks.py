@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from vitblocks.train.compile_modes import describe_compile
+from vitblocks.train.feed import describe_feed
 from vitblocks.train.logs import logger
 from vitblocks.train.report import MetricsLog
 
@@ -201,7 +202,8 @@ class RunHeader(Callback):
         logger.info(
             f"model    {config.model.name}: {size}\n"
             f"data     {source}: {len(data.train_set):,} train / {len(data.val_set):,} val images, "
-            f"{len(data.classes)} classes{_per_class(data.train_set)}\n"
+            f"{len(data.classes)} classes{_per_class(data.train_set)}; "
+            f"{describe_feed(data.train_loader(config, trainer.device), config.data.workers)}\n"
             f"runs on  {trainer.device} x {trainer.runtime.world_size}, {config.precision}, "
             f"attention backend {config.model.backend}\n"
             f"step     {describe_step(trainer)}\n"
@@ -224,8 +226,12 @@ def describe_step(trainer: Trainer) -> str:
     defaults = trainer.optimizer.defaults
     kernel = "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") is not False else "for-loop"
     accumulate = f", {config.optim.accum_steps} batches per update" if config.optim.accum_steps > 1 else ""
+    ddp = ""
+    if trainer.runtime.distributed:
+        ddp = "; DDP with " + ("a static graph, " if trainer.static_graph else "") + "gradients as bucket views" + (
+            ", all-reducing only each update's last batch (no_sync)" if config.optim.accum_steps > 1 else "")
     return (f"{describe_compile(config.model.compile, trainer.device)}; {optimizer} ({kernel}){accumulate}; "
-            f"losses read from the device every {config.log_every} steps")
+            f"losses read from the device every {config.log_every} steps{ddp}")
 
 
 def _per_class(dataset: Any) -> str:

@@ -38,6 +38,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from vitblocks.attention import backend_names
 from vitblocks.layers.modes import CHECKPOINT_SETTINGS
 from vitblocks.train.compile_modes import COMPILE_MODES
+from vitblocks.train.timm_datasets import TIMM_PREFIXES, is_timm_dataset
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,12 @@ class ModelConfig:
             (`loops`, `share`, `init`, `rank`, `targets`, `norms`, `biases`,
             `layer_scale`), e.g.
             `{"base_checkpoint": "runs/base/best.pth", "share": "cycle", "rank": 8}`.
+        static_graph: Under torchrun, tell DDP that every step uses the same parameters
+            in the same order (`DistributedDataParallel(static_graph=True)`), true of
+            every vitblocks and timm model here; False for a model whose forward skips
+            parameters on some steps. None: on unless gradients accumulate
+            (`optim.accum_steps` > 1), since torch's reducer fails on a static graph
+            whose first backward runs under `no_sync`.
     """
 
     name: str = "sret_t"
@@ -77,6 +84,7 @@ class ModelConfig:
     backend: str = "auto"
     compile: bool | str = False
     convert: dict[str, Any] = field(default_factory=dict)
+    static_graph: bool | None = None
 
 
 @dataclass
@@ -85,13 +93,22 @@ class DataConfig:
 
     Attributes:
         dataset: "imagefolder" (`root/train/<class>/*`, `root/val/<class>/*`), "digits"
-            (scikit-learn's bundled 8x8 digits, upsampled), or "synthetic" (random
-            images, for smoke tests).
-        root: Folder of an imagefolder dataset.
+            (scikit-learn's bundled 8x8 digits, upsampled), "synthetic" (random
+            images, for smoke tests), or a dataset of timm's `create_dataset` by its
+            name: "wds/NAME" (webdataset tar shards in `root`), "hfds/NAME",
+            "hfids/NAME", "tfds/NAME", "torch/NAME" (`vitblocks.train.timm_datasets`).
+        root: Folder of an imagefolder dataset, of webdataset shards and their
+            `_info.json`, or timm's cache folder for the other timm datasets.
+        train_split: The training split of a timm dataset (a name of its `_info.json`,
+            or a shard pattern with its sample count, "train-{0000..0099}.tar|128000").
+        val_split: Its validation split.
         img_size: Training and evaluation resolution.
         num_classes: Classifier outputs.
         batch_size: Images per step per process.
-        workers: Data-loading worker processes per process.
+        workers: Loader worker processes per training process, kept alive across
+            epochs; None: the node's CPUs shared by its processes, one CPU kept for each
+            (`vitblocks.train.feed.default_workers`). Tensors in memory (digits,
+            synthetic) live on the device and need none.
         val_fraction: Share of the digits held out for validation.
         synthetic_samples: Training images of the synthetic dataset.
         crop_pct: Evaluation center-crop fraction (0.875: resize 256, crop 224).
@@ -100,14 +117,20 @@ class DataConfig:
         std: Normalization standard deviation.
         max_bad_images: ImageFolder files that cannot be decoded which each loading
             process skips (naming them) before the run stops.
+        decode: Where an ImageFolder's images are decoded and cropped: "cpu" (PIL in
+            the loader's workers, with any timm augmentation) or "gpu" (the workers read
+            bytes; JPEGs are decoded by nvJPEG and cropped and flipped on the training
+            device, `vitblocks.train.device_decode`; no RandAugment or color jitter).
     """
 
     dataset: str = "imagefolder"
     root: str = "data/imagenet"
+    train_split: str = "train"
+    val_split: str = "validation"
     img_size: int = 224
     num_classes: int = 1000
     batch_size: int = 128
-    workers: int = 8
+    workers: int | None = None
     val_fraction: float = 0.2
     synthetic_samples: int = 64
     crop_pct: float = 0.875
@@ -115,6 +138,7 @@ class DataConfig:
     mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN
     std: tuple[float, ...] = IMAGENET_DEFAULT_STD
     max_bad_images: int = 100
+    decode: str = "cpu"
 
 
 @dataclass
@@ -269,12 +293,15 @@ class TrainConfig:
 
 _CHOICES: dict[str, typing.Callable[[], tuple[Any, ...]]] = {
     "precision": lambda: ("fp32", "bf16", "fp16"),
-    "data.dataset": lambda: ("imagefolder", "digits", "synthetic"),
     "distill.kind": lambda: ("none", "soft", "hard"),
+    "data.decode": lambda: ("cpu", "gpu"),
     "model.backend": backend_names,  # read when validating: backends registered later count
     "model.grad_checkpointing": lambda: CHECKPOINT_SETTINGS,
     "model.compile": lambda: (False, True, *COMPILE_MODES, "auto"),
 }
+
+DATASETS = ("imagefolder", "digits", "synthetic")
+"""`data.dataset` values besides timm's dataset names."""
 
 _RENAMED = {"model.attn_backend": "model.backend"}
 """Keys of configs stored in older checkpoints -> their current names."""
@@ -295,12 +322,26 @@ def validate(config: TrainConfig) -> None:
         choices = allowed()
         if values[path] not in choices:
             raise ConfigError(f"{path}={values[path]!r} is not one of {choices}")
+    dataset = config.data.dataset
+    if dataset not in DATASETS and not is_timm_dataset(dataset):
+        raise ConfigError(f"data.dataset={dataset!r} is not one of {DATASETS} nor a timm dataset name with one of the "
+                          f"prefixes {', '.join(p + '/' for p in TIMM_PREFIXES)} (e.g. 'wds/imagenet')")
     for path, value in values.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{path}={value!r} is not a finite number")
     for path in _POSITIVE:
         if values[path] < 1:
             raise ConfigError(f"{path}={values[path]!r} must be >= 1")
+    if config.data.decode == "gpu":
+        if config.data.dataset != "imagefolder":
+            raise ConfigError(f"data.decode='gpu' decodes the files of an imagefolder dataset, not "
+                              f"data.dataset={config.data.dataset!r}; set data.decode='cpu'")
+        if config.augment.auto_augment or config.augment.color_jitter:
+            raise ConfigError(
+                f"data.decode='gpu' crops, flips and erases on the device but has no RandAugment or color jitter "
+                f"(augment.auto_augment={config.augment.auto_augment!r}, augment.color_jitter="
+                f"{config.augment.color_jitter!r}); set augment.auto_augment=None augment.color_jitter=0, or "
+                "data.decode='cpu'")
     if config.distill.kind != "none" and not config.distill.teacher:
         raise ConfigError(f"distill.kind={config.distill.kind!r} needs distill.teacher (a timm model name)")
     for path, (in_range, allowed) in _RANGES.items():

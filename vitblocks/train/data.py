@@ -5,18 +5,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from timm.data import create_transform
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import Dataset, Sampler, TensorDataset
 
 from vitblocks.train.config import DataConfig, TrainConfig
+from vitblocks.train.draws import draw_key
 from vitblocks.train.extras import import_train_extra
 from vitblocks.train.image_folder import DataError, FolderError, FolderScan, ImageFiles, class_folders, holds_images
 from vitblocks.train.image_folder import load_image
 from vitblocks.train.image_folder import scan_split
 from vitblocks.train.logs import logger
+from vitblocks.train.timm_datasets import build_timm_dataset, is_timm_dataset
 
 
 _TRAINER_ADVICE = ("Point the recipe at your copy with --set data.root=/path/to/imagenet, check the recipe first "
@@ -103,7 +106,7 @@ def dataset_classes(config: TrainConfig) -> list[str]:
     data = config.data
     if data.dataset == "digits":
         names = [str(i) for i in range(10)]
-    elif data.dataset == "synthetic":
+    elif data.dataset == "synthetic" or is_timm_dataset(data.dataset):  # timm's datasets label by index
         return [str(i) for i in range(data.num_classes)]
     else:
         root = Path(data.root)
@@ -133,17 +136,18 @@ def _digits(config: DataConfig, train: bool, seed: int) -> Dataset:
     return TensorDataset(images[chosen], labels[chosen])
 
 
-def _synthetic(config: DataConfig, train: bool, seed: int) -> Dataset:
-    """Random images whose mean brightness per channel encodes the label (learnable)."""
+def _synthetic(config: DataConfig, train: bool, seed: int, device: torch.device | str = "cpu") -> Dataset:
+    """Random images whose mean brightness per channel encodes the label (learnable), made on `device`."""
     count = config.synthetic_samples if train else max(config.synthetic_samples // 4, config.batch_size)
-    gen = torch.Generator().manual_seed(seed + (0 if train else 1))
-    labels = torch.randint(0, config.num_classes, (count,), generator=gen)
-    images = torch.randn(count, 3, config.img_size, config.img_size, generator=gen)
+    gen = torch.Generator(device).manual_seed(seed + (0 if train else 1))
+    labels = torch.randint(0, config.num_classes, (count,), generator=gen, device=device)
+    images = torch.randn(count, 3, config.img_size, config.img_size, generator=gen, device=device)
     images += (labels.float() / max(config.num_classes - 1, 1) - 0.5).view(-1, 1, 1, 1) * 2
     return TensorDataset(images, labels)
 
 
-def build_dataset(config: TrainConfig, train: bool, classes: list[str] | None = None) -> Dataset:
+def build_dataset(config: TrainConfig, train: bool, classes: list[str] | None = None,
+                  device: torch.device | str = "cpu") -> Dataset:
     """The training or validation dataset of a config.
 
     Both splits of an ImageFolder dataset number their classes by one list (the train
@@ -153,6 +157,7 @@ def build_dataset(config: TrainConfig, train: bool, classes: list[str] | None = 
         config: The experiment.
         train: Training split (with augmentation) or validation split.
         classes: The class list (default: `dataset_classes(config)`).
+        device: Where synthetic images are made (they stay there for the run).
 
     Returns:
         The dataset.
@@ -165,7 +170,11 @@ def build_dataset(config: TrainConfig, train: bool, classes: list[str] | None = 
     if data.dataset == "digits":
         return _digits(data, train, config.seed)
     if data.dataset == "synthetic":
-        return _synthetic(data, train, config.seed)
+        return _synthetic(data, train, config.seed, device)
+    if is_timm_dataset(data.dataset):
+        return build_timm_dataset(data.dataset, data.root, data.train_split if train else data.val_split, train,
+                                  train_transform(config) if train else eval_transform(data, uint8=True),
+                                  data.batch_size, config.seed)
     root, split = Path(data.root), "train" if train else "val"
     check_image_folder(root, split)
     classes = classes if classes is not None else dataset_classes(config)
@@ -173,15 +182,8 @@ def build_dataset(config: TrainConfig, train: bool, classes: list[str] | None = 
     if unknown:
         raise DataError(f"{root / split} has classes that the training classes lack: {', '.join(unknown[:8])}; "
                         f"every {split}/ class folder must also be in train/ (labels follow train/'s class list)")
-    if train:
-        aug = config.augment
-        transform = create_transform(
-            data.img_size, is_training=True, auto_augment=aug.auto_augment, color_jitter=aug.color_jitter,
-            hflip=aug.hflip, scale=aug.scale, re_prob=aug.re_prob, re_mode="pixel", interpolation=data.interpolation,
-            mean=data.mean, std=data.std,
-        )
-    else:
-        transform = eval_transform(data)
+    gpu_decode = data.decode == "gpu"
+    transform = None if gpu_decode else train_transform(config) if train else eval_transform(data, uint8=True)
     try:
         scan = scan_split(root / split)
     except FolderError as error:
@@ -189,7 +191,7 @@ def build_dataset(config: TrainConfig, train: bool, classes: list[str] | None = 
     report_scan(root / split, scan)
     check_images_open(scan, root / split)
     return ImageFiles(root / split, {name: i for i, name in enumerate(classes)}, transform,
-                      max_bad_images=data.max_bad_images, scan=scan)
+                      max_bad_images=data.max_bad_images, scan=scan, uint8=not gpu_decode, read_bytes=gpu_decode)
 
 
 def report_scan(folder: Path, scan: FolderScan) -> None:
@@ -241,22 +243,83 @@ def check_images_open(scan: FolderScan, folder: Path, tries: int = 3) -> None:
         logger.warning(f"{folder}: {len(bad)} images cannot be decoded and will be skipped: {shown}")
 
 
-def eval_transform(data: DataConfig) -> Callable:
+def train_transform(config: TrainConfig) -> Callable:
+    """Training transform of decoded images: timm's random-resized crop, flip, RandAugment or
+    color jitter, to uint8 (C, H, W); normalizing and random erasing run on the device
+    (`vitblocks.train.feed`).
+
+    Args:
+        config: Image size, interpolation and the augmentation.
+
+    Returns:
+        A torchvision transform.
+    """
+    data, aug = config.data, config.augment
+    transform = create_transform(
+        data.img_size, is_training=True, auto_augment=aug.auto_augment, color_jitter=aug.color_jitter,
+        hflip=aug.hflip, scale=aug.scale, interpolation=data.interpolation, mean=data.mean, std=data.std,
+        use_prefetcher=True,
+    )
+    return with_safe_posterize(transform)
+
+
+def with_safe_posterize(transform: Callable) -> Callable:
+    """A timm training transform whose RandAugment / AutoAugment posterize keeps working with Pillow 13.
+
+    Args:
+        transform: From `timm.data.create_transform` (changed in place).
+
+    Returns:
+        The same transform, its posterize operations using `posterize_keeping_no_bits`.
+    """
+    for step in getattr(transform, "transforms", []):
+        for op in getattr(step, "ops", []):  # RandAugment / AutoAugment operations
+            if op.name.startswith("Posterize"):
+                op.aug_fn = posterize_keeping_no_bits
+    return transform
+
+
+def posterize_keeping_no_bits(image: Any, bits_to_keep: int, **_: Any) -> Any:
+    """timm's posterize, also for 0 bits kept (a black image), which Pillow 13 refuses.
+
+    At the top of its magnitude range timm's posterize asks to keep 0 bits (the DeiT
+    policy "rand-m9-mstd0.5-inc1" draws it for about 1 in 600 images); Pillow before 13
+    gave a black image and Pillow 13 raises ValueError, which stopped the worker and the run.
+
+    Args:
+        image: A PIL image.
+        bits_to_keep: Most significant bits kept per channel (8 or more: unchanged).
+
+    Returns:
+        The posterized image.
+    """
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+def eval_transform(data: DataConfig, uint8: bool = False) -> Callable:
     """Evaluation transform: resize to img_size / crop_pct, center-crop img_size, normalize.
 
     Args:
         data: Image size, crop fraction, interpolation and normalization.
+        uint8: Stop before normalizing: uint8 (C, H, W) tensors, normalized later on the
+            device (`vitblocks.train.feed`).
 
     Returns:
         A torchvision transform.
     """
     return create_transform(
         data.img_size, is_training=False, crop_pct=data.crop_pct, interpolation=data.interpolation,
-        mean=data.mean, std=data.std,
+        mean=data.mean, std=data.std, use_prefetcher=uint8,
     )
 
 
-class ResumableSampler(Sampler[int]):
+class ResumableSampler(Sampler):
     """Epoch-seeded sample order that can start part-way through an epoch.
 
     Each rank takes every `world_size`-th index of a permutation that depends only on
@@ -271,12 +334,14 @@ class ResumableSampler(Sampler[int]):
         rank: This process's rank.
         world_size: Number of processes.
         repeats: Repetitions of each index per epoch.
+        draws: Yield `(index, key)` pairs, the key naming the sample's place in the
+            epoch (`vitblocks.train.draws`), for datasets wrapped in `SeededDraws`.
     """
 
     def __init__(self, length: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 repeats: int = 1) -> None:
+                 repeats: int = 1, draws: bool = False) -> None:
         self.length, self.shuffle, self.seed = length, shuffle, seed
-        self.rank, self.world_size, self.repeats = rank, world_size, repeats
+        self.rank, self.world_size, self.repeats, self.draws = rank, world_size, repeats, draws
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -290,48 +355,31 @@ class ResumableSampler(Sampler[int]):
         """
         self.epoch, self.skip = epoch, skip
 
-    def _indices(self) -> list[int]:
+    def _order(self) -> torch.Tensor:
+        """(2, N): this process's indices and their places in the epoch's full order."""
         if self.shuffle:
             order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
         else:
             order = torch.arange(self.length)
         if self.repeats > 1:
             order = order.repeat_interleave(self.repeats)[: self.length]
+        order = torch.stack([order, torch.arange(len(order))])
         if self.shuffle and self.world_size > 1:  # equal shares, so every rank runs the same number of steps
             order = self._padded(order)
-        order = order[self.skip :]
+        order = order[:, self.skip :]
         if self.shuffle and self.world_size > 1:  # the rest, shared equally again (another process count)
             order = self._padded(order)
-        return order[self.rank :: self.world_size].tolist()
+        return order[:, self.rank :: self.world_size]
 
     def _padded(self, order: torch.Tensor) -> torch.Tensor:
-        per_rank = math.ceil(len(order) / self.world_size)
-        return torch.cat([order, order[: per_rank * self.world_size - len(order)]])
+        per_rank = math.ceil(order.shape[1] / self.world_size)
+        return torch.cat([order, order[:, : per_rank * self.world_size - order.shape[1]]], dim=1)
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices())
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
+        indices, positions = self._order().tolist()
+        if not self.draws:
+            return iter(indices)
+        return iter([(index, draw_key(self.seed, self.epoch, position)) for index, position in zip(indices, positions)])
 
     def __len__(self) -> int:
-        return len(self._indices())
-
-
-def make_loader(dataset: Dataset, sampler: ResumableSampler, batch_size: int, workers: int, train: bool,
-                seed: int) -> DataLoader:
-    """A DataLoader over a resumable sampler.
-
-    Args:
-        dataset: The dataset.
-        sampler: Its sampler, with the epoch already set.
-        batch_size: Samples per batch.
-        workers: Worker processes.
-        train: Drop the last partial batch.
-        seed: Base seed; worker seeds follow the sampler's epoch.
-
-    Returns:
-        The loader.
-    """
-    return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=train,
-        pin_memory=torch.cuda.is_available(), persistent_workers=False,
-        generator=torch.Generator().manual_seed(seed * 7919 + sampler.epoch),
-    )
+        return self._order().shape[1]

@@ -33,7 +33,6 @@ from vitblocks.train.builders import Data, build_criterion, build_data, build_mo
 from vitblocks.train.callbacks import Callback, LossRecord, TrainingDiverged, default_callbacks
 from vitblocks.train.compile_modes import compile_mode, graphs_refusals
 from vitblocks.train.config import ConfigError, TrainConfig, to_dict
-from vitblocks.train.data import make_loader
 from vitblocks.train.distill import DistillationLoss
 from vitblocks.train.extras import import_train_extra
 from vitblocks.train.health import checkpoint_problem
@@ -182,10 +181,18 @@ class Trainer:
     def _wrap_for_training(self, model: nn.Module) -> nn.Module:
         config, rt = self.config, self.runtime
         train_model: nn.Module = model
+        self.static_graph = config.model.static_graph
+        if self.static_graph is None:
+            self.static_graph = config.optim.accum_steps == 1
+        if rt.distributed and self.static_graph and config.optim.accum_steps > 1:
+            raise ConfigError("model.static_graph=True with optim.accum_steps > 1 fails in torch's DDP reducer (the "
+                              "first backward runs under no_sync); set model.static_graph=None")
         if rt.distributed:
-            # gradients as views of DDP's buckets: the channels-last stem's gradients then need no stride match
+            # gradients as views of DDP's buckets: the channels-last stem's gradients then need no stride match;
+            # a static graph (the same parameters used in the same order every step, which these models keep: drop
+            # path multiplies by masks, it never skips) lets DDP reuse its bucket order and take checkpointing
             train_model = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None,
-                                                  gradient_as_bucket_view=True)
+                                                  gradient_as_bucket_view=True, static_graph=self.static_graph)
         mode = compile_mode(config.model.compile, self.device)
         self.graphs = mode == "graphs"
         if mode == "regional":
@@ -387,8 +394,7 @@ class Trainer:
         config, state, accum = self.config, self.state, self.config.optim.accum_steps
         sampler = self.data.train_sampler
         sampler.set_epoch(state.epoch, skip=state.epoch_samples)
-        loader = make_loader(self.data.train_set, sampler, config.data.batch_size, config.data.workers, True,
-                             config.seed)
+        loader = self.data.train_loader(config, self.device)
         self.train_model.train()
         state.start_epoch()
         start, images = time.perf_counter(), 0
@@ -402,7 +408,6 @@ class Trainer:
             except StopIteration:
                 break
             data_wait += time.perf_counter() - fetch
-            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             if self.mixup is not None:
                 inputs, targets = self.mixup(inputs, targets)
             last_of_update = (state.batch + 1) % accum == 0
@@ -520,7 +525,7 @@ class Trainer:
         Returns:
             `val_loss`, `val_top1`, `val_top5`.
         """
-        return evaluate(model or self.model, self.data.val_loader(self.config), self.device, self._autocast(),
+        return evaluate(model or self.model, self.data.val_loader(self.config, self.device), self.device, self._autocast(),
                         self.runtime)
 
     # ---- the run -----------------------------------------------------------------
@@ -547,6 +552,7 @@ class Trainer:
             with self._stop:
                 return self._fit(progress)
         finally:
+            self.data.close()  # the loaders' workers end with the run
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None

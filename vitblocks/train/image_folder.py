@@ -17,9 +17,10 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 logger = logging.getLogger("vitblocks.train")
@@ -173,11 +174,11 @@ def scan_split(split: Path) -> FolderScan:
     return scan
 
 
-def load_image(path: str) -> Any:
+def load_image(path: str | Path | BinaryIO) -> Any:
     """Open an image as 8-bit RGB, scaling 16-bit and 32-bit integer pixels instead of clipping them.
 
     Args:
-        path: The file.
+        path: The file (or its bytes, as a file object).
 
     Returns:
         A PIL image in mode RGB.
@@ -206,11 +207,17 @@ class ImageFiles(Dataset):
         transform: Applied to each PIL image.
         max_bad_images: Undecodable files skipped per loading process before the run stops.
         scan: A scan of `split` already made.
+        uint8: The transform gives uint8 (C, H, W) tensors, to be normalized on the device
+            (`vitblocks.train.feed`).
+        read_bytes: Give each file's bytes (a uint8 1-D tensor) instead of decoding it, for
+            decoding on the device (`vitblocks.train.device_decode`); `transform` is not used.
     """
 
     def __init__(self, split: Path, class_to_index: dict[str, int], transform: Callable | None = None,
-                 max_bad_images: int = 100, scan: FolderScan | None = None) -> None:
+                 max_bad_images: int = 100, scan: FolderScan | None = None, uint8: bool = False,
+                 read_bytes: bool = False) -> None:
         self.split, self.transform, self.max_bad_images = Path(split), transform, max_bad_images
+        self.uint8, self.read_bytes = uint8, read_bytes
         self.scan = scan or scan_split(self.split)
         self.samples = [(path, class_to_index[label]) for path, label in zip(self.scan.files, self.scan.labels)]
         self.bad: list[str] = []
@@ -232,6 +239,8 @@ class ImageFiles(Dataset):
         for attempt in range(len(self.samples)):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             try:
+                if self.read_bytes:
+                    return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8), label
                 image = load_image(path)
             except Exception as error:  # noqa: BLE001 - PIL raises many types for files it cannot decode
                 self._skip(path, error)

@@ -1,0 +1,247 @@
+"""Batches on the training device, ready for the model.
+
+Three ways a batch reaches the device, chosen by what the dataset holds:
+
+- **Decoded image files** (`ImageFiles` built with `uint8=True`): worker processes decode
+  and crop, and send uint8 images (a quarter of float32's bytes) into pinned memory;
+  timm's `PrefetchLoader` copies the next batch on a side stream while the current one
+  trains, and normalizes and randomly erases it on the device.
+- **Tensors in memory** (`TensorDataset`: the digits, synthetic images): they live on the
+  device for the whole run and a batch is one `index_select` there; no worker, no copy.
+- **Streams** (iterable datasets: webdataset shards and the other streamed timm datasets,
+  `vitblocks.train.timm_datasets`): uint8 batches as for image files, from a stream
+  restarted each epoch with seeds drawn from (seed, epoch), so that a resumed epoch can
+  replay it and drop what was already trained on.
+- **Any other dataset**: a plain `DataLoader`, its batches copied as they come (they are
+  taken to be model-ready, e.g. already normalized floats).
+
+Mixup and CutMix run on the device in the trainer, on the batches these loaders give.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from timm.data.loader import PrefetchLoader, fast_collate
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from vitblocks.train.data import ResumableSampler
+from vitblocks.train.device_decode import DecodedBatches, DeviceDecode, collate_encoded
+from vitblocks.train.draws import SeededDraws
+from vitblocks.train.timm_datasets import is_stream
+
+MAX_DEFAULT_WORKERS = 16
+"""The most loader workers `data.workers=None` picks per process."""
+
+
+def default_workers(processes_per_node: int = 1, cpus: int | None = None) -> int:
+    """Loader workers per training process when `data.workers` is None.
+
+    The node's CPUs are shared by its training processes, and each process keeps one CPU
+    for itself (it launches the device's work and runs the loop): `cpus / processes - 1`,
+    at least 1 and at most `MAX_DEFAULT_WORKERS`.
+
+    Args:
+        processes_per_node: Training processes on this machine (torchrun's
+            `LOCAL_WORLD_SIZE`).
+        cpus: CPUs this process may use (default: its affinity mask).
+
+    Returns:
+        The worker count.
+
+    Example:
+        >>> default_workers(8, cpus=96), default_workers(1, cpus=2)
+        (11, 1)
+    """
+    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
+    return max(1, min(MAX_DEFAULT_WORKERS, cpus // max(processes_per_node, 1) - 1))
+
+
+def worker_count(workers: int | None) -> int:
+    """`data.workers`, with None resolved by `default_workers` for this node's processes.
+
+    Args:
+        workers: The config value.
+
+    Returns:
+        Worker processes per training process.
+    """
+    if workers is not None:
+        return workers
+    return default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def describe_feed(loader: object, workers: int | None) -> str:
+    """How a loader brings batches to the device, for the run header.
+
+    Args:
+        loader: What `make_loader` returned.
+        workers: The config's `data.workers`.
+
+    Returns:
+        E.g. "uint8 from 3 workers (data.workers=None: auto), normalized on cuda:0".
+    """
+    if isinstance(loader, ResidentBatches):
+        return f"held on {loader.device} (no loader workers)"
+    count = f"{worker_count(workers)} workers" + (" (data.workers=None: auto)" if workers is None else "")
+    if isinstance(loader, DecodedBatches):
+        erased = ", randomly erased" if loader.random_erasing is not None else ""
+        return (f"file bytes from {count}, decoded (JPEG: nvJPEG on CUDA), cropped, normalized{erased} on "
+                f"{loader.device} (data.decode='gpu')")
+    if isinstance(loader, StreamBatches):
+        count = f"{loader.workers} workers" + (" (data.workers=None: auto)" if workers is None else "")
+        erased = " and randomly erased" if loader.random_erasing is not None else ""
+        return f"a stream of uint8 from {count}, normalized{erased} on {loader.device}"
+    if isinstance(loader, PrefetchLoader):
+        erased = " and randomly erased" if loader.random_erasing is not None else ""
+        return f"uint8 from {count}, normalized{erased} on {loader.device}"
+    return f"from {count}, copied to {getattr(loader, 'device', 'the device')}"
+
+
+class ResidentBatches:
+    """Batches of tensors kept on the device, in a sampler's order.
+
+    Args:
+        dataset: Images and labels (moved to `device` once, if not there already).
+        sampler: Index order (with the epoch set before each pass).
+        batch_size: Samples per batch.
+        drop_last: Drop a last partial batch (training).
+        device: Where the tensors live.
+    """
+
+    def __init__(self, dataset: TensorDataset, sampler: ResumableSampler, batch_size: int, drop_last: bool,
+                 device: torch.device) -> None:
+        self.tensors = [tensor.to(device) for tensor in dataset.tensors]
+        dataset.tensors = tuple(self.tensors)  # one copy on the device, shared with the dataset
+        self.sampler, self.batch_size, self.drop_last, self.device = sampler, batch_size, drop_last, device
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.sampler), self.batch_size)
+        return full + (rest > 0 and not self.drop_last)
+
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        indices = torch.tensor([item[0] if isinstance(item, tuple) else item for item in self.sampler],
+                               dtype=torch.long).to(self.device)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            chosen = indices[start : start + self.batch_size]
+            yield [tensor.index_select(0, chosen) for tensor in self.tensors]
+
+
+def make_loader(dataset: Dataset, sampler: ResumableSampler, batch_size: int, workers: int | None, train: bool,
+                seed: int, device: torch.device | str = "cpu", normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+                re_prob: float = 0.0, decode: DeviceDecode | None = None) -> Iterable:
+    """Batches of a dataset on `device`, in the sampler's order (see the module's three ways).
+
+    Args:
+        dataset: The dataset.
+        sampler: Its sampler; the epoch is set before each pass, on a loader that lives
+            for the whole run (its workers persist across epochs).
+        batch_size: Samples per batch.
+        workers: Worker processes (None: `default_workers`).
+        train: Drop the last partial batch.
+        seed: Base seed of the workers' own generators (augmentation draws are seeded per
+            sample when the sampler yields keys).
+        device: Where batches go.
+        normalize: (mean, std) in [0, 1] units for uint8 images, applied on the device;
+            None: batches are used as they come.
+        re_prob: Random-erasing probability, applied on the device (uint8 images only).
+        decode: For a dataset giving file bytes (`ImageFiles(read_bytes=True)`), the device
+            decoder (`data.decode="gpu"`).
+
+    Returns:
+        An iterable of (images, labels) on `device`, with `len` in batches.
+    """
+    device = torch.device(device)
+    if isinstance(dataset, TensorDataset):
+        return ResidentBatches(dataset, sampler, batch_size, train, device)
+    workers = worker_count(workers)
+    if is_stream(dataset):
+        prefetch = None
+        if normalize is not None:
+            prefetch = PrefetchLoader([], mean=tuple(normalize[0]), std=tuple(normalize[1]), device=device,
+                                      re_prob=re_prob, re_mode="pixel")
+        return StreamBatches(dataset, sampler, batch_size, max(workers, 1), train, seed, device, prefetch)
+    loader = DataLoader(
+        SeededDraws(dataset) if sampler.draws else dataset, batch_size=batch_size, sampler=sampler,
+        num_workers=workers, drop_last=train, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        collate_fn=collate_encoded if decode is not None else fast_collate if normalize is not None else None,
+        generator=torch.Generator().manual_seed(seed * 7919),
+    )
+    if decode is not None:
+        return DecodedBatches(loader, decode, *(normalize or ((0.0,) * 3, (1 / 255,) * 3)), re_prob=re_prob)
+    if normalize is None:
+        return CopiedBatches(loader, device)
+    mean, std = normalize
+    return PrefetchLoader(loader, mean=tuple(mean), std=tuple(std), device=device, re_prob=re_prob, re_mode="pixel")
+
+
+class CopiedBatches:
+    """A loader's batches copied to the device as they come.
+
+    Args:
+        loader: The loader.
+        device: Where batches go.
+    """
+
+    def __init__(self, loader: Iterable, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        for images, labels in self.loader:
+            yield [images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)]
+
+
+class StreamBatches:
+    """Batches of an iterable dataset on the device, one stream per epoch, resumable by replay.
+
+    Each epoch starts a new `DataLoader` whose generator is seeded by (seed, epoch), so its
+    workers' seeds (sample shuffle, augmentation) are the same whenever that epoch runs;
+    the dataset's `set_epoch` gives the shard order. After `sampler.set_epoch(epoch, skip)`
+    the first `skip / processes / batch_size` batches are read and dropped before they
+    reach the device.
+
+    Args:
+        dataset: The stream (timm's `IterableImageDataset` or any `IterableDataset`).
+        sampler: Holds the epoch and the samples to skip (and the epoch's length).
+        batch_size: Samples per batch.
+        workers: Loader workers (at least 1).
+        train: Drop the last partial batch.
+        seed: The run's seed.
+        device: Where batches go.
+        prefetch: For uint8 images, timm's `PrefetchLoader` (normalizing on the device), its
+            `loader` replaced each epoch (one copy stream for the run); None: batches are
+            collated by torch's default and copied as they come.
+    """
+
+    def __init__(self, dataset: Iterable, sampler: ResumableSampler, batch_size: int, workers: int, train: bool,
+                 seed: int, device: torch.device, prefetch: PrefetchLoader | None) -> None:
+        self.dataset, self.sampler, self.batch_size, self.workers = dataset, sampler, batch_size, workers
+        self.train, self.seed, self.device, self.prefetch = train, seed, device, prefetch
+        self.random_erasing = prefetch.random_erasing if prefetch is not None else None
+        if hasattr(dataset, "set_loader_cfg"):
+            dataset.set_loader_cfg(num_workers=workers)
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.sampler), self.batch_size)
+        return full + (rest > 0 and not self.train)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self.sampler.epoch
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers, drop_last=self.train,
+                            collate_fn=fast_collate if self.prefetch is not None else None,
+                            pin_memory=self.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        done = self.sampler.skip // self.sampler.world_size // self.batch_size
+        remaining = itertools.islice(loader, done, None)
+        if self.prefetch is None:
+            return iter(CopiedBatches(remaining, self.device))
+        self.prefetch.loader = remaining
+        return iter(self.prefetch)
