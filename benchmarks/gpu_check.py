@@ -65,6 +65,10 @@ def stages(out: Path, dry_run: bool) -> list[Stage]:
     step = ["-m", "benchmarks.gpu_step"]
     train = ["-m", "vitblocks.train", "recipes/sret_pit.py", "--overwrite", "--set", "data.dataset=synthetic",
              "augment.repeated_aug=False", "log_every=20"]
+    jpeg_train = ["-m", "vitblocks.train", "recipes/sret_pit.py", "--overwrite", "--set", "data.dataset=imagefolder",
+                  f"data.root={out / 'jpegs'}", "data.num_classes=10", "augment.repeated_aug=False",
+                  "augment.auto_augment=None", "augment.color_jitter=0", "log_every=20", "data.img_size=224",
+                  "data.batch_size=256", "epochs=3", "precision=bf16"]
     if dry_run:
         train += ["data.img_size=64", "data.synthetic_samples=16", "data.batch_size=8", "data.workers=0",
                   "epochs=1", "precision=fp32"]
@@ -90,6 +94,11 @@ def stages(out: Path, dry_run: bool) -> list[Stage]:
         *measured,
         Stage("train-eager", [*train, f"output_dir={out / 'train-eager'}"], 60),
         Stage("train-graphs", [*train, "model.compile=graphs", f"output_dir={out / 'train-graphs'}"], 90),
+        # an ImageFolder of JPEGs made here, trained with each decode (crop and flip only, so both run the same)
+        Stage("make-jpegs", ["-m", "benchmarks.feed", "--make-jpegs", str(out / "jpegs"), "--count", "6144"], 40),
+        *(Stage(f"train-jpeg-{decode}", [*jpeg_train, f"data.decode={decode}", f"data.workers={workers}",
+                                         f"output_dir={out / f'train-jpeg-{decode}'}"], 60)
+          for decode, workers in (("cpu", 15), ("gpu", 4))),
         Stage("profile", ["-m", "benchmarks.profile_step", "sret_t", "deit_tiny_patch16_224", *profile,
                           "--out", str(out / "profile.txt")], 45),
         # a dry run collects only the CUDA test file (the suite around it runs the rest)
@@ -100,6 +109,8 @@ def stages(out: Path, dry_run: bool) -> list[Stage]:
         for stage in found:
             if stage.name == "train-graphs":
                 stage.status = "skipped: CUDA graphs need a GPU"
+            if "jpeg" in stage.name:
+                stage.status = "skipped: the decode paths have CPU tests of their own (tests/test_feed.py)"
     return found
 
 
@@ -248,7 +259,10 @@ def summary(stage_list: list[Stage], env: dict, out: Path) -> str:
         lines += ["", f"tests: {closing[-1].strip('= ') if closing else 'no result line'}"]
     lines += ["", "training (python -m vitblocks.train recipes/sret_pit.py on synthetic data):",
               f"- eager: {training_throughput(out / 'train-eager')}",
-              f"- model.compile=graphs: {training_throughput(out / 'train-graphs')}"]
+              f"- model.compile=graphs: {training_throughput(out / 'train-graphs')}",
+              "training on an ImageFolder of 320x240 JPEGs made here (crop and flip, 224 px):",
+              f"- data.decode=cpu (15 workers): {training_throughput(out / 'train-jpeg-cpu')}",
+              f"- data.decode=gpu (4 workers): {training_throughput(out / 'train-jpeg-gpu')}"]
     lines += ["", "target ratios:"]
     lines += [f"- {line}" for line in target_lines(read_rows(out)) + ratio_lines(out / "cuda")]
     return "\n".join(lines) + "\n"
