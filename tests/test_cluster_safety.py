@@ -3,6 +3,7 @@
 import csv
 import errno
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,9 +36,7 @@ def good_run(tmp_path_factory):
 
 
 def copy_run(source, target):
-    target.mkdir(parents=True)
-    for file in source.iterdir():
-        (target / file.name).write_bytes(file.read_bytes())
+    shutil.copytree(source, target)
     return target
 
 
@@ -229,6 +228,7 @@ def test_overwrite_removes_every_file_of_the_replaced_run(tmp_path, good_run):
     assert (run / "model_ema.safetensors").exists()
     Trainer(tiny_config(run, epochs=1), overwrite=True).fit(progress=False)  # no EMA this time
     assert not (run / "model_ema.safetensors").exists() and (run / "model.safetensors").exists()
+    assert not (run / "best" / "model_ema.safetensors").exists() and (run / "best" / "config.json").exists()
 
 
 def test_a_folder_with_run_files_but_no_checkpoint_is_not_sent_round_in_circles(tmp_path):

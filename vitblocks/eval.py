@@ -10,6 +10,7 @@ The images are resized to img_size / crop_pct (256 for 224) and center-cropped.
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,13 @@ import torch
 
 from vitblocks.io import CheckpointError, non_finite_tensors
 from vitblocks.layers.depth import set_loops
+from vitblocks.models.create import create_model_at_size
 from vitblocks.train.builders import build_data, build_model
 from vitblocks.train.checkpoint import load_training_checkpoint
 from vitblocks.train.config import ConfigError, apply_overrides, from_dict
+from vitblocks.train.foreign_checkpoint import ForeignCheckpoint, read_foreign_checkpoint
 from vitblocks.train.config import TrainConfig
-from vitblocks.train.data import DataError, folder_classes
+from vitblocks.train.data import DataError, folder_classes, split_folder
 from vitblocks.train.engine import evaluate
 
 
@@ -50,7 +53,7 @@ def check_classes(checkpoint: str, state: dict[str, Any], config: TrainConfig) -
     if config.data.dataset != "imagefolder":
         return classes
     root = Path(config.data.root)
-    found = folder_classes(root / "val") or folder_classes(root / "train")
+    found = folder_classes(split_folder(root, "val")) or folder_classes(split_folder(root, "train"))
     if not found:
         return classes  # the dataset's own layout check explains what is missing
     if classes is not None:
@@ -69,23 +72,85 @@ def check_classes(checkpoint: str, state: dict[str, Any], config: TrainConfig) -
     return classes
 
 
-def run(checkpoint: str, data_root: str | None = None, overrides: list[str] | None = None, ema: bool = False,
-        batch_size: int | None = None, loops: int | None = None) -> dict[str, float]:
-    """Evaluate the weights of a trainer checkpoint on its validation data.
+def foreign_config(checkpoint: ForeignCheckpoint, model: str, model_kwargs: dict[str, Any], data_root: str | None,
+                   path: str) -> TrainConfig:
+    """An evaluation config for weights that came without one (timm's train.py, a state dict).
+
+    The class count, input size, normalization and crop come from the writer's `args`
+    (timm's names) when it has them, else from the weights (the classifier's rows) and the
+    model's own pretrained config.
 
     Args:
-        checkpoint: A `last.pth` / `best.pth` written by the trainer.
-        data_root: ImageFolder root holding `val/` (switches the dataset to imagefolder).
+        checkpoint: The weights and args.
+        model: The timm model name.
+        model_kwargs: `timm.create_model` arguments.
+        data_root: The ImageFolder root to evaluate on.
+        path: The checkpoint's path, for messages.
+
+    Returns:
+        The config.
+
+    Raises:
+        ConfigError: If there is no data root, or the model cannot be built.
+    """
+    if not data_root:
+        raise ConfigError(f"{path} holds weights without a vitblocks config: give the data with --data /path/to/dataset")
+    args, kwargs = checkpoint.args, dict(model_kwargs)
+    for key in WEIGHT_SOURCES:
+        kwargs.pop(key, None)
+    try:
+        with torch.device("meta"):
+            probe = create_model_at_size(model, kwargs.get("img_size"), **kwargs)
+    except (RuntimeError, ValueError, TypeError) as error:  # unknown name or arguments
+        raise ConfigError(f"--model {model} with --model-kwargs {kwargs} cannot be built: {error}") from None
+    defaults = probe.pretrained_cfg
+    classifier = f"{defaults.get('classifier', 'head')}.weight"
+    num_classes = kwargs.pop("num_classes", None) or args.get("num_classes")
+    if not num_classes and classifier in checkpoint.weights:
+        num_classes = checkpoint.weights[classifier].shape[0]
+    input_size = args.get("input_size") or defaults.get("input_size", (3, 224, 224))
+    img_size = kwargs.pop("img_size", None) or args.get("img_size") or input_size[-1]
+    data = {"dataset": "imagefolder", "root": data_root, "img_size": int(img_size if not isinstance(img_size, (list, tuple))
+                                                                       else img_size[-1]),
+            "num_classes": int(num_classes or defaults.get("num_classes", 1000)),
+            "mean": tuple(args.get("mean") or defaults.get("mean")), "std": tuple(args.get("std") or defaults.get("std")),
+            "crop_pct": float(args.get("crop_pct") or defaults.get("crop_pct", 0.875)),
+            "interpolation": args.get("interpolation") or defaults.get("interpolation", "bicubic")}
+    return from_dict({"model": {"name": model, "kwargs": kwargs}, "data": data, "output_dir": str(Path(path).parent)})
+
+
+def run(checkpoint: str, data_root: str | None = None, overrides: list[str] | None = None, ema: bool = False,
+        batch_size: int | None = None, loops: int | None = None, model: str | None = None,
+        model_kwargs: dict[str, Any] | None = None) -> dict[str, float]:
+    """Evaluate the weights of a checkpoint on validation data.
+
+    Args:
+        checkpoint: A `last.pth` / `best.pth` written by the trainer; with `model`, also a
+            timm train.py checkpoint (`model_best.pth.tar`), a bare state dict or a
+            `.safetensors` file.
+        data_root: ImageFolder root holding `val/` (or `validation/`; switches the dataset
+            to imagefolder).
         overrides: Config overrides, e.g. `["data.img_size=256"]`.
         ema: Use the EMA weights stored in the checkpoint.
         batch_size: Evaluation batch size.
         loops: Test-time depth: loops of every shared block (`vitblocks.layers.set_loops`);
             None keeps the trained count.
+        model: The timm model name of weights that come without a vitblocks config.
+        model_kwargs: Its `timm.create_model` arguments.
 
     Returns:
         `val_loss`, `val_top1`, `val_top5` (%).
+
+    Raises:
+        CheckpointError: If the file cannot be read, or is another trainer's without `model`.
+        ConfigError: If the config or the model cannot be built.
     """
-    state = load_training_checkpoint(checkpoint)
+    if model is not None:
+        foreign = read_foreign_checkpoint(checkpoint, ema)
+        config = apply_overrides(foreign_config(foreign, model, model_kwargs or {}, data_root, checkpoint),
+                                 list(overrides or []) + ([f"data.batch_size={batch_size}"] if batch_size else []))
+        return _evaluate(config, foreign.weights, checkpoint, {}, loops)
+    state = _trainer_checkpoint(checkpoint)
     stored = state["config"]
     # the weights come from the checkpoint itself: never follow file paths or downloads named in its config
     stored["model"]["kwargs"] = {k: v for k, v in stored["model"].get("kwargs", {}).items() if k not in WEIGHT_SOURCES}
@@ -106,10 +171,35 @@ def run(checkpoint: str, data_root: str | None = None, overrides: list[str] | No
             f"tensors: {', '.join(broken[:5])}{', ...' if len(broken) > 5 else ''}): the run had diverged when it "
             "was written. Evaluate an earlier checkpoint."
         )
+    return _evaluate(config, weights, checkpoint, state, loops)
+
+
+def _trainer_checkpoint(path: str) -> dict[str, Any]:
+    """A trainer checkpoint; another trainer's file gets an error saying how to evaluate it."""
+    try:
+        return load_training_checkpoint(path)
+    except CheckpointError as error:
+        try:
+            foreign = read_foreign_checkpoint(path)
+        except (CheckpointError, FileNotFoundError):
+            raise error from None
+        kind = "a timm train.py checkpoint" if foreign.args or foreign.source != "the file" else "a bare state dict"
+        raise CheckpointError(f"{path} is {kind}, not a vitblocks training checkpoint, so it holds no config to "
+                              "build the model from: name it with --model NAME (and --model-kwargs KEY=VALUE ... for a "
+                              "model of other widths), and give the data with --data /path/to/dataset") from None
+
+
+def _evaluate(config: TrainConfig, weights: dict[str, torch.Tensor], checkpoint: str, state: dict[str, Any],
+              loops: int | None) -> dict[str, float]:
     classes = check_classes(checkpoint, state, config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(config, load_base=False)  # a converted model's base weights are not needed
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())[:500]
+        raise CheckpointError(f"the weights in {checkpoint} do not fit {config.model.name} with {config.model.kwargs} "
+                              f"({detail}); give the model's arguments with --model-kwargs (e.g. embed_dim=...)") from None
     if loops is not None:
         set_loops(model, loops)
     try:
@@ -130,21 +220,51 @@ def main(argv: list[str] | None = None) -> int:
         The exit code: 0, or 2 after an error message.
     """
     parser = argparse.ArgumentParser(prog="python -m vitblocks.eval", description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", help="a checkpoint written by the trainer")
+    parser.add_argument("checkpoint", help="a checkpoint written by the trainer (with --model: also timm's "
+                                           "train.py checkpoints, state dicts, .safetensors)")
     parser.add_argument("--data", help="ImageFolder root with a val/ folder (default: the recipe's data)")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--loops", type=int, metavar="N",
                         help="test-time depth: apply every shared block N times (default: as trained)")
+    parser.add_argument("--model", help="timm model name, for a checkpoint without a vitblocks config (timm's "
+                                        "train.py, a state dict)")
+    parser.add_argument("--model-kwargs", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="its timm.create_model arguments, e.g. embed_dims=(32,64,128)")
     args = parser.parse_args(argv)
     try:
-        metrics = run(args.checkpoint, args.data, args.set, args.ema, args.batch_size, args.loops)
+        kwargs = parse_kwargs(args.model_kwargs)
+        metrics = run(args.checkpoint, args.data, args.set, args.ema, args.batch_size, args.loops, args.model, kwargs)
     except (CheckpointError, ConfigError, DataError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  loss {metrics['val_loss']:.4f}")
     return 0
+
+
+def parse_kwargs(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` arguments as a dict, values read as Python literals (bare words are strings).
+
+    Args:
+        items: E.g. `["embed_dims=(32,64,128)", "global_pool=avg"]`.
+
+    Returns:
+        E.g. `{"embed_dims": (32, 64, 128), "global_pool": "avg"}`.
+
+    Raises:
+        ConfigError: For an item without `=`.
+    """
+    parsed = {}
+    for item in items:
+        key, equals, raw = item.partition("=")
+        if not equals or not key:
+            raise ConfigError(f"--model-kwargs {item!r} is not KEY=VALUE")
+        try:
+            parsed[key.strip()] = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            parsed[key.strip()] = raw.strip()
+    return parsed
 
 
 if __name__ == "__main__":

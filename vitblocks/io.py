@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,6 +123,13 @@ def load_weights_only(path: str | os.PathLike, hint: str = "") -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for damaged or unsafe files
         reason = " ".join(str(error).split()) or "no message"
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", reason)
+        if refused:
+            raise CheckpointError(
+                f"{os.fspath(path)!r} is readable but holds a Python object ({refused.group(1)}), refused for safety "
+                f"by weights-only loading: it was not written by vitblocks' trainer, whose checkpoints hold tensors "
+                f"and plain values only.{hint}"
+            ) from error
         raise CheckpointError(
             f"could not read {os.fspath(path)!r} as a weights-only PyTorch checkpoint. The file may be truncated "
             f"or corrupt, or contain Python objects other than tensors, which are refused for safety.{hint} "

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vitblocks.train.compile_modes import describe_compile
+from vitblocks.train.hooks import Callback, LossRecord, TrainingDiverged
 from vitblocks.train.feed import describe_feed
 from vitblocks.train.logs import logger
 from vitblocks.train.report import MetricsLog
@@ -27,83 +28,6 @@ from vitblocks.train.report import MetricsLog
 if TYPE_CHECKING:
     from vitblocks.train.config import TrainConfig
     from vitblocks.train.engine import Trainer
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
-
-
-class LossRecord(NamedTuple):
-    """One batch's loss, read from the device, and where it was (1-based).
-
-    Attributes:
-        step: The optimizer step the batch belongs to.
-        epoch: Its epoch.
-        batch: Its index in the epoch.
-        loss: The loss.
-    """
-
-    step: int
-    epoch: int
-    batch: int
-    loss: float
-
-
-class Callback:
-    """Hooks around the training loop; every method does nothing by default."""
-
-    def on_fit_start(self, trainer: Trainer) -> None:
-        """Before the first epoch of `fit` (also after a resume).
-
-        Args:
-            trainer: The trainer.
-        """
-
-    def on_loss(self, trainer: Trainer, loss: torch.Tensor) -> None:
-        """After each batch's forward pass, before its backward pass.
-
-        Reading the loss here (`.item()`, `if loss ...`) waits for the device every
-        step; callbacks that need its value use `on_losses_read`.
-
-        Args:
-            trainer: The trainer (`trainer.state.batch` is the batch's index in the epoch).
-            loss: The batch's loss, still on the device.
-        """
-
-    def on_losses_read(self, trainer: Trainer, losses: list[LossRecord]) -> None:
-        """After the losses since the last read were copied to the host in one transfer.
-
-        The trainer reads them every `log_every` optimizer steps, at the end of an
-        epoch and before writing any checkpoint, so steps in between never wait for
-        the device.
-
-        Args:
-            trainer: The trainer.
-            losses: The batches' losses, in order.
-        """
-
-    def on_step_end(self, trainer: Trainer) -> None:
-        """After every optimizer step.
-
-        Args:
-            trainer: The trainer (`trainer.state.step` counts the step).
-        """
-
-    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
-        """After an epoch's evaluation, before the epoch is recorded and checkpointed.
-
-        Args:
-            trainer: The trainer.
-            row: The epoch's metrics; callbacks may add entries.
-        """
-
-    def on_epoch_recorded(self, trainer: Trainer, row: dict[str, Any]) -> None:
-        """After the epoch is in `trainer.state.history` and `last.pth` is written.
-
-        Args:
-            trainer: The trainer.
-            row: The epoch's metrics.
-        """
 
 
 class OnStepEnd(Callback):
@@ -179,36 +103,52 @@ class MetricsLogging(Callback):
 
 
 class RunHeader(Callback):
-    """Log what a run is before it starts: model size, data, device, precision, output."""
+    """Log what a run is before it starts: model size, data, device, precision, output.
+
+    The text is also kept as `trainer.header` (the trackers record it).
+    """
 
     def on_fit_start(self, trainer: Trainer) -> None:
         if not trainer.runtime.is_main:
             return
-        config, data = trainer.config, trainer.data
-        params = sum(p.numel() for p in trainer.model.parameters())
-        size, training = f"{params:,} parameters", trainer.model.training
-        try:
-            from vitblocks.summary import summarize
+        trainer.header = header_text(trainer)
+        logger.info(trainer.header)
 
-            with torch.random.fork_rng(devices=[]):  # a resumed run's random streams stay untouched
-                macs = summarize(trainer.model, config.data.img_size)[-1].macs
-            size += f", {macs / 1e9:.3f} GMACs per image at {config.data.img_size} px"
-        except Exception:  # noqa: BLE001 - a model the counter cannot run (e.g. on a GPU): its size is enough
-            pass
-        finally:
-            trainer.model.train(training)
-        source = config.data.dataset + (f" {config.data.root}" if config.data.dataset == "imagefolder" else "")
-        start = "resuming at " if trainer.resumed else ""
-        logger.info(
-            f"model    {config.model.name}: {size}\n"
-            f"data     {source}: {len(data.train_set):,} train / {len(data.val_set):,} val images, "
-            f"{len(data.classes)} classes{_per_class(data.train_set)}; "
-            f"{describe_feed(data.train_loader(config, trainer.device), config.data.workers)}\n"
-            f"runs on  {trainer.device} x {trainer.runtime.world_size}, {config.precision}, "
-            f"attention backend {config.model.backend}\n"
-            f"step     {describe_step(trainer)}\n"
-            f"output   {trainer.output_dir} ({start}epoch {trainer.state.epoch + 1} of {config.epochs})"
-        )
+
+def header_text(trainer: Trainer) -> str:
+    """The run header: model size, data and how it is fed, device, the step, output.
+
+    Args:
+        trainer: The trainer.
+
+    Returns:
+        Five lines.
+    """
+    config, data = trainer.config, trainer.data
+    params = sum(p.numel() for p in trainer.model.parameters())
+    size, training = f"{params:,} parameters", trainer.model.training
+    try:
+        from vitblocks.summary import summarize
+
+        with torch.random.fork_rng(devices=[]):  # a resumed run's random streams stay untouched
+            macs = summarize(trainer.model, config.data.img_size)[-1].macs
+        size += f", {macs / 1e9:.3f} GMACs per image at {config.data.img_size} px"
+    except Exception:  # noqa: BLE001 - a model the counter cannot run (e.g. on a GPU): its size is enough
+        pass
+    finally:
+        trainer.model.train(training)
+    source = config.data.dataset + (f" {config.data.root}" if config.data.dataset == "imagefolder" else "")
+    start = "resuming at " if trainer.resumed else ""
+    return (
+        f"model    {config.model.name}: {size}\n"
+        f"data     {source}: {len(data.train_set):,} train / {len(data.val_set):,} val images, "
+        f"{len(data.classes)} classes{_per_class(data.train_set)}; "
+        f"{describe_feed(data.train_loader(config, trainer.device), config.data.workers)}\n"
+        f"runs on  {trainer.device} x {trainer.runtime.world_size}, {config.precision}, "
+        f"attention backend {config.model.backend}\n"
+        f"step     {describe_step(trainer)}\n"
+        f"output   {trainer.output_dir} ({start}epoch {trainer.state.epoch + 1} of {config.epochs})"
+    )
 
 
 def describe_step(trainer: Trainer) -> str:
@@ -252,7 +192,16 @@ def default_callbacks(config: TrainConfig) -> list[Callback]:
         config: The experiment.
 
     Returns:
-        Run header, divergence stop, checkpoint cadence, EMA evaluation and metrics logging.
+        Run header, divergence stop, checkpoint cadence, EMA evaluation and metrics logging,
+        and the trackers `config.logging` turns on.
     """
-    return [RunHeader(), DivergenceStop(), CheckpointCadence(config.checkpoint.every_steps), EmaEvaluation(),
-            MetricsLogging()]
+    callbacks: list[Callback] = [RunHeader(), DivergenceStop(), CheckpointCadence(config.checkpoint.every_steps),
+                                 EmaEvaluation(), MetricsLogging()]
+    if config.logging.tensorboard or config.logging.wandb is not None:
+        from vitblocks.train.tracking import TensorBoardLogging, WandbLogging
+
+        if config.logging.tensorboard:
+            callbacks.append(TensorBoardLogging())
+        if config.logging.wandb is not None:
+            callbacks.append(WandbLogging(config.logging.wandb))
+    return callbacks

@@ -32,7 +32,8 @@ __all__ = [
 RUN_FILES = ("last.pth", "best.pth", "metrics.csv", "model.safetensors")
 """Files whose presence means a folder holds a run."""
 
-RUN_OUTPUTS = (*RUN_FILES, "model_ema.safetensors", "curves.png")
+RUN_OUTPUTS = (*RUN_FILES, "model_ema.safetensors", "config.json", "curves.png", "best/model.safetensors",
+               "best/model_ema.safetensors", "best/config.json")
 """Everything a run writes; `--overwrite` removes all of it, so nothing of the replaced run is left behind."""
 
 CHECKPOINTS = ("last.pth", "best.pth")
@@ -127,7 +128,7 @@ def prepare_output_dir(output_dir: Path) -> None:
     except OSError as error:
         raise CheckpointError(f"cannot create the output folder {output_dir}: {error.strerror or error}; "
                               "choose another --output-dir") from None
-    for pattern in (".*.pth.*.tmp", ".*.safetensors.*.tmp"):
+    for pattern in (".*.pth.*.tmp", ".*.safetensors.*.tmp", ".config.json.*.tmp"):
         for stale in Path(output_dir).glob(pattern):
             stale.unlink(missing_ok=True)
 

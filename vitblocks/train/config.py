@@ -252,6 +252,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Experiment tracking besides the console and `metrics.csv` (`vitblocks.train.tracking`).
+
+    Attributes:
+        tensorboard: Write TensorBoard event files to `OUTPUT_DIR/tensorboard`.
+        wandb: Log to Weights & Biases with these `wandb.init` arguments (e.g.
+            `{"project": "sret", "entity": "me"}`); None: off. `WANDB_MODE=offline`
+            logs without a network.
+    """
+
+    tensorboard: bool = False
+    wandb: dict[str, Any] | None = None
+
+
+@dataclass
 class TrainConfig:
     """One experiment: model, data, optimization and where results go.
 
@@ -263,6 +278,7 @@ class TrainConfig:
         schedule: See `ScheduleConfig`.
         distill: See `DistillConfig`.
         checkpoint: See `CheckpointConfig`.
+        logging: See `LoggingConfig`.
         epochs: Training epochs.
         precision: "fp32", "bf16" (autocast on CUDA or CPU) or "fp16" (CUDA, with
             gradient scaling).
@@ -280,6 +296,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     epochs: int = 300
     precision: str = "fp32"
     ema_decay: float | None = None

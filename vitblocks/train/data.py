@@ -27,12 +27,39 @@ _TRAINER_ADVICE = ("Point the recipe at your copy with --set data.root=/path/to/
                    "python -m vitblocks.train recipes/quickstart.py")
 
 
+SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "validation", "valid", "eval", "evaluation")}
+"""The folder names each ImageFolder split is found under, in order: timm's scripts' names too."""
+
+
+def split_folder(root: str | Path, split: str) -> Path:
+    """The folder of a split: the first of its names (`SPLIT_NAMES`) that exists under `root`.
+
+    Args:
+        root: Dataset root.
+        split: "train" or "val".
+
+    Returns:
+        E.g. `root/validation` for a tree made for timm's scripts; `root/<split>` when
+        none exists.
+
+    Example:
+        >>> split_folder("/nowhere", "val").name
+        'val'
+    """
+    root = Path(root)
+    for name in SPLIT_NAMES[split]:
+        if (root / name).is_dir():
+            return root / name
+    return root / split
+
+
 def _layout_help(root: Path, split: str) -> str:
+    folder = split_folder(root, split)
     return (
         f"expected an ImageFolder tree at {root}:\n"
         f"    {root}/train/<class name>/<image>.jpg\n"
-        f"    {root}/val/<class name>/<image>.jpg\n"
-        f"but {root / split} {'does not exist' if not (root / split).exists() else 'holds no images in class folders'}."
+        f"    {root}/val/<class name>/<image>.jpg   (or validation/, valid/, eval/ as timm's scripts name it)\n"
+        f"but {folder} {'does not exist' if not folder.exists() else 'holds no images in class folders'}."
     )
 
 
@@ -46,7 +73,7 @@ def check_image_folder(root: Path, split: str) -> None:
     Raises:
         DataError: Explaining the expected layout and what to do.
     """
-    if not folder_classes(root / split):
+    if not folder_classes(split_folder(root, split)):
         raise DataError(_layout_help(root, split), _TRAINER_ADVICE)
 
 
@@ -110,13 +137,13 @@ def dataset_classes(config: TrainConfig) -> list[str]:
         return [str(i) for i in range(data.num_classes)]
     else:
         root = Path(data.root)
-        names = folder_classes(root / "train") or folder_classes(root / "val")
+        names = folder_classes(split_folder(root, "train")) or folder_classes(split_folder(root, "val"))
         if not names:
             return []  # the layout check explains what is missing
     if len(names) != data.num_classes:
-        where = "scikit-learn's digits" if data.dataset == "digits" else f"{Path(data.root) / 'train'}"
+        where = "scikit-learn's digits" if data.dataset == "digits" else f"{split_folder(data.root, 'train')}"
         shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-        empty = empty_class_folders(Path(data.root) / "train") if data.dataset == "imagefolder" else []
+        empty = empty_class_folders(split_folder(data.root, "train")) if data.dataset == "imagefolder" else []
         uncounted = f"; not counted, as they hold no images: {', '.join(empty[:8])}" if empty else ""
         raise DataError(f"data.num_classes={data.num_classes} but {where} has {len(names)} classes ({shown}"
                         f"{uncounted}); set data.num_classes={len(names)}")
@@ -177,20 +204,24 @@ def build_dataset(config: TrainConfig, train: bool, classes: list[str] | None = 
                                   data.batch_size, config.seed)
     root, split = Path(data.root), "train" if train else "val"
     check_image_folder(root, split)
+    folder = split_folder(root, split)
+    if folder.name != split:
+        logger.info(f"{root}: the {split} split is {folder.name}/")
     classes = classes if classes is not None else dataset_classes(config)
-    unknown = sorted(set(folder_classes(root / split)) - set(classes))
+    unknown = sorted(set(folder_classes(folder)) - set(classes))
     if unknown:
-        raise DataError(f"{root / split} has classes that the training classes lack: {', '.join(unknown[:8])}; "
-                        f"every {split}/ class folder must also be in train/ (labels follow train/'s class list)")
+        raise DataError(f"{folder} has classes that the training classes lack: {', '.join(unknown[:8])}; "
+                        f"every {folder.name}/ class folder must also be in the training split (labels follow its "
+                        "class list)")
     gpu_decode = data.decode == "gpu"
     transform = None if gpu_decode else train_transform(config) if train else eval_transform(data, uint8=True)
     try:
-        scan = scan_split(root / split)
+        scan = scan_split(folder)
     except FolderError as error:
         raise DataError(str(error)) from None
-    report_scan(root / split, scan)
-    check_images_open(scan, root / split)
-    return ImageFiles(root / split, {name: i for i, name in enumerate(classes)}, transform,
+    report_scan(folder, scan)
+    check_images_open(scan, folder)
+    return ImageFiles(folder, {name: i for i, name in enumerate(classes)}, transform,
                       max_bad_images=data.max_bad_images, scan=scan, uint8=not gpu_decode, read_bytes=gpu_decode)
 
 

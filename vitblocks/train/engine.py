@@ -27,7 +27,6 @@ from torch.nn.parallel import DistributedDataParallel
 import vitblocks.train.checkpoint as ckpt
 import vitblocks.train.distributed as distributed
 from vitblocks.attention import attention_backend
-from vitblocks.io import save_model_atomic
 from vitblocks.layers import compile_regions
 from vitblocks.train.builders import Data, build_criterion, build_data, build_model, build_optimizer_and_schedule
 from vitblocks.train.callbacks import Callback, LossRecord, TrainingDiverged, default_callbacks
@@ -37,6 +36,7 @@ from vitblocks.train.distill import DistillationLoss
 from vitblocks.train.extras import import_train_extra
 from vitblocks.train.health import checkpoint_problem
 from vitblocks.train.logs import console_logging, logger
+from vitblocks.train.model_folder import BEST_FOLDER, MODEL_FILES, write_model_folder
 from vitblocks.train.precision import autocast_for
 from vitblocks.train.preemption import StopSignals, TrainingInterrupted
 from vitblocks.train.report import final_summary, plot_curves
@@ -177,6 +177,7 @@ class Trainer:
         self._stop = StopSignals()
         self._lock: RunLock | None = None
         self._schedule_offset = 0  # schedule position - optimizer steps (nonzero after resuming at another batch size)
+        self.header = ""  # the run header, once fit has started (`callbacks.RunHeader`)
 
     def _wrap_for_training(self, model: nn.Module) -> nn.Module:
         config, rt = self.config, self.runtime
@@ -239,15 +240,19 @@ class Trainer:
                 has its own random streams and running loss sums.
 
         Returns:
-            Model, optimizer, schedule, scaler and EMA states, the `TrainingState`, config and RNG.
+            Model, optimizer, schedule, scaler and EMA states, the `TrainingState`, config and RNG;
+            the weights also under timm's keys (`state_dict`, `state_dict_ema`).
         """
         ranks = ranks or [self._own_state()]
+        model, ema = self.model.state_dict(), self.ema.module.state_dict() if self.ema else None
         return {
-            "model": self.model.state_dict(),
+            "model": model,
+            "state_dict": model,  # timm's names for the same tensors (stored once): its load_checkpoint and scripts
+            "state_dict_ema": ema,  # read these, use_ema=True included
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
-            "ema": self.ema.module.state_dict() if self.ema else None,
+            "ema": ema,
             **self.state.state_dict(),
             "classes": list(self.data.classes),
             "config": to_dict(self.config),
@@ -552,6 +557,7 @@ class Trainer:
             with self._stop:
                 return self._fit(progress)
         finally:
+            self._each("on_fit_end")
             self.data.close()  # the loaders' workers end with the run
             if self._lock is not None:
                 self._lock.release()
@@ -611,6 +617,8 @@ class Trainer:
                 if improved:  # best first: a crash between the writes leaves last.pth behind, never best.pth
                     self.save("best.pth")
                 self.save()
+                if improved and self.runtime.is_main:
+                    self._write_best_folder()
                 self._each("on_epoch_recorded", row)
                 if state.epoch < config.epochs:
                     self._stop_if_asked(write=False)
@@ -618,17 +626,14 @@ class Trainer:
             self._finish(time.perf_counter() - start, images)
         return {**state.history[-1], "best_top1": state.best_top1}
 
-    def _final_weights(self) -> dict[str, nn.Module]:
-        files = {"model.safetensors": self.model}
-        if self.ema is not None:
-            files["model_ema.safetensors"] = self.ema.module
-        return files
-
     def _final_files_missing(self) -> bool:
-        """Whether a final weights file is absent or unreadable (a write that failed)."""
+        """Whether a final file is absent or unreadable (a write that failed)."""
         from safetensors import safe_open
 
-        for name in self._final_weights():
+        names = ["model.safetensors"] + (["model_ema.safetensors"] if self.ema is not None else [])
+        if not self.config.model.convert and not (self.output_dir / "config.json").is_file():
+            return True
+        for name in names:
             try:
                 with safe_open(str(self.output_dir / name), "pt"):
                     pass
@@ -636,20 +641,36 @@ class Trainer:
                 return True
         return False
 
+    def _write_model_folder(self, folder: Path) -> list[Path]:
+        """Weights, EMA weights and timm's config.json (`vitblocks.train.model_folder`)."""
+        try:
+            return write_model_folder(folder, self.model, self.config, self.ema.module if self.ema else None)
+        except OSError as error:
+            raise ckpt.CheckpointError(
+                f"could not write the model folder {folder} ({' '.join(str(error).split())[:300]}); the training "
+                f"checkpoints are complete. Free some space, then run the same command with --resume auto to "
+                "write the final files.") from error
+
+    def _write_best_folder(self) -> None:
+        """The best epoch's model folder; a copy of best.pth's weights, so failing to write it only warns."""
+        folder = self.output_dir / BEST_FOLDER
+        try:
+            write_model_folder(folder, self.model, self.config, self.ema.module if self.ema else None)
+        except (OSError, RuntimeError) as error:  # a full disk reaches safetensors as its own error type
+            for name in MODEL_FILES:
+                (folder / name).unlink(missing_ok=True)  # no folder whose files disagree
+            logger.warning(f"could not write the model folder {folder} ({' '.join(str(error).split())[:200]}); "
+                           "best.pth holds the same weights")
+
     def _write_final_files(self) -> None:
-        for name, module in self._final_weights().items():
-            try:
-                save_model_atomic(module, self.output_dir / name)
-            except OSError as error:
-                raise ckpt.CheckpointError(
-                    f"could not write {self.output_dir / name} ({' '.join(str(error).split())[:300]}); the training "
-                    f"checkpoints are complete. Free some space, then run the same command with --resume auto to "
-                    "write the final files.") from error
+        self._write_model_folder(self.output_dir)
 
     def _finish(self, seconds: float, images: float) -> None:
         self._write_final_files()
         files = {"checkpoints": self.output_dir / "last.pth", "metrics": self.output_dir / "metrics.csv",
                  "weights": self.output_dir / "model.safetensors"}
+        if not self.config.model.convert:
+            files["timm model"] = f"timm.create_model('local-dir:{self.output_dir}', pretrained=True)"
         if self.ema is not None:
             files["EMA weights"] = self.output_dir / "model_ema.safetensors"
         plot_curves(self.state.history, self.output_dir / "curves.png")
