@@ -220,3 +220,17 @@ def test_training_guide_shows_the_feed_table_of_its_committed_run():
     for row in run["loader"]:
         assert row["ratio"] == pytest.approx(row["uint8_ms_per_image"] / row["float32_ms_per_image"])
     assert run["step"]["ratio"] == pytest.approx(run["step"]["trainer_img_s"] / run["step"]["bare_step_img_s"])
+
+
+def test_models_page_shows_the_mac_counters_table_of_its_committed_run():
+    from benchmarks.mac_counters import markdown
+
+    run = json.loads((ROOT / "docs" / "benchmarks" / "cpu" / "mac_counters.json").read_text())
+    table = markdown(run["rows"], run["environment"])
+    assert table == (ROOT / "docs" / "benchmarks" / "cpu" / "mac_counters.md").read_text()
+    assert table.strip() in (ROOT / "docs" / "models.md").read_text()
+    rows = {row["model"]: row for row in run["rows"]}
+    for row in rows.values():  # attention as matmuls: torch's counter and the analytic summary agree
+        assert row["flop_counter_mode_math"] == pytest.approx(row["vitblocks_summary"], rel=1e-3)
+    assert rows["sret_t"]["fvcore"] == rows["sret_t_unsliced"]["fvcore"]  # fvcore cannot tell slicing apart
+    assert rows["sret_t"]["vitblocks_summary"] < rows["sret_t_unsliced"]["vitblocks_summary"]
