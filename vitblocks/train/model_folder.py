@@ -99,14 +99,15 @@ def write_model_folder(folder: str | Path, model: nn.Module, config: TrainConfig
     if config.model.convert:  # no timm constructor rebuilds a converted model
         (folder / "config.json").unlink(missing_ok=True)
         return written
-    from timm.models._hub import save_config_for_hf  # save_for_hf's config half (it writes weights non-atomically)
-
     descriptor, temporary = tempfile.mkstemp(prefix=".config.json.", suffix=".tmp", dir=folder)
     os.close(descriptor)
     try:
         try:
+            from timm.models._hub import save_config_for_hf  # save_for_hf's config half (its weights write is not atomic)
+
             save_config_for_hf(model, temporary, model_args=model_args(config))
-        except ValueError as error:  # a constructor argument JSON cannot hold (a class, a function)
+        # a constructor argument JSON cannot hold (a class, a function), or a timm without this helper
+        except (ValueError, TypeError, ImportError) as error:
             logger.warning(f"{folder}: no config.json, as timm cannot describe this model ({error}); load the "
                            "weights with python -m vitblocks.eval or the recipe")
             (folder / "config.json").unlink(missing_ok=True)
