@@ -80,6 +80,9 @@ def test_eval_reads_timm_train_checkpoints_and_bare_state_dicts(run, tmp_path):
     kwargs = dict(TINY_SRET)
     assert same(vitblocks_eval.run(str(tmp_path / "model_best.pth.tar"), data_root, model="sret_t",
                                    model_kwargs=kwargs), reference)
+    # the image size as a model argument, as fixed-size models need it
+    assert same(vitblocks_eval.run(str(tmp_path / "model_best.pth.tar"), data_root, model="sret_t",
+                                   model_kwargs=dict(kwargs, img_size=32)), reference)
     # a bare state dict says nothing of its preprocessing: the run's is given with --set
     bare = vitblocks_eval.run(str(tmp_path / "state_dict.pth"), data_root, model="sret_t", model_kwargs=kwargs,
                               overrides=["data.img_size=32", "data.mean=(0.5,0.5,0.5)", "data.std=(0.25,0.25,0.25)",

@@ -100,7 +100,7 @@ def foreign_config(checkpoint: ForeignCheckpoint, model: str, model_kwargs: dict
         kwargs.pop(key, None)
     try:
         with torch.device("meta"):
-            probe = create_model_at_size(model, kwargs.get("img_size"), **kwargs)
+            probe = create_model_at_size(model, **kwargs)  # an img_size among them is passed as the keyword
     except (RuntimeError, ValueError, TypeError) as error:  # unknown name or arguments
         raise ConfigError(f"--model {model} with --model-kwargs {kwargs} cannot be built: {error}") from None
     defaults = probe.pretrained_cfg
