@@ -10,7 +10,6 @@ The images are resized to img_size / crop_pct (256 for 224) and center-cropped.
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,15 +21,13 @@ from vitblocks.layers.depth import set_loops
 from vitblocks.models.create import create_model_at_size
 from vitblocks.train.builders import build_data, build_model
 from vitblocks.train.checkpoint import load_training_checkpoint
-from vitblocks.train.config import ConfigError, apply_overrides, from_dict
+from vitblocks.train.config import WEIGHT_SOURCES, ConfigError, apply_overrides, from_dict, literal_value
 from vitblocks.train.foreign_checkpoint import ForeignCheckpoint, read_foreign_checkpoint
 from vitblocks.train.config import TrainConfig
 from vitblocks.train.data import DataError, folder_classes, split_folder
 from vitblocks.train.engine import evaluate
 
 
-WEIGHT_SOURCES = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path")
-"""Model options that load weights from elsewhere; dropped when a model is rebuilt from a checkpoint."""
 
 
 def check_classes(checkpoint: str, state: dict[str, Any], config: TrainConfig) -> list[str] | None:
@@ -260,10 +257,7 @@ def parse_kwargs(items: list[str]) -> dict[str, Any]:
         key, equals, raw = item.partition("=")
         if not equals or not key:
             raise ConfigError(f"--model-kwargs {item!r} is not KEY=VALUE")
-        try:
-            parsed[key.strip()] = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError):
-            parsed[key.strip()] = raw.strip()
+        parsed[key.strip()] = literal_value(raw)
     return parsed
 
 

@@ -441,6 +441,9 @@ def check_optimizer_and_schedule(opt: str, sched: str) -> None:
                           f"{_did_you_mean(sched, _SCHEDULE_NAMES)} (one of {', '.join(_SCHEDULE_NAMES)})") from None
 
 
+WEIGHT_SOURCES = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path")
+"""Model options that load weights from elsewhere: dropped where a model is rebuilt for weights it is given."""
+
 # arguments timm.create_model and its builders take besides the model class's own
 _CREATE_MODEL_OPTIONS = frozenset({
     "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir", "scriptable",
@@ -622,7 +625,7 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
         target: Any = config
         for depth, name in enumerate(parts):
             if isinstance(target, dict):
-                target[".".join(parts[depth:])] = _literal(raw)
+                target[".".join(parts[depth:])] = literal_value(raw)
                 break
             if not dataclasses.is_dataclass(target) or name not in {f.name for f in dataclasses.fields(target)}:
                 if path in _RENAMED:
@@ -641,7 +644,15 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     return config
 
 
-def _literal(raw: str) -> Any:
+def literal_value(raw: str) -> Any:
+    """A command-line value: a Python literal when it reads as one, else the bare word as a string.
+
+    Args:
+        raw: E.g. "(32, 64)", "0.5", "avg".
+
+    Returns:
+        E.g. (32, 64), 0.5, "avg".
+    """
     try:
         return ast.literal_eval(raw.strip())
     except (ValueError, SyntaxError):

@@ -33,7 +33,7 @@ from torch import nn
 
 from vitblocks.io import save_model_atomic
 from vitblocks.models.create import takes_img_size
-from vitblocks.train.config import TrainConfig
+from vitblocks.train.config import WEIGHT_SOURCES, TrainConfig
 from vitblocks.train.logs import logger
 
 MODEL_FILES = ("model.safetensors", "model_ema.safetensors", "config.json")
@@ -66,8 +66,7 @@ def model_args(config: TrainConfig) -> dict[str, Any]:
     Returns:
         `model.kwargs` with the class count and, for models that take it, the image size.
     """
-    args = {key: value for key, value in config.model.kwargs.items()
-            if key not in ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path")}
+    args = {key: value for key, value in config.model.kwargs.items() if key not in WEIGHT_SOURCES}
     args["num_classes"] = config.data.num_classes
     if takes_img_size(config.model.name):
         args["img_size"] = config.data.img_size
