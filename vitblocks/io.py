@@ -35,14 +35,21 @@ def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> None:
         obj: What to save.
         path: Destination.
     """
-    with _replacing(path) as tmp:
+    with replacing(path) as tmp:
         torch.save(obj, tmp)
 
 
 @contextlib.contextmanager
-def _replacing(path: str | os.PathLike) -> Iterator[str]:
+def replacing(path: str | os.PathLike) -> Iterator[str]:
     """A temporary file beside `path` to write; on success it is synced and renamed over
-    `path`, on any error (KeyboardInterrupt too) removed."""
+    `path`, on any error (KeyboardInterrupt too) removed.
+
+    Args:
+        path: The file to replace.
+
+    Yields:
+        The temporary file's path.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -71,7 +78,7 @@ def save_model_atomic(model: torch.nn.Module, path: str | os.PathLike) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import save_model
 
-    with _replacing(path) as tmp:
+    with replacing(path) as tmp:
         try:
             save_model(model, tmp)
         except SafetensorError as error:  # how safetensors reports a failed write (ENOSPC among others)

@@ -36,7 +36,7 @@ from vitblocks.train.distill import DistillationLoss
 from vitblocks.train.extras import import_train_extra
 from vitblocks.train.health import checkpoint_problem
 from vitblocks.train.logs import console_logging, logger
-from vitblocks.train.model_folder import BEST_FOLDER, MODEL_FILES, write_model_folder
+from vitblocks.train.model_folder import BEST_FOLDER, MODEL_FILES, folder_incomplete, write_model_folder
 from vitblocks.train.precision import autocast_for
 from vitblocks.train.preemption import StopSignals, TrainingInterrupted
 from vitblocks.train.report import final_summary, plot_curves
@@ -628,42 +628,30 @@ class Trainer:
 
     def _final_files_missing(self) -> bool:
         """Whether a final file is absent or unreadable (a write that failed)."""
-        from safetensors import safe_open
-
-        names = ["model.safetensors"] + (["model_ema.safetensors"] if self.ema is not None else [])
-        if not self.config.model.convert and not (self.output_dir / "config.json").is_file():
-            return True
-        for name in names:
-            try:
-                with safe_open(str(self.output_dir / name), "pt"):
-                    pass
-            except Exception:  # noqa: BLE001 - missing, truncated or not safetensors: write it again
-                return True
-        return False
-
-    def _write_model_folder(self, folder: Path) -> list[Path]:
-        """Weights, EMA weights and timm's config.json (`vitblocks.train.model_folder`)."""
-        try:
-            return write_model_folder(folder, self.model, self.config, self.ema.module if self.ema else None)
-        except OSError as error:
-            raise ckpt.CheckpointError(
-                f"could not write the model folder {folder} ({' '.join(str(error).split())[:300]}); the training "
-                f"checkpoints are complete. Free some space, then run the same command with --resume auto to "
-                "write the final files.") from error
+        return folder_incomplete(self.output_dir, self.config, self.ema is not None)
 
     def _write_best_folder(self) -> None:
         """The best epoch's model folder; a copy of best.pth's weights, so failing to write it only warns."""
         folder = self.output_dir / BEST_FOLDER
         try:
             write_model_folder(folder, self.model, self.config, self.ema.module if self.ema else None)
-        except (OSError, RuntimeError) as error:  # a full disk reaches safetensors as its own error type
+        # OSError: a full disk or no permission (save_model_atomic turns safetensors' errors into one);
+        # RuntimeError: torch failing to hand over the weights. Either way best.pth is intact.
+        except (OSError, RuntimeError) as error:
             for name in MODEL_FILES:
                 (folder / name).unlink(missing_ok=True)  # no folder whose files disagree
             logger.warning(f"could not write the model folder {folder} ({' '.join(str(error).split())[:200]}); "
                            "best.pth holds the same weights")
 
     def _write_final_files(self) -> None:
-        self._write_model_folder(self.output_dir)
+        """Weights, EMA weights and timm's config.json in the output folder (`vitblocks.train.model_folder`)."""
+        try:
+            write_model_folder(self.output_dir, self.model, self.config, self.ema.module if self.ema else None)
+        except OSError as error:
+            raise ckpt.CheckpointError(
+                f"could not write the model folder {self.output_dir} ({' '.join(str(error).split())[:300]}); the "
+                f"training checkpoints are complete. Free some space, then run the same command with --resume auto "
+                "to write the final files.") from error
 
     def _finish(self, seconds: float, images: float) -> None:
         self._write_final_files()

@@ -24,14 +24,12 @@ weights without config.json (evaluate them with `python -m vitblocks.eval`).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from vitblocks.io import save_model_atomic
+from vitblocks.io import replacing, save_model_atomic
 from vitblocks.models.create import takes_img_size
 from vitblocks.train.config import WEIGHT_SOURCES, TrainConfig
 from vitblocks.train.logs import logger
@@ -98,29 +96,54 @@ def write_model_folder(folder: str | Path, model: nn.Module, config: TrainConfig
     if config.model.convert:  # no timm constructor rebuilds a converted model
         (folder / "config.json").unlink(missing_ok=True)
         return written
-    descriptor, temporary = tempfile.mkstemp(prefix=".config.json.", suffix=".tmp", dir=folder)
-    os.close(descriptor)
     try:
-        try:
-            from timm.models._hub import save_config_for_hf  # save_for_hf's config half (its weights write is not atomic)
-
-            save_config_for_hf(model, temporary, model_args=model_args(config))
-        # a constructor argument JSON cannot hold (a class, a function), or a timm without this helper
-        except (ValueError, TypeError, ImportError) as error:
-            logger.warning(f"{folder}: no config.json, as timm cannot describe this model ({error}); load the "
-                           "weights with python -m vitblocks.eval or the recipe")
-            (folder / "config.json").unlink(missing_ok=True)
-            return written
-        settings = json.loads(Path(temporary).read_text())
-        cfg = settings["pretrained_cfg"]
-        for key in ("origin_url", "paper_name", "paper_ids", "notes", "license", "hf_hub_id", "url", "file"):
-            cfg.pop(key, None)  # those describe released weights, not these
-        cfg.update(data_config(config), tag=Path(config.output_dir).name or "run", num_classes=config.data.num_classes)
-        cfg.pop("test_input_size", None)
-        cfg.pop("test_crop_pct", None)
-        Path(temporary).write_text(json.dumps(settings, indent=2) + "\n")
-        os.replace(temporary, folder / "config.json")
-    finally:
-        Path(temporary).unlink(missing_ok=True)
+        with replacing(folder / "config.json") as temporary:
+            _write_config(temporary, model, config)
+    # a constructor argument JSON cannot hold (a class, a function), or a timm without this helper
+    except (ValueError, TypeError, ImportError) as error:
+        logger.warning(f"{folder}: no config.json, as timm cannot describe this model ({error}); load the "
+                       "weights with python -m vitblocks.eval or the recipe")
+        (folder / "config.json").unlink(missing_ok=True)
+        return written
     written.append(folder / "config.json")
     return written
+
+
+def _write_config(path: str, model: nn.Module, config: TrainConfig) -> None:
+    """timm's config.json of the model, describing this run's weights and preprocessing."""
+    from timm.models._hub import save_config_for_hf  # save_for_hf's config half (its weights write is not atomic)
+
+    save_config_for_hf(model, path, model_args=model_args(config))
+    settings = json.loads(Path(path).read_text())
+    cfg = settings["pretrained_cfg"]
+    for key in ("origin_url", "paper_name", "paper_ids", "notes", "license", "hf_hub_id", "url", "file"):
+        cfg.pop(key, None)  # those describe released weights, not these
+    cfg.update(data_config(config), tag=Path(config.output_dir).name or "run", num_classes=config.data.num_classes)
+    cfg.pop("test_input_size", None)
+    cfg.pop("test_crop_pct", None)
+    Path(path).write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def folder_incomplete(folder: str | Path, config: TrainConfig, ema: bool) -> bool:
+    """Whether a model folder lacks a file `write_model_folder` writes, or holds an unreadable one.
+
+    Args:
+        folder: The folder.
+        config: The run's config (a converted model has no config.json).
+        ema: Whether the run keeps EMA weights.
+
+    Returns:
+        True when the folder should be written again.
+    """
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if not config.model.convert and not (folder / "config.json").is_file():
+        return True
+    for name in ("model.safetensors", "model_ema.safetensors")[: 1 + ema]:
+        try:
+            with safe_open(str(folder / name), "pt"):
+                pass
+        except Exception:  # noqa: BLE001 - missing, truncated or not safetensors: write it again
+            return True
+    return False
