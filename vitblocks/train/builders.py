@@ -202,8 +202,9 @@ def build_data(config: TrainConfig, runtime: Runtime | None = None, train: bool 
         total = getattr(getattr(train_set, "reader", None), "num_samples", None) or len(train_set)
         sampler = ResumableSampler(total, True, config.seed, rank, world)
     else:
-        sampler = ResumableSampler(len(train_set), True, config.seed, rank, world, repeats,
-                                   draws=not isinstance(train_set, TensorDataset))
+        # per-sample seeds only where workers draw augmentation: not for tensors, nor for workers that read bytes
+        draws = not isinstance(train_set, TensorDataset) and not getattr(train_set, "read_bytes", False)
+        sampler = ResumableSampler(len(train_set), True, config.seed, rank, world, repeats, draws=draws)
     accum = config.optim.accum_steps
     # whole updates only: a batch left over would carry its gradients into the next epoch's first update
     batches = len(sampler) // config.data.batch_size
