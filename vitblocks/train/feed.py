@@ -119,15 +119,34 @@ class ResidentBatches:
         self.sampler, self.batch_size, self.drop_last, self.device = sampler, batch_size, drop_last, device
 
     def __len__(self) -> int:
-        full, rest = divmod(len(self.sampler), self.batch_size)
-        return full + (rest > 0 and not self.drop_last)
+        return batch_count(len(self.sampler), self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[list[torch.Tensor]]:
         indices = torch.tensor([item[0] if isinstance(item, tuple) else item for item in self.sampler],
                                dtype=torch.long).to(self.device)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        for start in range(0, batch_count(len(indices), self.batch_size, self.drop_last) * self.batch_size,
+                           self.batch_size):
             chosen = indices[start : start + self.batch_size]
             yield [tensor.index_select(0, chosen) for tensor in self.tensors]
+
+
+def batch_count(samples: int, batch_size: int, drop_last: bool) -> int:
+    """Batches of `batch_size` in `samples`, a last partial one counted unless dropped.
+
+    Args:
+        samples: Samples in the pass.
+        batch_size: Samples per batch.
+        drop_last: Drop a last partial batch.
+
+    Returns:
+        The count.
+
+    Example:
+        >>> batch_count(10, 4, drop_last=True), batch_count(10, 4, drop_last=False)
+        (2, 3)
+    """
+    full, rest = divmod(samples, batch_size)
+    return full + (rest > 0 and not drop_last)
 
 
 def make_loader(dataset: Dataset, sampler: ResumableSampler, batch_size: int, workers: int | None, train: bool,
@@ -228,8 +247,7 @@ class StreamBatches:
             dataset.set_loader_cfg(num_workers=workers)
 
     def __len__(self) -> int:
-        full, rest = divmod(len(self.sampler), self.batch_size)
-        return full + (rest > 0 and not self.train)
+        return batch_count(len(self.sampler), self.batch_size, self.train)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self.sampler.epoch
