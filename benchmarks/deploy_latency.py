@@ -4,9 +4,11 @@
     python -m benchmarks.deploy_latency --models sret_t --batch-sizes 1 --repeats 10
 
 Every form is built from one model in eval mode: eager, `torch.export` (the exported
-program's module), TorchScript (`torch.jit.script` and `torch.jit.trace`), ONNX (the
-dynamo exporter, run in onnxruntime on the CPU) and int8 dynamic quantization of the
-linear layers (`torch.ao.quantization.quantize_dynamic`). The forms are timed in turns in
+program's module), AOTInductor (that program compiled ahead of time into a `.pt2`
+package, loaded back with `aoti_load_package`), TorchScript (`torch.jit.script` and
+`torch.jit.trace`), ONNX (the dynamo exporter, run in onnxruntime on the CPU) and int8
+dynamic quantization of the linear layers (`torch.ao.quantization.quantize_dynamic`).
+Every exported form has a dynamic batch: one export serves each batch size timed. The forms are timed in turns in
 one process (`time_interleaved`), so the ratios against eager are what to compare; the
 largest difference of each form's logits from eager's is reported too. Writes
 `deploy_latency.md` (the table docs/deploy.md shows) and `deploy_latency.json`.
@@ -35,10 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def deployment_forms(model: torch.nn.Module, example: torch.Tensor, workdir: Path) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """Each deployment form of `model` as a function of a batch of images."""
     import onnxruntime
+    from torch._inductor import aoti_compile_and_package, aoti_load_package
 
     forms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"eager": model}
     batch = torch.export.Dim("batch", min=1, max=1024)
-    forms["torch.export"] = torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
+    exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    forms["torch.export"] = exported.module()
+    package = aoti_compile_and_package(exported, package_path=str(workdir / "model.pt2"))
+    forms["AOTInductor (.pt2)"] = aoti_load_package(package)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         forms["TorchScript script"] = torch.jit.script(model)

@@ -3,6 +3,7 @@
 import enum
 import importlib
 import inspect
+import os
 import re
 import shlex
 import subprocess
@@ -28,7 +29,12 @@ def code_blocks(language):
 def test_python_examples_run(code, tmp_path, monkeypatch):
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")  # examples run as if from the repository root
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "docs", "exec"), {"__name__": "__main__"})  # as a script runs it
+    environment = os.environ.copy()
+    try:
+        exec(compile(code, "docs", "exec"), {"__name__": "__main__"})  # as a script runs it
+    finally:  # an example may set variables for its own process (deploy.md's AOTInductor checks)
+        os.environ.clear()
+        os.environ.update(environment)
 
 
 @pytest.mark.parametrize("command", list(code_blocks("bash")))
