@@ -5,13 +5,13 @@
 
 Every form is built from one model in eval mode: eager, `torch.export` (the exported
 program's module), AOTInductor (that program compiled ahead of time into a `.pt2`
-package, loaded back with `aoti_load_package`), TorchScript (`torch.jit.script` and
-`torch.jit.trace`), ONNX (the dynamo exporter, run in onnxruntime on the CPU) and int8
-dynamic quantization of the linear layers (`torch.ao.quantization.quantize_dynamic`).
-Every exported form has a dynamic batch: one export serves each batch size timed. The forms are timed in turns in
-one process (`time_interleaved`), so the ratios against eager are what to compare; the
-largest difference of each form's logits from eager's is reported too. Writes
-`deploy_latency.md` (the table docs/deploy.md shows) and `deploy_latency.json`.
+package, loaded back with `aoti_load_package`), TorchScript (`torch.jit.trace`), ONNX
+(the dynamo exporter, run in onnxruntime on the CPU) and int8 dynamic quantization of
+the linear layers (`torch.ao.quantization.quantize_dynamic`). Each form is built once and
+serves every batch size timed (the exports with a dynamic batch). The forms are timed
+in turns in one process (`time_interleaved`), so the ratios against eager are what to
+compare; the largest difference of each form's logits from eager's is reported too.
+Writes `deploy_latency.md` (the table docs/deploy.md shows) and `deploy_latency.json`.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ def deployment_forms(model: torch.nn.Module, example: torch.Tensor, workdir: Pat
     forms["AOTInductor (.pt2)"] = aoti_load_package(package)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        forms["TorchScript script"] = torch.jit.script(model)
         forms["TorchScript trace"] = torch.jit.trace(model, example)
         path = workdir / "model.onnx"
         torch.onnx.export(model, (example,), str(path), dynamo=True, verbose=False, dynamic_shapes=({0: batch},))

@@ -184,8 +184,8 @@ def test_deploy_page_shows_the_latency_table_of_its_committed_run():
     run = json.loads((ROOT / "docs" / "benchmarks" / "cpu" / "deploy_latency.json").read_text())
     assert markdown(run["rows"]).strip() in (ROOT / "docs" / "deploy.md").read_text()
     forms = {row["form"] for row in run["rows"]}
-    assert {"eager", "torch.export", "AOTInductor (.pt2)", "TorchScript script", "TorchScript trace",
-            "ONNX (onnxruntime)", "int8 dynamic quantization"} <= forms
+    assert {"eager", "torch.export", "AOTInductor (.pt2)", "TorchScript trace", "ONNX (onnxruntime)",
+            "int8 dynamic quantization"} <= forms
     assert {row["batch"] for row in run["rows"] if row["form"] == "AOTInductor (.pt2)"} == {1, 8}  # one dynamic-batch package
     assert all(row["max_abs_diff"] < 1e-4 for row in run["rows"] if row["form"] != "int8 dynamic quantization")
 

@@ -53,11 +53,11 @@ def test_more_and_fewer_loops_per_mix_mode(mix, relaxed):
         assert torch.allclose(qkv(x), reference, atol=1e-6)
 
 
-def test_scripted_recursion_follows_test_time_depth():
-    stage = mixed_stage("per_loop")
+def test_exported_recursion_follows_test_time_depth():
+    stage = mixed_stage("per_loop").eval()
     stage.set_loops(4)
     x = torch.randn(2, 16, 32)
-    assert torch.allclose(torch.jit.script(stage)(x), stage(x), atol=1e-6)
+    assert torch.allclose(torch.export.export(stage, (x,)).module()(x), stage(x), atol=1e-6)
 
 
 def test_cycles_repeat_and_reuse_the_last_cycles_mix_layers():

@@ -14,6 +14,8 @@ def count(module):
 
 
 class LoopRecorder(nn.Module):
+    loop_aware = True
+
     def __init__(self):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(1))
@@ -47,6 +49,20 @@ def test_loop_index_is_passed_to_loop_aware_modules_only():
     linear = nn.Linear(4, 4)
     x = torch.randn(2, 4)
     torch.testing.assert_close(Recursive(linear, loops=2)(x), linear(linear(x)))
+
+
+def test_a_block_that_takes_a_loop_must_declare_it():
+    class Undeclared(nn.Module):
+        def forward(self, x, loop=0):
+            return x + loop
+
+    with pytest.raises(TypeError, match="Undeclared.forward takes a `loop` argument .* `loop_aware = True`"):
+        Recursive(Undeclared(), loops=2)
+
+    class Declined(Undeclared):
+        loop_aware = False  # called as module(x)
+
+    assert Recursive(Declined(), loops=3)(torch.zeros(1)).item() == 0
 
 
 def test_parameters_are_those_of_the_block_plus_its_mix_layers():

@@ -95,6 +95,8 @@ def test_state_dict_and_copies_are_those_of_the_plain_model():
 
 def test_plain_and_loop_aware_blocks_can_be_compiled():
     class LoopScale(nn.Module):
+        loop_aware = True
+
         def forward(self, x, loop=0):
             return x * (loop + 1)
 

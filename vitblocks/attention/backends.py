@@ -22,8 +22,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from vitblocks.attention.groups import GroupRun, TokenGroups
-from vitblocks.attention.scripted import fold_run, with_prefix
+from vitblocks.attention.groups import GroupRun, TokenGroups, fold_run, with_prefix
 from vitblocks.attention.xformers_runtime import preload_cuda12_runtime, runtime_advice
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

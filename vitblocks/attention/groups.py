@@ -14,7 +14,7 @@ sliced group self-attention; with one group it is full attention.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, NamedTuple, Tuple  # TorchScript reads typing's generics
+from typing import NamedTuple
 
 import torch
 
@@ -38,12 +38,12 @@ class GroupRun(NamedTuple):
         return self.start + self.count * self.size
 
 
-def group_runs(num_tokens: int, num_groups: int) -> List[Tuple[int, int, int]]:
+def group_runs(num_tokens: int, num_groups: int) -> list[tuple[int, int, int]]:
     """(start, count, size) of the runs of equal groups that split `num_tokens` tokens.
 
     The first `num_tokens % num_groups` groups take one extra token, so there are at
-    most two runs, larger groups first. Plain ints in and out, so TorchScript compiles
-    it and tracers with symbolic shapes take it (`//` and `%`, never `divmod`).
+    most two runs, larger groups first. Plain ints in and out, so tracers with symbolic
+    shapes take it (`//` and `%`, never `divmod`).
 
     Args:
         num_tokens: Patch tokens N.
@@ -58,7 +58,7 @@ def group_runs(num_tokens: int, num_groups: int) -> List[Tuple[int, int, int]]:
     """
     base = num_tokens // num_groups
     extra = num_tokens % num_groups
-    runs: List[Tuple[int, int, int]] = []
+    runs: list[tuple[int, int, int]] = []
     if extra > 0:
         runs.append((0, extra, base + 1))
     if num_groups > extra:
@@ -147,3 +147,34 @@ class TokenGroups:
         mask = torch.ones(p + self.num_tokens, p + self.num_tokens, dtype=torch.bool, device=device)
         mask[p:, p:] = ids[:, None] == ids[None, :]
         return mask
+
+
+def fold_run(x: torch.Tensor, start: int, count: int, size: int) -> torch.Tensor:
+    """Fold one run of equal groups into the batch dimension.
+
+    Args:
+        x: Patch tokens (B, N, H, D).
+        start: Offset of the run's first token.
+        count: Groups in the run.
+        size: Tokens per group.
+
+    Returns:
+        (B * count, size, H, D).
+    """
+    return x[:, start : start + count * size].reshape(x.shape[0] * count, size, x.shape[2], x.shape[3])
+
+
+def with_prefix(groups_kv: torch.Tensor, prefix_kv: torch.Tensor, count: int) -> torch.Tensor:
+    """Prepend each sample's prefix keys (or values) to each of its `count` groups.
+
+    Args:
+        groups_kv: Folded keys or values (B * count, size, H, D).
+        prefix_kv: The prefix tokens' keys or values (B, P, H, D).
+        count: Groups per sample.
+
+    Returns:
+        (B * count, P + size, H, D).
+    """
+    b, p, h, d = prefix_kv.shape[0], prefix_kv.shape[1], prefix_kv.shape[2], prefix_kv.shape[3]
+    prefix = prefix_kv.unsqueeze(1).expand(b, count, p, h, d).reshape(b * count, p, h, d)
+    return torch.cat([prefix, groups_kv], dim=1)

@@ -10,16 +10,17 @@ from timm.layers import Mlp
 from torch import nn
 
 from vitblocks.layers.drop import DropPath, keep_mask
-from vitblocks.layers.loop import accepts_loop, call_with_loop
+from vitblocks.layers.loop import is_loop_aware
 from vitblocks.layers.scalar import learnable_scalar
 from vitblocks.layers.loop_plan import LoopPlan
 from vitblocks.layers.residual import scaled_residual
+from vitblocks.layers.scripting import NotScriptable
 from vitblocks.layers.sliced import SlicedGroupAttention
 
 torch.fx.wrap("scaled_residual")  # torch.fx records it as one call: it branches on whether gradients are needed
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(NotScriptable, nn.Module):
     """Pre-norm transformer block with optional learnable residual scalars.
 
     Without residual scalars::
@@ -33,8 +34,9 @@ class TransformerBlock(nn.Module):
         u   = a1*x + a2*DropPath(Attn(LN1(x)))
         out = a3*u + a4*DropPath(MLP(LN2(u)))
 
-    The loop index given to `forward` is passed on to the attention layer when it
-    accepts one, so a block wrapped in `Recursive` can slice differently per loop.
+    The block is loop-aware: the loop index given to `forward` is passed on to the
+    attention layer when that is loop-aware too, so a block wrapped in `Recursive` can
+    slice differently per loop.
 
     Args:
         dim: Token channels.
@@ -62,8 +64,7 @@ class TransformerBlock(nn.Module):
         torch.Size([2, 64, 192])
     """
 
-    # fixed at construction; TorchScript compiles only the branches they select
-    __constants__ = ["residual_scalars", "_attn_takes_loop"]
+    loop_aware = True
 
     def __init__(
         self,
@@ -100,7 +101,7 @@ class TransformerBlock(nn.Module):
             self.branch_scale1 = learnable_scalar(**dd)
             self.skip_scale2 = learnable_scalar(**dd)
             self.branch_scale2 = learnable_scalar(**dd)
-        self._attn_takes_loop = accepts_loop(self.attn)
+        self._attn_aware = is_loop_aware(self.attn)
         self._attn_plans = callable(getattr(self.attn, "loop_plan", None))
 
     def loop_plan(self, x: torch.Tensor, loop: int) -> Any:
@@ -157,18 +158,14 @@ class TransformerBlock(nn.Module):
             Tensor of shape (B, N, C).
         """
         normed = self.norm1(x)
-        if torch.jit.is_scripting():  # TorchScript calls each signature statically
-            attn = self.attn(normed, loop) if self._attn_takes_loop else self.attn(normed)
-        elif plan is not None:
+        if plan is not None:
             attn = self.attn(normed, plan=plan)
+        elif self._attn_aware:
+            attn = self.attn(normed, loop=loop)
         else:
-            attn = call_with_loop(self.attn, normed, loop, self._attn_takes_loop)
-        if torch.jit.is_scripting() or not self.residual_scalars:
-            attn = self.drop_path1(attn)
-            if self.residual_scalars:
-                x = x * self.skip_scale1 + attn * self.branch_scale1
-                return x * self.skip_scale2 + self.drop_path2(self.mlp(self.norm2(x))) * self.branch_scale2
-            x = x + attn
+            attn = self.attn(normed)
+        if not self.residual_scalars:
+            x = x + self.drop_path1(attn)
             return x + self.drop_path2(self.mlp(self.norm2(x)))
         # one fused sum per residual, stochastic depth folded into the branch gate
         mask1, mask2 = self._drop_masks(attn) if drop_masks is None else (drop_masks[0], drop_masks[1])

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from vitblocks.layers.recursive import Recursive
-from vitblocks.layers.shared_sequence import SharedSequence
+from vitblocks.layers.shared_stack import SharedStack
 
 
 def set_loops(model: nn.Module, loops: int) -> int:
@@ -41,9 +40,9 @@ def set_loops(model: nn.Module, loops: int) -> int:
         torch.Size([1, 1000])
     """
     own = getattr(model, "set_loops", None)
-    if callable(own) and not isinstance(model, (Recursive, SharedSequence)):
+    if callable(own) and not isinstance(model, SharedStack):
         own(loops)
-        return sum(isinstance(m, (Recursive, SharedSequence)) for m in model.modules())
+        return sum(isinstance(m, SharedStack) for m in model.modules())
     return set_layer_loops(model, loops)
 
 
@@ -60,7 +59,7 @@ def set_layer_loops(model: nn.Module, loops: int) -> int:
     Raises:
         ValueError: As `set_loops`.
     """
-    layers = [m for m in model.modules() if isinstance(m, (Recursive, SharedSequence))]
+    layers = [m for m in model.modules() if isinstance(m, SharedStack)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no Recursive or SharedSequence layer; test-time depth "
                          "applies to weight-shared models")

@@ -1,4 +1,11 @@
-"""Calling modules that may or may not take a loop index."""
+"""The loop protocol: how a shared stack tells a block which application it is on.
+
+A block is *loop-aware* when its class sets `loop_aware = True`; its `forward` then
+takes a `loop` keyword (the index of this application of its weights) and, if the
+block has `loop_plan(x, loop)`, a `plan` keyword instead (what differs on that loop,
+computed ahead, so that one compiled graph serves every loop). Any other module is
+called as `module(x)`. `run_block` is the one place a block is called for a loop.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +16,33 @@ import torch
 from torch import nn
 
 
-def accepts_loop(module: nn.Module) -> bool:
-    """Whether a module is loop-aware.
+def is_loop_aware(module: nn.Module) -> bool:
+    """Whether a module wants the loop index: its `loop_aware` attribute.
 
     Args:
         module: Any module.
 
     Returns:
-        True if `module.forward` has a parameter named `loop`.
+        `module.loop_aware`, False when the class does not declare it.
+
+    Raises:
+        TypeError: If `forward` takes a `loop` argument but the class does not declare
+            `loop_aware`, which would silently call it without the index.
     """
-    try:
-        return "loop" in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):  # builtins and some C-implemented modules have no signature
-        return False
+    declared = getattr(module, "loop_aware", None)
+    if declared is not None:
+        return bool(declared)
+    if "loop" in _forward_parameters(module):
+        raise TypeError(f"{type(module).__name__}.forward takes a `loop` argument but the class does not declare "
+                        "`loop_aware`: set the class attribute `loop_aware = True` to be told each application's "
+                        "loop index (or False to be called as module(x))")
+    return False
 
 
 def accepts_mask(module: nn.Module) -> bool:
     """Whether a module takes timm's `attn_mask` and `is_causal` forward arguments.
+
+    Only asked when a mask is given, to refuse it clearly for blocks without one.
 
     Args:
         module: Any module.
@@ -33,26 +50,58 @@ def accepts_mask(module: nn.Module) -> bool:
     Returns:
         True if `module.forward` has parameters named `attn_mask` and `is_causal`.
     """
-    try:
-        parameters = inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    parameters = _forward_parameters(module)
     return "attn_mask" in parameters and "is_causal" in parameters
 
 
-def call_with_loop(module: nn.Module, x: torch.Tensor, loop: int, takes_loop: bool) -> torch.Tensor:
-    """Call a module, passing the loop index only to loop-aware modules.
+def _forward_parameters(module: nn.Module) -> tuple[str, ...]:
+    try:
+        return tuple(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):  # builtins and some C-implemented modules have no signature
+        return ()
+
+
+def loop_inputs(block: nn.Module, x: torch.Tensor, loop: int, aware: bool, plans: bool) -> dict[str, Any]:
+    """What a block is told about one loop: its precomputed loop plan, the loop index, or nothing.
 
     Args:
-        module: The module.
+        block: The block.
         x: Its input.
         loop: The loop index.
-        takes_loop: Whether the module is loop-aware (see `accepts_loop`).
+        aware: Whether the block is loop-aware (`is_loop_aware`).
+        plans: Whether to hand it `block.loop_plan(x, loop)` (for compiled regions,
+            which take what differs between loops as inputs).
 
     Returns:
-        `module(x, loop=loop)` or `module(x)`.
+        Keyword arguments for the call.
     """
-    return module(x, loop=loop) if takes_loop else module(x)
+    if not aware:
+        return {}
+    if plans:
+        plan = block.loop_plan(x, loop)
+        if plan is not None:
+            return {"plan": plan}
+    return {"loop": loop}
+
+
+def run_block(block: nn.Module, mix: nn.Module | None, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """One application of a block and the mix layer after it.
+
+    This is also the region `SharedStack.compile_block` compiles: blocks and mix layers
+    arrive as arguments, so one compiled graph serves every loop, every per-loop mix
+    layer and every structurally identical block.
+
+    Args:
+        block: The block.
+        mix: Its mix layer, or None.
+        x: The input.
+        kwargs: The loop's inputs (`loop_inputs`), masks and drop masks.
+
+    Returns:
+        `mix(block(x, **kwargs))`.
+    """
+    x = block(x, **kwargs)
+    return x if mix is None else mix(x)
 
 
 def check_loop_count(loops: int) -> int:
@@ -72,24 +121,23 @@ def check_loop_count(loops: int) -> int:
     return loops
 
 
-def mask_kwargs(attn_mask: torch.Tensor | None, is_causal: bool, takes_mask: bool, who: str) -> dict[str, Any]:
-    """timm's mask arguments to pass on to a block: none when unset.
+def mask_kwargs(attn_mask: torch.Tensor | None, is_causal: bool, blocks: list[nn.Module]) -> dict[str, Any]:
+    """timm's mask arguments to pass on to blocks: none when unset.
 
     Args:
         attn_mask: timm's attention mask, or None.
         is_causal: timm's causal flag.
-        takes_mask: Whether the block takes them (see `accepts_mask`).
-        who: The block, for the error.
+        blocks: The blocks that will get them.
 
     Returns:
         `{}` when neither is set, else both as keyword arguments.
 
     Raises:
-        TypeError: If one is set and the block takes none.
+        TypeError: If one is set and a block takes none, naming the block's class.
     """
     if attn_mask is None and not is_causal:
         return {}
-    if not takes_mask:
-        raise TypeError(f"{who} takes no attn_mask or is_causal")
+    refusing = sorted({type(block).__name__ for block in blocks if not accepts_mask(block)})
+    if refusing:
+        raise TypeError(f"{', '.join(refusing)} takes no attn_mask or is_causal")
     return {"attn_mask": attn_mask, "is_causal": is_causal}
-

@@ -58,8 +58,6 @@ class NonLinearMix(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mix tokens of shape (B, N, C); returns the same shape."""
-        if torch.jit.is_scripting():
-            return x * self.skip_scale + self.mlp(self.norm(x)) * self.branch_scale
         return scaled_residual(x, self.skip_scale, self.mlp(self.norm(x)), self.branch_scale)
 
 

@@ -7,8 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitblocks.layers.recursive import Recursive
-from vitblocks.layers.shared_sequence import SharedSequence
+from vitblocks.layers.shared_stack import SharedStack
 
 VARIANTS_PER_REGION = 8
 """Compiled variants allowed per recursive block (train / eval, group counts, shapes)."""
@@ -20,7 +19,7 @@ def compile_regions(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
     `torch.compile(model)` traces the whole forward pass, unrolling each `Recursive`
     loop, so compile time grows with the number of loops (1000 block applications are
     1000 traced blocks). Regional compilation compiles one application of each shared
-    block instead (see `Recursive.compile_block`): compile time depends on how many
+    block instead (see `SharedStack.compile_block`): compile time depends on how many
     distinct blocks there are, not on how often they run. The rest of the model (stem,
     pooling, head) stays eager.
 
@@ -42,10 +41,10 @@ def compile_regions(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
     Example:
         >>> import timm, torch, vitblocks
         >>> model = compile_regions(timm.create_model("sret_t", img_size=64, loops=10, mix="shared"))
-        >>> sum(block.compiled for block in model.modules() if isinstance(block, Recursive))
+        >>> sum(block.compiled for block in model.modules() if isinstance(block, SharedStack))
         10
     """
-    regions = [module for module in model.modules() if isinstance(module, (Recursive, SharedSequence))]
+    regions = [module for module in model.modules() if isinstance(module, SharedStack)]
     if not regions:
         raise ValueError(
             f"{type(model).__name__} has no Recursive block to compile; use torch.compile(model) instead"

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from timm.layers import LayerScale
 from torch import nn
 
-from vitblocks.layers.loop import accepts_loop, accepts_mask, check_loop_count, mask_kwargs
-from vitblocks.layers.recursive import Recursive
-from vitblocks.layers.shared_sequence import SharedSequence
+from vitblocks.layers.loop import check_loop_count, is_loop_aware, mask_kwargs
+from vitblocks.layers.scripting import NotScriptable
+from vitblocks.layers.shared_stack import SharedStack
 
 DEFAULT_TARGETS = ("qkv", "proj", "fc1", "fc2")
 """Linears relaxed by default: attention input/output and MLP projections (timm's names)."""
@@ -245,7 +245,7 @@ def _full_rank(linear: nn.Linear) -> int:
     return min(linear.in_features, linear.out_features)
 
 
-class RelaxedBlock(nn.Module):
+class RelaxedBlock(NotScriptable, nn.Module):
     """A shared block whose chosen linears (and optionally norms, LayerScale) vary per loop.
 
     Wraps any block given to `Recursive` or `SharedSequence`: the wrapper takes the loop
@@ -281,6 +281,8 @@ class RelaxedBlock(nn.Module):
         torch.Size([2, 16, 64])
     """
 
+    loop_aware = True
+
     def __init__(
         self,
         block: nn.Module,
@@ -300,8 +302,7 @@ class RelaxedBlock(nn.Module):
         for name, per_loop in replacements:
             _replace(block, name, per_loop(loops))
         self.shared = block
-        self._takes_loop = accepts_loop(block)
-        self._takes_mask = accepts_mask(block)
+        self._takes_loop = is_loop_aware(block)
         # found once, not on every application (a plain list: the modules are registered under `shared`)
         self._per_loop = [m for m in block.modules() if isinstance(m, PER_LOOP_MODULES)]
 
@@ -330,23 +331,13 @@ class RelaxedBlock(nn.Module):
 
         Raises:
             TypeError: If a mask is given to a block that takes none.
-            RuntimeError: Under TorchScript.
         """
-        if torch.jit.is_scripting():
-            raise RuntimeError("RelaxedBlock cannot run in TorchScript (it selects each loop's corrections as a side "
-                               "effect); export the model with torch.export, torch.jit.trace or ONNX instead")
-        return self._forward_eager(x, loop, attn_mask, is_causal)
-
-    @torch.jit.unused
-    def _forward_eager(
-        self, x: torch.Tensor, loop: int, attn_mask: torch.Tensor | None, is_causal: bool
-    ) -> torch.Tensor:
         # Selecting the loop is a side effect; under torch.fx the wrapped call below is only
         # recorded (it reselects at run time, before layers that FX records as one call,
         # such as sliced attention), so the loop is also selected here for traced-through code.
         self.select_loop(loop)
         x = select_loop_of(self, x, loop)
-        kwargs = mask_kwargs(attn_mask, is_causal, self._takes_mask, type(self.shared).__name__)
+        kwargs = mask_kwargs(attn_mask, is_causal, [self.shared])
         return self.shared(x, **({"loop": loop} if self._takes_loop else {}), **kwargs)
 
     def extra_repr(self) -> str:
@@ -504,21 +495,14 @@ def relax_recursion(
         10
     """
     options = {"rank": rank, "targets": targets, "norms": norms, "biases": biases, "layer_scale": layer_scale}
-    relaxed = 0
-    found = False
-    for module in list(model.modules()):
-        if isinstance(module, Recursive):
-            found = True
-            if module.loops > 1 and not isinstance(module.block, RelaxedBlock):
-                module.replace_block(RelaxedBlock(module.block, module.loops, **options))
-                relaxed += 1
-        elif isinstance(module, SharedSequence):
-            found = True
-            for index, uses in enumerate(module.loops):
-                if uses > 1 and not isinstance(module.blocks[index], RelaxedBlock):
-                    module.replace_block(index, RelaxedBlock(module.blocks[index], uses, **options))
-                    relaxed += 1
-    if not found:
+    stacks = [m for m in model.modules() if isinstance(m, SharedStack)]
+    if not stacks:
         raise ValueError(f"{type(model).__name__} has no Recursive or SharedSequence layer to relax; "
                          "share its blocks first (vitblocks.models.make_recursive)")
+    relaxed = 0
+    for stack in stacks:
+        for index, (block, uses) in enumerate(zip(stack.unique_blocks(), stack.block_uses)):
+            if uses > 1 and not isinstance(block, RelaxedBlock):
+                stack.set_unique_block(index, RelaxedBlock(block, uses, **options))
+                relaxed += 1
     return relaxed

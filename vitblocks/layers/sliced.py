@@ -8,18 +8,16 @@ import torch
 from torch import nn
 
 from vitblocks.attention import TokenGroups, group_attention
-from vitblocks.attention.scripted import scripted_group_attention
 from vitblocks.layers.loop_plan import LoopPlan
 from vitblocks.layers.permutation import (
     cached_fixed_permutation,
-    check_policy,
-    fixed_permutation,
     inverse_permutation,
-    permute_tokens,
+    check_policy,
     permute_tokens_with_inverse,
     random_permutation,
 )
 from vitblocks.layers.modes import PermutationPolicy
+from vitblocks.layers.scripting import NotScriptable
 from vitblocks.layers.schedule import GroupSchedule
 
 
@@ -27,7 +25,7 @@ _NO_MASK = ("SlicedGroupAttention takes no attn_mask or is_causal: its token gro
             "use timm.layers.Attention for masked attention")
 
 
-class SlicedGroupAttention(nn.Module):
+class SlicedGroupAttention(NotScriptable, nn.Module):
     """Multi-head self-attention within groups of tokens, with a group count per loop.
 
     On loop 0 the patch tokens are cut into contiguous raster-order chunks. On later
@@ -76,6 +74,8 @@ class SlicedGroupAttention(nn.Module):
         torch.Size([2, 196, 64])
     """
 
+    loop_aware = True
+
     def __init__(
         self,
         dim: int,
@@ -106,7 +106,6 @@ class SlicedGroupAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.schedule = GroupSchedule.parse(groups)
         self.groups = self.schedule.counts
-        self.group_counts: list[int] = list(self.groups)  # a list: TorchScript indexes it by loop
         self.num_prefix_tokens = num_prefix_tokens
         self.permutation = check_policy(permutation, "permutation")
         self.eval_permutation = check_policy(eval_permutation, "eval_permutation")
@@ -210,39 +209,7 @@ class SlicedGroupAttention(nn.Module):
             ValueError: If the loop's group count exceeds the patch tokens, or a mask
                 or causal attention is requested.
         """
-        if torch.jit.is_scripting():
-            if attn_mask is not None or is_causal:
-                raise ValueError("SlicedGroupAttention takes no attn_mask or is_causal")
-            return self._forward_scripted(x, loop)
         return sliced_attention_forward(self, x, loop, plan, attn_mask, is_causal)
-
-    def _forward_scripted(self, x: torch.Tensor, loop: int) -> torch.Tensor:
-        """`forward` as TorchScript compiles it: the same steps, attention by SDPA."""
-        batch, length, channels = x.shape[0], x.shape[1], x.shape[2]
-        num_tokens = length - self.num_prefix_tokens
-        counts = self.group_counts
-        num_groups = counts[min(loop, len(counts) - 1)]
-        if num_groups > num_tokens:
-            raise ValueError("SlicedGroupAttention: more groups than patch tokens; use a larger image or fewer groups")
-        perm: torch.Tensor | None = None
-        if loop > 0 and num_groups > 1:
-            policy = self.permutation if self.training else self.eval_permutation
-            if policy == "fixed":
-                perm = fixed_permutation(num_tokens, self.seed * 1_000_003 + loop, x.device)
-            elif policy == "random":
-                perm = torch.randperm(num_tokens, device=x.device)
-            elif policy == "random_cpu":
-                perm = torch.randperm(num_tokens).to(x.device)
-        if perm is not None:
-            x = permute_tokens(x, perm, self.num_prefix_tokens)
-        q, k, v = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim).unbind(2)
-        q, k = self.q_norm(q), self.k_norm(k)
-        dropout_p = self.attn_drop if self.training else 0.0
-        x = scripted_group_attention(q, k, v, num_groups, self.num_prefix_tokens, self.scale, dropout_p)
-        x = x.reshape(batch, length, channels)
-        if perm is not None:
-            x = permute_tokens(x, inverse_permutation(perm), self.num_prefix_tokens)
-        return self.proj_drop(self.proj(self.norm(x)))
 
     def extra_repr(self) -> str:
         return (

@@ -20,6 +20,7 @@ from torch import nn
 from vitblocks.layers import SlicedGroupAttention
 from vitblocks.layers.loop_plan import LoopPlan
 from vitblocks.layers.schedule import GroupSchedule
+from vitblocks.layers.scripting import NotScriptable
 
 
 class _LoopView:
@@ -35,7 +36,7 @@ class _LoopView:
         return getattr(self._block, name)
 
 
-class LoopAwareBlock(nn.Module):
+class LoopAwareBlock(NotScriptable, nn.Module):
     """A timm block that takes the loop index, running the block's own `forward`.
 
     It holds the block's parts under their own names, so parameter names and weights are
@@ -48,14 +49,12 @@ class LoopAwareBlock(nn.Module):
             move into this module.
     """
 
-    # fixed at construction; TorchScript compiles only the branches they select
-    __constants__ = ["_vit_layout", "_sliced"]
+    loop_aware = True
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
         self.block_forward = type(block).forward
         self.block_type = type(block).__name__
-        self._vit_layout = type(block) is VitBlock
         self._sliced = isinstance(getattr(block, "attn", None), SlicedGroupAttention)
         for name, child in block.named_children():
             self.add_module(name, child)
@@ -98,36 +97,11 @@ class LoopAwareBlock(nn.Module):
         Returns:
             The block's output.
         """
-        if torch.jit.is_scripting():
-            return self._forward_scripted(x, loop, attn_mask, is_causal)
-        return self._forward_eager(x, loop, plan, attn_mask, is_causal)
-
-    def _forward_eager(
-        self, x: torch.Tensor, loop: int, plan: LoopPlan | None, attn_mask: torch.Tensor | None, is_causal: bool
-    ) -> torch.Tensor:
         kwargs = {"attn_mask": attn_mask, "is_causal": is_causal} if attn_mask is not None or is_causal else {}
         if not self._sliced:
             return self.block_forward(self, x, **kwargs)
         attn = functools.partial(self.attn, loop=loop, plan=plan)
         return self.block_forward(_LoopView(self, attn), x, **kwargs)
-
-    def _forward_scripted(
-        self, x: torch.Tensor, loop: int, attn_mask: torch.Tensor | None, is_causal: bool
-    ) -> torch.Tensor:
-        """`forward` as TorchScript compiles it.
-
-        TorchScript cannot run the block class's own `forward` with the attention bound
-        to a loop, so this spells out the forward of timm's pre-norm ViT block
-        (`vision_transformer.Block`, also PiT's); other blocks cannot be scripted.
-        """
-        if self._vit_layout:
-            if self._sliced:
-                attn = self.attn(self.norm1(x), loop)
-            else:
-                attn = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
-            x = x + self.drop_path1(self.ls1(attn))
-            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        raise RuntimeError("LoopAwareBlock: only timm's vision_transformer.Block can be scripted")
 
     def extra_repr(self) -> str:
         return f"wraps={self.block_type}"
