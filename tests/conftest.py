@@ -12,7 +12,12 @@ settings.register_profile(
 )
 settings.load_profile("default")
 
-# under pytest-xdist (`-n 2`) each worker takes one core
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
+# under pytest-xdist (`-n 2`) each worker takes one core, and so do the processes a test starts: OpenMP
+# threads that wait for a core held by the other worker spin, which made such tests 3-4x slower
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -112,13 +112,14 @@ def test_resuming_with_more_epochs_follows_the_schedule_of_the_longer_run(tmp_pa
 
 
 def test_best_is_written_before_last_so_a_crash_between_them_leaves_a_consistent_pair(tmp_path):
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the driver runs, so the reference is bit-identical
     try:
         config = tiny_config(tmp_path / "reference")
         config.checkpoint.every_steps = 2
         Trainer(config).fit(progress=False)
     finally:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(threads)
     run = tmp_path / "crashed"
     killed = subprocess.run([sys.executable, str(DRIVER), str(run), "--kill-before-last-of-epoch", "1"],
                             capture_output=True, text=True)
