@@ -255,3 +255,36 @@ def test_a_refused_relaxation_changes_nothing():
     with pytest.raises(ValueError, match="has no timm LayerScale"):
         RelaxedBlock(block, loops=2, rank=2, norms=True, layer_scale=True)
     assert type(block.attn.qkv) is torch.nn.Linear and type(block.norm1) is torch.nn.LayerNorm
+
+
+def test_one_relaxation_object_is_taken_in_every_form_and_checks_itself():
+    from dataclasses import FrozenInstanceError
+
+    from vitblocks.layers import Relaxation
+
+    relaxation = Relaxation(rank=2, targets="qkv", norms=True)
+    assert relaxation.targets == ("qkv",) and relaxation.relaxes and not Relaxation().relaxes
+    assert Relaxation.parse({"rank": 2, "targets": ["qkv"], "norms": True}) == relaxation
+    assert Relaxation.parse(rank=2, targets=("qkv",), norms=True) == relaxation == Relaxation.parse(relaxation)
+    with pytest.raises(FrozenInstanceError):
+        relaxation.rank = 4
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['nroms'\] \(did you mean 'norms'\?\)"):
+        Relaxation.parse({"nroms": True})
+    with pytest.raises(ValueError, match="norms must be True or False, got 'yes'"):
+        Relaxation(norms="yes")
+    with pytest.raises(TypeError, match="give a relaxation or its options, not both"):
+        RelaxedBlock(TransformerBlock(dim=32, num_heads=2), 2, relaxation, rank=4)
+    # the same relaxation, given as an object, a dict or keywords, builds the same parameters
+    shapes = []
+    for form in ({"relaxation": relaxation}, {"relaxation": relaxation.as_dict()}, relaxation.as_dict()):
+        torch.manual_seed(0)
+        block = RelaxedBlock(TransformerBlock(dim=32, num_heads=2), 2, **form)
+        shapes.append([(n, tuple(p.shape)) for n, p in block.named_parameters()])
+        assert block.relaxation == relaxation
+    assert shapes[0] == shapes[1] == shapes[2]
+    # a conversion keeps each layer's norms and biases unless its relaxation says otherwise
+    defaults = convert_to_recursive(tiny_vit(), share="cycle", rank=2)
+    explicit = convert_to_recursive(tiny_vit(), share="cycle", relax=Relaxation(rank=2))
+    assert defaults.parameters_after > explicit.parameters_after  # per-loop norm and bias offsets
+    with pytest.raises(TypeError, match="not both"):
+        convert_to_recursive(tiny_vit(), share="cycle", relax={"rank": 2}, rank=4)

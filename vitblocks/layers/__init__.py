@@ -15,15 +15,11 @@ from vitblocks.layers.permutation import (
 from vitblocks.layers.pool import ConvPool
 from vitblocks.layers.position import PositionMap, resize_position_map
 from vitblocks.layers.recursive import Recursive
-from vitblocks.layers.relax import (
-    DEFAULT_TARGETS,
-    LoopLayerNorm,
-    LoopLayerScale,
-    LoopLoRALinear,
-    RelaxedBlock,
-    relax_recursion,
-)
+from vitblocks.layers.per_loop import LoopLayerNorm, LoopLayerScale, LoopLoRALinear
+from vitblocks.layers.relax import RelaxedBlock, relax_recursion
+from vitblocks.layers.relaxation import DEFAULT_TARGETS, Relaxation
 from vitblocks.layers.shared_sequence import SharedSequence
+from vitblocks.layers.shared_stack import SharedStack
 from vitblocks.layers.sharing import sharing_assignment
 from vitblocks.layers.depth import set_loops
 from vitblocks.layers.regional import compile_regions
@@ -37,7 +33,9 @@ __all__ = [
     "LoopLayerScale",
     "LoopLoRALinear",
     "RelaxedBlock",
+    "Relaxation",
     "SharedSequence",
+    "SharedStack",
     "relax_recursion",
     "set_loops",
     "sharing_assignment",

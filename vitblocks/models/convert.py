@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitblocks.layers.relax import DEFAULT_TARGETS, PER_LOOP_MODULES
+from vitblocks.layers.per_loop import PER_LOOP_MODULES
+from vitblocks.layers.relaxation import Relaxation, relaxation_options
 from vitblocks.layers.sharing import Sharing
 from vitblocks.models.plug import load_base_weights, make_recursive
 from vitblocks.models.recursion_plan import RecursionPlan
@@ -57,18 +58,19 @@ class ConversionReport:
                 f"parameters ({self.parameters_after / self.parameters_before:.1%}), weight error {self.weight_error:.3g}")
 
 
+CONVERSION_RELAXATION = Relaxation(norms=True, biases=True)
+"""What a conversion relaxes unless told otherwise: each layer keeps its own norms and biases
+(per-loop offsets set to them), so only the shared linears' weights differ from the base."""
+
+
 def convert_to_recursive(
     model: nn.Module,
     loops: int = 2,
     share: Sharing | Sequence[Sequence[int]] = "cycle",
     init: str = "first",
-    rank: int | str = 0,
-    targets: Sequence[str] = DEFAULT_TARGETS,
-    norms: bool = True,
-    biases: bool = True,
-    layer_scale: bool = False,
+    relax: Relaxation | dict[str, Any] | None = None,
     mix: str = "none",
-    **recursive_options: Any,
+    **options: Any,
 ) -> ConversionReport:
     """Share a trained model's blocks and initialise the shared model from its weights, in place.
 
@@ -82,40 +84,44 @@ def convert_to_recursive(
             j-th unique block of a stack, counted in order of first use, takes layer
             floor(j * depth / unique): evenly spaced layers). A block used by one layer
             only takes that layer's weights whatever the init.
-        rank: Per-loop LoRA rank of the `targets` linears: 0 (none), an int up to
-            min(in, out) of each, or "full".
-        targets: Linear names that get per-loop LoRA.
-        norms: Per-loop LayerNorm offsets, set to each layer's own norm.
-        biases: Per-loop bias offsets of the targets, set to each layer's own bias.
-        layer_scale: Per-loop LayerScale offsets, set to each layer's own scale (for
-            models with LayerScale, e.g. `init_values` ViTs).
+        relax: The per-loop corrections, each set to reproduce its layer: a
+            `Relaxation` or a dict of its options. None: `CONVERSION_RELAXATION` (per-loop
+            norms and biases, no LoRA) with the `Relaxation` options among `options`
+            applied to it, e.g. `rank=8` or `rank="full"` (exact), `norms=False`.
         mix: Mix layers after each use ("none" keeps the conversion exact).
-        **recursive_options: Further `make_recursive` options (`groups`, ...).
+        **options: `Relaxation` options (`rank`, `targets`, `norms`, `biases`,
+            `layer_scale`) when `relax` is None, and further `make_recursive` options
+            (`groups`, ...).
 
     Returns:
         The report (parameter counts, weight error).
 
     Raises:
-        ValueError: For an unknown `init`, and whatever `make_recursive` refuses
-            (bad assignment, rank above a layer's limit).
+        ValueError: For an unknown `init`, and whatever `Relaxation` or
+            `make_recursive` refuses (bad assignment, rank above a layer's limit).
+        TypeError: If `relax` and `Relaxation` options are both given.
     """
     if init not in INITS:
         raise ValueError(f"init={init!r} is not one of {INITS}")
+    relax_options = {k: options.pop(k) for k in relaxation_options() if k in options}
+    if relax is None:
+        relaxation = Relaxation.parse({**CONVERSION_RELAXATION.as_dict(), **relax_options})
+    else:
+        relaxation = Relaxation.parse(relax, **relax_options)
+    recursive_options = options
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     before = sum(p.numel() for p in model.parameters())
-    relaxed = bool(rank) or norms or biases or layer_scale
-    relax = {"rank": rank, "targets": targets, "norms": norms, "biases": biases, "layer_scale": layer_scale}
-    relax = relax if relaxed else None
+    relax = relaxation if relaxation.relaxes else None
     plan = make_recursive(model, loops=loops, share=share, mix=mix, relax=relax, **recursive_options)
     load_base_weights(model, base, plan)
     with torch.no_grad():
         if init != "first":
             _initialise_shared(model, base, plan, init)
-        if relaxed:
+        if relax is not None:
             _fit_per_loop_corrections(model, base, plan)
         error = _weight_error(model, base, plan)
     after = sum(p.numel() for p in model.parameters())
-    return ConversionReport(plan, init, rank, before, after, error)
+    return ConversionReport(plan, init, relaxation.rank, before, after, error)
 
 
 def _block_weights(base: dict[str, torch.Tensor], block: str) -> dict[str, torch.Tensor]:

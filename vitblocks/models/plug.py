@@ -39,7 +39,7 @@ from vitblocks.layers import NonLinearMix, Recursive, RelaxedBlock, SharedSequen
 from vitblocks.layers.loop import check_loop_count
 from vitblocks.layers.mix import mix_for_mode
 from vitblocks.layers.modes import MixMode
-from vitblocks.layers.relax import check_relaxation
+from vitblocks.layers.relaxation import Relaxation
 from vitblocks.layers.schedule import GroupSchedule
 from vitblocks.layers.shared_sequence import shared_layers
 from vitblocks.layers.sharing import Sharing, runs_of, sharing_assignment
@@ -86,7 +86,7 @@ def make_recursive(
     mix: MixMode | str = MixMode.NONE,
     mix_mlp_ratio: float = 1.0,
     groups: int | Sequence[int] | Sequence[Sequence[int]] | None = None,
-    relax: dict[str, Any] | None = None,
+    relax: Relaxation | dict[str, Any] | None = None,
     **attn_options: Any,
 ) -> RecursionPlan:
     """Rewrite a timm DeiT/ViT, PiT or Swin model into its recursive form, in place.
@@ -110,9 +110,9 @@ def make_recursive(
             one schedule such as `(4, 2)` for every stack, a list with one schedule per
             stack (PiT's three stages: `((8, 2), (4, 1), (1, 1))`), or None to keep full
             attention (see `GroupSchedule.per_stage`).
-        relax: Relaxed recursion: `RelaxedBlock` options (`rank`, `targets`, `norms`,
-            `biases`, `layer_scale`) given to every shared block, e.g. `{"rank": 8}`;
-            None for plain sharing.
+        relax: Relaxed recursion of every shared block: a `Relaxation` or a dict of
+            its options (`rank`, `targets`, `norms`, `biases`, `layer_scale`), e.g.
+            `{"rank": 8}`; None for plain sharing.
         **attn_options: Further `SlicedGroupAttention` options (permutation policies,
             seed, backend).
 
@@ -127,6 +127,7 @@ def make_recursive(
     """
     check_loop_count(loops)
     mix = MixMode.parse(mix, "mix")
+    relaxation = None if relax is None else Relaxation.parse(relax)
     stacks = block_stacks(model)
     if not stacks:
         raise ValueError(f"{type(model).__name__} has no nn.Sequential 'blocks' stacks to make recursive")
@@ -141,8 +142,8 @@ def make_recursive(
         units = len(stack) // family.unit_size
         where = f"{name} ({units} {'block pairs' if family.unit_size > 1 else 'blocks'})"
         assignments.append(None if setting is False else sharing_assignment(setting, units, loops, where=where))
-        if relax is not None:
-            check_relaxation(stack[0], relax)
+        if relaxation is not None:
+            relaxation.check(stack[0])
     plan = RecursionPlan()
     for (name, stack), family, schedule, assignment in zip(stacks, families, schedules, assignments):
         prefix = family.prefix_tokens(model)
@@ -154,8 +155,8 @@ def make_recursive(
             layers = [Recursive(unit, loops=loops, mix=mix_spec()) for unit in units]
         else:  # each unique unit keeps the weights of the first position that uses it
             layers = shared_layers(assignment, lambda u, a=assignment: units[a.index(u)], mix_spec)
-        if relax is not None:
-            relax_recursion(nn.Sequential(*layers), **relax)
+        if relaxation is not None:
+            relax_recursion(nn.Sequential(*layers), relaxation)
         assignment = tuple(range(len(units))) if assignment is None else assignment
         plan.add_stack(name, assignment, size, sequence=isinstance(layers[0], SharedSequence),
                        relaxed=_relaxed_units(layers, assignment))

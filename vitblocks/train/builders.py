@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from vitblocks.io import CheckpointError, read_checkpoint
-from vitblocks.layers.relax import per_loop_offsets
+from vitblocks.layers.per_loop import per_loop_offsets
 from vitblocks.models.convert import convert_to_recursive
 from vitblocks.models.create import create_model_at_size
 from vitblocks.train.config import ConfigError, TrainConfig

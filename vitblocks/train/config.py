@@ -37,6 +37,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from vitblocks.attention import backend_names
 from vitblocks.layers.modes import CHECKPOINT_SETTINGS
+from vitblocks.layers.relaxation import relaxation_options
 from vitblocks.train.compile_modes import COMPILE_MODES
 from vitblocks.train.timm_datasets import TIMM_PREFIXES, is_timm_dataset
 
@@ -501,7 +502,7 @@ def check_model_options(model: ModelConfig) -> None:
                           "or None to convert the weights the model is built with (model.kwargs.pretrained=True)")
 
 
-CONVERT_OPTIONS = ("base_checkpoint", "loops", "share", "init", "rank", "targets", "norms", "biases", "layer_scale")
+CONVERT_OPTIONS = ("base_checkpoint", "loops", "share", "init", *relaxation_options())
 """Keys of `model.convert`."""
 
 
