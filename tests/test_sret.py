@@ -82,6 +82,17 @@ def test_create_model_kwargs_and_timm_conventions():
     model.reset_classifier(0, global_pool="")
     assert model(x).shape == (2, 256, 3, 3)
     assert model.no_weight_decay() == {"pos_embed.weight"}
+    model.to(torch.float64).reset_classifier(3)  # the new head lives where the model does
+    assert model.head.weight.dtype == torch.float64
+    with pytest.raises(ValueError, match="global_pool='max': SReT supports 'avg' or ''"):
+        model.reset_classifier(3, global_pool="max")
+
+
+def test_stage_loop_counts_are_read_from_their_layers():
+    model = SReT(img_size=64, num_classes=10, unique_blocks=(1, 1, 1), share=("consecutive", "cycle", "consecutive"))
+    assert [stage.loops for stage in model.stages] == [2, 2, 2]
+    model.set_loops(3)
+    assert [stage.loops for stage in model.stages] == [3, 3, 3]
 
 
 def test_official_drop_path_quirk():

@@ -10,7 +10,6 @@ Example:
 
 from vitblocks.attention.backends import AttentionBackend
 from vitblocks.attention.dispatch import (
-    BACKEND_NAMES,
     CPU_BF16_MATH_MAX_KEYS,
     ENV_VAR,
     AttentionBackendError,
@@ -28,7 +27,6 @@ from vitblocks.attention.registry import AUTO, BACKENDS, backend_names, register
 __all__ = [
     "AUTO",
     "BACKENDS",
-    "BACKEND_NAMES",
     "CPU_BF16_MATH_MAX_KEYS",
     "ENV_VAR",
     "AttentionBackend",

@@ -35,8 +35,6 @@ from vitblocks.attention.groups import TokenGroups
 from vitblocks.attention.registry import AUTO, BACKENDS, backend_names
 
 ENV_VAR = "VITBLOCKS_ATTENTION"
-BACKEND_NAMES = backend_names()
-"""The built-in choices; `backend_names()` also lists backends registered later."""
 
 _chosen_in_context: contextvars.ContextVar[str | None] = contextvars.ContextVar("vitblocks_attention", default=None)
 

@@ -149,7 +149,12 @@ class SReTStage(nn.Module):
         # consecutive: a Recursive per block, each built just before its mix layers (the paper's layout and
         # initialisation order); any other schedule: one SharedSequence
         self.blocks = nn.ModuleList(shared_layers(assignment, block, partial(mix_for_mode, mix, mix_factory)))
-        self.loops = loops
+
+    @property
+    def loops(self) -> int:
+        """Uses of the stage's most used block: the loops its group schedule must fit (read from the layers,
+        so test-time depth changes it)."""
+        return max(max(layer.block_uses) for layer in self.blocks)
 
     def check_grid(self, height: int, width: int, where: str = "") -> None:
         """Check that a map has enough tokens for every loop's group count.
@@ -244,8 +249,7 @@ class SReT(nn.Module):
         attn_backend: str | None = None,
     ) -> None:
         super().__init__()
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool={global_pool!r}: SReT supports 'avg' or ''")
+        _check_global_pool(global_pool)
         if isinstance(img_size, bool) or not (isinstance(img_size, int) or (
                 isinstance(img_size, Sequence) and len(img_size) == 2 and all(isinstance(s, int) for s in img_size))):
             raise TypeError(f"img_size={img_size!r} must be an int or a (height, width) pair of ints")
@@ -374,8 +378,6 @@ class SReT(nn.Module):
                 schedule.
         """
         set_layer_loops(self, loops)
-        for stage in self.stages:
-            stage.loops = loops
         self._check_image_size(self.img_size)
 
     @torch.jit.ignore
@@ -398,12 +400,13 @@ class SReT(nn.Module):
             ValueError: For an unsupported pooling or a negative class count.
         """
         _check_num_classes(num_classes)
-        self.num_classes = num_classes
         if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool={global_pool!r}: SReT supports 'avg' or ''")
+            _check_global_pool(global_pool)
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.num_classes = num_classes
+        weight = next(self.parameters())  # the new head is made where (and in the dtype that) the model lives
+        self.head = (nn.Linear(self.num_features, num_classes, device=weight.device, dtype=weight.dtype)
+                     if num_classes > 0 else nn.Identity())
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.pos_drop(self.pos_embed(self.patch_embed(x)))
@@ -501,6 +504,11 @@ class SReT(nn.Module):
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
             self.reset_classifier(0, "")
         return take
+
+
+def _check_global_pool(global_pool: str) -> None:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool={global_pool!r}: SReT supports 'avg' or ''")
 
 
 def _check_num_classes(num_classes: int) -> None:

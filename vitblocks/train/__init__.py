@@ -24,7 +24,7 @@ from vitblocks.train.config import (
     load_recipe,
     smoke_config,
 )
-from vitblocks.train.engine import Trainer, create_model
+from vitblocks.train.engine import Trainer
 from vitblocks.train.preemption import PREEMPTED_EXIT_CODE, TrainingInterrupted
 from vitblocks.train.run_lock import RunLockedError
 from vitblocks.train.state import TrainingState
@@ -54,7 +54,6 @@ __all__ = [
     "build_data",
     "build_model",
     "build_optimizer_and_schedule",
-    "create_model",
     "default_callbacks",
     "derive",
     "derive_recipe",

@@ -43,19 +43,7 @@ from vitblocks.train.report import final_summary, plot_curves
 from vitblocks.train.run_lock import RunLock
 from vitblocks.train.state import TrainingState
 
-__all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "correct_counts", "create_model", "evaluate"]
-
-
-def create_model(config: TrainConfig) -> nn.Module:
-    """Build the configured timm model at the data's resolution and class count (on the CPU).
-
-    Args:
-        config: The experiment.
-
-    Returns:
-        The model; see `vitblocks.train.builders.build_model`.
-    """
-    return build_model(config)
+__all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "correct_counts", "evaluate"]
 
 
 def correct_counts(logits: torch.Tensor, targets: torch.Tensor) -> list[int]:
@@ -402,7 +390,7 @@ class Trainer:
         loader = self.data.train_loader(config, self.device)
         self.train_model.train()
         state.start_epoch()
-        start, images = time.perf_counter(), 0
+        start, resumed_at = time.perf_counter(), state.epoch_images  # this session's images: throughput
         bar = import_train_extra("tqdm").tqdm(total=self.steps_per_epoch, initial=state.batch, desc=f"epoch {state.epoch + 1}/{config.epochs}",
                    disable=not (progress and self.runtime.is_main), leave=False, dynamic_ncols=True)
         batches, data_wait = iter(loader), 0.0
@@ -427,19 +415,18 @@ class Trainer:
             self._unread_losses.append((state.step + 1, state.epoch + 1, state.batch + 1, loss.detach()))
             self._backward_and_update(loss / accum, last_of_update)
             self._last_inputs = inputs
-            images += inputs.shape[0]
             state.record_batch(inputs.shape[0], inputs.shape[0] * self.runtime.world_size)
             if last_of_update:
                 if state.step % config.log_every == 0:
-                    self._show_progress(bar, self.read_losses(), images, start)
+                    self._show_progress(bar, self.read_losses(), state.epoch_images - resumed_at, start)
                 self._each("on_step_end")
                 self._stop_if_asked()
             bar.update(1)
-        self._show_progress(bar, self.read_losses(), images, start)
+        self._show_progress(bar, self.read_losses(), state.epoch_images - resumed_at, start)
         bar.close()
         seconds = time.perf_counter() - start
-        loss_sum, count = distributed.all_sum([state.epoch_loss, state.epoch_batches], self.runtime)
-        images = distributed.all_sum([images], self.runtime)[0]
+        loss_sum, count, images = distributed.all_sum(
+            [state.epoch_loss, state.epoch_batches, state.epoch_images - resumed_at], self.runtime)
         return {"train_loss": loss_sum / max(count, 1), "train_img_s": images / max(seconds, 1e-9),
                 "seconds": seconds, "images": images, "data_wait_s": data_wait,
                 "step_img_s": images / max(seconds - data_wait, 1e-9)}
