@@ -79,17 +79,7 @@ class SharedSequence(SharedStack):
         """Uses of each unique block."""
         return self.block_uses
 
-    def replace_block(self, index: int, block: nn.Module) -> None:
-        """Swap one unique block (e.g. for a `RelaxedBlock` around it).
-
-        Args:
-            index: Which unique block.
-            block: The new block.
-
-        Raises:
-            TypeError: If `block` is not an nn.Module.
-        """
-        self.set_unique_block(index, block)
+    replace_block = SharedStack.set_unique_block  # (index, block): the name Recursive.replace_block(block) has
 
 
 def shared_layers(
