@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).parents[1] / "vitblocks"
 
 RANKS = {"io": 0, "attention": 1, "layers": 2, "models": 3, "train": 4, "eval": 4, "summary": 4, "profiling": 4}
@@ -89,6 +91,7 @@ def test_no_import_cycles():
     assert not cycles, "import cycles (a submodule importing its package's __init__ counts):\n" + "\n".join(cycles)
 
 
+@pytest.mark.slow  # starts processes
 def test_attention_and_layers_import_without_models_or_timm_registrations():
     """Loaded under a bare `vitblocks` namespace, the layers build and run with no model registered."""
     code = f"""
@@ -122,6 +125,7 @@ def test_core_dependencies_are_those_of_the_layers_and_models():
     assert all(name in train for name in ("scikit-learn", "matplotlib", "tqdm"))
 
 
+@pytest.mark.slow  # starts processes
 def test_layers_and_models_work_without_the_train_extra_and_the_trainer_says_what_to_install():
     """With scikit-learn, matplotlib and tqdm unimportable, as after a plain `pip install vitblocks`."""
     code = f"""

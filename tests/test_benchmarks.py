@@ -10,6 +10,7 @@ import torch
 ROOT = Path(__file__).parents[1]
 
 
+@pytest.mark.slow  # starts benchmark processes
 def test_quick_cpu_suite_writes_tables_ratios_and_plot(tmp_path):
     result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "cpu", "--quick", "--out", str(tmp_path)],
                             capture_output=True, text=True, cwd=ROOT)
@@ -29,6 +30,7 @@ def test_quick_cpu_suite_writes_tables_ratios_and_plot(tmp_path):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # starts benchmark processes
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without a GPU")
 def test_cuda_suite_refuses_without_a_gpu():
     result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "cuda"], capture_output=True,
@@ -105,6 +107,7 @@ def test_training_memory_is_measured_in_the_precision_of_the_run(precision):
     assert seen == [precision == "bf16"]
 
 
+@pytest.mark.slow  # starts benchmark processes
 def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     """The GPU check's every stage, at tiny sizes on the CPU, so the script cannot rot between GPU runs."""
     import os
@@ -151,6 +154,7 @@ def test_compile_time_table_marks_cases_that_ran_out_of_time():
     assert "| model | 100 | 1000 | > 300 s |" in text and "| regional | 100 | 1000 | 75.0 | 2.7 | 72.3 | 7 |" in text
 
 
+@pytest.mark.slow  # starts benchmark processes
 def test_compile_time_runs_each_case_in_a_fresh_process(tmp_path):
     result = subprocess.run([sys.executable, "-m", "benchmarks.compile_time", "--backend", "eager", "--img-size", "32",
                              "--loops", "2,5", "--modes", "regional", "--out", str(tmp_path)],
@@ -162,6 +166,7 @@ def test_compile_time_runs_each_case_in_a_fresh_process(tmp_path):
     assert "| regional | 5 | 50 |" in (tmp_path / "compile_time.md").read_text()
 
 
+@pytest.mark.slow  # starts benchmark processes
 def test_a_run_of_some_groups_writes_its_report(tmp_path):
     result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "cpu", "--quick", "--groups",
                              "vs_naive,reference", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
@@ -172,6 +177,7 @@ def test_a_run_of_some_groups_writes_its_report(tmp_path):
     assert "timed in turns" in (tmp_path / "results.md").read_text()
 
 
+@pytest.mark.slow  # starts benchmark processes
 def test_unknown_benchmark_group_is_refused():
     result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--groups", "modles"], capture_output=True,
                             text=True, cwd=ROOT)

@@ -24,6 +24,8 @@ from vitblocks.train.data import ResumableSampler
 from vitblocks.train.preemption import PREEMPTED_EXIT_CODE, StopSignals
 from vitblocks.train.run_lock import LOCK_NAME, STALE_AFTER_S, RunLock, RunLockedError, holder_alive
 
+pytestmark = pytest.mark.slow  # trains or starts processes: left out of the quick subset
+
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 

@@ -25,6 +25,7 @@ def code_blocks(language):
             yield pytest.param(block, id=f"{page.name}:{block.strip().splitlines()[0][:40]}")
 
 
+@pytest.mark.slow  # runs every example, or builds the site
 @pytest.mark.parametrize("code", list(code_blocks("python")))
 def test_python_examples_run(code, tmp_path, monkeypatch):
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")  # examples run as if from the repository root
@@ -37,6 +38,7 @@ def test_python_examples_run(code, tmp_path, monkeypatch):
         os.environ.update(environment)
 
 
+@pytest.mark.slow  # runs every example, or builds the site
 @pytest.mark.parametrize("command", list(code_blocks("bash")))
 def test_shell_examples_run(command):
     words = shlex.split(command.replace("\\\n", " "))
@@ -45,6 +47,7 @@ def test_shell_examples_run(command):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow  # runs every example, or builds the site
 def test_mkdocs_builds_strictly(tmp_path):
     pytest.importorskip("mkdocs")
     result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],

@@ -46,6 +46,7 @@ def test_bad_overrides_are_refused_before_any_work(tmp_path, capsys, override, f
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # starts processes
 def test_the_real_command_line_gives_the_same_clear_errors(tmp_path):
     recipe = write_tiny_recipe(tmp_path, tmp_path / "run")
     assert_clear_error(run_cli("vitblocks.train", recipe, "--set", "model.name=sret_tt"), "did you mean sret_t")
@@ -177,6 +178,7 @@ def test_eval_refuses_non_finite_weights(tmp_path, capsys):
     assert "are not finite (NaN or infinity in 1 tensors: head.weight)" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # starts processes
 def test_summary_out_of_memory_is_exit_2_with_advice():
     result = run_cli("vitblocks.summary", "sret_t", "--img-size", "100000")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]

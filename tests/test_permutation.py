@@ -76,6 +76,7 @@ def test_cached_fixed_permutation_is_the_fixed_one_and_its_inverse(n, seed):
     assert cached_fixed_permutation(n, seed, "cpu") is perm  # looked up, not recomputed
 
 
+@pytest.mark.slow  # compiles
 def test_compiled_eval_holds_fixed_permutations_as_constants():
     import timm
 

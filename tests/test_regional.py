@@ -35,6 +35,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow  # compiles
 def test_regions_compute_what_the_eager_model_computes():
     torch.manual_seed(0)
     eager = tiny(loops=3, permutation="fixed")
@@ -71,6 +72,7 @@ def test_regions_work_under_activation_checkpointing(mode):
         torch.testing.assert_close(b.grad, a.grad)
 
 
+@pytest.mark.slow  # compiles
 def test_compiled_graphs_do_not_grow_with_the_loop_count():
     counts = {}
     for loops in (2, 8):

@@ -183,6 +183,7 @@ def test_relaxed_models_trace_export_and_checkpoint():
     assert_checkpointing_changes_nothing(model, IMAGES, seed=2)
 
 
+@pytest.mark.slow  # compiles
 def test_relaxed_blocks_compile_as_regions():
     torch.manual_seed(0)
     stage = Recursive(RelaxedBlock(TransformerBlock(dim=32, num_heads=2), loops=2, rank=2, norms=True), loops=2)

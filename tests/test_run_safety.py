@@ -19,6 +19,8 @@ from vitblocks.train.checkpoint import RunExistsError, load_training_checkpoint
 from vitblocks.train.config import DataConfig
 from vitblocks.train.data import DataError, build_dataset, dataset_classes
 
+pytestmark = pytest.mark.slow  # trains or starts processes: left out of the quick subset
+
 DRIVER = Path(__file__).parent / "train_driver.py"
 
 

@@ -12,6 +12,8 @@ from train_helpers import tiny_config
 from vitblocks.train import Callback, ConfigError, DataConfig, Trainer
 from vitblocks.train.data import DataError
 
+pytestmark = pytest.mark.slow  # trains or starts processes: left out of the quick subset
+
 wds = pytest.importorskip("webdataset", reason="the shards extra: pip install -e '.[shards]'")
 
 

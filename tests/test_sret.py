@@ -167,6 +167,7 @@ def test_grad_checkpointing_keeps_gradients():
         model.set_grad_checkpointing("everything")
 
 
+@pytest.mark.slow  # trains 1000 applications
 def test_thousand_applications_fit_in_fifteen_million_parameters_and_train():
     model = timm.create_model("sret_t", img_size=32, num_classes=10, loops=100, mix="shared", grad_checkpointing="sqrt")
     applications = sum(b.loops for s in model.stages for b in s.blocks)

@@ -33,6 +33,7 @@ def test_summary_works_for_plain_timm_models():
     assert abs(total.macs / 1e9 - 1.26) < 0.01
 
 
+@pytest.mark.slow  # counts every registered model
 def test_docs_model_zoo_table_is_current():
     text = (DOCS / "models.md").read_text()
     start, end = (re.escape(m) for m in ZOO_MARKERS)
@@ -43,6 +44,7 @@ def test_docs_model_zoo_table_is_current():
     assert "| `sret_t.distill_in1k` | 4,755,979 | 1.112 | 224 | 77.6 |" in documented
 
 
+@pytest.mark.slow  # counts every registered model
 def test_docs_plugged_table_is_current_and_its_example_runs():
     text = (DOCS / "plugged.md").read_text()
     start, end = (re.escape(m) for m in ZOO_MARKERS)
@@ -57,6 +59,7 @@ def test_docs_plugged_table_is_current_and_its_example_runs():
         exec(compile(block, "docs/plugged.md", "exec"), {})
 
 
+@pytest.mark.slow  # counts every registered model
 def test_docs_sharing_table_is_current():
     from vitblocks.summary import SHARING_MARKERS, sharing_table
 

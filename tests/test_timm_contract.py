@@ -187,6 +187,7 @@ def test_attn_mask_reaches_the_blocks_where_timm_passes_one():
             sliced.forward_features(inputs, attn_mask=everywhere)
 
 
+@pytest.mark.slow  # traces every network
 @pytest.mark.parametrize("name", NETWORKS)
 def test_fx_feature_extraction_forward_and_backward(name):
     model = create(name).eval()
@@ -206,6 +207,7 @@ def test_fx_feature_extraction_forward_and_backward(name):
     assert not missing, f"no gradient through the FX graph for {missing}"
 
 
+@pytest.mark.slow  # traces every network
 @pytest.mark.parametrize("name", NETWORKS)
 def test_torchscript_trace_matches_eager_and_reloads(name):
     model = create(name).eval()

@@ -6,6 +6,8 @@ from train_helpers import tiny_config
 from vitblocks.train import Trainer
 from vitblocks.train.config import LoggingConfig
 
+pytestmark = pytest.mark.slow  # trains or starts processes: left out of the quick subset
+
 pytest.importorskip("tensorboard", reason="the tracking extra: pip install -e '.[tracking]'")
 pytest.importorskip("wandb", reason="the tracking extra: pip install -e '.[tracking]'")
 

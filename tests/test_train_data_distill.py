@@ -15,6 +15,8 @@ from vitblocks.train.config import AugmentConfig, DataConfig
 from vitblocks.train.data import DataError, build_dataset, check_image_folder, eval_transform
 from vitblocks.train.distill import DistillationLoss, hard_distillation_loss, soft_distillation_loss
 
+pytestmark = pytest.mark.slow  # trains or starts processes: left out of the quick subset
+
 
 def make_image_folder(root, classes=3, per_class=8, size=40):
     rng = np.random.default_rng(0)

@@ -16,6 +16,8 @@ from vitblocks.train import ConfigError, OnStepEnd, Trainer, TrainingDiverged, l
 from vitblocks.train.checkpoint import load_training_checkpoint, save_atomic
 from vitblocks.train.data import ResumableSampler
 
+pytestmark = pytest.mark.slow  # trains or starts processes: left out of the quick subset
+
 DRIVER = Path(__file__).with_name("train_driver.py")
 
 

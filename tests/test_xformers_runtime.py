@@ -80,6 +80,7 @@ def test_a_kernel_that_does_not_load_on_cuda_is_refused_with_that_advice(fresh):
     assert "pip install nvidia-cuda-runtime-cu12" in problem
 
 
+@pytest.mark.slow  # starts a process
 def test_xformers_extension_loads_once_the_runtime_is_preloaded():
     """For real, where xformers and the runtime wheel are installed and torch is not built for CUDA 12."""
     import importlib.util
