@@ -7,15 +7,20 @@ README = (Path(__file__).parents[1] / "README.md").read_text()
 CI_SCRIPT = (Path(__file__).parents[1] / ".ci" / "run").read_text()
 
 
-def setup_commands():
+def opening_commands():
     head = README.split("---")[0]
     return [line.strip() for line in head.splitlines() if line.startswith("    ")]
 
 
-def test_readme_opens_with_exactly_two_setup_commands():
-    commands = setup_commands()
-    assert len(commands) == 2
-    assert all(c.startswith("python -m venv .venv && ") for c in commands)
+def setup_commands():
+    return [c for c in opening_commands() if c.startswith("python -m venv .venv && ")]
+
+
+def test_readme_opens_with_exactly_two_setup_commands_and_the_quick_subset():
+    commands = opening_commands()
+    assert len(setup_commands()) == 2 and commands[:2] == setup_commands()
+    full_suite = setup_commands()[1].split(" && ")[-1]
+    assert commands[2:] == [f'{full_suite} -m "not slow"']  # the edit loop's subset of the CI command
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
