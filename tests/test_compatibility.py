@@ -18,7 +18,7 @@ import vitblocks  # noqa: F401  (registers the models used below)
 from vitblocks.eval import run as evaluate_checkpoint
 from vitblocks.models.official import load_official_checkpoint
 from vitblocks.train.checkpoint import load_training_checkpoint
-from vitblocks.train.config import from_dict
+from vitblocks.train.recipe import from_dict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pre_redesign"
 EXPECTED = torch.load(FIXTURES / "expected.pt", weights_only=True)

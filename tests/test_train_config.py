@@ -1,9 +1,10 @@
+import re
 from pathlib import Path
 
 import pytest
 
 from vitblocks.train import ConfigError, TrainConfig, apply_overrides, load_recipe
-from vitblocks.train.config import format_config, from_dict, to_dict
+from vitblocks.train.recipe import format_config, from_dict, to_dict
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.py"))
 
@@ -92,7 +93,8 @@ def test_cli_unknown_key_exits_cleanly(capsys):
 
 
 def test_renamed_keys_point_to_their_new_name_and_old_stored_configs_still_load():
-    from vitblocks.train.config import ConfigError, apply_overrides, from_dict, to_dict
+    from vitblocks.train.config import ConfigError
+    from vitblocks.train.recipe import apply_overrides, from_dict, to_dict
 
     config = load_recipe(Path("recipes/quickstart.py"))
     with pytest.raises(ConfigError, match="'model.attn_backend' is now 'model.backend'"):
@@ -136,8 +138,34 @@ def test_model_options_are_checked_against_the_model_with_did_you_mean():
 
 
 def test_smoke_config_lives_with_the_config():
-    from vitblocks.train.config import smoke_config
+    from vitblocks.train.recipe import smoke_config
 
     smoke = smoke_config(load_recipe(Path("recipes/sret_t_imagenet.py")))
     assert (smoke.data.dataset, smoke.epochs, smoke.data.workers, smoke.augment.repeated_aug) == ("synthetic", 1, 0, False)
     assert smoke.output_dir.endswith("smoke")
+
+
+def test_fields_declare_their_rules_and_overrides_are_derived():
+    import dataclasses
+
+    from vitblocks.train.config_fields import ConfigError, at_least_one, bounded, check_field_rules, choice
+
+    @dataclasses.dataclass
+    class Section:
+        mode: str = choice("a", ("a", "b"))
+        rate: float | None = bounded(None, lambda v: 0 < v < 1, "must be in (0, 1)")
+        count: int = at_least_one(1)
+
+    check_field_rules(Section())  # None is "off" for a bounded field
+    for section, message in ((Section(mode="c"), "mode='c' is not one of ('a', 'b')"),
+                             (Section(rate=2.0), "rate=2.0 must be in (0, 1)"),
+                             (Section(count=0), "count=0 must be >= 1"),
+                             (Section(rate=float("nan")), "rate=nan is not a finite number")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check_field_rules(section)
+    config = load_recipe(Path(__file__).parents[1] / "recipes" / "quickstart.py")
+    merged = apply_overrides(config, ["model.kwargs.drop_path_rate=0.2"])  # a key inside a dict field: merged
+    assert merged.model.kwargs == {**config.model.kwargs, "drop_path_rate": 0.2}
+    replaced = apply_overrides(config, ["model.kwargs={'drop_path_rate': 0.2}"])  # the whole field: replaced
+    assert replaced.model.kwargs == {"drop_path_rate": 0.2}
+    assert config.model.kwargs != merged.model.kwargs  # the base is not modified

@@ -21,11 +21,13 @@ from vitblocks.layers.depth import set_loops
 from vitblocks.models.create import create_model_at_size
 from vitblocks.train.builders import build_data, build_model
 from vitblocks.train.checkpoint import load_training_checkpoint
-from vitblocks.train.config import WEIGHT_SOURCES, ConfigError, apply_overrides, from_dict, literal_value
+from vitblocks.train.config import ConfigError
+from vitblocks.train.config_checks import WEIGHT_SOURCES
+from vitblocks.train.recipe import apply_overrides, from_dict, literal_value
 from vitblocks.train.foreign_checkpoint import ForeignCheckpoint, read_foreign_checkpoint
 from vitblocks.train.config import TrainConfig
 from vitblocks.train.data import DataError, folder_classes, split_folder
-from vitblocks.train.engine import evaluate
+from vitblocks.train.evaluation import evaluate
 
 
 

@@ -13,7 +13,8 @@ from vitblocks.models.families import FamilyAdapter, register_family
 from vitblocks.models.plug import load_base_weights, make_recursive, recursion_plan_of
 from vitblocks.models.recursion_plan import RecursionPlan
 from vitblocks.models.registry import registered_models
-from vitblocks.models.sret import SReT, SReTStage
+from vitblocks.models.sret import SReT
+from vitblocks.models.sret_stage import SReTStage
 
 __all__ = [
     "ConversionReport",

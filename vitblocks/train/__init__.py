@@ -1,6 +1,6 @@
 """The shared trainer: `python -m vitblocks.train RECIPE.py [--set key=value ...]`.
 
-Parts: `config` (typed recipes), `builders` (model, data, optimizer and schedule,
+Parts: `config` (the schema; `config_fields`, `config_checks` its rules, `recipe` loading and deriving), `builders` (model, data, optimizer and schedule,
 criterion from a config), `state` (where a run is), `callbacks` (what happens around
 the loop), `engine` (the `Trainer`), `checkpoint` (exact resumption).
 """
@@ -18,13 +18,9 @@ from vitblocks.train.config import (
     OptimConfig,
     ScheduleConfig,
     TrainConfig,
-    apply_overrides,
-    derive,
-    derive_recipe,
-    load_recipe,
-    smoke_config,
 )
 from vitblocks.train.engine import Trainer
+from vitblocks.train.recipe import apply_overrides, derive, derive_recipe, load_recipe, smoke_config
 from vitblocks.train.preemption import PREEMPTED_EXIT_CODE, TrainingInterrupted
 from vitblocks.train.run_lock import RunLockedError
 from vitblocks.train.state import TrainingState

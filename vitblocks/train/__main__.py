@@ -16,7 +16,8 @@ import vitblocks.train.distributed as distributed
 from vitblocks.io import CheckpointError
 from vitblocks.train.callbacks import TrainingDiverged
 from vitblocks.train.checkpoint import resume_candidate
-from vitblocks.train.config import ConfigError, apply_overrides, format_config, load_recipe, smoke_config
+from vitblocks.train.config import ConfigError
+from vitblocks.train.recipe import apply_overrides, format_config, load_recipe, smoke_config
 from vitblocks.train.data import DataError
 from vitblocks.train.engine import Trainer
 from vitblocks.train.preemption import PREEMPTED_EXIT_CODE, TrainingInterrupted

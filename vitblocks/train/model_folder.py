@@ -31,7 +31,8 @@ from torch import nn
 
 from vitblocks.io import replacing, save_model_atomic
 from vitblocks.models.create import takes_img_size
-from vitblocks.train.config import WEIGHT_SOURCES, TrainConfig
+from vitblocks.train.config import TrainConfig
+from vitblocks.train.config_checks import WEIGHT_SOURCES
 from vitblocks.train.logs import logger
 
 MODEL_FILES = ("model.safetensors", "model_ema.safetensors", "config.json")

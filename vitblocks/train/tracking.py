@@ -96,7 +96,7 @@ class WandbLogging(Callback):
         if not trainer.runtime.is_main:
             return
         wandb = import_train_extra("wandb", extra="tracking")
-        from vitblocks.train.config import to_dict
+        from vitblocks.train.recipe import to_dict
 
         id_file = trainer.output_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if trainer.resumed and id_file.is_file() else secrets.token_hex(4)

@@ -1,0 +1,161 @@
+"""What makes a training run resumable: its checkpoint, written and read back exactly.
+
+`Trainer` inherits these methods; they read the run's parts (model, optimizer,
+scheduler, scaler, EMA, `TrainingState`, config, data, runtime) from it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import vitblocks.train.checkpoint as ckpt
+import vitblocks.train.distributed as distributed
+from vitblocks.train.callbacks import TrainingDiverged
+from vitblocks.train.health import checkpoint_problem
+from vitblocks.train.logs import logger
+from vitblocks.train.recipe import to_dict
+
+
+class Resumable:
+    """Checkpoint writing (`save`, `state_dict`) and exact resumption (`resume`) of a `Trainer`."""
+
+    def state_dict(self, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Everything needed to continue this run exactly.
+
+        Args:
+            ranks: Every process's own part (`_own_state`), when distributed; each process
+                has its own random streams and running loss sums.
+
+        Returns:
+            Model, optimizer, schedule, scaler and EMA states, the `TrainingState`, config and RNG;
+            the weights also under timm's keys (`state_dict`, `state_dict_ema`).
+        """
+        ranks = ranks or [self._own_state()]
+        model, ema = self.model.state_dict(), self.ema.module.state_dict() if self.ema else None
+        return {
+            "model": model,
+            "state_dict": model,  # timm's names for the same tensors (stored once): its load_checkpoint and scripts
+            "state_dict_ema": ema,  # read these, use_ema=True included
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "ema": ema,
+            **self.state.state_dict(),
+            "classes": list(self.data.classes),
+            "config": to_dict(self.config),
+            "rng": ranks[0]["rng"],  # the main process's, as checkpoints have always held
+            "world_size": self.runtime.world_size,
+            "ranks": ranks,
+        }
+
+    def _own_state(self) -> dict[str, Any]:
+        """What differs between processes: random streams, the epoch's running sums and, when
+        distributed, BatchNorm statistics (averaged over the processes only at an epoch's end)."""
+        own = {"rng": ckpt.rng_state(), "epoch_totals": self.state.state_dict()["epoch_totals"]}
+        if self.runtime.distributed:
+            own["norm_statistics"] = {name: buffer.detach().cpu().clone() for name, buffer in self.model.named_buffers()
+                                      if "running_mean" in name or "running_var" in name}
+        return own
+
+    def save(self, name: str = "last.pth") -> Path | None:
+        """Write a checkpoint atomically (main process only).
+
+        Args:
+            name: File name inside the output folder.
+
+        Returns:
+            The path written, or None on other processes.
+        """
+        self.read_losses()  # a diverged loss stops the run before anything is written
+        at_epoch_end = self.state.batch == 0  # the weights were just evaluated: their loss is known
+        problem = checkpoint_problem(self.model, self.ema.module if self.ema else None,
+                                     None if at_epoch_end else self._last_inputs, self._autocast())
+        if distributed.any_rank(problem is not None, self.runtime):
+            raise TrainingDiverged(
+                f"{problem or 'the weights diverged on another process'} after step {self.state.step} (epoch "
+                f"{self.state.epoch + 1}, batch {self.state.batch}); {name} was not written. Last good checkpoint: "
+                f"{self.last_good_checkpoint or 'none written yet'}. Try a lower optim.lr, optim.clip_grad, or fp32.")
+        ranks = distributed.gather(self._own_state(), self.runtime)
+        if not self.runtime.is_main:
+            return None
+        path = self.output_dir / name
+        try:
+            ckpt.save_atomic(self.state_dict(ranks), path)
+        except (OSError, RuntimeError) as error:  # a full disk reaches torch.save as a RuntimeError
+            kept = f"the previous {name} is intact" if path.exists() else f"no {name} was written"
+            continue_with = ("continue with --resume auto" if ckpt.resume_candidate(self.output_dir)
+                             else "start again (--overwrite)")
+            raise ckpt.CheckpointError(
+                f"could not write {path} ({' '.join(str(error).split())[:300]}); {kept}. Free some space or "
+                f"choose another --output-dir, then {continue_with}."
+            ) from error
+        self.last_good_checkpoint = path
+        return path
+
+    def resume(self, path: str | Path) -> None:
+        """Continue from a checkpoint written by `save`.
+
+        The learning-rate schedule follows the current config: it is rebuilt for this
+        config's epochs and set to the saved step, so resuming a finished run with more
+        epochs gives the extra epochs the learning rates a run of that length has there.
+
+        Args:
+            path: The checkpoint.
+
+        Raises:
+            CheckpointError: If the file is damaged or belongs to a different model.
+        """
+        saved = ckpt.load_training_checkpoint(path)
+        differences = ckpt.incompatible_changes(saved["config"], to_dict(self.config))
+        if differences:
+            raise ckpt.CheckpointError(
+                f"{path} was written by a run that differs from this config in what the saved state depends on: "
+                + "; ".join(differences) + ". Resume with the checkpoint's values, or start a new run elsewhere."
+            )
+        try:
+            self.model.load_state_dict(saved["model"])
+        except RuntimeError as error:
+            detail = " ".join(str(error).split())[:600]
+            raise ckpt.CheckpointError(f"{path} does not fit this model: {detail}") from error
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.scaler and saved["scaler"]:
+            self.scaler.load_state_dict(saved["scaler"])
+        if self.ema and saved["ema"]:
+            self.ema.module.load_state_dict(saved["ema"])
+        self.state.load_state_dict(saved)
+        self._continue_epoch_at_this_batch_size(saved)
+        self.scheduler.step_update(num_updates=self.state.step + self._schedule_offset)
+        ranks, rank = saved.get("ranks") or [], self.runtime.rank
+        if len(ranks) == self.runtime.world_size:  # each process continues its own streams and sums
+            ckpt.set_rng_state(ranks[rank]["rng"])
+            self.state.epoch_loss, self.state.epoch_batches, self.state.epoch_images = ranks[rank]["epoch_totals"]
+            buffers = dict(self.model.named_buffers())
+            for name, value in ranks[rank].get("norm_statistics", {}).items():
+                buffers[name].copy_(value)
+        else:  # another process count (or an older checkpoint): the main process's streams for all
+            ckpt.set_rng_state(saved["rng"])
+        self.last_good_checkpoint = Path(path)
+        self.resumed = True
+
+    def _continue_epoch_at_this_batch_size(self, saved: dict[str, Any]) -> None:
+        """Map a checkpoint's progress onto this run's batch size, process count and accumulation.
+
+        The epoch continues after the samples already consumed (not after as many batches
+        of the new size), and the schedule continues at the same fraction of training, so
+        the learning rate is the one a run at this batch size has at that point.
+        """
+        state, world, accum = self.state, self.runtime.world_size, self.config.optim.accum_steps
+        saved_batch_size = saved.get("config", {}).get("data", {}).get("batch_size", self.config.data.batch_size)
+        if "epoch_samples" not in saved:  # written before samples were counted: batches of the saved size
+            state.epoch_samples = state.batch * saved_batch_size * world
+        before = (saved_batch_size, saved.get("world_size", world), saved.get("config", {}).get("optim", {})
+                  .get("accum_steps", accum))
+        state.batch = state.epoch_samples // world // self.config.data.batch_size
+        self._schedule_offset = state.epoch * self.data.updates_per_epoch + state.batch // accum - state.step
+        if before != (self.config.data.batch_size, world, accum):
+            logger.info(f"resuming with batch size {self.config.data.batch_size} x {world} processes x {accum} "
+                        f"accumulation (the checkpoint had {before[0]} x {before[1]} x {before[2]}): epoch "
+                        f"{state.epoch + 1} continues after {state.epoch_samples} samples, and the schedule at "
+                        f"update {state.step + self._schedule_offset} of this run's {self.data.updates_per_epoch} "
+                        "per epoch")
