@@ -2,6 +2,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from vitblocks.train import ConfigError, TrainConfig, apply_overrides, load_recipe
 from vitblocks.train.recipe import format_config, from_dict, to_dict
@@ -125,16 +126,27 @@ def test_derived_recipes_change_typed_fields_and_keep_one_source_per_hyperparame
         derive(base, precision="fp8")
 
 
-def test_model_options_are_checked_against_the_model_with_did_you_mean():
-    from vitblocks.train import derive
+def test_names_are_checked_against_timm_when_building_not_on_every_derive():
+    from unittest import mock
+
+    from vitblocks.train import build_model, build_optimizer_and_schedule, derive
+    from vitblocks.train.config_checks import check_names
 
     base = load_recipe(Path("recipes/quickstart.py"))
+    with mock.patch("vitblocks.models.create.timm.create_model") as create:  # deriving builds nothing
+        typo = derive(base, model={"kwargs": {"drop_pth_rate": 0.1}})
+        assert derive(base, model={"name": "sret_tt"}).model.name == "sret_tt"
+    assert not create.called
     with pytest.raises(ConfigError, match=r"model.kwargs.drop_pth_rate: sret_t takes no option 'drop_pth_rate'; "
                                           r"did you mean drop_path_rate"):
-        derive(base, model={"kwargs": {"drop_pth_rate": 0.1}})
+        build_model(typo)
     with pytest.raises(ConfigError, match="did you mean embed_dim"):
-        apply_overrides(base, ["model.name=deit_tiny_rec_patch16_224", "model.kwargs={'embed_dims': 64}"])
-    assert derive(base, model={"kwargs": {"loops": 3}}).model.kwargs["loops"] == 3
+        check_names(apply_overrides(base, ["model.name=deit_tiny_rec_patch16_224", "model.kwargs={'embed_dims': 64}"]))
+    with pytest.raises(ConfigError, match="model.name='sret_tt' is not a registered model; did you mean sret_t"):
+        build_model(derive(base, model={"name": "sret_tt"}))
+    with pytest.raises(ConfigError, match="optim.opt='adamww' is not one of timm's optimizers; did you mean adamw"):
+        build_optimizer_and_schedule(torch.nn.Linear(2, 2), derive(base, optim={"opt": "adamww"}), 1)
+    assert build_model(derive(base, model={"kwargs": {"loops": 3}})).stages[0].loops == 3
 
 
 def test_smoke_config_lives_with_the_config():

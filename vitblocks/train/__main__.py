@@ -17,6 +17,7 @@ from vitblocks.io import CheckpointError
 from vitblocks.train.callbacks import TrainingDiverged
 from vitblocks.train.checkpoint import resume_candidate
 from vitblocks.train.config import ConfigError
+from vitblocks.train.config_checks import check_names
 from vitblocks.train.recipe import apply_overrides, format_config, load_recipe, smoke_config
 from vitblocks.train.data import DataError
 from vitblocks.train.engine import Trainer
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             config = apply_overrides(config, [f"output_dir={args.output_dir!r}"])
         if args.smoke:
             config = smoke_config(config)
+        check_names(config)  # before anything is built or written, --print-config included
         if args.print_config:
             print(format_config(config))
             return 0

@@ -29,6 +29,7 @@ from vitblocks.layers.per_loop import per_loop_offsets
 from vitblocks.models.convert import convert_to_recursive
 from vitblocks.models.create import create_model_at_size
 from vitblocks.train.config import ConfigError, TrainConfig
+from vitblocks.train.config_checks import check_model_name, check_model_options, check_optimizer_and_schedule
 from vitblocks.train.data import ResumableSampler, build_dataset, dataset_classes
 from vitblocks.train.device_decode import DeviceDecode
 from vitblocks.train.feed import make_loader
@@ -51,11 +52,14 @@ def build_model(config: TrainConfig, device: torch.device | str = "cpu", load_ba
         to models that take it).
 
     Raises:
-        ConfigError: If the model refuses its arguments (an image too small for its
-            groups, a bad option value), with the model's reason, or the conversion
-            its options.
+        ConfigError: For a model name timm does not register or an option the model
+            does not take (with the closest ones), if the model refuses its arguments
+            (an image too small for its groups, a bad option value), with the model's
+            reason, or if the conversion refuses its options.
         CheckpointError: If the base weights of a conversion cannot be read or do not fit.
     """
+    check_model_name(config.model.name)
+    check_model_options(config.model)
     try:
         model = create_model_at_size(config.model.name, config.data.img_size,
                                      **dict(config.model.kwargs, num_classes=config.data.num_classes))
@@ -235,8 +239,13 @@ def build_optimizer_and_schedule(
 
     Returns:
         (optimizer, scheduler, peak learning rate).
+
+    Raises:
+        ConfigError: For an optimizer or schedule timm does not know (with the closest
+            names), or `optim.fused=True` for an optimizer without a fused kernel.
     """
     optim = config.optim
+    check_optimizer_and_schedule(optim.opt, config.schedule.sched)
     global_batch = config.data.batch_size * optim.accum_steps * world_size
     lr = optim.lr if optim.lr is not None else optim.lr_per_512 * global_batch / 512
     fusable = optim.opt.lower() in FUSED_OPTIMIZERS

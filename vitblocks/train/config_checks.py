@@ -1,9 +1,11 @@
 """Checks of a config that its fields' own rules do not express: across fields, and against registries.
 
-`validate` runs when a `TrainConfig` is made: every field's declared rule
-(`vitblocks.train.config_fields.check_field_rules`), then the rules that involve
-several fields, the dataset name, and the names timm must know (model, model options,
-optimizer, schedule).
+`validate` runs when a `TrainConfig` is made (and so on every `derive`): every field's
+declared rule (`vitblocks.train.config_fields.check_field_rules`), then the rules that
+involve several fields and the dataset name; nothing is built and no registry is asked.
+`check_names` holds what the config names against timm's registries (the model, its
+options, the optimizer and the schedule); `build_model`, `build_optimizer_and_schedule`
+and the command line run it before anything is built.
 """
 
 from __future__ import annotations
@@ -58,6 +60,18 @@ def validate(config: TrainConfig) -> None:
     for path, values in (("data.mean", config.data.mean), ("data.std", config.data.std)):
         if len(values) != 3:
             raise ConfigError(f"{path}={values!r} needs one value per image channel (3)")
+    check_model_section(config.model)
+
+
+def check_names(config: TrainConfig) -> None:
+    """Check what a config names in timm's registries: model, model options, optimizer, schedule.
+
+    Args:
+        config: The config.
+
+    Raises:
+        ConfigError: Naming the value, with the closest registered names.
+    """
     check_model_name(config.model.name)
     check_model_options(config.model)
     check_optimizer_and_schedule(config.optim.opt, config.schedule.sched)
@@ -141,19 +155,34 @@ def model_options(name: str) -> frozenset[str] | None:
 def check_model_options(model: ModelConfig) -> None:
     """Refuse model options the model does not take, suggesting the closest ones.
 
+    The options are read from the model class's constructor (the model is built once
+    per name on the meta device, see `model_options`).
+
     Args:
         model: The model section of a config.
 
     Raises:
         ConfigError: For an unknown option, with a did-you-mean.
     """
-    if "num_classes" in model.kwargs:  # the trainer passes data.num_classes: this copy would be ignored
-        raise ConfigError(f"model.kwargs.num_classes={model.kwargs['num_classes']!r}: the model takes its class "
-                          "count from data.num_classes; set that instead")
     known = model_options(model.name) if model.kwargs else None
     for key in model.kwargs if known else ():
         if key not in known:
             raise ConfigError(f"model.kwargs.{key}: {model.name} takes no option {key!r}{did_you_mean(key, sorted(known))}")
+
+
+def check_model_section(model: ModelConfig) -> None:
+    """The model section's own rules, which need no registry: class count and conversion keys.
+
+    Args:
+        model: The model section of a config.
+
+    Raises:
+        ConfigError: For `num_classes` among the model options, an unknown conversion key
+            or a conversion without its base weights.
+    """
+    if "num_classes" in model.kwargs:  # the trainer passes data.num_classes: this copy would be ignored
+        raise ConfigError(f"model.kwargs.num_classes={model.kwargs['num_classes']!r}: the model takes its class "
+                          "count from data.num_classes; set that instead")
     for key in model.convert:
         if key not in CONVERT_OPTIONS:
             raise ConfigError(f"model.convert.{key} is not a conversion option{did_you_mean(key, CONVERT_OPTIONS)} "
