@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitblocks.layers.loop import check_loop_count, is_loop_aware, mask_kwargs
+from vitblocks.layers.loop import check_loop_count, is_loop_aware, loop_inputs, mask_kwargs
 from vitblocks.layers.per_loop import PER_LOOP_MODULES
 from vitblocks.layers.relaxation import Relaxation
 from vitblocks.layers.scripting import NotScriptable
@@ -113,7 +113,7 @@ class RelaxedBlock(NotScriptable, nn.Module):
         self.select_loop(loop)
         x = select_loop_of(self, x, loop)
         kwargs = mask_kwargs(attn_mask, is_causal, [self.shared])
-        return self.shared(x, **({"loop": loop} if self._takes_loop else {}), **kwargs)
+        return self.shared(x, **loop_inputs(self.shared, x, loop, self._takes_loop, plans=False), **kwargs)
 
     def extra_repr(self) -> str:
         r = self.relaxation

@@ -112,13 +112,16 @@ class SharedStack(NotScriptable, nn.Module):
 
     @assignment.setter
     def assignment(self, assignment: tuple[int, ...]) -> None:
+        # what forward and mix_at read at every call, derived once per assignment (every block is used)
         self._assignment = assignment
         self._loop_of_position = loop_indices(assignment)
+        self._block_uses = tuple(assignment.count(k) for k in range(max(assignment) + 1))
+        self._cycle_period = cycle_period(assignment) or 1
 
     @property
     def block_uses(self) -> tuple[int, ...]:
         """How many positions apply each unique block."""
-        return tuple(self.assignment.count(k) for k in range(len(self.unique_blocks())))
+        return self._block_uses
 
     def set_unique_block(self, index: int, block: nn.Module) -> None:
         """Swap one unique block (e.g. for a `RelaxedBlock` around it), keeping the mix layers.
@@ -213,11 +216,11 @@ class SharedStack(NotScriptable, nn.Module):
         trained = len(self.mix)
         if position < trained:
             return self.mix[position]
-        period = cycle_period(self.assignment) or 1
+        period = self._cycle_period
         return self.mix[trained - period + (position - trained) % period]
 
     def _run_position(self, x: torch.Tensor, position: int, masks: list[torch.Tensor | None],
-               block_kwargs: dict[str, Any]) -> torch.Tensor:
+                      block_kwargs: dict[str, Any]) -> torch.Tensor:
         index, loop = self.assignment[position], self._loop_of_position[position]
         block = self.unique_blocks()[index]
         compiled = self._compiled is not None and not torch.compiler.is_compiling()

@@ -103,21 +103,20 @@ def convert_to_recursive(
     """
     if init not in INITS:
         raise ValueError(f"init={init!r} is not one of {INITS}")
-    relax_options = {k: options.pop(k) for k in relaxation_options() if k in options}
+    relax_options = {k: options.pop(k) for k in relaxation_options() if k in options}  # the rest: make_recursive's
     if relax is None:
         relaxation = Relaxation.parse({**CONVERSION_RELAXATION.as_dict(), **relax_options})
     else:
         relaxation = Relaxation.parse(relax, **relax_options)
-    recursive_options = options
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     before = sum(p.numel() for p in model.parameters())
-    relax = relaxation if relaxation.relaxes else None
-    plan = make_recursive(model, loops=loops, share=share, mix=mix, relax=relax, **recursive_options)
+    plan = make_recursive(model, loops=loops, share=share, mix=mix,
+                          relax=relaxation if relaxation.relaxes else None, **options)
     load_base_weights(model, base, plan)
     with torch.no_grad():
         if init != "first":
             _initialise_shared(model, base, plan, init)
-        if relax is not None:
+        if relaxation.relaxes:
             _fit_per_loop_corrections(model, base, plan)
         error = _weight_error(model, base, plan)
     after = sum(p.numel() for p in model.parameters())
