@@ -220,6 +220,45 @@ def test_timm_attn_mask_passes_through_recursion():
         sliced.forward_features(x, attn_mask=causal)
 
 
+
+def test_a_mask_for_a_wrapped_block_without_mask_arguments_is_refused_by_name():
+    from timm.models.vision_transformer import Block
+
+    from vitblocks.models.families import LoopAwareBlock
+
+    class MaskFreeBlock(Block):
+        def forward(self, x):
+            return Block.forward(self, x)
+
+    wrapped = LoopAwareBlock(MaskFreeBlock(dim=16, num_heads=2))
+    x = torch.randn(1, 5, 16)
+    torch.testing.assert_close(wrapped(x), Block.forward(wrapped, x))
+    with pytest.raises(TypeError, match=r"MaskFreeBlock.forward takes no attn_mask or is_causal"):
+        wrapped(x, attn_mask=torch.ones(5, 5, dtype=torch.bool))
+
+
+
+def test_a_block_subclass_calling_super_runs_sliced_and_unsliced_like_timms_block():
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    class SuperBlock(Block):
+        def forward(self, x, attn_mask=None, is_causal=False):
+            assert isinstance(self, SuperBlock)
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+    options = dict(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=3)
+    for groups in (None, (4, 2)):
+        torch.manual_seed(0)
+        plain = VisionTransformer(**options).eval()
+        custom = VisionTransformer(**options, block_fn=SuperBlock).eval()
+        custom.load_state_dict(plain.state_dict())
+        for model in (plain, custom):
+            make_recursive(model, loops=2, groups=groups)
+        x = images(32, batch=2)
+        with torch.no_grad():
+            torch.testing.assert_close(custom(x), plain(x))
+
+
 SMALL = {
     "deit": dict(img_size=32, patch_size=8, embed_dim=16, depth=4, num_heads=1),
     "pit": dict(img_size=64),

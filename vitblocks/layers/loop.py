@@ -10,6 +10,7 @@ called as `module(x)`. `run_block` is the one place a block is called for a loop
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,24 +40,24 @@ def is_loop_aware(module: nn.Module) -> bool:
     return False
 
 
-def accepts_mask(module: nn.Module) -> bool:
-    """Whether a module takes timm's `attn_mask` and `is_causal` forward arguments.
+def accepts_mask(taker: nn.Module | Callable[..., Any]) -> bool:
+    """Whether a module (or a forward function) takes timm's `attn_mask` and `is_causal` arguments.
 
     Only asked when a mask is given, to refuse it clearly for blocks without one.
 
     Args:
-        module: Any module.
+        taker: Any module (its `forward` is asked) or a function.
 
     Returns:
-        True if `module.forward` has parameters named `attn_mask` and `is_causal`.
+        True if its parameters include both `attn_mask` and `is_causal`.
     """
-    parameters = _forward_parameters(module)
+    parameters = _forward_parameters(taker)
     return "attn_mask" in parameters and "is_causal" in parameters
 
 
-def _forward_parameters(module: nn.Module) -> tuple[str, ...]:
+def _forward_parameters(taker: nn.Module | Callable[..., Any]) -> tuple[str, ...]:
     try:
-        return tuple(inspect.signature(module.forward).parameters)
+        return tuple(inspect.signature(taker.forward if isinstance(taker, nn.Module) else taker).parameters)
     except (TypeError, ValueError):  # builtins and some C-implemented modules have no signature
         return ()
 
@@ -121,23 +122,29 @@ def check_loop_count(loops: int) -> int:
     return loops
 
 
-def mask_kwargs(attn_mask: torch.Tensor | None, is_causal: bool, blocks: list[nn.Module]) -> dict[str, Any]:
-    """timm's mask arguments to pass on to blocks: none when unset.
+def mask_kwargs(attn_mask: torch.Tensor | None, is_causal: bool,
+                takers: Sequence[nn.Module | Callable[..., Any]]) -> dict[str, Any]:
+    """timm's mask arguments to pass on: none when unset.
 
     Args:
         attn_mask: timm's attention mask, or None.
         is_causal: timm's causal flag.
-        blocks: The blocks that will get them.
+        takers: The blocks (or forward functions) that will get them.
 
     Returns:
         `{}` when neither is set, else both as keyword arguments.
 
     Raises:
-        TypeError: If one is set and a block takes none, naming the block's class.
+        TypeError: If one is set and a taker has no such arguments, naming its class
+            (or the function's qualified name).
     """
     if attn_mask is None and not is_causal:
         return {}
-    refusing = sorted({type(block).__name__ for block in blocks if not accepts_mask(block)})
+    refusing = sorted({_name_of(taker) for taker in takers if not accepts_mask(taker)})
     if refusing:
         raise TypeError(f"{', '.join(refusing)} takes no attn_mask or is_causal")
     return {"attn_mask": attn_mask, "is_causal": is_causal}
+
+
+def _name_of(taker: nn.Module | Callable[..., Any]) -> str:
+    return type(taker).__name__ if isinstance(taker, nn.Module) else getattr(taker, "__qualname__", repr(taker))

@@ -18,22 +18,24 @@ from timm.models.vision_transformer import Block as VitBlock
 from torch import nn
 
 from vitblocks.layers import SlicedGroupAttention
+from vitblocks.layers.loop import mask_kwargs
 from vitblocks.layers.loop_plan import LoopPlan
 from vitblocks.layers.schedule import GroupSchedule
 from vitblocks.layers.scripting import NotScriptable
 
 
-class _LoopView:
-    """One call's view of a block: its parts, with the attention bound to the call's loop.
+def _loop_view(wrapper: nn.Module, block_class: type[nn.Module], attn: Any) -> nn.Module:
+    """One call's view of a wrapped block: an instance of the block's own class that shares
+    the wrapper's parts, with the attention bound to the call's loop.
 
-    A fresh object per call, so nothing about the loop is stored on any module.
+    Being an instance of that class, its `forward` may call `super()` or check
+    `isinstance(self, ...)`; being a fresh object per call, nothing about the loop is
+    stored on any module.
     """
-
-    def __init__(self, block: nn.Module, attn: Any) -> None:
-        self._block, self.attn = block, attn
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._block, name)
+    view = object.__new__(block_class)
+    view.__dict__.update(wrapper.__dict__)
+    view.__dict__["_modules"] = {**wrapper._modules, "attn": attn}
+    return view
 
 
 class LoopAwareBlock(NotScriptable, nn.Module):
@@ -41,8 +43,9 @@ class LoopAwareBlock(NotScriptable, nn.Module):
 
     It holds the block's parts under their own names, so parameter names and weights are
     those of the block (the base model's checkpoints load unchanged), and runs the block
-    class's `forward` on a per-call view whose attention is bound to the loop: no
-    `forward` is copied and no loop state is kept between calls.
+    class's `forward` on a per-call view (an instance of that class sharing these parts)
+    whose attention is bound to the loop: no `forward` is copied, no loop state is kept
+    between calls, and a subclass's `forward` may call `super().forward`.
 
     Args:
         block: The timm block (e.g. `timm.models.vision_transformer.Block`); its parts
@@ -53,6 +56,7 @@ class LoopAwareBlock(NotScriptable, nn.Module):
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
+        self.block_class = type(block)
         self.block_forward = type(block).forward
         self.block_type = type(block).__name__
         self._sliced = isinstance(getattr(block, "attn", None), SlicedGroupAttention)
@@ -96,12 +100,13 @@ class LoopAwareBlock(NotScriptable, nn.Module):
 
         Returns:
             The block's output.
+
+        Raises:
+            TypeError: If a mask is given and the wrapped block's `forward` takes none.
         """
-        kwargs = {"attn_mask": attn_mask, "is_causal": is_causal} if attn_mask is not None or is_causal else {}
-        if not self._sliced:
-            return self.block_forward(self, x, **kwargs)
-        attn = functools.partial(self.attn, loop=loop, plan=plan)
-        return self.block_forward(_LoopView(self, attn), x, **kwargs)
+        kwargs = mask_kwargs(attn_mask, is_causal, [self.block_forward])
+        attn = functools.partial(self.attn, loop=loop, plan=plan) if self._sliced else self.attn
+        return self.block_forward(_loop_view(self, self.block_class, attn), x, **kwargs)
 
     def extra_repr(self) -> str:
         return f"wraps={self.block_type}"
