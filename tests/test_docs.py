@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import timm
-from torch import nn
 
 ROOT = Path(__file__).parents[1]
 DOCS = ROOT / "docs"
