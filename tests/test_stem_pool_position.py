@@ -28,6 +28,30 @@ def test_stem_reduces_any_size_by_eight_rounding_up(h, w):
     assert out.shape[-2:] == (-(-h // 8), -(-w // 8))
 
 
+
+@pytest.mark.parametrize("shape, fix", [
+    ((3, 32, 32), r"got \(3, 32, 32\): add the batch dimension \(images.unsqueeze\(0\)\)"),
+    ((2, 1, 32, 32), r"got \(2, 1, 32, 32\): the model takes 3-channel images \(create it with in_chans=1"),
+    ((32, 32), r"images of shape \(batch, 3, height, width\), got \(32, 32\)$"),
+])
+def test_stem_refuses_what_is_not_a_batch_of_its_images_saying_what_to_change(shape, fix):
+    with pytest.raises(ValueError, match=fix):
+        ConvStem(3, 8)(torch.randn(shape))
+
+
+def test_the_stem_input_check_stays_in_fx_graphs_and_leaves_exports_unchanged():
+    stem = ConvStem(3, 8).eval()
+    images = torch.randn(2, 3, 16, 16)
+    traced = torch.fx.symbolic_trace(stem)
+    assert any(node.target.__name__ == "checked_images" for node in traced.graph.nodes if node.op == "call_function")
+    torch.testing.assert_close(traced(images), stem(images))
+    with pytest.raises(ValueError, match="add the batch dimension"):
+        traced(images[0])
+    exported = torch.export.export(stem, (images,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    other = torch.randn(5, 3, 16, 16)
+    torch.testing.assert_close(exported.module()(other), stem(other))
+
+
 def test_pool_is_a_strided_depthwise_convolution():
     pool = ConvPool(64, 128)
     assert pool(torch.randn(1, 64, 28, 28)).shape == (1, 128, 14, 14)

@@ -27,6 +27,36 @@ def downsampled_size(size: tuple[int, int], stride: int) -> tuple[int, int]:
     return -(-size[0] // stride), -(-size[1] // stride)
 
 
+def checked_images(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Refuse input that is not a batch of `in_chans`-channel images, saying what to change.
+
+    A function of its own so that `torch.fx` records it as one call (`torch.fx.wrap`)
+    rather than tracing its branches.
+
+    Args:
+        x: The input.
+        in_chans: Channels the stem was built for.
+
+    Returns:
+        `x`.
+
+    Raises:
+        ValueError: If `x` is not (B, in_chans, H, W), naming its shape and the fix.
+    """
+    if x.ndim == 4 and x.shape[1] == in_chans:
+        return x
+    expected = f"images of shape (batch, {in_chans}, height, width), got {tuple(x.shape)}"
+    if x.ndim == 3 and x.shape[0] == in_chans:
+        raise ValueError(f"expected {expected}: add the batch dimension (images.unsqueeze(0))")
+    if x.ndim == 4:
+        raise ValueError(f"expected {expected}: the model takes {in_chans}-channel images (create it with "
+                         f"in_chans={x.shape[1]} for {x.shape[1]}-channel ones, or convert the images)")
+    raise ValueError(f"expected {expected}")
+
+
+torch.fx.wrap("checked_images")
+
+
 class ConvStem(nn.Module):
     """SReT's stem: Conv3x3/2 + BN + ReLU, three times: in -> C/2 -> C -> C.
 
@@ -60,6 +90,7 @@ class ConvStem(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.in_chans = in_chans
         dd = {"device": device, "dtype": dtype}
         widths = (in_chans, embed_dim // 2, embed_dim, embed_dim)
         for i in range(3):
@@ -68,8 +99,12 @@ class ConvStem(nn.Module):
             self.add_module(f"act{i + 1}", act_layer())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map images (B, in_chans, H, W) to channels-last maps (B, C, ceil(H/8), ceil(W/8))."""
-        x = x.contiguous(memory_format=torch.channels_last)
+        """Map images (B, in_chans, H, W) to channels-last maps (B, C, ceil(H/8), ceil(W/8)).
+
+        Raises:
+            ValueError: If `x` is not a batch of `in_chans`-channel images.
+        """
+        x = checked_images(x, self.in_chans).contiguous(memory_format=torch.channels_last)
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.act2(self.bn2(self.conv2(x)))
         return self.act3(self.bn3(self.conv3(x)))
