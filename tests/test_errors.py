@@ -33,12 +33,13 @@ def run_train(capsys, *argv):
     ("data.img_size=8", ["sret_t cannot be built from this config", "too small"]),
     ("optim.lr=1e309", ["optim.lr=inf is not a finite number"]),
     ("model.kwargs.num_classes=-1", ["model.kwargs.num_classes=-1", "set that instead"]),
+    ("data.batch_size=64", ["0 batches of 64", "(32 images per process)", "or raise data.synthetic_samples"]),
 ])
 def test_bad_overrides_are_refused_before_any_work(tmp_path, capsys, override, fragments):
     recipe = write_tiny_recipe(tmp_path, tmp_path / "run")
     for extra in ([], ["--print-config"]):  # --print-config validates too
-        if override == "data.img_size=8" and extra:
-            continue  # the model is only built when training
+        if override in ("data.img_size=8", "data.batch_size=64") and extra:
+            continue  # the model and the data are only built when training
         code, err = run_train(capsys, recipe, "--no-progress", "--set", override, *extra)
         assert code == 2 and "Traceback" not in err, err
         for fragment in fragments:
