@@ -222,12 +222,12 @@ def build_data(config: TrainConfig, runtime: Runtime | None = None, train: bool 
     return Data(train_set, val_set, sampler, val_sampler, steps, steps // accum, classes)
 
 
-
 def more_images_hint(config: TrainConfig) -> str:
     """How to give a too-small training set more images, where a setting does that."""
     if config.data.dataset == "synthetic":
         return " or raise data.synthetic_samples"
     return ""
+
 
 FUSED_OPTIMIZERS = ("adam", "adamw")
 """Optimizer names whose PyTorch class has a fused kernel (`optim.fused`)."""
