@@ -24,7 +24,7 @@ from vitblocks.layers.schedule import GroupSchedule
 from vitblocks.layers.scripting import NotScriptable
 
 
-def _loop_view(wrapper: nn.Module, block_class: type[nn.Module], attn: Any) -> nn.Module:
+def _loop_view(wrapper: LoopAwareBlock, attn: Any) -> nn.Module:
     """One call's view of a wrapped block: an instance of the block's own class that shares
     the wrapper's parts, with the attention bound to the call's loop.
 
@@ -32,7 +32,7 @@ def _loop_view(wrapper: nn.Module, block_class: type[nn.Module], attn: Any) -> n
     `isinstance(self, ...)`; being a fresh object per call, nothing about the loop is
     stored on any module.
     """
-    view = object.__new__(block_class)
+    view = object.__new__(wrapper.block_class)
     view.__dict__.update(wrapper.__dict__)
     view.__dict__["_modules"] = {**wrapper._modules, "attn": attn}
     return view
@@ -57,8 +57,6 @@ class LoopAwareBlock(NotScriptable, nn.Module):
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
         self.block_class = type(block)
-        self.block_forward = type(block).forward
-        self.block_type = type(block).__name__
         self._sliced = isinstance(getattr(block, "attn", None), SlicedGroupAttention)
         for name, child in block.named_children():
             self.add_module(name, child)
@@ -104,12 +102,12 @@ class LoopAwareBlock(NotScriptable, nn.Module):
         Raises:
             TypeError: If a mask is given and the wrapped block's `forward` takes none.
         """
-        kwargs = mask_kwargs(attn_mask, is_causal, [self.block_forward])
+        kwargs = mask_kwargs(attn_mask, is_causal, [self.block_class.forward])
         attn = functools.partial(self.attn, loop=loop, plan=plan) if self._sliced else self.attn
-        return self.block_forward(_loop_view(self, self.block_class, attn), x, **kwargs)
+        return self.block_class.forward(_loop_view(self, attn), x, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"wraps={self.block_type}"
+        return f"wraps={self.block_class.__name__}"
 
 
 class FamilyAdapter:

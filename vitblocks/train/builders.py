@@ -214,19 +214,13 @@ def build_data(config: TrainConfig, runtime: Runtime | None = None, train: bool 
     batches = len(sampler) // config.data.batch_size
     steps = batches // accum * accum
     if steps < accum:
+        more = " or raise data.synthetic_samples" if config.data.dataset == "synthetic" else ""
         raise ConfigError(
             f"the training set gives {batches} batches of {config.data.batch_size} per epoch and process, "
             f"fewer than optim.accum_steps={config.optim.accum_steps} ({len(sampler)} images per process); "
-            f"lower data.batch_size{_more_images_hint(config)}"
+            f"lower data.batch_size{more}"
         )
     return Data(train_set, val_set, sampler, val_sampler, steps, steps // accum, classes)
-
-
-def _more_images_hint(config: TrainConfig) -> str:
-    """How to give a too-small training set more images, where a setting does that."""
-    if config.data.dataset == "synthetic":
-        return " or raise data.synthetic_samples"
-    return ""
 
 
 FUSED_OPTIMIZERS = ("adam", "adamw")
