@@ -191,3 +191,61 @@ def test_pooling_on_repeated_channels_is_the_grouped_convolution():
         torch.testing.assert_close(a, b)
     traced = torch.fx.symbolic_trace(repeated)
     assert torch.equal(traced(x), outs[1])
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_scaled_residual_is_correct_to_second_order(per_sample):
+    torch.manual_seed(0)
+    x, y = _leaves((3, 4, 2), (3, 4, 2))
+    skip, scale = _leaves((1,), (1,))
+    mask = torch.tensor([2.0, 0.0, 2.0], dtype=torch.float64).view(3, 1, 1) if per_sample else None
+
+    def residual(x, skip, y, scale):
+        out = scaled_residual(x, skip, y, scale, mask)
+        assert type(out.grad_fn).__name__ == "_ScaledResidualBackward"  # the custom backward, not plain autograd
+        return out
+
+    assert torch.autograd.gradcheck(residual, (x, skip, y, scale))
+    assert torch.autograd.gradgradcheck(residual, (x, skip, y, scale))
+
+
+def test_permutation_backward_is_correct_to_second_order():
+    torch.manual_seed(0)
+    perm = random_permutation(5)
+    inverse = torch.argsort(perm)
+    (x,) = _leaves((2, 7, 3))
+
+    def permuted(x):
+        out = permute_tokens_with_inverse(x, perm, inverse, 2)
+        assert type(out.grad_fn).__name__ == "CatBackward0"  # the prefix joined to the custom gather's output
+        return out
+
+    assert torch.autograd.gradcheck(permuted, (x,)) and torch.autograd.gradgradcheck(permuted, (x,))
+
+
+def test_an_input_gradient_penalty_through_sret_with_stochastic_depth_matches_plain_autograd(monkeypatch):
+    import timm
+
+    import vitblocks.layers.permutation as permutation
+    import vitblocks.layers.residual as residual
+    from vitblocks import attention_backend
+
+    model = timm.create_model("sret_t", img_size=32, num_classes=3, **{**TINY_SRET, "drop_path_rate": 0.3})
+    model.train()
+    images = torch.randn(4, 3, 32, 32)
+
+    def penalty_gradients():
+        torch.manual_seed(7)  # the same drop masks and permutations in both runs
+        x = images.clone().requires_grad_()
+        with attention_backend("math"):  # PyTorch's CPU flash attention has no double backward
+            (grad_x,) = torch.autograd.grad(model(x).logsumexp(-1).sum(), x, create_graph=True)
+        return torch.autograd.grad(grad_x.square().sum(), list(model.parameters()), allow_unused=True)
+
+    custom = penalty_gradients()
+    for module in (permutation, residual):
+        monkeypatch.setattr(module, "custom_backward_applies", lambda *tensors: False)
+    plain = penalty_gradients()
+    for (name, _), a, b in zip(model.named_parameters(), custom, plain):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)

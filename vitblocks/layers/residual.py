@@ -22,13 +22,12 @@ class _ScaledResidual(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, skip, y, scale, mask):  # noqa: D102 - see the class
-        gate = scale if mask is None else _gate_in_dtype(mask * scale, x, y)
-        ctx.save_for_backward(x, skip, y, scale, mask, gate)
-        return torch.addcmul(x * skip, y, gate)
+        ctx.save_for_backward(x, skip, y, scale, mask)
+        return torch.addcmul(x * skip, y, _gate(scale, mask, x, y))
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        x, skip, y, scale, mask, gate = ctx.saved_tensors
+        x, skip, y, scale, mask = ctx.saved_tensors
         need_x, need_skip, need_y, need_scale, _ = ctx.needs_input_grad
         grad_x = grad_skip = grad_y = grad_scale = None
         if need_x or need_skip:
@@ -39,6 +38,9 @@ class _ScaledResidual(torch.autograd.Function):
         if need_y or need_scale:
             grad_at_y = grad.to(y.dtype)
             if need_y:
+                # the gate is recomputed rather than saved: a tensor made in forward is a constant to autograd,
+                # and a double backward (a gradient penalty) would lose its dependence on `scale`
+                gate = _gate(scale, mask, x, y)
                 grad_y = grad_at_y * (gate if gate.dim() == 0 else gate.to(y.dtype))
             if need_scale and mask is None:
                 grad_scale = torch.dot(grad_at_y.reshape(-1), y.reshape(-1)).to(scale.dtype)
@@ -47,6 +49,11 @@ class _ScaledResidual(torch.autograd.Function):
                 per_sample = torch.bmm(grad_at_y.reshape(batch, 1, size), y.reshape(batch, size, 1))
                 grad_scale = torch.dot(per_sample.reshape(-1).to(mask.dtype), mask.reshape(-1)).to(scale.dtype)
         return grad_x, grad_skip, grad_y, grad_scale, None
+
+
+def _gate(scale: torch.Tensor, mask: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The branch's factor: `scale`, or `mask * scale` in the sum's dtype."""
+    return scale if mask is None else _gate_in_dtype(mask * scale, x, y)
 
 
 def _gate_in_dtype(gate: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -82,6 +89,5 @@ def scaled_residual(
     """
     skip, scale = skip.reshape(()), scale.reshape(())
     if not custom_backward_applies(x, y):
-        gate = scale if mask is None else _gate_in_dtype(mask * scale, x, y)
-        return torch.addcmul(x * skip, y, gate)
+        return torch.addcmul(x * skip, y, _gate(scale, mask, x, y))
     return _ScaledResidual.apply(x, skip, y, scale, mask)
