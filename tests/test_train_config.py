@@ -55,6 +55,43 @@ def test_bad_values_are_clear_errors(override, match):
         apply_overrides(TrainConfig(), [override])
 
 
+FREE_FORM = {"model.name", "model.kwargs", "model.convert", "data.dataset", "data.root", "data.train_split",
+             "data.val_split", "augment.auto_augment", "optim.opt", "schedule.sched", "distill.teacher",
+             "distill.teacher_checkpoint", "distill.teacher_kwargs", "logging.wandb", "output_dir"}
+"""Fields whose values are names, paths or option dicts, checked by what they name (registries, files)."""
+
+
+def test_every_number_and_switch_of_the_schema_declares_its_range_or_choices():
+    from vitblocks.train.config_fields import leaf_fields
+
+    undeclared = [path for path, _, f in leaf_fields(TrainConfig())
+                  if path not in FREE_FORM and not {"range", "choices"} & f.metadata.keys()]
+    assert not undeclared, f"fields without a declared rule: {undeclared}"
+    assert FREE_FORM <= {path for path, _, _ in leaf_fields(TrainConfig())}  # no stale name here
+
+
+@pytest.mark.parametrize("override, says", [
+    ("optim.clip_grad=-1", "optim.clip_grad=-1.0 must be > 0"),
+    ("schedule.warmup_lr=-0.01", "schedule.warmup_lr=-0.01 must be >= 0"),
+    ("schedule.min_lr=-1e-5", "schedule.min_lr=-1e-05 must be >= 0"),
+    ("augment.hflip=1.5", "augment.hflip=1.5 must be a probability"),
+    ("augment.mixup_prob=-0.1", "augment.mixup_prob=-0.1 must be a probability"),
+    ("augment.scale=(0.5, 0.1)", "augment.scale=(0.5, 0.1) must be (smallest, largest)"),
+    ("augment.scale=0.5", "augment.scale='0.5': expected tuple"),
+    ("augment.color_jitter=-0.4", "augment.color_jitter=-0.4 must be >= 0"),
+    ("data.std=(0.2, 0.0, 0.2)", "data.std=(0.2, 0.0, 0.2) must be numbers > 0"),
+    ("data.interpolation=cubic", "data.interpolation='cubic' is not one of"),
+    ("data.synthetic_samples=0", "data.synthetic_samples=0 must be >= 1"),
+    ("distill.temperature=0", "distill.temperature=0.0 must be > 0"),
+    ("distill.alpha=2", "distill.alpha=2.0 must be in [0, 1]"),
+    ("checkpoint.every_steps=-5", "checkpoint.every_steps=-5 must be >= 0"),
+])
+def test_numbers_that_would_train_backwards_or_divide_by_zero_are_refused(override, says):
+    with pytest.raises(ConfigError) as refused:
+        apply_overrides(TrainConfig(), [override])
+    assert says in str(refused.value)
+
+
 def test_recipe_without_config_is_refused(tmp_path):
     (tmp_path / "r.py").write_text("x = 1\n")
     with pytest.raises(ConfigError, match="must assign a vitblocks.train.TrainConfig to the name 'config'"):

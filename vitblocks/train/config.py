@@ -13,6 +13,7 @@ in `vitblocks.train.recipe`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,18 @@ from vitblocks.layers.modes import CHECKPOINT_SETTINGS
 from vitblocks.train.compile_modes import COMPILE_MODES
 from vitblocks.train.config_checks import validate
 from vitblocks.train.config_fields import ConfigError, at_least_one, bounded, choice
+
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+"""`data.interpolation` values: the resize filters timm's transforms take."""
+
+
+def _probability(value: float) -> bool:
+    return 0 <= value <= 1
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
 
 __all__ = ["AugmentConfig", "CheckpointConfig", "ConfigError", "DataConfig", "DistillConfig", "LoggingConfig",
            "ModelConfig", "OptimConfig", "ScheduleConfig", "TrainConfig"]
@@ -67,7 +80,7 @@ class ModelConfig:
     backend: str = choice("auto", backend_names)  # read when checked: backends registered later count
     compile: bool | str = choice(False, (False, True, *COMPILE_MODES, "auto"))
     convert: dict[str, Any] = field(default_factory=dict)
-    static_graph: bool | None = None
+    static_graph: bool | None = choice(None, (None, False, True))
 
 
 @dataclass
@@ -116,11 +129,13 @@ class DataConfig:
     workers: int | None = bounded(None, lambda v: v >= 0, "must be >= 0 (0 loads data in the main process)")
     val_fraction: float = bounded(
         0.2, lambda v: 0 < v < 1, "must be between 0 and 1 (exclusive): the share of the digits held out for validation")
-    synthetic_samples: int = 64
+    synthetic_samples: int = at_least_one(64)
     crop_pct: float = bounded(0.875, lambda v: 0 < v <= 1, "must be in (0, 1]")
-    interpolation: str = "bicubic"
-    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN
-    std: tuple[float, ...] = IMAGENET_DEFAULT_STD
+    interpolation: str = choice("bicubic", INTERPOLATIONS)
+    mean: tuple[float, ...] = bounded(IMAGENET_DEFAULT_MEAN, lambda v: all(_finite(m) for m in v),
+                                      "must be finite numbers, one per channel")
+    std: tuple[float, ...] = bounded(IMAGENET_DEFAULT_STD, lambda v: all(_finite(s) and s > 0 for s in v),
+                                     "must be numbers > 0, one per channel (images are divided by them)")
     max_bad_images: int = bounded(
         100, lambda v: v >= 0, "must be >= 0 (0 stops at the first image that cannot be decoded)")
     decode: str = choice("cpu", ("cpu", "gpu"))
@@ -146,16 +161,18 @@ class AugmentConfig:
     """
 
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
-    color_jitter: float = 0.4
-    hflip: float = 0.5
-    scale: tuple[float, float] = (0.08, 1.0)
-    re_prob: float = bounded(0.25, lambda v: 0 <= v <= 1, "must be a probability in [0, 1]")
+    color_jitter: float = bounded(0.4, lambda v: v >= 0, "must be >= 0 (0 turns color jitter off)")
+    hflip: float = bounded(0.5, _probability, "must be a probability in [0, 1]")
+    scale: tuple[float, float] = bounded(
+        (0.08, 1.0), lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1,
+        "must be (smallest, largest) crop area fractions with 0 < smallest <= largest <= 1")
+    re_prob: float = bounded(0.25, _probability, "must be a probability in [0, 1]")
     mixup: float = bounded(0.8, lambda v: v >= 0, "must be >= 0 (0 turns mixup off)")
     cutmix: float = bounded(1.0, lambda v: v >= 0, "must be >= 0 (0 turns CutMix off)")
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
+    mixup_prob: float = bounded(1.0, _probability, "must be a probability in [0, 1]")
+    mixup_switch_prob: float = bounded(0.5, _probability, "must be a probability in [0, 1]")
     label_smoothing: float = bounded(0.1, lambda v: 0 <= v < 1, "must be in [0, 1)")
-    repeated_aug: bool = False
+    repeated_aug: bool = choice(False, (False, True))
 
 
 @dataclass
@@ -179,9 +196,10 @@ class OptimConfig:
     lr: float | None = bounded(None, lambda v: v > 0, "must be > 0 (or None to scale optim.lr_per_512 with the batch)")
     lr_per_512: float = bounded(1e-3, lambda v: v > 0, "must be > 0")
     weight_decay: float = bounded(0.05, lambda v: v >= 0, "must be >= 0")
-    clip_grad: float | None = None
+    clip_grad: float | None = bounded(
+        None, lambda v: v > 0, "must be > 0: the largest gradient norm kept (or None for no clipping)")
     accum_steps: int = at_least_one(1)
-    fused: bool | None = None
+    fused: bool | None = choice(None, (None, False, True))
 
 
 @dataclass
@@ -197,8 +215,8 @@ class ScheduleConfig:
 
     sched: str = "cosine"
     warmup_epochs: int = bounded(5, lambda v: v >= 0, "must be >= 0")
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
+    warmup_lr: float = bounded(1e-6, lambda v: v >= 0, "must be >= 0 (a learning rate)")
+    min_lr: float = bounded(1e-5, lambda v: v >= 0, "must be >= 0 (a learning rate)")
 
 
 @dataclass
@@ -220,8 +238,8 @@ class DistillConfig:
     teacher: str | None = None
     teacher_checkpoint: str | None = None
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)
-    temperature: float = 1.0
-    alpha: float = 0.5
+    temperature: float = bounded(1.0, lambda v: v > 0, "must be > 0 (logits are divided by it)")
+    alpha: float = bounded(0.5, _probability, "must be in [0, 1]: the teacher term's share of the loss")
 
 
 @dataclass
@@ -233,7 +251,7 @@ class CheckpointConfig:
             the end of each epoch).
     """
 
-    every_steps: int = 0
+    every_steps: int = bounded(0, lambda v: v >= 0, "must be >= 0 (0: checkpoints at the end of each epoch only)")
 
 
 @dataclass
@@ -247,7 +265,7 @@ class LoggingConfig:
             logs without a network.
     """
 
-    tensorboard: bool = False
+    tensorboard: bool = choice(False, (False, True))
     wandb: dict[str, Any] | None = None
 
 

@@ -69,15 +69,24 @@ def iter_fields(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     Yields:
         (dotted path, value) for every field that is not itself a config.
     """
-    for path, value, _ in _leaf_fields(obj, prefix):
+    for path, value, _ in leaf_fields(obj, prefix):
         yield path, value
 
 
-def _leaf_fields(obj: Any, prefix: str) -> Iterator[tuple[str, Any, dataclasses.Field]]:
+def leaf_fields(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any, dataclasses.Field]]:
+    """Walk the leaf fields of a config with their declarations.
+
+    Args:
+        obj: A config dataclass.
+        prefix: Path prefix of `obj`'s fields.
+
+    Yields:
+        (dotted path, value, dataclass field: its `metadata` holds the declared rule).
+    """
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            yield from _leaf_fields(value, f"{prefix}{f.name}.")
+            yield from leaf_fields(value, f"{prefix}{f.name}.")
         else:
             yield f"{prefix}{f.name}", value, f
 
@@ -91,7 +100,7 @@ def check_field_rules(config: Any) -> None:
     Raises:
         ConfigError: Naming the field, its value and what is allowed.
     """
-    for path, value, f in _leaf_fields(config, ""):
+    for path, value, f in leaf_fields(config, ""):
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{path}={value!r} is not a finite number")
         if "choices" in f.metadata:
@@ -101,7 +110,11 @@ def check_field_rules(config: Any) -> None:
                 raise ConfigError(f"{path}={value!r} is not one of {choices}")
         if "range" in f.metadata and value is not None:
             allowed, says = f.metadata["range"]
-            if not allowed(value):
+            try:
+                inside = bool(allowed(value))
+            except (TypeError, ValueError):  # a value of another shape (a number for a pair, say)
+                inside = False
+            if not inside:
                 raise ConfigError(f"{path}={value!r} {says}")
 
 
