@@ -182,21 +182,20 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
 # ---- full disks -------------------------------------------------------------------
 
 def test_a_full_disk_gives_advice_that_works(tmp_path, monkeypatch, capsys):
-    import vitblocks.train.checkpoint as ckpt
-
     recipe = write_tiny_recipe(tmp_path, tmp_path / "run")
-    save = ckpt.save_atomic
+    save = torch.save
 
     def full_for_last(obj, path):
-        if Path(path).name == "last.pth":
+        if Path(path).name.startswith(".last.pth."):  # the temporary file renamed over last.pth
             raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4096 vs 2048")
         save(obj, path)
 
-    monkeypatch.setattr(ckpt, "save_atomic", full_for_last)
+    monkeypatch.setattr(torch, "save", full_for_last)
     assert train([recipe, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "could not write" in err and "no last.pth was written" in err and "--resume auto" in err
-    monkeypatch.setattr(ckpt, "save_atomic", save)
+    assert " free on its filesystem" in err
+    monkeypatch.setattr(torch, "save", save)
     assert train([recipe, "--no-progress", "--resume", "auto"]) == 0  # continues from best.pth
     assert "already complete" in capsys.readouterr().out  # one epoch, and best.pth holds it
 
@@ -222,7 +221,7 @@ def test_a_failed_or_partial_final_weights_file_is_written_again_on_resume(tmp_p
     weights.write_bytes(weights.read_bytes()[:100])  # a partial file, as an older version could leave
     capsys.readouterr()
     assert train([recipe, "--no-progress", "--resume", "auto"]) == 0
-    assert "wrote the final weights" in capsys.readouterr().out
+    assert "wrote model.safetensors" in capsys.readouterr().out
     assert torch.equal(load_file(weights)["head.weight"], expected["head.weight"])
 
 
@@ -238,7 +237,7 @@ def test_a_folder_with_run_files_but_no_checkpoint_is_not_sent_round_in_circles(
     (tmp_path / "metrics.csv").write_text("epoch\n")
     recipe = write_tiny_recipe(tmp_path, tmp_path)
     refused = run_cli("vitblocks.train", recipe, "--no-progress", "--resume", "auto")
-    assert_clear_error(refused, "already holds a run (metrics.csv)", "--overwrite")
+    assert_clear_error(refused, "already holds files a run writes (metrics.csv)", "--overwrite")
     assert "--resume auto" not in refused.stderr
 
 

@@ -96,7 +96,8 @@ def test_empty_and_foreign_checkpoints_on_resume(tmp_path, capsys):
     assert train_main([recipe, "--no-progress"]) == 0
     for override, fragment in [("optim.opt=sgd", "optim.opt: 'adamw' in the checkpoint, 'sgd' now"),
                                ("data.num_classes=5", "data.num_classes: 4 in the checkpoint, 5 now"),
-                               ("model.kwargs.embed_dims=(32,64,128)", "model.kwargs: {")]:
+                               ("model.kwargs.embed_dims=(32,64,128)",
+                                "model.kwargs.embed_dims: (16, 32, 64) in the checkpoint, (32, 64, 128) now")]:
         code, err = run_train(capsys, recipe, "--resume", "auto", "--set", "epochs=2", override)
         assert code == 2 and fragment in err and "Traceback" not in err, err
 
@@ -106,12 +107,10 @@ def test_unwritable_output_and_a_full_disk_say_which_file_and_that_last_is_intac
     (tmp_path / "file").write_text("x")
     code, err = run_train(capsys, recipe, "--output-dir", tmp_path / "file" / "run")
     assert code == 2 and "cannot create the output folder" in err
-    import vitblocks.train.checkpoint as ckpt
-
     def full_disk(obj, path):
         raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 123 vs 456")
 
-    monkeypatch.setattr(ckpt, "save_atomic", full_disk)
+    monkeypatch.setattr(torch, "save", full_disk)
     code, err = run_train(capsys, recipe, "--no-progress")
     assert code == 2 and f"could not write {tmp_path / 'run' / 'best.pth'}" in err and "no best.pth was written" in err
 

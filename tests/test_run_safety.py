@@ -15,7 +15,8 @@ from train_helpers import assert_clear_error, run_cli, tiny_config, write_tiny_r
 from vitblocks.eval import run as evaluate_checkpoint
 from vitblocks.io import CheckpointError
 from vitblocks.train import OnStepEnd, Trainer
-from vitblocks.train.checkpoint import RunExistsError, load_training_checkpoint
+from vitblocks.train.checkpoint import load_training_checkpoint
+from vitblocks.train.run_folder import RunExistsError
 from vitblocks.train.config import DataConfig
 from vitblocks.train.data import DataError, build_dataset, dataset_classes
 
@@ -91,7 +92,7 @@ def test_eval_refuses_data_of_other_classes_than_the_checkpoints(tmp_path):
     state = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
     del state["classes"]
     torch.save(state, tmp_path / "old.pth")
-    with pytest.raises(CheckpointError, match="a model with 3 classes but the data at .* has 2"):
+    with pytest.raises(CheckpointError, match="a model with 3 classes but the training split .* has 2"):
         evaluate_checkpoint(str(tmp_path / "old.pth"), str(tmp_path / "other"))
     assert 0 <= evaluate_checkpoint(str(tmp_path / "run" / "last.pth"), str(tmp_path / "data"))["val_top1"] <= 100
 

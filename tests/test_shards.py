@@ -87,3 +87,13 @@ def test_shard_datasets_refuse_what_they_cannot_do(tmp_path, shards):
         Trainer(config)
     with pytest.raises(ConfigError, match=r"data.dataset='wds' is not one of .* nor a timm dataset name"):
         DataConfig(dataset="wds") and tiny_config(tmp_path, data=DataConfig(dataset="wds"))
+
+
+def test_a_label_outside_the_class_count_stops_before_training_naming_split_and_fix(tmp_path, shards):
+    trainer = Trainer(shard_config(tmp_path / "run", shards, num_classes=5))  # the shards hold digits 0-9
+    with pytest.raises(DataError) as stopped:
+        trainer.fit(progress=False)
+    message = str(stopped.value).splitlines()[-1]  # re-raised from a loader worker: its message is the last line
+    assert "data.dataset='wds/digits' split 'validation' holds the label" in message
+    assert "outside [0, 5) for data.num_classes=5: set data.num_classes to the dataset's class count" in message
+    assert trainer.state.step == 0  # the validation stream was read before the first step

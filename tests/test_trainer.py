@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from train_helpers import doubled_batch_config, tiny_config
 from vitblocks.io import CheckpointError
 from vitblocks.train import ConfigError, OnStepEnd, Trainer, TrainingDiverged, load_recipe
-from vitblocks.train.checkpoint import load_training_checkpoint, save_atomic
+from vitblocks.io import save_atomic
+from vitblocks.train.checkpoint import load_training_checkpoint
 from vitblocks.train.data import ResumableSampler
 
 pytestmark = pytest.mark.slow  # trains or starts processes: left out of the quick subset
@@ -217,14 +218,14 @@ def test_two_gloo_processes_end_with_identical_weights_also_after_a_sigterm_and_
     assert signalled.returncode != 0 and "exitcode  : 75" in signalled.stderr, signalled.stderr[-3000:]
     # both processes stop at the same step; the main one writes (torchrun ends the other once one exits)
     assert "rank 1: stopped by SIGTERM at step 3 (epoch 1, batch 3)" in signalled.stderr
-    assert f"rank 0: stopped by a signal to another process at step 3 (epoch 1, batch 3); saved {stopped}" \
+    assert f"rank 0: stopped because another process was asked to stop at step 3 (epoch 1, batch 3); saved {stopped}" \
         in signalled.stderr
     state = load_training_checkpoint(stopped / "last.pth")
     assert (state["step"], state["batch"], state["epoch_samples"], state["world_size"]) == (3, 3, 48, 2)
     # a signal while evaluating stops after the epoch's checkpoints, which every process writes together
     at_epoch_end = torchrun(tmp_path / "epoch_end", "--signal-at-epoch-end", "1", "--signal-rank", "1")
     assert "exitcode  : 75" in at_epoch_end.stderr, at_epoch_end.stderr[-3000:]
-    assert f"rank 0: stopped by a signal to another process at step 3 (epoch 1, batch 0); saved {tmp_path}" \
+    assert f"rank 0: stopped because another process was asked to stop at step 3 (epoch 1, batch 0); saved {tmp_path}" \
         in at_epoch_end.stderr
     assert load_training_checkpoint(tmp_path / "epoch_end" / "last.pth")["epoch"] == 1
     resumed = torchrun(stopped, "--resume", "--save-rank-weights")

@@ -70,3 +70,50 @@ def assert_clear_error(result, *fragments):
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     for fragment in fragments:
         assert fragment in result.stderr, (fragment, result.stderr[-3000:])
+
+
+def write_digit_folder(root, classes=("c1", "c2", "c10"), train_per_class=6, val_per_class=2, size=16):
+    """A tiny ImageFolder of scikit-learn's digits as PNGs: class i holds images of digit i.
+
+    The class names sort differently as plain strings (c1, c10, c2) and naturally (c1, c2, c10).
+    """
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits, root = load_digits(), Path(root)
+    for label, name in enumerate(classes):
+        images = digits.images[digits.target == label]
+        for split, start, count in (("train", 0, train_per_class), ("val", train_per_class, val_per_class)):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = (images[start + i] * 255 / 16).astype(np.uint8)
+                Image.fromarray(pixels).resize((size, size)).convert("RGB").save(folder / f"{i}.png")
+    return root
+
+
+FOLDER_RECIPE = '''
+from vitblocks.train import AugmentConfig, DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
+
+config = TrainConfig(
+    model=ModelConfig("sret_t", kwargs=dict(embed_dims=(16, 32, 64), num_heads=(1, 2, 4), unique_blocks=(1, 1, 1),
+                                            groups=((4, 2), (1,), (1,)), mlp_ratio=2.0, drop_path_rate=0.1)),
+    data=DataConfig(dataset="imagefolder", root={root!r}, img_size=32, num_classes=3, batch_size=3,
+                    workers={workers}),
+    augment=AugmentConfig(auto_augment=None, re_prob={re_prob}, mixup=0.0, cutmix=0.0),
+    optim=OptimConfig(lr=1e-3),
+    schedule=ScheduleConfig(warmup_epochs=1),
+    epochs=2,
+    output_dir={output_dir!r},
+)
+'''
+
+
+def write_folder_recipe(path, root, output_dir, workers=2, re_prob=0.25) -> str:
+    """A recipe of a tiny ImageFolder run (6 steps an epoch, 2 epochs) with loader workers."""
+    path.write_text(FOLDER_RECIPE.format(root=str(root), output_dir=str(output_dir), workers=workers,
+                                         re_prob=re_prob))
+    return str(path)

@@ -28,6 +28,8 @@ from vitblocks.train.foreign_checkpoint import ForeignCheckpoint, read_foreign_c
 from vitblocks.train.config import TrainConfig
 from vitblocks.train.data import DataError, folder_classes, split_folder
 from vitblocks.train.evaluation import evaluate
+from vitblocks.train.image_folder import class_order
+from vitblocks.train.logs import console_logging, logger
 
 
 
@@ -35,14 +37,20 @@ from vitblocks.train.evaluation import evaluate
 def check_classes(checkpoint: str, state: dict[str, Any], config: TrainConfig) -> list[str] | None:
     """Check that the data's classes are ones the checkpoint's model was trained on.
 
+    Labels follow the checkpoint's own class list when it stores one (vitblocks
+    checkpoints do), so a checkpoint written when classes were numbered in plain string
+    order (c1, c10, c2, ...) still scores correctly; a note says so. Weights without a class
+    list (timm's train.py, a state dict) are read by timm's rule: the training split's
+    classes in natural order, or the validation split's when there is no training split.
+
     Args:
         checkpoint: The checkpoint's path, for messages.
         state: The checkpoint.
         config: The config the data is built from.
 
     Returns:
-        The checkpoint's class names in label order (None for checkpoints that predate
-        stored class names).
+        The checkpoint's class names in label order (None for weights without them: the
+        data's own order is used).
 
     Raises:
         CheckpointError: If the data has classes the checkpoint lacks, or another class
@@ -52,23 +60,37 @@ def check_classes(checkpoint: str, state: dict[str, Any], config: TrainConfig) -
     if config.data.dataset != "imagefolder":
         return classes
     root = Path(config.data.root)
-    found = folder_classes(split_folder(root, "val")) or folder_classes(split_folder(root, "train"))
-    if not found:
+    val, train = folder_classes(split_folder(root, "val")), folder_classes(split_folder(root, "train"))
+    if not (val or train):
         return classes  # the dataset's own layout check explains what is missing
     if classes is not None:
-        unknown = sorted(set(found) - set(classes))
+        unknown = sorted(set(val or train) - set(classes))
         if unknown:
             raise CheckpointError(
                 f"the data at {root} has classes the checkpoint {checkpoint} was not trained on "
                 f"({', '.join(unknown[:8])}); its {len(classes)} classes are {', '.join(classes[:8])}"
                 f"{', ...' if len(classes) > 8 else ''}. Evaluate it on data of those classes."
             )
-    elif len(found) != config.data.num_classes:
+        natural = sorted(classes, key=class_order)
+        if classes != natural:
+            logger.warning(f"note: labels follow the class order stored in {checkpoint} ({_shown(classes)}), not "
+                           f"the natural order vitblocks and timm number classes by now ({_shown(natural)}): the "
+                           "model is scored on the labels it was trained with")
+        return classes
+    if train and len(train) != config.data.num_classes:
         raise CheckpointError(
-            f"the checkpoint {checkpoint} holds a model with {config.data.num_classes} classes but the data at "
-            f"{root} has {len(found)}; evaluate it on data of the classes it was trained on"
-        )
+            f"the checkpoint {checkpoint} holds a model with {config.data.num_classes} classes but the training "
+            f"split {split_folder(root, 'train')} has {len(train)}; evaluate it on data of the classes it was trained on")
+    if not train and len(val) != config.data.num_classes:
+        raise CheckpointError(
+            f"the checkpoint {checkpoint} holds a model with {config.data.num_classes} classes but the data at {root} "
+            f"has {len(val)} and no training split: which classes the labels skip cannot be known. Put the train/ "
+            "folder beside val/ (labels follow its classes), or evaluate on data of every class")
     return classes
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
 
 
 def foreign_config(checkpoint: ForeignCheckpoint, model: str, model_kwargs: dict[str, Any], data_root: str | None,
@@ -206,7 +228,7 @@ def _evaluate(config: TrainConfig, weights: dict[str, torch.Tensor], checkpoint:
     except DataError as error:
         raise DataError(error.problem, "Give the dataset root with --data /path/to/dataset (it needs a val/ "
                                        "folder of class folders), or change the stored config with --set.") from None
-    return evaluate(model.to(device), data.val_loader(config, device), device)
+    return evaluate(model.to(device), data.val_loader(config, device), device, max_unreadable=config.data.max_bad_images)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,13 +254,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-kwargs", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="its timm.create_model arguments, e.g. embed_dims=(32,64,128)")
     args = parser.parse_args(argv)
+    console_logging()  # notes (a checkpoint's own class order, files that cannot be read) on standard output
     try:
         kwargs = parse_kwargs(args.model_kwargs)
         metrics = run(args.checkpoint, args.data, args.set, args.ema, args.batch_size, args.loops, args.model, kwargs)
     except (CheckpointError, ConfigError, DataError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  loss {metrics['val_loss']:.4f}")
+    unreadable = metrics.get("val_unreadable")
+    print(f"top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  loss {metrics['val_loss']:.4f}"
+          + (f"  ({unreadable} validation images cannot be read and were not scored: named above)" if unreadable
+             else ""))
     return 0
 
 

@@ -75,14 +75,28 @@ def save_model_atomic(model: torch.nn.Module, path: str | os.PathLike) -> None:
         OSError: If the file cannot be written (a full disk, no permission); the
             previous file, if any, is left as it was.
     """
+    with replacing(path) as tmp:
+        save_model_file(model, tmp, Path(path).name)
+
+
+def save_model_file(model: torch.nn.Module, path: str | os.PathLike, name: str | None = None) -> None:
+    """Write a module's weights as safetensors to `path` (not atomic: see `save_model_atomic`).
+
+    Args:
+        model: The module (`safetensors.torch.save_model`: shared tensors are stored once).
+        path: Destination.
+        name: The file's name for messages (default: the path's).
+
+    Raises:
+        OSError: If the file cannot be written (a full disk, no permission).
+    """
     from safetensors import SafetensorError
     from safetensors.torch import save_model
 
-    with replacing(path) as tmp:
-        try:
-            save_model(model, tmp)
-        except SafetensorError as error:  # how safetensors reports a failed write (ENOSPC among others)
-            raise OSError(f"safetensors could not write {Path(path).name}: {error}") from error
+    try:
+        save_model(model, os.fspath(path))
+    except SafetensorError as error:  # how safetensors reports a failed write (ENOSPC among others)
+        raise OSError(f"safetensors could not write {name or Path(path).name}: {error}") from error
 
 
 def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:

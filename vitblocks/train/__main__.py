@@ -15,13 +15,12 @@ from pathlib import Path
 import vitblocks.train.distributed as distributed
 from vitblocks.io import CheckpointError
 from vitblocks.train.callbacks import TrainingDiverged
-from vitblocks.train.checkpoint import resume_candidate
 from vitblocks.train.config import ConfigError
 from vitblocks.train.config_checks import check_names
 from vitblocks.train.recipe import apply_overrides, format_config, load_recipe, smoke_config
 from vitblocks.train.data import DataError
 from vitblocks.train.engine import Trainer
-from vitblocks.train.preemption import PREEMPTED_EXIT_CODE, TrainingInterrupted
+from vitblocks.train.preemption import PREEMPTED_EXIT_CODE, StopRequested, StopSignals, TrainingInterrupted
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,6 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="a few steps on synthetic data of the recipe's shape")
     parser.add_argument("--resume", metavar="PATH|auto",
                         help="continue from a checkpoint; 'auto': OUTPUT_DIR/last.pth when it exists")
+    parser.add_argument("--resume-changed", nargs="+", action="extend", default=[], metavar="FIELD",
+                        help="with --resume: fields that may differ from the checkpoint's run on purpose (a resume "
+                             "refuses a change of model, optimizer, data, classes, split, seed or image size "
+                             "otherwise), e.g. data.img_size")
     parser.add_argument("--output-dir", help="override the recipe's output_dir")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a run already in the output folder (without it such a folder is refused)")
@@ -47,47 +50,70 @@ def main(argv: list[str] | None = None) -> int:
     """Run the trainer; returns the process exit code.
 
     0: done; 2: bad input or a stopped run (the message says why and what to do);
-    `PREEMPTED_EXIT_CODE` (75): stopped by a signal after writing a checkpoint to continue
-    from with `--resume auto`; 130: a second Ctrl-C, which stops without a checkpoint.
+    `PREEMPTED_EXIT_CODE` (75): stopped by a signal (SIGTERM, SIGINT, SIGUSR1, SIGHUP), or by
+    a loader worker's death, after writing a checkpoint to continue from with
+    `--resume auto` (before the first step: with nothing new trained); 130: a second
+    Ctrl-C, which stops without a checkpoint.
     """
     args = parse_args(sys.argv[1:] if argv is None else argv)
     trainer = None
+    startup = StopSignals(at_once=True)  # until training starts a stop signal stops at once: no step to finish
     try:
-        config = apply_overrides(load_recipe(args.recipe), args.set)
-        if args.output_dir:
-            config = apply_overrides(config, [f"output_dir={args.output_dir!r}"])
-        if args.smoke:
-            config = smoke_config(config)
-        check_names(config)  # before anything is built or written, --print-config included
-        if args.print_config:
-            print(format_config(config))
-            return 0
-        trainer = Trainer(config, overwrite=args.overwrite or args.smoke, log_all_ranks=args.log_all_ranks)
-        if args.smoke:
-            print(f"smoke test: {config.model.name} on synthetic data of the recipe's shape "
-                  f"({config.data.img_size} px, {config.data.num_classes} classes), a few steps; "
-                  f"writing to {trainer.output_dir}", flush=True)
-        if args.resume:
-            found = resume_candidate(trainer.output_dir) if args.resume == "auto" else Path(args.resume)
-            if found is not None:
-                trainer.resume(found)
-        trainer.fit(progress=not args.no_progress and sys.stderr.isatty())  # no bar in logs: one line per epoch
+        with startup:
+            config = apply_overrides(load_recipe(args.recipe), args.set)
+            if args.output_dir:
+                config = apply_overrides(config, [f"output_dir={args.output_dir!r}"])
+            if args.smoke:
+                config = smoke_config(config)
+            check_names(config)  # before anything is built or written, --print-config included
+            if args.print_config:
+                print(format_config(config))
+                return 0
+            trainer = Trainer(config, overwrite=args.overwrite or args.smoke, log_all_ranks=args.log_all_ranks)
+            if args.smoke:
+                print(f"smoke test: {config.model.name} on synthetic data of the recipe's shape "
+                      f"({config.data.img_size} px, {config.data.num_classes} classes), a few steps; "
+                      f"writing to {trainer.output_dir}", flush=True)
+            if args.resume:
+                found = trainer.run_folder.resume_candidate() if args.resume == "auto" else Path(args.resume)
+                if found is not None:
+                    trainer.resume(found, allow_changes=args.resume_changed)
+            elif args.resume_changed:
+                raise ConfigError("--resume-changed names fields a resumed run may change; give it with --resume")
+            trainer.fit(progress=not args.no_progress and sys.stderr.isatty())  # no bar in logs: one line per epoch
+            startup.at_once = False  # done: a late signal has nothing left to stop
+    except StopRequested as stop:
+        kept = getattr(trainer, "last_good_checkpoint", None)
+        _say(f"{stop}; {f'{kept} is unchanged' if kept else 'no checkpoint was written'}. Continue with: "
+             f"{_resume_command(argv)}", trainer)
+        return PREEMPTED_EXIT_CODE
     except TrainingInterrupted as stop:
-        if trainer is None or trainer.runtime.is_main:
-            print(f"{stop}. Continue with: {_resume_command(argv)}", file=sys.stderr, flush=True)
+        _say(f"{stop}. Continue with: {_resume_command(argv)}", trainer)
         return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
         kept = trainer.last_good_checkpoint if trainer is not None else None
-        print(f"interrupted; stopped at once, without a checkpoint of this point. "
-              f"{f'The last checkpoint is {kept}.' if kept else 'No checkpoint was written.'}",
-              file=sys.stderr, flush=True)
+        _say(f"interrupted; stopped at once, without a checkpoint of this point. "
+             f"{f'The last checkpoint is {kept}.' if kept else 'No checkpoint was written.'}")
         return 130
     except (ConfigError, DataError, CheckpointError, TrainingDiverged, FileNotFoundError, OSError) as error:
-        print(f"error: {_message(error)}", file=sys.stderr)
+        _say(f"error: {_message(error)}")
         return 2
     finally:
         distributed.teardown()
     return 0
+
+
+def _say(line: str, trainer: Trainer | None = None) -> None:
+    """The run's last line, on standard error (given the trainer: from its main process only).
+
+    A closed terminal (SIGHUP) is no error: the checkpoint is written and the exit code says the rest.
+    """
+    if trainer is not None and not trainer.runtime.is_main:
+        return
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 def _message(error: BaseException) -> str:

@@ -30,10 +30,10 @@ from vitblocks.models.convert import convert_to_recursive
 from vitblocks.models.create import create_model_at_size
 from vitblocks.train.config import ConfigError, TrainConfig
 from vitblocks.train.config_checks import check_model_name, check_model_options, check_optimizer_and_schedule
-from vitblocks.train.data import ResumableSampler, build_dataset, dataset_classes
+from vitblocks.train.data import DataError, ResumableSampler, build_dataset, dataset_classes
 from vitblocks.train.device_decode import DeviceDecode
 from vitblocks.train.feed import make_loader
-from vitblocks.train.timm_datasets import is_stream
+from vitblocks.train.timm_datasets import is_stream, is_timm_dataset
 from vitblocks.train.distill import DistillationLoss, build_teacher
 from vitblocks.train.distributed import Runtime
 
@@ -171,6 +171,27 @@ class Data:
         """Stop the loaders' worker processes (they live until this, across epochs)."""
         self._loaders.clear()
 
+    def relabel(self, classes: list[str]) -> None:
+        """Number the classes by another order of the same names (a checkpoint's, on resume).
+
+        Args:
+            classes: The class names in their new label order.
+
+        Raises:
+            CheckpointError: For datasets whose labels cannot be renumbered by name.
+        """
+        index = {name: i for i, name in enumerate(classes)}
+        for dataset in (self.train_set, self.val_set):
+            if dataset is None:
+                continue
+            if not hasattr(dataset, "relabel"):
+                raise CheckpointError(f"the classes are numbered in another order than the checkpoint's "
+                                      f"({', '.join(classes[:6])}, ...), and {type(dataset).__name__} cannot be "
+                                      "renumbered by class name")
+            dataset.relabel(index)
+        self.classes = list(classes)
+        self._loaders.clear()
+
 
 def build_data(config: TrainConfig, runtime: Runtime | None = None, train: bool = True,
                classes: list[str] | None = None) -> Data:
@@ -194,6 +215,9 @@ def build_data(config: TrainConfig, runtime: Runtime | None = None, train: bool 
     classes = classes if classes is not None else dataset_classes(config)
     device = runtime.device if runtime else "cpu"
     val_set = build_dataset(config, train=False, classes=classes, device=device)
+    if _length(val_set) == 0:
+        raise DataError(f"the validation split of {config.data.dataset} holds no images"
+                        + _empty_split_hint(config) + "; nothing could be scored")
     val_sampler = ResumableSampler(len(val_set), False, config.seed, rank, world)
     if not train:
         return Data(None, val_set, None, val_sampler, classes=classes)
@@ -221,6 +245,22 @@ def build_data(config: TrainConfig, runtime: Runtime | None = None, train: bool 
             f"lower data.batch_size{more}"
         )
     return Data(train_set, val_set, sampler, val_sampler, steps, steps // accum, classes)
+
+
+def _length(dataset: Dataset) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:  # a stream that does not know its length
+        return None
+
+
+def _empty_split_hint(config: TrainConfig) -> str:
+    data = config.data
+    if data.dataset == "digits":
+        return f" (data.val_fraction={data.val_fraction} of the 1797 digits rounds to none): raise data.val_fraction"
+    if is_timm_dataset(data.dataset):
+        return f" (data.val_split={data.val_split!r} in {data.root}): check the split's name and sample count"
+    return ""
 
 
 FUSED_OPTIMIZERS = ("adam", "adamw")

@@ -93,7 +93,7 @@ class MetricsLogging(Callback):
 
     def on_fit_start(self, trainer: Trainer) -> None:
         if trainer.runtime.is_main:
-            self.log = MetricsLog(trainer.output_dir)
+            self.log = MetricsLog(trainer.run_folder)
 
     def on_epoch_recorded(self, trainer: Trainer, row: dict[str, Any]) -> None:
         if self.log is None:

@@ -201,7 +201,7 @@ def build_dataset(config: TrainConfig, train: bool, classes: list[str] | None = 
     if is_timm_dataset(data.dataset):
         return build_timm_dataset(data.dataset, data.root, data.train_split if train else data.val_split, train,
                                   train_transform(config) if train else eval_transform(data, uint8=True),
-                                  data.batch_size, config.seed)
+                                  data.batch_size, config.seed, data.num_classes)
     root, split = Path(data.root), "train" if train else "val"
     check_image_folder(root, split)
     folder = split_folder(root, split)
@@ -222,7 +222,8 @@ def build_dataset(config: TrainConfig, train: bool, classes: list[str] | None = 
     report_scan(folder, scan)
     check_images_open(scan, folder)
     return ImageFiles(folder, {name: i for i, name in enumerate(classes)}, transform,
-                      max_bad_images=data.max_bad_images, scan=scan, uint8=not gpu_decode, read_bytes=gpu_decode)
+                      max_bad_images=data.max_bad_images, scan=scan, uint8=not gpu_decode, read_bytes=gpu_decode,
+                      substitute=train)
 
 
 def report_scan(folder: Path, scan: FolderScan) -> None:

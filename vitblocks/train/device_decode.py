@@ -28,7 +28,7 @@ from timm.data.random_erasing import RandomErasing
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-from vitblocks.train.image_folder import DataError, load_image
+from vitblocks.train.image_folder import UNREADABLE, DataError, load_image
 from vitblocks.train.logs import logger
 
 JPEG_MAGIC = (0xFF, 0xD8)
@@ -90,6 +90,7 @@ class DeviceDecode:
         self.scale, self.hflip, self.crop_pct = tuple(scale), hflip, crop_pct
         self.interpolation = InterpolationMode.BICUBIC if interpolation == "bicubic" else InterpolationMode.BILINEAR
         self.max_bad_images, self.bad = max_bad_images, 0
+        self.last_unreadable: list[int] = []  # positions in the last batch whose file did not decode
 
     def __call__(self, encoded: EncodedBatch | list[torch.Tensor]) -> torch.Tensor:
         """Decode and crop one batch.
@@ -111,10 +112,11 @@ class DeviceDecode:
 
         Returns:
             (3, H, W) uint8 images on the device; an undecodable file's place is taken by
-            another image of the batch (and counted against `max_bad_images`).
+            another image of the batch (in training, counted against `max_bad_images`;
+            in evaluation, listed in `last_unreadable`, and not scored).
 
         Raises:
-            DataError: If no file of the batch decodes, or too many files have not.
+            DataError: In training, if no file of the batch decodes, or too many files have not.
         """
         jpeg = [i for i, data in enumerate(encoded) if len(data) > 2 and tuple(data[:2].tolist()) == JPEG_MAGIC]
         images: list[torch.Tensor | None] = [None] * len(encoded)
@@ -130,6 +132,9 @@ class DeviceDecode:
             if image is None and i not in jpeg:
                 images[i] = self._on_host(encoded[i])
         good = [image for image in images if image is not None]
+        self.last_unreadable = [i for i, image in enumerate(images) if image is None]
+        if not good and not self.train:  # nothing of it is scored: any image of the output size holds the places
+            good = [torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8, device=self.device)]
         if not good:
             raise DataError(f"no image of a batch of {len(encoded)} could be decoded; check the files (not empty, "
                             "truncated, or of another format)")
@@ -150,9 +155,10 @@ class DeviceDecode:
 
     def _skipped(self, error: Exception) -> None:
         self.bad += 1
+        fate = "another image of its batch takes its place" if self.train else "it is not scored"
         logger.warning(f"skipped an image that cannot be decoded ({type(error).__name__}: "
-                       f"{' '.join(str(error).split())[:120]}); another image of its batch takes its place")
-        if self.bad > self.max_bad_images:
+                       f"{' '.join(str(error).split())[:120]}); {fate}")
+        if self.train and self.bad > self.max_bad_images:
             raise DataError(f"{self.bad} images cannot be decoded, more than data.max_bad_images="
                             f"{self.max_bad_images}; stopped. Replace or remove them, or raise data.max_bad_images.")
         return None
@@ -205,6 +211,9 @@ class DecodedBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for encoded, labels in self.loader:
             images = self.decode(encoded).float().sub_(self.mean).div_(self.std)
+            if self.decode.last_unreadable and not self.decode.train:  # counted by the evaluation, not scored
+                labels = labels.clone()
+                labels[self.decode.last_unreadable] = UNREADABLE
             if self.random_erasing is not None:
                 images = self.random_erasing(images)
             yield images, labels.to(self.device, non_blocking=True)

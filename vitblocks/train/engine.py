@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,27 +20,27 @@ import torch
 from timm.data import Mixup
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, distribute_bn, random_seed
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-import vitblocks.train.checkpoint as ckpt
 import vitblocks.train.distributed as distributed
+from vitblocks.io import CheckpointError
 from vitblocks.attention import attention_backend
-from vitblocks.layers import compile_regions
 from vitblocks.train.builders import Data, build_criterion, build_data, build_model, build_optimizer_and_schedule
 from vitblocks.train.callbacks import Callback, LossRecord, TrainingDiverged, default_callbacks
-from vitblocks.train.compile_modes import compile_mode, graphs_refusals
 from vitblocks.train.config import ConfigError, TrainConfig
 from vitblocks.train.distill import DistillationLoss
 from vitblocks.train.evaluation import correct_counts, evaluate
 from vitblocks.train.extras import import_train_extra
 from vitblocks.train.logs import console_logging, logger
-from vitblocks.train.model_folder import BEST_FOLDER, MODEL_FILES, folder_incomplete, write_model_folder
 from vitblocks.train.precision import autocast_for
-from vitblocks.train.preemption import StopSignals, TrainingInterrupted
-from vitblocks.train.report import final_summary, plot_curves
+from vitblocks.train.preemption import LoaderWorkerDied, StopSignals, TrainingInterrupted, worker_death
+from vitblocks.train.report import final_summary
+from vitblocks.train.run_folder import BEST, BEST_FOLDER, EMA_WEIGHTS, LAST, METRICS, WEIGHTS, RunFolder, RunWriteError
 from vitblocks.train.run_lock import RunLock
 from vitblocks.train.resumable import Resumable
 from vitblocks.train.state import TrainingState
+from vitblocks.train.timm_datasets import is_stream
+from vitblocks.train.training_model import wrap_for_training
+from vitblocks.train.update_start import UpdateStart
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "correct_counts", "evaluate"]
 
@@ -83,6 +84,7 @@ class Trainer(Resumable):
         self.runtime = rt = distributed.setup()
         console_logging(rt.rank, rt.world_size, all_ranks=log_all_ranks)
         self.output_dir = Path(output_dir or config.output_dir)
+        self.run_folder = RunFolder(self.output_dir)  # names and writes every file of the run
         self.device = rt.device
         if config.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("precision='fp16' needs a CUDA device; use 'bf16' or 'fp32' on CPU")
@@ -99,7 +101,7 @@ class Trainer(Resumable):
         self.mixup, self.criterion = criterion or build_criterion(config, self.device)
         self.scaler = NativeScaler(device="cuda") if config.precision == "fp16" else None
         self.ema = ModelEmaV3(self.model, decay=config.ema_decay) if config.ema_decay else None
-        self.train_model = self._wrap_for_training(self.model)
+        self.train_model, self.static_graph, self.graphs = wrap_for_training(self.model, config, rt)
         self.callbacks = list(default_callbacks(config) if callbacks is None else callbacks)
         self.state = TrainingState()
         self.last_good_checkpoint: Path | None = None
@@ -109,40 +111,10 @@ class Trainer(Resumable):
         self._unread_losses: list[tuple[int, int, int, torch.Tensor]] = []
         self._last_inputs: torch.Tensor | None = None  # the batch a checkpoint's weights are tried on
         self._stop = StopSignals()
+        self._update_start: UpdateStart | None = None  # where the update in progress began (gradient accumulation)
         self._lock: RunLock | None = None
         self._schedule_offset = 0  # schedule position - optimizer steps (nonzero after resuming at another batch size)
         self.header = ""  # the run header, once fit has started (`callbacks.RunHeader`)
-
-    def _wrap_for_training(self, model: nn.Module) -> nn.Module:
-        config, rt = self.config, self.runtime
-        train_model: nn.Module = model
-        self.static_graph = config.model.static_graph
-        if self.static_graph is None:
-            self.static_graph = config.optim.accum_steps == 1
-        if rt.distributed and self.static_graph and config.optim.accum_steps > 1:
-            raise ConfigError("model.static_graph=True with optim.accum_steps > 1 fails in torch's DDP reducer (the "
-                              "first backward runs under no_sync); set model.static_graph=None")
-        if rt.distributed:
-            # gradients as views of DDP's buckets: the channels-last stem's gradients then need no stride match;
-            # a static graph (the same parameters used in the same order every step, which these models keep: drop
-            # path multiplies by masks, it never skips) lets DDP reuse its bucket order and take checkpointing
-            train_model = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None,
-                                                  gradient_as_bucket_view=True, static_graph=self.static_graph)
-        mode = compile_mode(config.model.compile, self.device)
-        self.graphs = mode == "graphs"
-        if mode == "regional":
-            try:
-                compile_regions(model)  # in place, so the DDP wrapper runs the compiled blocks
-            except ValueError as error:
-                raise ConfigError(f"model.compile='regional': {error} (set model.compile=True)") from None
-        elif mode == "graphs":
-            refusals = graphs_refusals(model, self.device, config.model.grad_checkpointing)
-            if refusals:
-                raise ConfigError("model.compile='graphs' cannot run here: " + "; ".join(refusals))
-            train_model = torch.compile(train_model, mode="reduce-overhead")
-        elif mode == "model":
-            train_model = torch.compile(train_model)
-        return train_model
 
     # the run's position, as attributes for convenience
     @property
@@ -200,12 +172,18 @@ class Trainer(Resumable):
         bar = import_train_extra("tqdm").tqdm(total=self.steps_per_epoch, initial=state.batch, desc=f"epoch {state.epoch + 1}/{config.epochs}",
                    disable=not (progress and self.runtime.is_main), leave=False, dynamic_ncols=True)
         batches, data_wait = iter(loader), 0.0
+        # under torchrun a worker's death must reach every process before the next collective step
+        vote_each_batch = self.runtime.distributed and getattr(loader, "has_workers", True)
         while state.batch < self.steps_per_epoch:
+            if accum > 1 and (state.batch % accum == 0 or self._update_start is None):  # (resumed inside one)
+                self._update_start = UpdateStart.take(state, self.model, len(self._unread_losses))
             fetch = time.perf_counter()
-            try:
-                inputs, targets = next(batches)
-            except StopIteration:
+            batch, died = self._next_batch(batches)
+            if distributed.any_rank(died is not None, self.runtime) if vote_each_batch else died is not None:
+                self._stop_inside_update(died.cause if died else "a loader worker of another process died")
+            if batch is None:
                 break
+            inputs, targets = batch
             data_wait += time.perf_counter() - fetch
             if self.mixup is not None:
                 inputs, targets = self.mixup(inputs, targets)
@@ -237,25 +215,54 @@ class Trainer(Resumable):
                 "seconds": seconds, "images": images, "data_wait_s": data_wait,
                 "step_img_s": images / max(seconds - data_wait, 1e-9)}
 
+    def _next_batch(self, batches: Iterator) -> tuple[Any, LoaderWorkerDied | None]:
+        """The next batch (None at the end of the loader), or the death of the worker that held it."""
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return None, None
+        except RuntimeError as error:
+            died = worker_death(error, self._stop.worker_failure)
+            if died is None:
+                raise
+            return None, died
+        finally:
+            self._stop.guard_children()  # the loader's first batch started its workers and PyTorch's handler
+        return batch, None
+
+    def _stop_inside_update(self, cause: str) -> None:
+        """Stop where no batch can follow: back to the start of the update in progress, checkpoint, raise."""
+        accum = self.config.optim.accum_steps
+        if accum > 1 and self.state.batch % accum:
+            self._update_start.restore(self.state, self.model)
+            del self._unread_losses[self._update_start.unread_losses:]
+            self.optimizer.zero_grad(set_to_none=True)
+        self._stop_now(cause)
+
     def _stop_if_asked(self, write: bool = True) -> None:
-        """After an optimizer step (or an epoch's checkpoints): stop if any process received a stop signal.
+        """After an optimizer step (or an epoch's checkpoints): stop if any process received a stop
+        signal or lost a loader worker.
 
         Args:
             write: Write `last.pth` first (False where it was just written, at an epoch's end);
                 the same on every process, since writing one is a collective step.
 
         Raises:
-            TrainingInterrupted: Naming the signal and the checkpoint to resume from.
+            TrainingInterrupted: Naming the cause and the checkpoint to resume from.
         """
-        if not distributed.any_rank(self._stop.received is not None, self.runtime):
-            return
+        cause = self._stop.cause()
+        if distributed.any_rank(cause is not None, self.runtime):
+            self._stop_now(cause or "another process was asked to stop", write)
+
+    def _stop_now(self, cause: str, write: bool = True) -> None:
+        """Write `last.pth` at the last finished step (on every process together) and raise."""
         if write:
             self.save()
         # no process leaves before the main one has written: torchrun stops the others when one exits
         distributed.any_rank(False, self.runtime)
         state = self.state
-        raise TrainingInterrupted(self._stop.received or "a signal to another process", self.output_dir / "last.pth",
-                                  state.step, state.epoch + (state.batch > 0), state.batch)
+        raise TrainingInterrupted(cause, self.output_dir / LAST, state.step, state.epoch + (state.batch > 0),
+                                  state.batch)
 
     def _show_progress(self, bar: Any, loss: float | None, images: int, start: float) -> None:
         if loss is not None:
@@ -324,7 +331,7 @@ class Trainer(Resumable):
             `val_loss`, `val_top1`, `val_top5`.
         """
         return evaluate(model or self.model, self.data.val_loader(self.config, self.device), self.device, self._autocast(),
-                        self.runtime)
+                        self.runtime, max_unreadable=self.config.data.max_bad_images)
 
     # ---- the run -----------------------------------------------------------------
     def fit(self, progress: bool = True) -> dict[str, Any]:
@@ -360,13 +367,13 @@ class Trainer(Resumable):
         lock, error = None, None
         if self.runtime.is_main:
             try:
-                lock = RunLock(self.output_dir).acquire()
-            except ckpt.CheckpointError as refused:
+                lock = self.run_folder.lock().acquire()
+            except CheckpointError as refused:
                 error = refused
         if distributed.any_rank(error is not None, self.runtime):
             if lock is not None:
                 lock.release()
-            raise error or ckpt.CheckpointError(f"the main process could not lock {self.output_dir}")
+            raise error or CheckpointError(f"the main process could not lock {self.output_dir}")
         self._lock = lock
         if lock is not None and lock.took_over:
             logger.info(f"took over the lock of a run that is no longer running "
@@ -374,20 +381,19 @@ class Trainer(Resumable):
 
     def _fit(self, progress: bool) -> dict[str, Any]:
         config, state = self.config, self.state
-        if not self.resumed and not self.overwrite:
-            ckpt.refuse_existing_run(self.output_dir)
-        if state.epoch >= config.epochs and state.history:
-            if self.runtime.is_main and self._final_files_missing():
-                self._write_final_files()
-                logger.info(f"wrote the final weights of {self.output_dir} again from the checkpoint")
+        complete = state.epoch >= config.epochs and bool(state.history)
+        self._on_main(lambda: self._prepare_output_dir(complete))
+        if complete:
             logger.info(f"the run in {self.output_dir} is already complete: {state.epoch} of {config.epochs} epochs, "
                         f"best top-1 {state.best_top1:.2f}%. Raise epochs (--set epochs=N) to train further.")
             return {**state.history[-1], "best_top1": state.best_top1}
-        if self.runtime.is_main:
-            ckpt.prepare_output_dir(self.output_dir)
-            if self.overwrite and not self.resumed:
-                ckpt.clear_run(self.output_dir)
         self._each("on_fit_start")
+        cause = self._stop.cause()
+        if distributed.any_rank(cause is not None, self.runtime):  # before the first step: nothing to save
+            raise TrainingInterrupted(cause or "another process was asked to stop", self.last_good_checkpoint, state.step,
+                                      state.epoch + 1, state.batch, trained=False)
+        if not state.history and is_stream(self.data.val_set):
+            self._check_validation_labels()
         start, images = time.perf_counter(), 0
         with attention_backend(config.model.backend):
             while state.epoch < config.epochs:
@@ -395,20 +401,16 @@ class Trainer(Resumable):
                 if self.runtime.distributed:  # average BatchNorm statistics so every rank evaluates one model
                     distribute_bn(self.model, self.runtime.world_size, reduce=True)
                 images += train["images"]
-                row: dict[str, Any] = {"epoch": state.epoch + 1, "train_loss": train["train_loss"], **self.evaluate()}
-                if not math.isfinite(row["val_loss"]):  # the same on every process: the sums were reduced
-                    raise TrainingDiverged(
-                        f"the validation loss is {row['val_loss']} after epoch {state.epoch + 1} (step {state.step}); "
-                        f"stopped without recording the epoch. Last good checkpoint: "
-                        f"{self.last_good_checkpoint or 'none written yet'}. Try a lower optim.lr, optim.clip_grad, "
-                        "or fp32.")
-                self._each("on_epoch_end", row)
+                try:
+                    row = self._evaluate_epoch(train["train_loss"])
+                except LoaderWorkerDied as died:  # every process raises it: the failures were reduced
+                    self._stop_now(self._stop.worker_failure or died.cause)
                 row.update(lr=self.optimizer.param_groups[0]["lr"], train_img_s=train["train_img_s"],
                            step_img_s=train["step_img_s"], data_wait_s=train["data_wait_s"],
                            epoch_seconds=train["seconds"])
                 improved = state.finish_epoch(row)
                 if improved:  # best first: a crash between the writes leaves last.pth behind, never best.pth
-                    self.save("best.pth")
+                    self.save(BEST)
                 self.save()
                 if improved and self.runtime.is_main:
                     self._write_best_folder()
@@ -419,41 +421,75 @@ class Trainer(Resumable):
             self._finish(time.perf_counter() - start, images)
         return {**state.history[-1], "best_top1": state.best_top1}
 
-    def _final_files_missing(self) -> bool:
-        """Whether a final file is absent or unreadable (a write that failed)."""
-        return folder_incomplete(self.output_dir, self.config, self.ema is not None)
+    def _check_validation_labels(self) -> None:
+        """Read a streamed validation split once before training, so a label out of range
+        (`timm_datasets.LabelRange`) stops the run now rather than after the first epoch."""
+        count = sum(len(targets) for _, targets in self.data.val_loader(self.config, self.device))
+        logger.info(f"read the {count} labels of the validation stream before training: all within "
+                    f"data.num_classes={self.config.data.num_classes}")
+
+    def _evaluate_epoch(self, train_loss: float) -> dict[str, Any]:
+        """The epoch's metrics row: validation scores, and what the callbacks add (EMA scores)."""
+        state = self.state
+        row: dict[str, Any] = {"epoch": state.epoch + 1, "train_loss": train_loss, **self.evaluate()}
+        if not math.isfinite(row["val_loss"]):  # the same on every process: the sums were reduced
+            raise TrainingDiverged(
+                f"the validation loss is {row['val_loss']} after epoch {state.epoch + 1} (step {state.step}); "
+                f"stopped without recording the epoch. Last good checkpoint: "
+                f"{self.last_good_checkpoint or 'none written yet'}. Try a lower optim.lr, optim.clip_grad, or fp32.")
+        if row.get("val_unreadable"):
+            logger.warning(f"{row['val_unreadable']} validation images cannot be read (named above); epoch "
+                           f"{state.epoch + 1} is scored on the others, up to data.max_bad_images="
+                           f"{self.config.data.max_bad_images} such images")
+        self._each("on_epoch_end", row)
+        return row
+
+    def _on_main(self, work: Callable[[], None]) -> None:
+        """Run `work` on the main process; if it raises, every process stops (the others waiting for it would hang)."""
+        error = None
+        if self.runtime.is_main:
+            try:
+                work()
+            except CheckpointError as failed:
+                error = failed
+        if distributed.any_rank(error is not None, self.runtime):
+            raise error or CheckpointError(f"the main process stopped while preparing {self.output_dir}; see its message")
+
+    def _prepare_output_dir(self, complete: bool) -> None:
+        """Refuse a folder holding another run's files (unless overwriting), and after a resume write
+        again whatever the checkpoint's run should have written but the folder lacks."""
+        if not self.resumed and not self.overwrite:
+            self.run_folder.refuse_fresh_start()
+        if self.overwrite and not self.resumed:
+            self.run_folder.clear()
+        else:
+            self.run_folder.prepare()
+        if self.resumed:
+            restored = self.run_folder.restore_missing(self.model, self.config, self.ema.module if self.ema else None,
+                                                       self.data.classes, self.state.history, complete)
+            if restored:
+                logger.info(f"wrote {', '.join(restored)} in {self.output_dir} again from the checkpoint")
 
     def _write_best_folder(self) -> None:
-        """The best epoch's model folder; a copy of best.pth's weights, so failing to write it only warns."""
-        folder = self.output_dir / BEST_FOLDER
+        """The best epoch's model folder; a copy of best.pth's weights, so failing to write it only warns
+        (`--resume auto` writes it again)."""
         try:
-            write_model_folder(folder, self.model, self.config, self.ema.module if self.ema else None)
-        # OSError: a full disk or no permission (save_model_atomic turns safetensors' errors into one);
-        # RuntimeError: torch failing to hand over the weights. Either way best.pth is intact.
-        except (OSError, RuntimeError) as error:
-            for name in MODEL_FILES:
-                (folder / name).unlink(missing_ok=True)  # no folder whose files disagree
-            logger.warning(f"could not write the model folder {folder} ({' '.join(str(error).split())[:200]}); "
-                           "best.pth holds the same weights")
-
-    def _write_final_files(self) -> None:
-        """Weights, EMA weights and timm's config.json in the output folder (`vitblocks.train.model_folder`)."""
-        try:
-            write_model_folder(self.output_dir, self.model, self.config, self.ema.module if self.ema else None)
-        except OSError as error:
-            raise ckpt.CheckpointError(
-                f"could not write the model folder {self.output_dir} ({' '.join(str(error).split())[:300]}); the "
-                f"training checkpoints are complete. Free some space, then run the same command with --resume auto "
-                "to write the final files.") from error
+            self.run_folder.write_model_folder(self.model, self.config, self.ema.module if self.ema else None,
+                                               self.data.classes, best=True)
+        # RunWriteError: a full disk or no permission; RuntimeError: torch failing to hand over the weights
+        except (RunWriteError, RuntimeError) as error:
+            self.run_folder.remove_model_folder(best=True)  # no folder whose files disagree
+            logger.warning(f"could not write the model folder {self.output_dir / BEST_FOLDER} "
+                           f"({' '.join(str(error).split())[:300]}); best.pth holds the same weights")
 
     def _finish(self, seconds: float, images: float) -> None:
-        self._write_final_files()
-        files = {"checkpoints": self.output_dir / "last.pth", "metrics": self.output_dir / "metrics.csv",
-                 "weights": self.output_dir / "model.safetensors"}
+        self.run_folder.write_model_folder(self.model, self.config, self.ema.module if self.ema else None,
+                                           self.data.classes)
+        files = {"checkpoints": self.output_dir / LAST, "metrics": self.output_dir / METRICS,
+                 "weights": self.output_dir / WEIGHTS}
         if not self.config.model.convert:
             files["timm model"] = f"timm.create_model('local-dir:{self.output_dir}', pretrained=True)"
         if self.ema is not None:
-            files["EMA weights"] = self.output_dir / "model_ema.safetensors"
-        plot_curves(self.state.history, self.output_dir / "curves.png")
-        files["curves"] = self.output_dir / "curves.png"
+            files["EMA weights"] = self.output_dir / EMA_WEIGHTS
+        files["curves"] = self.run_folder.write_curves(self.state.history)
         logger.info(final_summary(self.state.history, seconds, int(images), files))

@@ -11,6 +11,8 @@ from timm.utils import accuracy as timm_accuracy
 from torch import nn
 
 import vitblocks.train.distributed as distributed
+from vitblocks.train.image_folder import DataError
+from vitblocks.train.preemption import LoaderWorkerDied, worker_death
 
 
 def correct_counts(logits: torch.Tensor, targets: torch.Tensor) -> list[int]:
@@ -33,8 +35,13 @@ def correct_counts(logits: torch.Tensor, targets: torch.Tensor) -> list[int]:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
              autocast: contextlib.AbstractContextManager | None = None,
-             runtime: distributed.Runtime | None = None) -> dict[str, float]:
+             runtime: distributed.Runtime | None = None, max_unreadable: int | None = None) -> dict[str, float]:
     """Mean loss, top-1 and top-5 accuracy (%) of `model` over `loader`.
+
+    Validation substitutes nothing: an image that cannot be read comes with a negative
+    label (`vitblocks.train.image_folder.UNREADABLE`), is named by the dataset, counted
+    here and left out of the scores, so a class whose images cannot be read is never
+    scored as some other class's images.
 
     Args:
         model: The classifier.
@@ -42,24 +49,53 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
         device: Where to run.
         autocast: Mixed-precision context, if any.
         runtime: When distributed, sums are reduced over all processes.
+        max_unreadable: Unreadable images tolerated (over all processes) before the
+            evaluation stops (None: no limit).
 
     Returns:
-        `val_loss`, `val_top1` and `val_top5` (%).
+        `val_loss`, `val_top1` and `val_top5` (%), and `val_unreadable` (the count) when
+        some images could not be read.
 
     Raises:
-        ValueError: If the loader yields no samples.
+        DataError: If the loader yields no readable sample, or more than `max_unreadable`
+            images could not be read.
+        LoaderWorkerDied: If a loader worker died (on any process, when distributed).
     """
     model.eval()
-    loss, top1, top5, count = 0.0, 0.0, 0.0, 0
-    for inputs, targets in loader:
-        inputs, targets = inputs.to(device), targets.to(device)
-        with autocast or contextlib.nullcontext():
-            logits = model(inputs)
-        loss += F.cross_entropy(logits.float(), targets, reduction="sum").item()
-        hits = correct_counts(logits, targets)
-        top1, top5, count = top1 + hits[0], top5 + hits[1], count + len(targets)
+    loss, top1, top5, count, unreadable, died = 0.0, 0.0, 0.0, 0, 0, None
+    try:
+        for inputs, targets in loader:
+            inputs, targets = inputs.to(device), targets.to(device)
+            with autocast or contextlib.nullcontext():
+                logits = model(inputs)
+            readable = targets >= 0
+            skipped = len(targets) - int(readable.sum())
+            if skipped:
+                logits, targets, unreadable = logits[readable], targets[readable], unreadable + skipped
+            if not len(targets):
+                continue
+            loss += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+            hits = correct_counts(logits, targets)
+            top1, top5, count = top1 + hits[0], top5 + hits[1], count + len(targets)
+    except RuntimeError as error:  # a dead loader worker: every process learns of it below
+        died = worker_death(error)
+        if died is None:
+            raise
     if runtime is not None:
-        loss, top1, top5, count = distributed.all_sum([loss, top1, top5, count], runtime)
+        loss, top1, top5, count, unreadable, failed = distributed.all_sum(
+            [loss, top1, top5, count, unreadable, float(died is not None)], runtime)
+        if failed and died is None:
+            died = LoaderWorkerDied("a loader worker of another process died")
+    if died is not None:
+        raise died
+    if max_unreadable is not None and unreadable > max_unreadable:
+        raise DataError(f"{int(unreadable)} validation images cannot be read (named above), more than "
+                        f"data.max_bad_images={max_unreadable}; the evaluation stopped rather than score what is "
+                        "left. Replace or remove them, or raise data.max_bad_images.")
     if not count:
-        raise ValueError("the validation set is empty")
-    return {"val_loss": loss / count, "val_top1": 100 * top1 / count, "val_top5": 100 * top5 / count}
+        raise DataError("the validation set holds no image to score" + (
+            f": none of its {int(unreadable)} images can be read" if unreadable else ""))
+    scores = {"val_loss": loss / count, "val_top1": 100 * top1 / count, "val_top5": 100 * top5 / count}
+    if unreadable:
+        scores["val_unreadable"] = int(unreadable)
+    return scores

@@ -1,11 +1,12 @@
 """Batches on the training device, ready for the model.
 
-Three ways a batch reaches the device, chosen by what the dataset holds:
+The ways a batch reaches the device, chosen by what the dataset holds:
 
 - **Decoded image files** (`ImageFiles` built with `uint8=True`): worker processes decode
   and crop, and send uint8 images (a quarter of float32's bytes) into pinned memory;
   timm's `PrefetchLoader` copies the next batch on a side stream while the current one
-  trains, and normalizes and randomly erases it on the device.
+  trains and normalizes it on the device, where each batch is randomly erased as it is
+  handed out (`ErasedOnHandOut`: the draws stay in step order, so resuming is exact).
 - **Tensors in memory** (`TensorDataset`: the digits, synthetic images): they live on the
   device for the whole run and a batch is one `index_select` there; no worker, no copy.
 - **Streams** (iterable datasets: webdataset shards and the other streamed timm datasets,
@@ -14,6 +15,11 @@ Three ways a batch reaches the device, chosen by what the dataset holds:
   replay it and drop what was already trained on.
 - **Any other dataset**: a plain `DataLoader`, its batches copied as they come (they are
   taken to be model-ready, e.g. already normalized floats).
+
+Worker processes ignore the stop signals sent to the whole job (SLURM's SIGTERM, a closed
+terminal's SIGHUP, Ctrl-C): the training process stops them after its checkpoint
+(`vitblocks.train.preemption`). Each returned loader tells whether it has workers
+(`has_workers`).
 
 Mixup and CutMix run on the device in the trainer, on the batches these loaders give.
 """
@@ -26,11 +32,13 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from timm.data.loader import PrefetchLoader, fast_collate
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from vitblocks.train.data import ResumableSampler
 from vitblocks.train.device_decode import DecodedBatches, DeviceDecode, collate_encoded
 from vitblocks.train.draws import SeededDraws
+from vitblocks.train.preemption import ignore_stop_signals
 from vitblocks.train.timm_datasets import is_stream
 
 MAX_DEFAULT_WORKERS = 16
@@ -95,9 +103,10 @@ def describe_feed(loader: object, workers: int | None) -> str:
         count = f"{loader.workers} workers" + (" (data.workers=None: auto)" if workers is None else "")
         erased = " and randomly erased" if loader.random_erasing is not None else ""
         return f"a stream of uint8 from {count}, normalized{erased} on {loader.device}"
+    if isinstance(loader, ErasedOnHandOut):
+        return f"uint8 from {count}, normalized and randomly erased on {loader.device}"
     if isinstance(loader, PrefetchLoader):
-        erased = " and randomly erased" if loader.random_erasing is not None else ""
-        return f"uint8 from {count}, normalized{erased} on {loader.device}"
+        return f"uint8 from {count}, normalized on {loader.device}"
     return f"from {count}, copied to {getattr(loader, 'device', 'the device')}"
 
 
@@ -111,6 +120,8 @@ class ResidentBatches:
         drop_last: Drop a last partial batch (training).
         device: Where the tensors live.
     """
+
+    has_workers = False
 
     def __init__(self, dataset: TensorDataset, sampler: ResumableSampler, batch_size: int, drop_last: bool,
                  device: torch.device) -> None:
@@ -180,21 +191,51 @@ def make_loader(dataset: Dataset, sampler: ResumableSampler, batch_size: int, wo
     if is_stream(dataset):
         prefetch = None
         if normalize is not None:
-            prefetch = PrefetchLoader([], mean=tuple(normalize[0]), std=tuple(normalize[1]), device=device,
-                                      re_prob=re_prob, re_mode="pixel")
-        return StreamBatches(dataset, sampler, batch_size, max(workers, 1), train, seed, device, prefetch)
+            prefetch = PrefetchLoader([], mean=tuple(normalize[0]), std=tuple(normalize[1]), device=device)
+        return StreamBatches(dataset, sampler, batch_size, max(workers, 1), train, seed, device, prefetch, re_prob)
     loader = DataLoader(
         SeededDraws(dataset) if sampler.draws else dataset, batch_size=batch_size, sampler=sampler,
         num_workers=workers, drop_last=train, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
         collate_fn=collate_encoded if decode is not None else fast_collate if normalize is not None else None,
-        generator=torch.Generator().manual_seed(seed * 7919),
+        generator=torch.Generator().manual_seed(seed * 7919), worker_init_fn=ignore_stop_signals,
     )
     if decode is not None:
-        return DecodedBatches(loader, decode, *(normalize or ((0.0,) * 3, (1 / 255,) * 3)), re_prob=re_prob)
-    if normalize is None:
-        return CopiedBatches(loader, device)
-    mean, std = normalize
-    return PrefetchLoader(loader, mean=tuple(mean), std=tuple(std), device=device, re_prob=re_prob, re_mode="pixel")
+        batches: Iterable = DecodedBatches(loader, decode, *(normalize or ((0.0,) * 3, (1 / 255,) * 3)), re_prob=re_prob)
+    elif normalize is None:
+        batches = CopiedBatches(loader, device)
+    else:
+        mean, std = normalize
+        batches = PrefetchLoader(loader, mean=tuple(mean), std=tuple(std), device=device)
+        if re_prob > 0:
+            batches = ErasedOnHandOut(batches, re_prob, device)
+    batches.has_workers = workers > 0  # type: ignore[attr-defined]
+    return batches
+
+
+class ErasedOnHandOut:
+    """Batches randomly erased (timm's `RandomErasing`, "pixel" mode) as each is handed to the training loop.
+
+    timm's `PrefetchLoader` would erase a batch when it prefetches it, a step early: its
+    draws then come between the previous step's in the process's random stream, and a run
+    resumed from a checkpoint (which holds that stream) would draw them in another order.
+    Erasing at hand-out keeps the stream in step order, so resuming stays exact.
+
+    Args:
+        loader: Batches of normalized images on the device.
+        re_prob: Erasing probability per image.
+        device: The batches' device.
+    """
+
+    def __init__(self, loader: Iterable, re_prob: float, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+        self.random_erasing = RandomErasing(re_prob, mode="pixel", device=device)
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader:
+            yield self.random_erasing(images), labels
 
 
 class CopiedBatches:
@@ -236,13 +277,15 @@ class StreamBatches:
         prefetch: For uint8 images, timm's `PrefetchLoader` (normalizing on the device), its
             `loader` replaced each epoch (one copy stream for the run); None: batches are
             collated by torch's default and copied as they come.
+        re_prob: Random-erasing probability of normalized images, applied as batches are
+            handed out (`ErasedOnHandOut`).
     """
 
     def __init__(self, dataset: Iterable, sampler: ResumableSampler, batch_size: int, workers: int, train: bool,
-                 seed: int, device: torch.device, prefetch: PrefetchLoader | None) -> None:
+                 seed: int, device: torch.device, prefetch: PrefetchLoader | None, re_prob: float = 0.0) -> None:
         self.dataset, self.sampler, self.batch_size, self.workers = dataset, sampler, batch_size, workers
         self.train, self.seed, self.device, self.prefetch = train, seed, device, prefetch
-        self.random_erasing = prefetch.random_erasing if prefetch is not None else None
+        self.random_erasing = RandomErasing(re_prob, mode="pixel", device=device) if re_prob > 0 else None
         if hasattr(dataset, "set_loader_cfg"):
             dataset.set_loader_cfg(num_workers=workers)
 
@@ -255,11 +298,13 @@ class StreamBatches:
             self.dataset.set_epoch(epoch)
         loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers, drop_last=self.train,
                             collate_fn=fast_collate if self.prefetch is not None else None,
-                            pin_memory=self.device.type == "cuda",
+                            pin_memory=self.device.type == "cuda", worker_init_fn=ignore_stop_signals,
                             generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
         done = self.sampler.skip // self.sampler.world_size // self.batch_size
         remaining = itertools.islice(loader, done, None)
         if self.prefetch is None:
             return iter(CopiedBatches(remaining, self.device))
         self.prefetch.loader = remaining
-        return iter(self.prefetch)
+        if self.random_erasing is None:
+            return iter(self.prefetch)
+        return ((self.random_erasing(images), labels) for images, labels in self.prefetch)

@@ -3,11 +3,18 @@
 A split folder holds one folder per class; every image below a class folder belongs to
 that class, in nested subfolders too. An image is a file whose suffix is in
 `IMAGE_SUFFIXES` (formats Pillow decodes), and the same rule decides which classes a
-split has, how many images it counts and which files it loads. Symbolic links are
+split has, how many images it counts and which files it loads. Hidden files and folders
+(names starting with ".", such as `.ipynb_checkpoints` or `.DS_Store`) are not data.
+Classes are numbered in timm's order (`class_order`): natural sort, ignoring case, so
+`c2` comes before `c10` as in timm's `ImageDataset`, and a model trained here scores
+the same through timm's datasets. Symbolic links are
 followed, but a folder reached twice (a link loop such as `cls/loop -> ..`) is skipped
 and named. 16-bit images are scaled to 8 bits rather than clipped. A file that cannot be
-decoded is named and replaced by the next readable one; past `max_bad_images` such files
-in one loading process the run stops.
+decoded is named; in training it is replaced by the next readable one, and past
+`max_bad_images` such files in one loading process the run stops. In validation nothing
+is replaced: the file comes with the label `UNREADABLE`, and the evaluation counts it and
+scores the others (`vitblocks.train.evaluation.evaluate`), so an unreadable class is never
+scored as another class's images.
 """
 
 from __future__ import annotations
@@ -21,11 +28,16 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+from timm.utils.misc import natural_key
 from torch.utils.data import Dataset
 
 logger = logging.getLogger("vitblocks.train")
 
-__all__ = ["IMAGE_SUFFIXES", "DataError", "FolderScan", "ImageFiles", "class_folders", "is_image", "load_image", "scan_split"]
+__all__ = ["IMAGE_SUFFIXES", "UNREADABLE", "DataError", "FolderScan", "ImageFiles", "class_folders", "class_order", "is_image",
+           "load_image", "scan_split"]
+
+UNREADABLE = -1
+"""The label a validation sample comes with when its file cannot be decoded: not scored, counted."""
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 """Suffixes (any case) of the files counted and loaded as images."""
@@ -64,11 +76,31 @@ def is_image(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
+def class_order(name: str) -> tuple[list[int | str], str]:
+    """The sort key of class names: timm's natural order (digits as numbers, case ignored).
+
+    Ties between names that differ only in case, which timm leaves to chance, are broken
+    by the name itself.
+
+    Args:
+        name: A class (folder) name.
+
+    Returns:
+        The key.
+
+    Example:
+        >>> sorted(["c10", "c2", "C1"], key=class_order)
+        ['C1', 'c2', 'c10']
+    """
+    return natural_key(name), name
+
+
 def _entries(folder: Path, ordered: bool = True) -> Iterator[os.DirEntry]:
-    """A folder's entries: sorted by name, or as the filesystem lists them (read lazily, so a
-    search that stops early does not list a large folder whole)."""
+    """A folder's entries that are not hidden: sorted by name, or as the filesystem lists them
+    (read lazily, so a search that stops early does not list a large folder whole)."""
     try:
-        with os.scandir(folder) as entries:
+        with os.scandir(folder) as listing:
+            entries = (entry for entry in listing if not entry.name.startswith("."))
             yield from sorted(entries, key=lambda entry: entry.name) if ordered else entries
     except OSError as error:
         raise FolderError(f"cannot read the folder {folder}: {error.strerror or error}; fix its permissions or "
@@ -94,7 +126,7 @@ def _walk(folder: Path, seen: set[tuple[int, int]], loops: list[str], ordered: b
 
 
 def class_folders(split: Path) -> list[Path]:
-    """The folders directly in a split folder, sorted (each a class if it holds an image).
+    """The folders directly in a split folder, in class order (each a class if it holds an image).
 
     Args:
         split: A split folder.
@@ -105,7 +137,8 @@ def class_folders(split: Path) -> list[Path]:
     Raises:
         FolderError: If the split folder cannot be listed.
     """
-    return [Path(entry.path) for entry in _entries(split) if entry.is_dir(follow_symlinks=True)]
+    folders = [Path(entry.path) for entry in _entries(split) if entry.is_dir(follow_symlinks=True)]
+    return sorted(folders, key=lambda folder: class_order(folder.name))
 
 
 def holds_images(folder: Path) -> bool:
@@ -211,19 +244,29 @@ class ImageFiles(Dataset):
             (`vitblocks.train.feed`).
         read_bytes: Give each file's bytes (a uint8 1-D tensor) instead of decoding it, for
             decoding on the device (`vitblocks.train.device_decode`); `transform` is not used.
+        substitute: Replace a file that cannot be decoded by the next readable one
+            (training); False (validation): give a blank image labelled `UNREADABLE`.
     """
 
     def __init__(self, split: Path, class_to_index: dict[str, int], transform: Callable | None = None,
                  max_bad_images: int = 100, scan: FolderScan | None = None, uint8: bool = False,
-                 read_bytes: bool = False) -> None:
+                 read_bytes: bool = False, substitute: bool = True) -> None:
         self.split, self.transform, self.max_bad_images = Path(split), transform, max_bad_images
-        self.uint8, self.read_bytes = uint8, read_bytes
+        self.uint8, self.read_bytes, self.substitute = uint8, read_bytes, substitute
         self.scan = scan or scan_split(self.split)
         self.samples = [(path, class_to_index[label]) for path, label in zip(self.scan.files, self.scan.labels)]
         self.bad: list[str] = []
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def relabel(self, class_to_index: dict[str, int]) -> None:
+        """Number the classes anew (by a checkpoint's class order).
+
+        Args:
+            class_to_index: Label of each class name.
+        """
+        self.samples = [(path, class_to_index[label]) for path, label in zip(self.scan.files, self.scan.labels)]
 
     def class_counts(self) -> dict[str, int]:
         """Images per class.
@@ -244,17 +287,29 @@ class ImageFiles(Dataset):
                 image = load_image(path)
             except Exception as error:  # noqa: BLE001 - PIL raises many types for files it cannot decode
                 self._skip(path, error)
+                if not self.substitute:
+                    return self._blank(), UNREADABLE
                 continue
             return (self.transform(image) if self.transform else image), label
         raise self._too_many(f"no image of {self.split} could be decoded")
+
+    def _blank(self) -> Any:
+        """What an unreadable validation file's place holds: a black image of the transform's output size."""
+        if self.read_bytes:
+            return torch.zeros(0, dtype=torch.uint8)
+        from PIL import Image
+
+        image = Image.new("RGB", (8, 8))
+        return self.transform(image) if self.transform else image
 
     def _skip(self, path: str, error: Exception) -> None:
         if path in self.bad:  # named once; later epochs skip it quietly
             return
         self.bad.append(path)
+        fate = "replaced by the next image" if self.substitute else "not scored"
         logger.warning(f"skipped {path}: it cannot be decoded ({type(error).__name__}: "
-                       f"{' '.join(str(error).split())[:120]})")
-        if len(self.bad) > self.max_bad_images:
+                       f"{' '.join(str(error).split())[:120]}); {fate}")
+        if self.substitute and len(self.bad) > self.max_bad_images:
             raise self._too_many(f"{len(self.bad)} images of {self.split} cannot be decoded, more than "
                                  f"data.max_bad_images={self.max_bad_images}")
 

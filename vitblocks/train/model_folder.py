@@ -1,14 +1,15 @@
 """A run folder that timm and the Hugging Face hub load as a model.
 
-The trainer writes, at the end of a run into its output folder and at each new best into
-`best/` beside it:
+The trainer writes (through `vitblocks.train.run_folder.RunFolder`), at the end of a run
+into its output folder and at each new best into `best/` beside it:
 
     model.safetensors       the weights
     model_ema.safetensors   the EMA weights (when `ema_decay` is set)
     config.json             timm's model config: architecture, num_classes, model_args
                             (every constructor argument, the widths of a custom SReT
                             included) and pretrained_cfg with the run's input size, mean,
-                            std, crop and interpolation
+                            std, crop and interpolation, and the class names in label
+                            order (`label_names`)
 
 so that, with nothing else known::
 
@@ -24,22 +25,16 @@ weights without config.json (evaluate them with `python -m vitblocks.eval`).
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from vitblocks.io import replacing, save_model_atomic
 from vitblocks.models.create import takes_img_size
 from vitblocks.train.config import TrainConfig
 from vitblocks.train.config_checks import WEIGHT_SOURCES
 from vitblocks.train.logs import logger
-
-MODEL_FILES = ("model.safetensors", "model_ema.safetensors", "config.json")
-"""What a model folder holds."""
-
-BEST_FOLDER = "best"
-"""The model folder of a run's best epoch, inside its output folder."""
 
 
 def data_config(config: TrainConfig) -> dict[str, Any]:
@@ -72,45 +67,33 @@ def model_args(config: TrainConfig) -> dict[str, Any]:
     return args
 
 
-def write_model_folder(folder: str | Path, model: nn.Module, config: TrainConfig, ema: nn.Module | None = None) -> list[Path]:
-    """Write a model folder: weights, EMA weights and timm's config.json, each file atomically.
-
-    The weights go first and config.json last, so a folder with a config.json always
-    has the weights it describes.
+def model_config_json(model: nn.Module, config: TrainConfig, classes: list[str] | None = None) -> str | None:
+    """timm's config.json of a run's model: architecture, constructor arguments, preprocessing, class names.
 
     Args:
-        folder: Where (created if needed).
         model: The model.
         config: The run's config (model name and preprocessing).
-        ema: The EMA model, if any.
+        classes: Class names in label order, stored as timm's `label_names`.
 
     Returns:
-        The files written.
+        The JSON text, or None for a model timm cannot rebuild (a converted model, or a
+        constructor argument JSON cannot hold), which is said in a warning.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    written = [folder / "model.safetensors"]
-    save_model_atomic(model, written[0])
-    if ema is not None:
-        written.append(folder / "model_ema.safetensors")
-        save_model_atomic(ema, written[-1])
     if config.model.convert:  # no timm constructor rebuilds a converted model
-        (folder / "config.json").unlink(missing_ok=True)
-        return written
-    try:
-        with replacing(folder / "config.json") as temporary:
-            _write_config(temporary, model, config)
-    # a constructor argument JSON cannot hold (a class, a function), or a timm without this helper
-    except (ValueError, TypeError, ImportError) as error:
-        logger.warning(f"{folder}: no config.json, as timm cannot describe this model ({error}); load the "
-                       "weights with python -m vitblocks.eval or the recipe")
-        (folder / "config.json").unlink(missing_ok=True)
-        return written
-    written.append(folder / "config.json")
-    return written
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "config.json"
+        try:
+            _write_config(str(path), model, config, classes)
+        # a constructor argument JSON cannot hold (a class, a function), or a timm without this helper
+        except (ValueError, TypeError, ImportError) as error:
+            logger.warning(f"{config.output_dir}: no config.json, as timm cannot describe this model ({error}); load "
+                           "the weights with python -m vitblocks.eval or the recipe")
+            return None
+        return path.read_text()
 
 
-def _write_config(path: str, model: nn.Module, config: TrainConfig) -> None:
+def _write_config(path: str, model: nn.Module, config: TrainConfig, classes: list[str] | None) -> None:
     """timm's config.json of the model, describing this run's weights and preprocessing."""
     from timm.models._hub import save_config_for_hf  # save_for_hf's config half (its weights write is not atomic)
 
@@ -120,31 +103,8 @@ def _write_config(path: str, model: nn.Module, config: TrainConfig) -> None:
     for key in ("origin_url", "paper_name", "paper_ids", "notes", "license", "hf_hub_id", "url", "file"):
         cfg.pop(key, None)  # those describe released weights, not these
     cfg.update(data_config(config), tag=Path(config.output_dir).name or "run", num_classes=config.data.num_classes)
+    if classes:
+        cfg["label_names"] = list(classes)
     cfg.pop("test_input_size", None)
     cfg.pop("test_crop_pct", None)
     Path(path).write_text(json.dumps(settings, indent=2) + "\n")
-
-
-def folder_incomplete(folder: str | Path, config: TrainConfig, ema: bool) -> bool:
-    """Whether a model folder lacks a file `write_model_folder` writes, or holds an unreadable one.
-
-    Args:
-        folder: The folder.
-        config: The run's config (a converted model has no config.json).
-        ema: Whether the run keeps EMA weights.
-
-    Returns:
-        True when the folder should be written again.
-    """
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    if not config.model.convert and not (folder / "config.json").is_file():
-        return True
-    for name in ("model.safetensors", "model_ema.safetensors")[: 1 + ema]:
-        try:
-            with safe_open(str(folder / name), "pt"):
-                pass
-        except Exception:  # noqa: BLE001 - missing, truncated or not safetensors: write it again
-            return True
-    return False

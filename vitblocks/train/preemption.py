@@ -1,24 +1,40 @@
-"""Stopping on a signal: finish the current step, write a resumable checkpoint, exit.
+"""Stopping on a signal, or when a loader worker dies: write a resumable checkpoint, exit.
 
-Clusters stop jobs with signals: SLURM and Kubernetes send SIGTERM (SLURM's
-`--signal=USR1@120` sends SIGUSR1 ahead of the time limit), and Ctrl-C sends SIGINT.
-While `Trainer.fit` runs, each of the three asks the run to stop after the optimizer step
-in progress; the trainer then writes `last.pth` at that step and raises
-`TrainingInterrupted`, and the command line exits with `PREEMPTED_EXIT_CODE`. A second
-Ctrl-C stops at once (KeyboardInterrupt), without that checkpoint.
+Clusters stop jobs with signals, to the whole job: SLURM and Kubernetes send SIGTERM to
+every process of it (SLURM's `--signal=USR1@120` sends SIGUSR1 ahead of the time limit),
+a closed terminal sends SIGHUP, and Ctrl-C sends SIGINT, all to the process group, loader
+workers included. So:
+
+- **Loader workers ignore the stop signals** (`ignore_stop_signals`, their
+  `worker_init_fn`) and leave stopping to the training process.
+- **While `Trainer.fit` runs**, each stop signal asks the run to stop after the optimizer
+  step in progress; the trainer then writes `last.pth` at that step and raises
+  `TrainingInterrupted`, and the command line exits with `PREEMPTED_EXIT_CODE`. A second
+  Ctrl-C stops at once (KeyboardInterrupt), without that checkpoint. A signal that
+  arrives before the first step stops the run there, with nothing new trained.
+- **During start-up** (building the model and data, reading the checkpoint) the command
+  line stops at once on a stop signal (`StopRequested`), with the same exit code.
+- **A loader worker that dies** (the out-of-memory killer's SIGKILL, a crash) is named
+  with its pid, its signal and the likely cause, and the run stops the same way: a
+  checkpoint at the last finished step, then `TrainingInterrupted`. PyTorch's own
+  handler would raise its error at whatever line the training process was running (a
+  half-written checkpoint, an optimizer step); while training, the trainer's
+  `StopSignals` takes that handler's place and only records the death.
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-__all__ = ["PREEMPTED_EXIT_CODE", "STOP_SIGNALS", "StopSignals", "TrainingInterrupted"]
+__all__ = ["PREEMPTED_EXIT_CODE", "STOP_SIGNALS", "LoaderWorkerDied", "StopRequested", "StopSignals",
+           "TrainingInterrupted", "describe_worker_death", "ignore_stop_signals", "worker_death"]
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 """The signals that stop a run after its current step."""
 
 PREEMPTED_EXIT_CODE = 75
@@ -27,28 +43,150 @@ try again later), distinct from success (0), bad input (2) and a crash (1)."""
 
 
 class TrainingInterrupted(Exception):  # noqa: N818 - an event, like KeyboardInterrupt
-    """A stop signal arrived; the run wrote a resumable checkpoint and stopped.
+    """A stop signal arrived, or a loader worker died; the run wrote a resumable checkpoint and stopped.
 
     Args:
-        signal_name: The signal, e.g. "SIGTERM".
-        checkpoint: The checkpoint to resume from.
+        signal_name: What stopped it: a signal's name ("SIGTERM") or a sentence (a worker's death).
+        checkpoint: The checkpoint to resume from (None: none exists).
         step: Optimizer steps done.
         epoch: The epoch in progress (1-based).
         batch: Batches of it done.
+        trained: Whether this session trained any step (False: stopped before the first
+            one, and `checkpoint` is the one it resumed from, unchanged).
     """
 
-    def __init__(self, signal_name: str, checkpoint: Path | None, step: int, epoch: int, batch: int) -> None:
+    def __init__(self, signal_name: str, checkpoint: Path | None, step: int, epoch: int, batch: int,
+                 trained: bool = True) -> None:
         self.signal_name, self.checkpoint = signal_name, checkpoint
-        self.step, self.epoch, self.batch = step, epoch, batch
-        saved = f"saved {checkpoint}" if checkpoint else "nothing saved"
-        super().__init__(f"stopped by {signal_name} at step {step} (epoch {epoch}, batch {batch}); {saved}")
+        self.step, self.epoch, self.batch, self.trained = step, epoch, batch, trained
+        by = f"by {signal_name}" if signal_name.startswith("SIG") else f"because {signal_name}"
+        if trained:
+            saved = f"saved {checkpoint}" if checkpoint else "nothing saved"
+            text = f"stopped {by} at step {step} (epoch {epoch}, batch {batch}); {saved}"
+        else:
+            kept = f"{checkpoint} is unchanged" if checkpoint else "no checkpoint was written"
+            text = f"stopped {by} before the first step: nothing new was trained; {kept}"
+        super().__init__(text)
+
+
+class StopRequested(BaseException):  # noqa: N818 - like KeyboardInterrupt, which `except Exception` lets pass
+    """A stop signal during start-up, raised at once wherever the process was.
+
+    Args:
+        signal_name: The signal, e.g. "SIGTERM".
+    """
+
+    def __init__(self, signal_name: str) -> None:
+        self.signal_name = signal_name
+        super().__init__(f"stopped by {signal_name} during start-up, before the first step: nothing new was trained")
+
+
+class LoaderWorkerDied(RuntimeError):
+    """A loader's worker process died: the batches it held will never come.
+
+    Args:
+        cause: Which worker, how it died and the likely cause (`describe_worker_death`).
+    """
+
+    def __init__(self, cause: str) -> None:
+        self.cause = cause
+        super().__init__(cause)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A loader worker's `worker_init_fn`: ignore the stop signals sent to the whole job.
+
+    The training process decides when to stop (after the step in progress, with a
+    checkpoint), and it stops its workers itself.
+
+    Args:
+        worker_id: The worker's index (unused; `DataLoader` passes it).
+    """
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+
+
+_SIGNAL_NAMES = {signal.strsignal(number): number.name for number in signal.Signals if signal.strsignal(number)}
+
+_LIKELY_CAUSE = {
+    "SIGKILL": "most likely the out-of-memory killer: lower data.workers or data.batch_size, or give the job more "
+               "memory",
+    "SIGBUS": "most likely shared memory (/dev/shm) too small for the batches in flight: raise it (a container's "
+              "--shm-size) or lower data.workers",
+    "SIGSEGV": "a crash in an image decoder or another library: data.workers=0 shows it in the main process",
+    "SIGABRT": "a crash in an image decoder or another library: data.workers=0 shows it in the main process",
+}
+_STOP_CAUSE = ("a stop signal sent to the worker alone (workers ignore those sent to the whole job; send it to the "
+               "training process)")
+
+
+def describe_worker_death(text: str) -> str:
+    """Which loader worker died, how, and the likely cause, from PyTorch's message about it.
+
+    Args:
+        text: PyTorch's error, e.g. "DataLoader worker (pid 1234) is killed by signal: Killed."
+
+    Returns:
+        E.g. "loader worker pid 1234 was killed by SIGKILL (most likely the out-of-memory killer: ...)".
+
+    Example:
+        >>> describe_worker_death("DataLoader worker (pid 7) is killed by signal: Bus error. ")[:47]
+        'loader worker pid 7 was killed by SIGBUS (most '
+    """
+    pids = re.search(r"pid\(?s?\)? ([\d, ]+)", text)
+    who = f"loader worker pid {pids.group(1).strip().rstrip(',')}" if pids else "a loader worker"
+    killed = re.search(r"killed by signal: ([^.]+)", text)
+    if killed:
+        name = _SIGNAL_NAMES.get(killed.group(1).strip(), killed.group(1).strip())
+        likely = _STOP_CAUSE if name in {n.name for n in STOP_SIGNALS} else _LIKELY_CAUSE.get(name, "")
+        return f"{who} was killed by {name}" + (f" ({likely})" if likely else "")
+    code = re.search(r"exit code (-?\d+)", text)
+    if code:
+        return f"{who} exited with code {code.group(1)} (its error was lost: data.workers=0 shows it in the main process)"
+    return f"{who} exited unexpectedly (data.workers=0 shows any error it raised in the main process)"
+
+
+def worker_death(error: BaseException, recorded: str | None = None) -> LoaderWorkerDied | None:
+    """A loader error that reports a dead worker, as `LoaderWorkerDied` (None for any other error).
+
+    Args:
+        error: What iterating a loader raised.
+        recorded: The death `StopSignals` recorded from the signal, if any (more precise:
+            it knows the worker's signal).
+
+    Returns:
+        The death, or None.
+    """
+    text = str(error)
+    if isinstance(error, LoaderWorkerDied):
+        return error
+    if not isinstance(error, RuntimeError) or not text.startswith("DataLoader worker"):
+        return None
+    return LoaderWorkerDied(recorded or describe_worker_death(text))
+
+
+def _worker_failure_check() -> Any:
+    """PyTorch's check of its loader workers (raises RuntimeError naming a dead one), or None if this
+    version has none. It reads each worker's state without reaping it."""
+    try:
+        from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails
+    except ImportError:
+        return None
+    return _error_if_any_worker_fails
 
 
 class StopSignals:
-    """While entered, record the stop signals instead of dying on them.
+    """While entered, stop signals are recorded (or, with `at_once`, raise `StopRequested`).
 
-    Handlers can only be installed from the main thread; elsewhere (a notebook's worker
-    thread, say) signals keep their usual effect.
+    Recording also covers loader workers: while entered, a worker's death is recorded as
+    `worker_failure` instead of PyTorch raising it wherever the process is (call
+    `guard_children` after a loader starts its workers, which installs PyTorch's
+    handler). Handlers can only be installed from the main thread; elsewhere (a
+    notebook's worker thread, say) signals keep their usual effect.
+
+    Args:
+        at_once: Raise `StopRequested` on a stop signal instead of recording it (start-up,
+            where there is no step to finish); settable while entered.
 
     Example:
         >>> with StopSignals() as stop:
@@ -56,15 +194,19 @@ class StopSignals:
         True
     """
 
-    def __init__(self) -> None:
+    def __init__(self, at_once: bool = False) -> None:
+        self.at_once = at_once
         self.received: str | None = None
+        self.worker_failure: str | None = None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
-        self.received = None
+        self.received = self.worker_failure = None
         if threading.current_thread() is threading.main_thread():
             for number in STOP_SIGNALS:
                 self._previous[number] = signal.signal(number, self._record)
+            if not self.at_once:
+                self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, self._child_exited)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -72,7 +214,37 @@ class StopSignals:
             signal.signal(number, handler)
         self._previous.clear()
 
+    def cause(self) -> str | None:
+        """What asks the run to stop.
+
+        Returns:
+            The signal received, else a worker's death, else None.
+        """
+        return self.received or self.worker_failure
+
+    def guard_children(self) -> None:
+        """Take the SIGCHLD handler back from PyTorch's loader, which installs its own (raising) when
+        it starts its first workers; it is put back on exit."""
+        if signal.SIGCHLD not in self._previous or threading.current_thread() is not threading.main_thread():
+            return
+        current = signal.getsignal(signal.SIGCHLD)
+        if current != self._child_exited:
+            self._previous[signal.SIGCHLD] = current
+            signal.signal(signal.SIGCHLD, self._child_exited)
+
     def _record(self, number: int, frame: FrameType | None) -> None:
+        name = signal.Signals(number).name
+        if self.at_once:
+            raise StopRequested(name)
         if number == signal.SIGINT and self.received is not None:
             raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the step
-        self.received = signal.Signals(number).name
+        self.received = self.received or name
+
+    def _child_exited(self, number: int, frame: FrameType | None) -> None:
+        check = _worker_failure_check()
+        if check is None or self.worker_failure is not None:
+            return
+        try:
+            check()
+        except RuntimeError as error:
+            self.worker_failure = describe_worker_death(str(error))

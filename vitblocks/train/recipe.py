@@ -19,6 +19,7 @@ import runpy
 import traceback
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,34 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
                 target = getattr(target, name)
                 section = section.setdefault(name, {})
     return derive(config, **changes)
+
+
+def check_allowed_fields(names: Iterable[str], config: TrainConfig) -> tuple[str, ...]:
+    """Check the fields given to `--resume-changed`: config fields, sections, or keys of dict fields.
+
+    Args:
+        names: Dotted paths, e.g. `["data.img_size", "model.kwargs.drop_path_rate"]`.
+        config: The config whose fields they name.
+
+    Returns:
+        The names.
+
+    Raises:
+        ConfigError: For a name that is no field, with the closest ones.
+
+    Example:
+        >>> check_allowed_fields(["seed", "model.kwargs.drop_path_rate"], TrainConfig())
+        ('seed', 'model.kwargs.drop_path_rate')
+    """
+    fields = dict(iter_fields(config))
+    sections = {path.rsplit(".", 1)[0] for path in fields if "." in path}
+    dicts = [path for path, value in fields.items() if isinstance(value, dict)]
+    for name in names:
+        if name in fields or name in sections or any(name.startswith(path + ".") for path in dicts):
+            continue
+        raise ConfigError(f"--resume-changed {name}: no config field of that name"
+                          f"{did_you_mean(name, list(fields), cutoff=0.5, otherwise='; see --print-config')}")
+    return tuple(names)
 
 
 def literal_value(raw: str) -> Any:

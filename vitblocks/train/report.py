@@ -2,55 +2,42 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vitblocks.train.extras import import_train_extra
 
+if TYPE_CHECKING:
+    from vitblocks.train.run_folder import RunFolder
+
 
 class MetricsLog:
-    """Append one row of metrics per epoch to `metrics.csv` (and TensorBoard if installed).
+    """Keep `metrics.csv` (and TensorBoard, if installed) current: one row per epoch.
 
     Args:
-        output_dir: Run folder.
-        history: Rows already written (when resuming).
+        run_folder: The run's files (`vitblocks.train.run_folder.RunFolder`), which write the CSV.
     """
 
-    def __init__(self, output_dir: Path, history: list[dict[str, Any]] | None = None) -> None:
-        self.path = output_dir / "metrics.csv"
-        self.history = list(history or [])
+    def __init__(self, run_folder: RunFolder) -> None:
+        self.run_folder = run_folder
         self._tensorboard = None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+            self._tensorboard = SummaryWriter(str(run_folder.tensorboard_folder()))
         except ImportError:
             pass
 
-    def append(self, row: dict[str, Any]) -> None:
-        """Record one epoch and rewrite the CSV (small, and always consistent with history).
-
-        Args:
-            row: The epoch's metrics.
-        """
-        self.write([*self.history, row])
-
     def write(self, history: list[dict[str, Any]]) -> None:
-        """Rewrite the CSV from a run's whole history; TensorBoard gets its last row.
+        """Rewrite the CSV from a run's whole history (atomically); TensorBoard gets its last row.
 
         Args:
             history: Every epoch's metrics so far.
         """
         if not history:
             return
-        self.history = list(history)
-        row = self.history[-1]
-        with self.path.open("w", newline="") as handle:
-            columns = list(dict.fromkeys(key for past in self.history for key in past))  # rows of older runs lack new ones
-            writer = csv.DictWriter(handle, fieldnames=columns, restval="")
-            writer.writeheader()
-            writer.writerows(self.history)
+        self.run_folder.write_metrics(history)
+        row = history[-1]
         if self._tensorboard is not None:
             for key, value in row.items():
                 if key != "epoch" and isinstance(value, (int, float)):
@@ -58,12 +45,12 @@ class MetricsLog:
             self._tensorboard.flush()
 
 
-def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+def plot_curves(history: list[dict[str, Any]], path: str | Path) -> None:
     """Save loss and accuracy curves per epoch as a PNG.
 
     Args:
         history: Metrics rows.
-        path: The PNG file.
+        path: The PNG file (written as PNG whatever its suffix).
     """
     import_train_extra("matplotlib").use("Agg")
     plt = import_train_extra("matplotlib.pyplot")
@@ -82,7 +69,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 

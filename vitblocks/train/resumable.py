@@ -6,15 +6,20 @@ scheduler, scaler, EMA, `TrainingState`, config, data, runtime) from it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 import vitblocks.train.checkpoint as ckpt
 import vitblocks.train.distributed as distributed
 from vitblocks.train.callbacks import TrainingDiverged
 from vitblocks.train.health import checkpoint_problem
 from vitblocks.train.logs import logger
-from vitblocks.train.recipe import to_dict
+from vitblocks.train.recipe import check_allowed_fields, to_dict
+from vitblocks.train.resume_checks import data_identity, refused_changes, resume_changes
+from vitblocks.train.run_folder import LAST
 
 
 class Resumable:
@@ -43,6 +48,7 @@ class Resumable:
             "ema": ema,
             **self.state.state_dict(),
             "classes": list(self.data.classes),
+            "data": self._data_identity(),
             "config": to_dict(self.config),
             "rng": ranks[0]["rng"],  # the main process's, as checkpoints have always held
             "world_size": self.runtime.world_size,
@@ -58,7 +64,7 @@ class Resumable:
                                       if "running_mean" in name or "running_var" in name}
         return own
 
-    def save(self, name: str = "last.pth") -> Path | None:
+    def save(self, name: str = LAST) -> Path | None:
         """Write a checkpoint atomically (main process only).
 
         Args:
@@ -79,46 +85,54 @@ class Resumable:
         ranks = distributed.gather(self._own_state(), self.runtime)
         if not self.runtime.is_main:
             return None
-        path = self.output_dir / name
-        try:
-            ckpt.save_atomic(self.state_dict(ranks), path)
-        except (OSError, RuntimeError) as error:  # a full disk reaches torch.save as a RuntimeError
-            kept = f"the previous {name} is intact" if path.exists() else f"no {name} was written"
-            continue_with = ("continue with --resume auto" if ckpt.resume_candidate(self.output_dir)
-                             else "start again (--overwrite)")
-            raise ckpt.CheckpointError(
-                f"could not write {path} ({' '.join(str(error).split())[:300]}); {kept}. Free some space or "
-                f"choose another --output-dir, then {continue_with}."
-            ) from error
+        path = self.run_folder.write_checkpoint(self.state_dict(ranks), name)
         self.last_good_checkpoint = path
         return path
 
-    def resume(self, path: str | Path) -> None:
+    def _data_identity(self) -> dict[str, Any]:
+        """What the checkpoint records of the data: class names and image counts."""
+        return data_identity(self.data.classes, _length(self.data.train_set), _length(self.data.val_set))
+
+    def resume(self, path: str | Path, allow_changes: Iterable[str] = ()) -> None:
         """Continue from a checkpoint written by `save`.
 
         The learning-rate schedule follows the current config: it is rebuilt for this
         config's epochs and set to the saved step, so resuming a finished run with more
         epochs gives the extra epochs the learning rates a run of that length has there.
+        A run that differs from the checkpoint's in what a resume must keep (model,
+        optimizer, classes, data, split, seed, image size: `vitblocks.train.resume_checks`)
+        is refused, naming each field, unless the field is in `allow_changes`.
 
         Args:
             path: The checkpoint.
+            allow_changes: Fields allowed to differ on purpose (`--resume-changed`), e.g.
+                `["data.img_size"]`; a section allows every field below it.
 
         Raises:
-            CheckpointError: If the file is damaged or belongs to a different model.
+            CheckpointError: If the file is damaged, belongs to a different model, or the
+                run differs from it in a field not allowed.
+            ConfigError: For a name in `allow_changes` that is no config field.
         """
+        allowed = check_allowed_fields(allow_changes, self.config)
         saved = ckpt.load_training_checkpoint(path)
-        differences = ckpt.incompatible_changes(saved["config"], to_dict(self.config))
-        if differences:
+        changes = resume_changes(saved, to_dict(self.config), self._data_identity())
+        refused = refused_changes(changes, allowed)
+        if refused:
+            fields = " ".join(dict.fromkeys(change.field for change in refused))
             raise ckpt.CheckpointError(
-                f"{path} was written by a run that differs from this config in what the saved state depends on: "
-                + "; ".join(differences) + ". Resume with the checkpoint's values, or start a new run elsewhere."
-            )
+                f"{path} was written by a run that differs from this one in what a resume must keep: "
+                + "; ".join(change.says for change in refused) + ". Resuming would mix two runs in one history. "
+                f"Resume with the checkpoint's values, start a new run in another --output-dir (or --overwrite), or, "
+                f"if the change is on purpose, say so with --resume-changed {fields}")
+        for change in changes:
+            logger.warning(f"resuming with a change allowed by --resume-changed: {change.says}")
+        self._keep_checkpoint_labels(saved, path)
         try:
             self.model.load_state_dict(saved["model"])
         except RuntimeError as error:
             detail = " ".join(str(error).split())[:600]
             raise ckpt.CheckpointError(f"{path} does not fit this model: {detail}") from error
-        self.optimizer.load_state_dict(saved["optimizer"])
+        self._load_optimizer(saved["optimizer"], path, reset_mismatched=bool(changes))
         if self.scaler and saved["scaler"]:
             self.scaler.load_state_dict(saved["scaler"])
         if self.ema and saved["ema"]:
@@ -137,6 +151,50 @@ class Resumable:
             ckpt.set_rng_state(saved["rng"])
         self.last_good_checkpoint = Path(path)
         self.resumed = True
+
+    def _keep_checkpoint_labels(self, saved: dict[str, Any], path: str | Path) -> None:
+        """Label the data by the checkpoint's class order where it numbers the same classes otherwise
+        (a run written when classes were sorted as plain strings: c1, c10, c2, ...)."""
+        classes = (saved.get("data") or {}).get("classes", saved.get("classes"))
+        if not classes or list(classes) == list(self.data.classes) or set(classes) != set(self.data.classes):
+            return
+        self.data.relabel(list(classes))
+        logger.info(f"labels follow the class order stored in {path} ({', '.join(classes[:6])}"
+                    f"{', ...' if len(classes) > 6 else ''}), which the run was trained with, not today's natural "
+                    "order")
+
+    def _load_optimizer(self, state: dict[str, Any], path: str | Path, reset_mismatched: bool) -> None:
+        """Load the optimizer state after checking it parameter by parameter against this model.
+
+        No state of another shape ever reaches the optimizer (fused kernels read it without
+        checking): a mismatch is refused, naming the parameter, or, after a change the user
+        allowed (a new image size resizes the position map), that parameter's state starts
+        afresh.
+        """
+        groups, mine = state.get("param_groups", []), self.optimizer.param_groups
+        if [len(group["params"]) for group in groups] != [len(group["params"]) for group in mine]:
+            raise ckpt.CheckpointError(
+                f"{path}: its optimizer state holds {sum(len(g['params']) for g in groups)} parameters in "
+                f"{len(groups)} groups, this run's optimizer {sum(len(g['params']) for g in mine)} in {len(mine)}: "
+                "the model or its weight-decay groups differ from the checkpoint's")
+        names = {id(param): name for name, param in self.model.named_parameters()}
+        params = [param for group in mine for param in group["params"]]
+        saved_ids = [index for group in groups for index in group["params"]]
+        mismatched = {}
+        for index, param in zip(saved_ids, params):
+            for key, value in state.get("state", {}).get(index, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                    mismatched[index] = (f"{names.get(id(param), f'parameter {index}')} ({key} "
+                                         f"{tuple(value.shape)}, parameter {tuple(param.shape)})")
+        if mismatched and not reset_mismatched:
+            raise ckpt.CheckpointError(
+                f"{path}: its optimizer state does not fit this model's parameters: "
+                f"{'; '.join(list(mismatched.values())[:5])}; refused rather than handed to the optimizer")
+        if mismatched:
+            state = {**state, "state": {i: s for i, s in state["state"].items() if i not in mismatched}}
+            logger.warning(f"the optimizer state of {', '.join(v.split(' (')[0] for v in mismatched.values())} "
+                           "starts afresh: its shape changed with the allowed change")
+        self.optimizer.load_state_dict(state)
 
     def _continue_epoch_at_this_batch_size(self, saved: dict[str, Any]) -> None:
         """Map a checkpoint's progress onto this run's batch size, process count and accumulation.
@@ -159,3 +217,11 @@ class Resumable:
                         f"{state.epoch + 1} continues after {state.epoch_samples} samples, and the schedule at "
                         f"update {state.step + self._schedule_offset} of this run's {self.data.updates_per_epoch} "
                         "per epoch")
+
+
+def _length(dataset: Any) -> int | None:
+    """A dataset's image count, None when it has none to tell (a stream without a length)."""
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:
+        return None

@@ -53,8 +53,42 @@ def is_timm_dataset(name: str) -> bool:
     return bool(slash and rest) and prefix.lower() in TIMM_PREFIXES
 
 
+class LabelRange:
+    """A timm dataset's `target_transform` that refuses a label the classifier has no output for.
+
+    Without it, a label outside `[0, num_classes)` surfaces as a bare IndexError in the loss
+    (on a GPU, a device assert), for the validation split only after a training epoch.
+
+    Args:
+        name: `data.dataset`, for the message.
+        split: The split's name.
+        num_classes: `data.num_classes`.
+    """
+
+    def __init__(self, name: str, split: str, num_classes: int) -> None:
+        self.name, self.split, self.num_classes = name, split, num_classes
+
+    def __call__(self, target: Any) -> Any:
+        """Pass a label through, or refuse it.
+
+        Args:
+            target: A class index (other targets, such as multi-label lists, pass unchecked).
+
+        Returns:
+            The label.
+
+        Raises:
+            DataError: For a class index outside `[0, num_classes)`.
+        """
+        if isinstance(target, int) and not 0 <= target < self.num_classes:
+            raise DataError(f"data.dataset={self.name!r} split {self.split!r} holds the label {target}, outside "
+                            f"[0, {self.num_classes}) for data.num_classes={self.num_classes}: set data.num_classes "
+                            "to the dataset's class count, or fix its labels")
+        return target
+
+
 def build_timm_dataset(name: str, root: str, split: str, train: bool, transform: Any, batch_size: int,
-                       seed: int) -> Dataset:
+                       seed: int, num_classes: int | None = None) -> Dataset:
     """One split of a timm dataset, with the trainer's transform.
 
     Args:
@@ -65,6 +99,7 @@ def build_timm_dataset(name: str, root: str, split: str, train: bool, transform:
         transform: Applied to each PIL image (uint8 out).
         batch_size: Batch size per process (iterable datasets round each worker's share to it).
         seed: The run's seed (the shard order of iterable datasets).
+        num_classes: Refuse labels outside `[0, num_classes)` as they are read (`LabelRange`).
 
     Returns:
         The dataset, with `uint8 = True` (normalized later, on the device).
@@ -92,6 +127,8 @@ def build_timm_dataset(name: str, root: str, split: str, train: bool, transform:
                         "data.root and the split names (data.train_split, data.val_split).") from None
     dataset.transform = transform
     dataset.uint8 = True
+    if num_classes is not None:
+        dataset.target_transform = LabelRange(name, split, num_classes)
     return dataset
 
 

@@ -20,12 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from vitblocks.train.hooks import Callback, LossRecord
 from vitblocks.train.extras import import_train_extra
+from vitblocks.train.run_folder import WANDB_FOLDER, WANDB_ID
 
 if TYPE_CHECKING:
     from vitblocks.train.engine import Trainer
-
-WANDB_ID_FILE = "wandb-run-id"
-
 
 def _scalars(row: dict[str, Any]) -> dict[str, float]:
     return {f"epoch/{key}": float(value) for key, value in row.items()
@@ -56,7 +54,7 @@ class TensorBoardLogging(Callback):
         import_train_extra("tensorboard", extra="tracking")
         from torch.utils.tensorboard import SummaryWriter
 
-        folder = Path(self.folder or trainer.output_dir / "tensorboard")
+        folder = Path(self.folder) if self.folder else trainer.run_folder.tensorboard_folder()
         # a resumed run replaces what the interrupted one logged after its checkpoint
         self.writer = SummaryWriter(str(folder), purge_step=trainer.state.step + 1 if trainer.resumed else None)
         self.writer.add_text("run", _header(trainer), trainer.state.step)
@@ -98,9 +96,10 @@ class WandbLogging(Callback):
         wandb = import_train_extra("wandb", extra="tracking")
         from vitblocks.train.recipe import to_dict
 
-        id_file = trainer.output_dir / WANDB_ID_FILE
+        id_file = trainer.run_folder.file(WANDB_ID)
         run_id = id_file.read_text().strip() if trainer.resumed and id_file.is_file() else secrets.token_hex(4)
-        id_file.write_text(run_id + "\n")
+        trainer.run_folder.write_text(WANDB_ID, run_id + "\n")
+        trainer.run_folder.file(WANDB_FOLDER)  # wandb writes its files there: never through a link
         settings = {"dir": str(trainer.output_dir), "config": to_dict(trainer.config), **self.settings}
         self.run = wandb.init(id=run_id, resume="allow", **settings)
         self.run.summary["run header"] = _header(trainer)
