@@ -1,13 +1,19 @@
-"""Runs the trainer's command line in this process, pausing in one step for a signal from outside.
+"""Runs the trainer's command line in this process with a fault during one optimizer step.
 
-    python tests/fault_driver.py STEP RECIPE [TRAINER ARGS ...]
+    python tests/fault_driver.py STEP wait RECIPE [TRAINER ARGS ...]
+    python tests/fault_driver.py STEP kill-worker RECIPE [TRAINER ARGS ...]
 
-During optimizer step STEP (after its forward pass) it prints "waiting for a signal" and
-waits until a stop signal has arrived, then a moment more while the step goes on. The
-test then signals the whole process group from outside, loader workers included, as
-SLURM or a closed terminal does (start this in a session of its own).
+During step STEP (after its forward pass), `wait` prints "waiting for a signal" and waits
+until a stop signal has arrived: the test then signals the whole process group from
+outside, loader workers included, as SLURM or a closed terminal does (start this in a
+session of its own). `kill-worker` sends SIGKILL to one loader worker, as the
+out-of-memory killer does, and prints its pid. Either way the step then goes on a moment
+later, once the fault has reached this process.
 """
 
+import multiprocessing
+import os
+import signal
 import sys
 import time
 
@@ -16,22 +22,27 @@ from vitblocks.train import Callback
 from vitblocks.train.__main__ import main
 
 
-class WaitForSignalInStep(Callback):
-    def __init__(self, step):
-        self.step = step
+class FaultInStep(Callback):
+    def __init__(self, step, action):
+        self.step, self.action = step, action
 
     def on_loss(self, trainer, loss):
         if trainer.state.step != self.step - 1:
             return
-        print("waiting for a signal", flush=True)
+        if self.action == "kill-worker":
+            worker = multiprocessing.active_children()[0].pid  # this process's only children: its loader workers
+            print(f"killing worker {worker}", flush=True)
+            os.kill(worker, signal.SIGKILL)
+        else:
+            print("waiting for a signal", flush=True)
         deadline = time.monotonic() + 60
         while trainer._stop.cause() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        time.sleep(0.3)  # what the signal does to the loader workers reaches this process now
+        time.sleep(0.3)  # whatever else the fault does reaches this process now
 
 
 if __name__ == "__main__":
-    step, *argv = sys.argv[1:]
+    step, action, *argv = sys.argv[1:]
     defaults = engine.default_callbacks
-    engine.default_callbacks = lambda config: [*defaults(config), WaitForSignalInStep(int(step))]
+    engine.default_callbacks = lambda config: [*defaults(config), FaultInStep(int(step), action)]
     sys.exit(main(argv))

@@ -3,12 +3,10 @@ killed by the out-of-memory killer, a stop before the first step. Each writes a 
 the last finished step and exits 75, and the run resumes from it bit-identically."""
 
 import contextlib
-import multiprocessing
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -69,8 +67,8 @@ def resume_matches(recipe, run, reference):
 def test_a_signal_to_the_whole_process_group_stops_at_the_step_and_resumes_bit_identically(tmp_path, digits,
                                                                                            reference, name):
     recipe = write_folder_recipe(tmp_path / "recipe.py", digits, tmp_path / "run")  # two loader workers
-    process = subprocess.Popen([sys.executable, str(DRIVER), "4", recipe, "--no-progress"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+    process = subprocess.Popen([sys.executable, str(DRIVER), "4", "wait", recipe, "--no-progress"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
     for line in process.stdout:
         if line.startswith("waiting for a signal"):  # inside step 4, its loader workers running
             os.killpg(process.pid, signal.Signals[name])  # from outside, as slurmstepd or the terminal sends it
@@ -85,36 +83,18 @@ def test_a_signal_to_the_whole_process_group_stops_at_the_step_and_resumes_bit_i
     resume_matches(recipe, tmp_path / "run", reference)
 
 
-class KillWorkerAtStep(Callback):
-    """SIGKILL one loader worker of this run after a step, as the out-of-memory killer would."""
-
-    def __init__(self, step):
-        self.step, self.others, self.killed = step, set(), None
-
-    def on_fit_start(self, trainer):
-        self.others = {child.pid for child in multiprocessing.active_children()}
-
-    def on_step_end(self, trainer):
-        if trainer.state.step == self.step:
-            self.killed = next(c.pid for c in multiprocessing.active_children() if c.pid not in self.others)
-            os.kill(self.killed, signal.SIGKILL)
-            time.sleep(0.5)  # its SIGCHLD arrives
-
-
 def test_a_loader_worker_killed_by_the_oom_killer_is_named_and_the_run_stops_with_a_checkpoint(
-        tmp_path, digits, reference, monkeypatch, capsys):
+        tmp_path, digits, reference):
     recipe = write_folder_recipe(tmp_path / "recipe.py", digits, tmp_path / "run")
-    kill = KillWorkerAtStep(4)
-    defaults = engine.default_callbacks
-    monkeypatch.setattr(engine, "default_callbacks", lambda config: [*defaults(config), kill])
-    with one_thread():
-        assert train([recipe, "--no-progress"]) == PREEMPTED_EXIT_CODE
-    err = capsys.readouterr().err
-    assert err.startswith(f"stopped because loader worker pid {kill.killed} was killed by SIGKILL (most likely the "
-                          "out-of-memory killer: lower data.workers or data.batch_size, or give the job more memory) "
-                          f"at step 4 (epoch 1, batch 4); saved {tmp_path}/run/last.pth. Continue with:"), err
-    assert "Traceback" not in err and load_training_checkpoint(tmp_path / "run" / "last.pth")["step"] == 4
-    monkeypatch.undo()
+    killed = subprocess.run([sys.executable, str(DRIVER), "4", "kill-worker", recipe, "--no-progress"],
+                            capture_output=True, text=True, env=ENV, timeout=300)
+    assert killed.returncode == PREEMPTED_EXIT_CODE, killed.stderr[-3000:]
+    pid = next(line.split()[-1] for line in killed.stdout.splitlines() if line.startswith("killing worker"))
+    assert killed.stderr.startswith(
+        f"stopped because loader worker pid {pid} was killed by SIGKILL (most likely the out-of-memory killer: lower "
+        "data.workers or data.batch_size, or give the job more memory) at step 4 (epoch 1, batch 4); saved "
+        f"{tmp_path}/run/last.pth. Continue with:"), killed.stderr
+    assert len(killed.stderr.strip().splitlines()) == 1 and "Traceback" not in killed.stderr  # none as workers end
     resume_matches(recipe, tmp_path / "run", reference)
 
 
@@ -169,14 +149,19 @@ def test_a_stop_signal_during_start_up_or_before_the_first_step_exits_75_with_no
                    f"was written. Continue with: python -m vitblocks.train {recipe} --no-progress --resume auto\n")
     assert not run.exists()
     monkeypatch.undo()
-    assert train([recipe, "--no-progress"]) == 0
-    before = (run / "last.pth").read_bytes()
 
     class SignalBeforeTraining(Callback):
         def on_fit_start(self, trainer):
             os.kill(os.getpid(), signal.SIGHUP)  # recorded: the run stops before its first step
 
     defaults = engine.default_callbacks
+    monkeypatch.setattr(engine, "default_callbacks", lambda config: [*defaults(config), SignalBeforeTraining()])
+    assert train([recipe, "--no-progress"]) == PREEMPTED_EXIT_CODE
+    assert capsys.readouterr().err.startswith("stopped by SIGHUP before the first step: nothing new was trained; no "
+                                              "checkpoint was written. Continue with:")
+    monkeypatch.undo()
+    assert train([recipe, "--no-progress", "--resume", "auto"]) == 0  # what the stopped start left is no obstacle
+    before = (run / "last.pth").read_bytes()
     monkeypatch.setattr(engine, "default_callbacks", lambda config: [*defaults(config), SignalBeforeTraining()])
     capsys.readouterr()
     assert train([recipe, "--no-progress", "--set", "epochs=2", "--resume", "auto"]) == PREEMPTED_EXIT_CODE

@@ -14,7 +14,9 @@ from vitblocks.io import CheckpointError
 from vitblocks.train import ConfigError, DataConfig, Trainer, derive
 from vitblocks.train.__main__ import main as train
 from vitblocks.train.checkpoint import load_training_checkpoint
-from vitblocks.train.run_folder import RunExistsError, RunFolder, RunLinkError
+from vitblocks.io import save_model_file
+from vitblocks.train.run_folder import STEP_KEY, RunExistsError, RunFolder, RunLinkError
+from vitblocks.train.run_restore import curves_current, model_folder_current
 
 pytestmark = pytest.mark.slow  # trains: left out of the quick subset
 
@@ -170,17 +172,23 @@ def test_a_full_disk_names_the_file_and_the_space_and_a_resume_writes_every_miss
     monkeypatch.undo()
     assert train([recipe, "--no-progress", "--resume", "auto"]) == 0
     assert f"wrote metrics.csv, model.safetensors, config.json, curves.png in {run} again" in capsys.readouterr().out
-    assert RunFolder(run).read_metrics_epochs() == [1] and not RunFolder(run).curves_missing()
+    folder, step = RunFolder(run), load_training_checkpoint(run / "last.pth")["step"]
+    assert folder.read_metrics_epochs() == [1] and curves_current(folder, step)
 
     (run / "metrics.csv").write_text("")  # damaged every way a killed or failed write could leave them
     (run / "curves.png").write_bytes((run / "curves.png").read_bytes()[:100])
     (run / "best" / "model.safetensors").unlink()
+    stale = Trainer(tiny_config(tmp_path / "other", epochs=1)).model  # another point of the run, as an
+    save_model_file(stale, run / "model.safetensors", metadata={STEP_KEY: "1"})  # extended run's old final folder
     assert train([recipe, "--no-progress", "--resume", "auto"]) == 0
-    assert f"wrote metrics.csv, best/, curves.png in {run} again" in capsys.readouterr().out
+    assert f"wrote metrics.csv, best/, model.safetensors, config.json, curves.png in {run} again" in \
+        capsys.readouterr().out
     from safetensors.torch import load_file
 
-    best = load_training_checkpoint(run / "best.pth")["model"]
-    assert torch.equal(load_file(run / "best" / "model.safetensors")["head.weight"], best["head.weight"])
+    for name, checkpoint in (("best/model.safetensors", "best.pth"), ("model.safetensors", "last.pth")):
+        expected = load_training_checkpoint(run / checkpoint)["model"]["head.weight"]
+        assert torch.equal(load_file(run / name)["head.weight"], expected), name
+    assert model_folder_current(folder, tiny_config(run), ema=False, step=step) and curves_current(folder, step)
 
     full_at("curves.png")
     (run / "curves.png").unlink()

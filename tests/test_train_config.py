@@ -92,6 +92,12 @@ def test_numbers_that_would_train_backwards_or_divide_by_zero_are_refused(overri
     assert says in str(refused.value)
 
 
+def test_a_stored_config_of_an_older_version_reads_its_old_values():
+    stored = to_dict(TrainConfig())
+    stored["optim"]["clip_grad"] = 0.0  # "no clipping" before clip_grad had to be > 0 or None
+    assert from_dict(stored).optim.clip_grad is None
+
+
 def test_recipe_without_config_is_refused(tmp_path):
     (tmp_path / "r.py").write_text("x = 1\n")
     with pytest.raises(ConfigError, match="must assign a vitblocks.train.TrainConfig to the name 'config'"):

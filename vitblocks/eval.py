@@ -30,6 +30,7 @@ from vitblocks.train.data import DataError, folder_classes, split_folder
 from vitblocks.train.evaluation import evaluate
 from vitblocks.train.image_folder import class_order
 from vitblocks.train.logs import console_logging, logger
+from vitblocks.train.preemption import LoaderWorkerDied
 
 
 
@@ -77,6 +78,10 @@ def check_classes(checkpoint: str, state: dict[str, Any], config: TrainConfig) -
                            f"the natural order vitblocks and timm number classes by now ({_shown(natural)}): the "
                            "model is scored on the labels it was trained with")
         return classes
+    if state and sorted(train or val) != (train or val):  # a vitblocks checkpoint from before class names were stored
+        logger.warning(f"note: {checkpoint} stores no class names (it predates them); labels follow today's natural "
+                       f"order ({_shown(train or val)}), while a run of that age numbered classes in plain string order "
+                       f"({_shown(sorted(train or val))}): if it was trained so, its scores are not comparable")
     if train and len(train) != config.data.num_classes:
         raise CheckpointError(
             f"the checkpoint {checkpoint} holds a model with {config.data.num_classes} classes but the training "
@@ -258,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         kwargs = parse_kwargs(args.model_kwargs)
         metrics = run(args.checkpoint, args.data, args.set, args.ema, args.batch_size, args.loops, args.model, kwargs)
-    except (CheckpointError, ConfigError, DataError, FileNotFoundError, ValueError) as error:
+    except (CheckpointError, ConfigError, DataError, FileNotFoundError, ValueError, LoaderWorkerDied) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     unreadable = metrics.get("val_unreadable")

@@ -64,28 +64,15 @@ def replacing(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
-def save_model_atomic(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Write a module's weights as safetensors, atomically (like `save_atomic`).
-
-    Args:
-        model: The module (`safetensors.torch.save_model`: shared tensors are stored once).
-        path: Destination.
-
-    Raises:
-        OSError: If the file cannot be written (a full disk, no permission); the
-            previous file, if any, is left as it was.
-    """
-    with replacing(path) as tmp:
-        save_model_file(model, tmp, Path(path).name)
-
-
-def save_model_file(model: torch.nn.Module, path: str | os.PathLike, name: str | None = None) -> None:
-    """Write a module's weights as safetensors to `path` (not atomic: see `save_model_atomic`).
+def save_model_file(model: torch.nn.Module, path: str | os.PathLike, name: str | None = None,
+                    metadata: dict[str, str] | None = None) -> None:
+    """Write a module's weights as safetensors to `path` (write it through `replacing` to make it atomic).
 
     Args:
         model: The module (`safetensors.torch.save_model`: shared tensors are stored once).
         path: Destination.
         name: The file's name for messages (default: the path's).
+        metadata: Text stored in the file's header (`safetensors.safe_open(...).metadata()`).
 
     Raises:
         OSError: If the file cannot be written (a full disk, no permission).
@@ -94,7 +81,7 @@ def save_model_file(model: torch.nn.Module, path: str | os.PathLike, name: str |
     from safetensors.torch import save_model
 
     try:
-        save_model(model, os.fspath(path))
+        save_model(model, os.fspath(path), metadata=metadata)
     except SafetensorError as error:  # how safetensors reports a failed write (ENOSPC among others)
         raise OSError(f"safetensors could not write {name or Path(path).name}: {error}") from error
 

@@ -2,7 +2,9 @@
 
 Parts: `config` (the schema; `config_fields`, `config_checks` its rules, `recipe` loading and deriving), `builders` (model, data, optimizer and schedule,
 criterion from a config), `state` (where a run is), `callbacks` (what happens around
-the loop), `engine` (the `Trainer`), `checkpoint` (exact resumption).
+the loop), `engine` (the `Trainer`), `resumable` (its checkpoints and exact resumption;
+`resume_checks` what a resume must keep), `run_folder` (every file a run writes),
+`preemption` (stop signals, dying loader workers).
 """
 
 from vitblocks.train.builders import Data, build_criterion, build_data, build_model, build_optimizer_and_schedule

@@ -20,7 +20,14 @@ from vitblocks.train.config_checks import check_names
 from vitblocks.train.recipe import apply_overrides, format_config, load_recipe, smoke_config
 from vitblocks.train.data import DataError
 from vitblocks.train.engine import Trainer
-from vitblocks.train.preemption import PREEMPTED_EXIT_CODE, StopRequested, StopSignals, TrainingInterrupted
+from vitblocks.train.run_folder import RunFolder
+from vitblocks.train.preemption import (
+    PREEMPTED_EXIT_CODE,
+    LoaderWorkerDied,
+    StopRequested,
+    StopSignals,
+    TrainingInterrupted,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
                     trainer.resume(found, allow_changes=args.resume_changed)
             elif args.resume_changed:
                 raise ConfigError("--resume-changed names fields a resumed run may change; give it with --resume")
+            startup.at_once = False  # from here a signal is recorded: fit stops after the step in progress
             trainer.fit(progress=not args.no_progress and sys.stderr.isatty())  # no bar in logs: one line per epoch
-            startup.at_once = False  # done: a late signal has nothing left to stop
     except StopRequested as stop:
-        kept = getattr(trainer, "last_good_checkpoint", None)
+        kept = RunFolder(trainer.output_dir).resume_candidate() if trainer is not None else None
         _say(f"{stop}; {f'{kept} is unchanged' if kept else 'no checkpoint was written'}. Continue with: "
              f"{_resume_command(argv)}", trainer)
         return PREEMPTED_EXIT_CODE
@@ -95,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"interrupted; stopped at once, without a checkpoint of this point. "
              f"{f'The last checkpoint is {kept}.' if kept else 'No checkpoint was written.'}")
         return 130
-    except (ConfigError, DataError, CheckpointError, TrainingDiverged, FileNotFoundError, OSError) as error:
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged, FileNotFoundError, OSError,
+            LoaderWorkerDied, distributed.StoppedElsewhere) as error:
         _say(f"error: {_message(error)}")
         return 2
     finally:

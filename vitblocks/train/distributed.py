@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,3 +120,29 @@ def gather(value: Any, runtime: Runtime) -> list[Any]:
     values: list[Any] = [None] * runtime.world_size
     dist.all_gather_object(values, value)
     return values
+
+
+class StoppedElsewhere(RuntimeError):
+    """Another process failed; this one stops with it (the other process's message says why)."""
+
+
+def together(work: Callable[[], None], runtime: Runtime) -> None:
+    """Run `work`; if it raises on any process, raise on every process.
+
+    Work that can fail on one process alone (a file the main process writes, a worker of its
+    loader) would otherwise leave the others waiting in their next collective step.
+
+    Args:
+        work: What this process runs (nothing, on processes that have no part in it).
+        runtime: The process group.
+
+    Raises:
+        Exception: What `work` raised; on the other processes, `StoppedElsewhere`.
+    """
+    error = None
+    try:
+        work()
+    except Exception as failed:  # noqa: BLE001 - raised again below, on every process
+        error = failed
+    if any_rank(error is not None, runtime):
+        raise error or StoppedElsewhere(f"process {runtime.rank} stopped because another process failed; see its message")

@@ -28,7 +28,8 @@ from vitblocks.train.builders import Data, build_criterion, build_data, build_mo
 from vitblocks.train.callbacks import Callback, LossRecord, TrainingDiverged, default_callbacks
 from vitblocks.train.config import ConfigError, TrainConfig
 from vitblocks.train.distill import DistillationLoss
-from vitblocks.train.evaluation import correct_counts, evaluate
+from vitblocks.train.evaluation import correct_counts, evaluate, read_labels
+from vitblocks.train.image_folder import DataError
 from vitblocks.train.extras import import_train_extra
 from vitblocks.train.logs import console_logging, logger
 from vitblocks.train.precision import autocast_for
@@ -36,6 +37,7 @@ from vitblocks.train.preemption import LoaderWorkerDied, StopSignals, TrainingIn
 from vitblocks.train.report import final_summary
 from vitblocks.train.run_folder import BEST, BEST_FOLDER, EMA_WEIGHTS, LAST, METRICS, WEIGHTS, RunFolder, RunWriteError
 from vitblocks.train.run_lock import RunLock
+from vitblocks.train.run_restore import restore_missing
 from vitblocks.train.resumable import Resumable
 from vitblocks.train.state import TrainingState
 from vitblocks.train.timm_datasets import is_stream
@@ -174,13 +176,14 @@ class Trainer(Resumable):
         batches, data_wait = iter(loader), 0.0
         # under torchrun a worker's death must reach every process before the next collective step
         vote_each_batch = self.runtime.distributed and getattr(loader, "has_workers", True)
+        mark_updates = accum > 1 or vote_each_batch  # where a stop between a fetch and its step returns to
         while state.batch < self.steps_per_epoch:
-            if accum > 1 and (state.batch % accum == 0 or self._update_start is None):  # (resumed inside one)
+            if mark_updates and (state.batch % accum == 0 or self._update_start is None):  # (resumed inside one)
                 self._update_start = UpdateStart.take(state, self.model, len(self._unread_losses))
             fetch = time.perf_counter()
-            batch, died = self._next_batch(batches)
-            if distributed.any_rank(died is not None, self.runtime) if vote_each_batch else died is not None:
-                self._stop_inside_update(died.cause if died else "a loader worker of another process died")
+            batch, failure = self._next_batch(batches)
+            if distributed.any_rank(failure is not None, self.runtime) if vote_each_batch else failure is not None:
+                self._stop_inside_update(failure, distributed.any_rank(isinstance(failure, DataError), self.runtime))
             if batch is None:
                 break
             inputs, targets = batch
@@ -215,12 +218,15 @@ class Trainer(Resumable):
                 "seconds": seconds, "images": images, "data_wait_s": data_wait,
                 "step_img_s": images / max(seconds - data_wait, 1e-9)}
 
-    def _next_batch(self, batches: Iterator) -> tuple[Any, LoaderWorkerDied | None]:
-        """The next batch (None at the end of the loader), or the death of the worker that held it."""
+    def _next_batch(self, batches: Iterator) -> tuple[Any, Exception | None]:
+        """The next batch (None at the end of the loader), or why it will not come: a worker's death,
+        or the dataset's own error (too many unreadable images)."""
         try:
             batch = next(batches)
         except StopIteration:
             return None, None
+        except DataError as error:
+            return None, error
         except RuntimeError as error:
             died = worker_death(error, self._stop.worker_failure)
             if died is None:
@@ -230,14 +236,18 @@ class Trainer(Resumable):
             self._stop.guard_children()  # the loader's first batch started its workers and PyTorch's handler
         return batch, None
 
-    def _stop_inside_update(self, cause: str) -> None:
-        """Stop where no batch can follow: back to the start of the update in progress, checkpoint, raise."""
-        accum = self.config.optim.accum_steps
-        if accum > 1 and self.state.batch % accum:
+    def _stop_inside_update(self, failure: Exception | None, data_error: bool) -> None:
+        """Stop where no batch can follow, on every process alike: back to the start of the update in
+        progress; then a worker's death checkpoints and raises `TrainingInterrupted`, and a data error
+        (on any process: `data_error`) raises without a checkpoint."""
+        if self._update_start is not None and self._update_start.epoch == self.state.epoch:
             self._update_start.restore(self.state, self.model)
             del self._unread_losses[self._update_start.unread_losses:]
             self.optimizer.zero_grad(set_to_none=True)
-        self._stop_now(cause)
+        if data_error:
+            raise failure if isinstance(failure, DataError) else DataError(
+                "the loader of another process stopped on its data; see its message")
+        self._stop_now(self._stop.worker_failure or getattr(failure, "cause", "a loader worker of another process died"))
 
     def _stop_if_asked(self, write: bool = True) -> None:
         """After an optimizer step (or an epoch's checkpoints): stop if any process received a stop
@@ -302,7 +312,7 @@ class Trainer(Resumable):
 
     def _backward_and_update(self, loss: torch.Tensor, update: bool) -> None:
         """Backward pass; on the last batch of an update, clip and step (timm's loss scaler in fp16)."""
-        clip = self.config.optim.clip_grad or None
+        clip = self.config.optim.clip_grad
         if self.scaler is not None:
             self.scaler(loss, self.optimizer, clip_grad=clip, parameters=self.model.parameters(), need_update=update)
         else:
@@ -338,8 +348,8 @@ class Trainer(Resumable):
         """Train to `config.epochs`, evaluating and checkpointing every epoch.
 
         The output folder is locked for the run's life (`vitblocks.train.run_lock`), and
-        SIGTERM, SIGINT and SIGUSR1 stop the run after its current step with a resumable
-        checkpoint (`vitblocks.train.preemption`).
+        SIGTERM, SIGINT, SIGUSR1 and SIGHUP, or a loader worker's death, stop the run after
+        its current step with a resumable checkpoint (`vitblocks.train.preemption`).
 
         Args:
             progress: Show a progress bar.
@@ -352,16 +362,16 @@ class Trainer(Resumable):
             TrainingInterrupted: After a stop signal, once the checkpoint is written.
             RunLockedError: If another live run holds the output folder.
         """
-        try:
-            self._lock_output_dir()
-            with self._stop:
+        with self._stop:  # also while the run ends: closing files and workers is no start-up to stop at once
+            try:
+                self._lock_output_dir()
                 return self._fit(progress)
-        finally:
-            self._each("on_fit_end")
-            self.data.close()  # the loaders' workers end with the run
-            if self._lock is not None:
-                self._lock.release()
-                self._lock = None
+            finally:
+                self._each("on_fit_end")
+                self.data.close()  # the loaders' workers end with the run
+                if self._lock is not None:
+                    self._lock.release()
+                    self._lock = None
 
     def _lock_output_dir(self) -> None:
         lock, error = None, None
@@ -387,13 +397,13 @@ class Trainer(Resumable):
             logger.info(f"the run in {self.output_dir} is already complete: {state.epoch} of {config.epochs} epochs, "
                         f"best top-1 {state.best_top1:.2f}%. Raise epochs (--set epochs=N) to train further.")
             return {**state.history[-1], "best_top1": state.best_top1}
-        self._each("on_fit_start")
+        self._on_every("on_fit_start")
+        if not state.history and is_stream(self.data.val_set):
+            self._check_validation_labels()
         cause = self._stop.cause()
         if distributed.any_rank(cause is not None, self.runtime):  # before the first step: nothing to save
             raise TrainingInterrupted(cause or "another process was asked to stop", self.last_good_checkpoint, state.step,
                                       state.epoch + 1, state.batch, trained=False)
-        if not state.history and is_stream(self.data.val_set):
-            self._check_validation_labels()
         start, images = time.perf_counter(), 0
         with attention_backend(config.model.backend):
             while state.epoch < config.epochs:
@@ -414,7 +424,7 @@ class Trainer(Resumable):
                 self.save()
                 if improved and self.runtime.is_main:
                     self._write_best_folder()
-                self._each("on_epoch_recorded", row)
+                self._on_every("on_epoch_recorded", row)
                 if state.epoch < config.epochs:
                     self._stop_if_asked(write=False)
         if self.runtime.is_main:
@@ -424,7 +434,11 @@ class Trainer(Resumable):
     def _check_validation_labels(self) -> None:
         """Read a streamed validation split once before training, so a label out of range
         (`timm_datasets.LabelRange`) stops the run now rather than after the first epoch."""
-        count = sum(len(targets) for _, targets in self.data.val_loader(self.config, self.device))
+        try:
+            count = read_labels(self.data.val_loader(self.config, self.device), self.runtime)
+        except LoaderWorkerDied as died:  # on every process: the run stops before its first step
+            self._stop.worker_failure = self._stop.worker_failure or died.cause
+            return
         logger.info(f"read the {count} labels of the validation stream before training: all within "
                     f"data.num_classes={self.config.data.num_classes}")
 
@@ -439,43 +453,32 @@ class Trainer(Resumable):
                 f"{self.last_good_checkpoint or 'none written yet'}. Try a lower optim.lr, optim.clip_grad, or fp32.")
         if row.get("val_unreadable"):
             logger.warning(f"{row['val_unreadable']} validation images cannot be read (named above); epoch "
-                           f"{state.epoch + 1} is scored on the others, up to data.max_bad_images="
-                           f"{self.config.data.max_bad_images} such images")
+                           f"{state.epoch + 1} is scored on the others")
         self._each("on_epoch_end", row)
         return row
 
     def _on_main(self, work: Callable[[], None]) -> None:
         """Run `work` on the main process; if it raises, every process stops (the others waiting for it would hang)."""
-        error = None
-        if self.runtime.is_main:
-            try:
-                work()
-            except CheckpointError as failed:
-                error = failed
-        if distributed.any_rank(error is not None, self.runtime):
-            raise error or CheckpointError(f"the main process stopped while preparing {self.output_dir}; see its message")
+        distributed.together(work if self.runtime.is_main else lambda: None, self.runtime)
+
+    def _on_every(self, hook: str, *args: Any) -> None:
+        """Call a hook of every callback; if it raises on one process (a file the main one writes), all stop."""
+        distributed.together(lambda: self._each(hook, *args), self.runtime)
 
     def _prepare_output_dir(self, complete: bool) -> None:
         """Refuse a folder holding another run's files (unless overwriting), and after a resume write
         again whatever the checkpoint's run should have written but the folder lacks."""
-        if not self.resumed and not self.overwrite:
-            self.run_folder.refuse_fresh_start()
-        if self.overwrite and not self.resumed:
-            self.run_folder.clear()
-        else:
-            self.run_folder.prepare()
+        self.run_folder.start(resumed=self.resumed, overwrite=self.overwrite)
         if self.resumed:
-            restored = self.run_folder.restore_missing(self.model, self.config, self.ema.module if self.ema else None,
-                                                       self.data.classes, self.state.history, complete)
-            if restored:
-                logger.info(f"wrote {', '.join(restored)} in {self.output_dir} again from the checkpoint")
+            restore_missing(self.run_folder, self.model, self.config, self.ema.module if self.ema else None,
+                            self.data.classes, self.state.history, self.state.step, complete)
 
     def _write_best_folder(self) -> None:
         """The best epoch's model folder; a copy of best.pth's weights, so failing to write it only warns
         (`--resume auto` writes it again)."""
         try:
             self.run_folder.write_model_folder(self.model, self.config, self.ema.module if self.ema else None,
-                                               self.data.classes, best=True)
+                                               self.data.classes, best=True, step=self.state.step)
         # RunWriteError: a full disk or no permission; RuntimeError: torch failing to hand over the weights
         except (RunWriteError, RuntimeError) as error:
             self.run_folder.remove_model_folder(best=True)  # no folder whose files disagree
@@ -484,12 +487,12 @@ class Trainer(Resumable):
 
     def _finish(self, seconds: float, images: float) -> None:
         self.run_folder.write_model_folder(self.model, self.config, self.ema.module if self.ema else None,
-                                           self.data.classes)
+                                           self.data.classes, step=self.state.step)
         files = {"checkpoints": self.output_dir / LAST, "metrics": self.output_dir / METRICS,
                  "weights": self.output_dir / WEIGHTS}
         if not self.config.model.convert:
             files["timm model"] = f"timm.create_model('local-dir:{self.output_dir}', pretrained=True)"
         if self.ema is not None:
             files["EMA weights"] = self.output_dir / EMA_WEIGHTS
-        files["curves"] = self.run_folder.write_curves(self.state.history)
+        files["curves"] = self.run_folder.write_curves(self.state.history, self.state.step)
         logger.info(final_summary(self.state.history, seconds, int(images), files))

@@ -99,3 +99,34 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
     if unreadable:
         scores["val_unreadable"] = int(unreadable)
     return scores
+
+
+def read_labels(loader: Iterable, runtime: distributed.Runtime | None = None) -> int:
+    """Read a loader's batches once, for the checks its dataset makes as it reads (labels in range).
+
+    Args:
+        loader: Batches of (images, labels).
+        runtime: When distributed, every process learns of a failure on any of them.
+
+    Returns:
+        The labels read by this process.
+
+    Raises:
+        DataError: From the dataset's checks (on any process).
+        LoaderWorkerDied: If a loader worker died (on any process).
+    """
+    count, error = 0, None
+    try:
+        for _, targets in loader:
+            count += len(targets)
+    except DataError as failed:
+        error = failed
+    except RuntimeError as failed:
+        error = worker_death(failed)
+        if error is None:
+            raise
+    if runtime is not None and distributed.any_rank(error is not None, runtime) and error is None:
+        error = DataError("the validation stream of another process could not be read; see its message")
+    if error is not None:
+        raise error
+    return count

@@ -205,6 +205,9 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             for number in STOP_SIGNALS:
                 self._previous[number] = signal.signal(number, self._record)
+                outer = getattr(self._previous[number], "__self__", None)
+                if isinstance(outer, StopSignals) and outer.received:  # a stop recorded just before: not lost
+                    self.received = self.received or outer.received
             if not self.at_once:
                 self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, self._child_exited)
         return self
@@ -224,12 +227,11 @@ class StopSignals:
 
     def guard_children(self) -> None:
         """Take the SIGCHLD handler back from PyTorch's loader, which installs its own (raising) when
-        it starts its first workers; it is put back on exit."""
+        it starts its first workers. On exit the handler from before entering is put back, not
+        PyTorch's: its error would otherwise come at the next worker's exit, wherever the process is."""
         if signal.SIGCHLD not in self._previous or threading.current_thread() is not threading.main_thread():
             return
-        current = signal.getsignal(signal.SIGCHLD)
-        if current != self._child_exited:
-            self._previous[signal.SIGCHLD] = current
+        if signal.getsignal(signal.SIGCHLD) != self._child_exited:
             signal.signal(signal.SIGCHLD, self._child_exited)
 
     def _record(self, number: int, frame: FrameType | None) -> None:

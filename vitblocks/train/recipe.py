@@ -32,6 +32,9 @@ from vitblocks.train.config_fields import ConfigError, did_you_mean, field_hint,
 _RENAMED = {"model.attn_backend": "model.backend"}
 """Keys of configs stored in older checkpoints -> their current names."""
 
+_LEGACY_VALUES = {("optim", "clip_grad"): {0: None}}
+"""Values of configs stored in older checkpoints that now read otherwise: clip_grad=0 meant no clipping."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Replace:
@@ -70,6 +73,10 @@ def from_dict(data: dict[str, Any]) -> TrainConfig:
         (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
         if old_key in data.get(old_section, {}):
             data[new_section][new_key] = data[old_section].pop(old_key)
+    for (section, key), meanings in _LEGACY_VALUES.items():
+        value = data.get(section, {}).get(key)
+        if value in meanings and not isinstance(value, bool):
+            data[section][key] = meanings[value]
     return _build(TrainConfig, data)
 
 

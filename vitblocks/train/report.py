@@ -45,12 +45,13 @@ class MetricsLog:
             self._tensorboard.flush()
 
 
-def plot_curves(history: list[dict[str, Any]], path: str | Path) -> None:
+def plot_curves(history: list[dict[str, Any]], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Save loss and accuracy curves per epoch as a PNG.
 
     Args:
         history: Metrics rows.
         path: The PNG file (written as PNG whatever its suffix).
+        metadata: Text chunks stored in the PNG.
     """
     import_train_extra("matplotlib").use("Agg")
     plt = import_train_extra("matplotlib.pyplot")
@@ -69,7 +70,7 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")
+    fig.savefig(path, dpi=100, format="png", metadata=metadata)
     plt.close(fig)
 
 

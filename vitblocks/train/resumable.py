@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 import vitblocks.train.checkpoint as ckpt
+from vitblocks.io import CheckpointError
 import vitblocks.train.distributed as distributed
 from vitblocks.train.callbacks import TrainingDiverged
 from vitblocks.train.health import checkpoint_problem
@@ -83,10 +84,16 @@ class Resumable:
                 f"{self.state.epoch + 1}, batch {self.state.batch}); {name} was not written. Last good checkpoint: "
                 f"{self.last_good_checkpoint or 'none written yet'}. Try a lower optim.lr, optim.clip_grad, or fp32.")
         ranks = distributed.gather(self._own_state(), self.runtime)
-        if not self.runtime.is_main:
-            return None
-        path = self.run_folder.write_checkpoint(self.state_dict(ranks), name)
-        self.last_good_checkpoint = path
+        path, error = None, None
+        if self.runtime.is_main:
+            try:
+                path = self.run_folder.write_checkpoint(self.state_dict(ranks), name)
+            except CheckpointError as failed:
+                error = failed
+        if distributed.any_rank(error is not None, self.runtime):  # every process stops: none waits for the next step
+            raise error or CheckpointError(f"the main process could not write {name}; see its message")
+        if path is not None:
+            self.last_good_checkpoint = path
         return path
 
     def _data_identity(self) -> dict[str, Any]:
@@ -126,6 +133,9 @@ class Resumable:
                 f"if the change is on purpose, say so with --resume-changed {fields}")
         for change in changes:
             logger.warning(f"resuming with a change allowed by --resume-changed: {change.says}")
+        old_root = saved.get("config", {}).get("data", {}).get("root")
+        if old_root not in (None, self.config.data.root) and not any(c.field == "data.root" for c in changes):
+            logger.info(f"data.root moved from {old_root} to {self.config.data.root}: the same classes and image counts")
         self._keep_checkpoint_labels(saved, path)
         try:
             self.model.load_state_dict(saved["model"])
@@ -156,6 +166,11 @@ class Resumable:
         """Label the data by the checkpoint's class order where it numbers the same classes otherwise
         (a run written when classes were sorted as plain strings: c1, c10, c2, ...)."""
         classes = (saved.get("data") or {}).get("classes", saved.get("classes"))
+        if not classes and sorted(self.data.classes) != list(self.data.classes):
+            logger.warning(f"{path} stores no class names (it predates them), so its labels cannot be checked: they "
+                           f"are taken in today's natural order ({', '.join(self.data.classes[:6])}, ...); a run of "
+                           f"that age numbered classes in plain string order ({', '.join(sorted(self.data.classes)[:6])}"
+                           ", ...), and its labels then differ")
         if not classes or list(classes) == list(self.data.classes) or set(classes) != set(self.data.classes):
             return
         self.data.relabel(list(classes))

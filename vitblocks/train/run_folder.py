@@ -65,6 +65,9 @@ TRACKING = (TENSORBOARD, WANDB_FOLDER, WANDB_ID)
 OUTPUTS = (*CHECKPOINTS, METRICS, CURVES, *MODEL_FILES, BEST_FOLDER, *TRACKING)
 """Every name a run writes in its folder besides its lock."""
 
+STEP_KEY = "vitblocks_step"
+"""The metadata key of weights files and `curves.png` holding the optimizer step they are of."""
+
 
 class RunExistsError(CheckpointError):
     """The output folder already holds files a run writes, and neither resuming nor overwriting was asked for."""
@@ -172,8 +175,8 @@ class RunFolder:
         Raises:
             RunExistsError: Naming the files found and the ways on.
         """
-        found = self.found()
-        if not found:
+        found = [name for name in self.found() if name not in TRACKING]  # tracking alone: an attempt that never
+        if not found:                                                       # reached a checkpoint; it starts afresh
             return
         ways = "Replace them with --overwrite or choose another --output-dir."
         if self.resume_candidate() is not None:
@@ -181,6 +184,25 @@ class RunFolder:
         what = "a run" if any(name in found for name in CHECKPOINTS) else "files a run writes"
         raise RunExistsError(f"{self.path} already holds {what} ({', '.join(found)}); starting afresh would "
                              f"replace them. {ways}")
+
+    def start(self, resumed: bool, overwrite: bool) -> None:
+        """Make the folder ready for a run.
+
+        Args:
+            resumed: The run continues from a checkpoint (its files are its own).
+            overwrite: A fresh run replaces the run found there (`clear`); without it, a
+                fresh run refuses a folder holding a run's files (`refuse_fresh_start`).
+
+        Raises:
+            RunExistsError: For a fresh run in a folder that holds a run's files.
+            RunLinkError: For a name of the run that is a link.
+        """
+        if not resumed and overwrite:
+            self.clear()
+            return
+        if not resumed:
+            self.refuse_fresh_start()
+        self.prepare()
 
     def prepare(self) -> None:
         """Create the folder, check that none of the run's names is a link, and remove the
@@ -197,9 +219,10 @@ class RunFolder:
                                   "choose another --output-dir") from None
         for name in (*OUTPUTS, LOCK_NAME, *(f"{BEST_FOLDER}/{file}" for file in MODEL_FILES)):
             self.file(name)
-        for folder in (self.path, self.path / BEST_FOLDER):
-            for stale in folder.glob(".*.tmp") if folder.is_dir() else ():
-                stale.unlink(missing_ok=True)
+        for name in (*OUTPUTS, *(f"{BEST_FOLDER}/{file}" for file in MODEL_FILES)):
+            path = self.path / name
+            for stale in path.parent.glob(f".{path.name}.*.tmp") if path.parent.is_dir() else ():
+                stale.unlink(missing_ok=True)  # what `replacing` leaves when the process is killed mid-write
 
     def clear(self) -> None:
         """Remove every name of the run (`--overwrite`), and nothing else.
@@ -270,8 +293,8 @@ class RunFolder:
             RunWriteError: If it cannot be written (the previous checkpoint is intact).
         """
         can_resume = self.resume_candidate() is not None
-        advice = ("Free some space or choose another --output-dir, then "
-                  + ("continue with --resume auto." if can_resume else "start again (--overwrite)."))
+        advice = "Free some space, then " + ("continue with --resume auto." if can_resume else
+                                             "start again with --overwrite.")
         return self.write(name, lambda temporary: torch.save(state, temporary), advice)
 
     def write_metrics(self, history: list[dict[str, Any]]) -> None:
@@ -305,11 +328,12 @@ class RunFolder:
             return None
         return epochs or None
 
-    def write_curves(self, history: list[dict[str, Any]]) -> Path:
+    def write_curves(self, history: list[dict[str, Any]], step: int | None = None) -> Path:
         """Plot a run's loss and accuracy per epoch to `curves.png`.
 
         Args:
             history: Every epoch's metrics.
+            step: The optimizer step the history reaches, stored in the PNG (`stamped_step`).
 
         Returns:
             The path written.
@@ -321,7 +345,8 @@ class RunFolder:
 
         advice = ("The run's checkpoints, metrics and weights are written; free some space, then run the same "
                   "command with --resume auto to draw curves.png again.")
-        return self.write(CURVES, lambda temporary: plot_curves(history, temporary), advice)
+        stamp = {STEP_KEY: str(step)} if step is not None else None
+        return self.write(CURVES, lambda temporary: plot_curves(history, temporary, stamp), advice)
 
     def write_text(self, name: str, text: str) -> Path:
         """Write a small text file of the run (the wandb run id).
@@ -336,12 +361,14 @@ class RunFolder:
         return self.write(name, lambda temporary: Path(temporary).write_text(text))
 
     def write_model_folder(self, model: nn.Module, config: Any, ema: nn.Module | None = None,
-                           classes: Iterable[str] = (), best: bool = False) -> list[Path]:
+                           classes: Iterable[str] = (), best: bool = False, step: int | None = None) -> list[Path]:
         """Write a model folder (`vitblocks.train.model_folder`): the final one, or `best/`.
 
         The weights go first and config.json last, so a folder with a config.json always
         has the weights it describes; a file the run no longer writes (EMA weights of an
-        earlier run with EMA) is removed.
+        earlier run with EMA) is removed. The weights files record the optimizer step they
+        are of (`stamped_step`), so a resume can tell a folder left behind by an earlier
+        point of the run.
 
         Args:
             model: The model.
@@ -349,6 +376,7 @@ class RunFolder:
             ema: The EMA model, if any.
             classes: Class names in label order (timm's `label_names`).
             best: Write `best/` instead of the folder itself.
+            step: The optimizer step the weights are of.
 
         Returns:
             The files written.
@@ -361,10 +389,11 @@ class RunFolder:
         prefix = f"{BEST_FOLDER}/" if best else ""
         if best:
             self.file(BEST_FOLDER).mkdir(exist_ok=True)
-        written = [self.write(prefix + WEIGHTS, lambda temporary: save_model_file(model, temporary, WEIGHTS))]
+        stamp = {STEP_KEY: str(step)} if step is not None else None
+        written = [self.write(prefix + WEIGHTS, lambda temporary: save_model_file(model, temporary, WEIGHTS, stamp))]
         if ema is not None:
             written.append(self.write(prefix + EMA_WEIGHTS,
-                                      lambda temporary: save_model_file(ema, temporary, EMA_WEIGHTS)))
+                                      lambda temporary: save_model_file(ema, temporary, EMA_WEIGHTS, stamp)))
         else:
             self.file(prefix + EMA_WEIGHTS).unlink(missing_ok=True)
         text = model_config_json(model, config, list(classes))
@@ -383,91 +412,3 @@ class RunFolder:
         prefix = f"{BEST_FOLDER}/" if best else ""
         for name in MODEL_FILES:
             self.file(prefix + name).unlink(missing_ok=True)
-
-    def model_folder_incomplete(self, config: Any, ema: bool, best: bool = False) -> bool:
-        """Whether a model folder lacks a file `write_model_folder` writes, or holds an unreadable one.
-
-        Args:
-            config: The run's config (a converted model has no config.json).
-            ema: Whether the run keeps EMA weights.
-            best: `best/` instead of the folder itself.
-
-        Returns:
-            True when the folder should be written again.
-        """
-        from safetensors import safe_open
-
-        folder = self.path / BEST_FOLDER if best else self.path
-        if not config.model.convert and not (folder / MODEL_CONFIG).is_file():
-            return True
-        for name in (WEIGHTS, EMA_WEIGHTS)[: 1 + ema]:
-            try:
-                with safe_open(str(folder / name), "pt"):
-                    pass
-            except Exception:  # noqa: BLE001 - missing, truncated or not safetensors: write it again
-                return True
-        return False
-
-    def curves_missing(self) -> bool:
-        """Whether `curves.png` is absent or is not a whole PNG.
-
-        Returns:
-            True when it should be drawn again.
-        """
-        try:
-            data = (self.path / CURVES).read_bytes()
-        except OSError:
-            return True
-        return not (data.startswith(b"\x89PNG\r\n\x1a\n") and data.rstrip(b"\x00").endswith(b"IEND\xaeB`\x82"))
-
-    # ---- resuming --------------------------------------------------------------------------
-    def restore_missing(self, model: nn.Module, config: Any, ema: nn.Module | None, classes: list[str],
-                        history: list[dict[str, Any]], complete: bool) -> list[str]:
-        """Write again what a run of this history should have written but the folder lacks.
-
-        A write that failed (a full disk) or a kill between two writes leaves a file missing,
-        empty, truncated or behind its checkpoint; a resumed run writes it again from the
-        checkpoint before it trains: `metrics.csv` from the history, `best/` from
-        `best.pth`, and for a finished run the final model folder and `curves.png`.
-
-        Args:
-            model: The model, holding the checkpoint's weights (`best/` is written from
-                `best.pth`'s, which are loaded into it and then put back).
-            config: The run's `TrainConfig`.
-            ema: The EMA model, if any.
-            classes: Class names in label order.
-            history: The checkpoint's metrics rows.
-            complete: Whether the run has trained all its epochs.
-
-        Returns:
-            The names written.
-
-        Raises:
-            RunWriteError: If one cannot be written.
-        """
-        from vitblocks.train.checkpoint import load_training_checkpoint
-
-        written = []
-        if history and self.read_metrics_epochs() != [row["epoch"] for row in history]:
-            self.write_metrics(history)
-            written.append(METRICS)
-        if history and (self.path / BEST).is_file() and self.model_folder_incomplete(config, ema is not None, True):
-            best = load_training_checkpoint(self.file(BEST))
-            current = {name: value.clone() for name, value in model.state_dict().items()}
-            current_ema = {name: value.clone() for name, value in ema.state_dict().items()} if ema else None
-            try:
-                model.load_state_dict(best["model"])
-                if ema is not None and best.get("ema"):
-                    ema.load_state_dict(best["ema"])
-                self.write_model_folder(model, config, ema, best.get("classes") or classes, best=True)
-            finally:
-                model.load_state_dict(current)
-                if ema is not None:
-                    ema.load_state_dict(current_ema)
-            written.append(f"{BEST_FOLDER}/")
-        if complete and self.model_folder_incomplete(config, ema is not None):
-            written += [path.name for path in self.write_model_folder(model, config, ema, classes)]
-        if complete and history and self.curves_missing():
-            self.write_curves(history)
-            written.append(CURVES)
-        return written

@@ -1,12 +1,14 @@
-"""Where the optimizer update in progress began, for a stop inside it (gradient accumulation).
+"""Where the optimizer update in progress began, for a stop inside it.
 
 With `optim.accum_steps` > 1 an update spans several batches. A run that must stop
 between two of them (a loader worker died, so the next batch will not come) cannot
 finish the update, and a checkpoint of the state in between would count batches whose
-gradients it does not hold. The trainer marks each update's start (`UpdateStart.take`:
-a few counters, the random streams and the normalization statistics, small next to a
-step) and, stopping inside an update, returns there (`restore`), so the checkpoint is
-the last finished step and a resumed run repeats the update exactly.
+gradients it does not hold. Under torchrun, a process whose own batch came stops when
+another process's worker died, after drawing its batch's random erasing. The trainer
+marks each update's start in those cases (`UpdateStart.take`: a few counters, the random
+streams and the normalization statistics, small next to a step) and, stopping inside
+an update, returns there (`restore`), so the checkpoint is the last finished step and a
+resumed run repeats the update exactly.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ class UpdateStart:
     """The state of a run at the first batch of an update.
 
     Attributes:
+        epoch: The epoch it is in.
         counters: `TrainingState`'s batch and running totals.
         rng: Every random generator (`vitblocks.train.checkpoint.rng_state`).
         unread_losses: How many losses were waiting to be read from the device.
         norm_statistics: BatchNorm running statistics, which forward passes update.
     """
 
+    epoch: int
     counters: tuple[int, float, int, int, int]
     rng: dict[str, Any]
     unread_losses: int
@@ -54,7 +58,7 @@ class UpdateStart:
         counters = (state.batch, state.epoch_loss, state.epoch_batches, state.epoch_images, state.epoch_samples)
         statistics = {name: buffer.detach().clone() for name, buffer in model.named_buffers()
                       if "running_mean" in name or "running_var" in name or "num_batches_tracked" in name}
-        return cls(counters, rng_state(), unread_losses, statistics)
+        return cls(state.epoch, counters, rng_state(), unread_losses, statistics)
 
     def restore(self, state: TrainingState, model: nn.Module) -> None:
         """Return the run to the mark (the caller drops the losses after `unread_losses`).
