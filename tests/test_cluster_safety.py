@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file
 
 from train_helpers import assert_clear_error, run_cli, tiny_config, write_tiny_recipe
-from vitblocks.io import CheckpointError
 from vitblocks.train import OnStepEnd, Trainer, TrainingDiverged
 from vitblocks.train.__main__ import main as train
 from vitblocks.train.checkpoint import load_training_checkpoint
