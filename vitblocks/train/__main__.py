@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     Ctrl-C, which stops without a checkpoint.
     """
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    trainer = None
+    trainer, output_dir = None, None
     startup = StopSignals(at_once=True)  # until training starts a stop signal stops at once: no step to finish
     try:
         with startup:
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.smoke:
                 config = smoke_config(config)
             check_names(config)  # before anything is built or written, --print-config included
+            output_dir = config.output_dir
             if args.print_config:
                 print(format_config(config))
                 return 0
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             startup.at_once = False  # from here a signal is recorded: fit stops after the step in progress
             trainer.fit(progress=not args.no_progress and sys.stderr.isatty())  # no bar in logs: one line per epoch
     except StopRequested as stop:
-        kept = RunFolder(trainer.output_dir).resume_candidate() if trainer is not None else None
+        kept = RunFolder(output_dir).resume_candidate() if output_dir is not None else None
         _say(f"{stop}; {f'{kept} is unchanged' if kept else 'no checkpoint was written'}. Continue with: "
              f"{_resume_command(argv)}", trainer)
         return PREEMPTED_EXIT_CODE
