@@ -160,7 +160,9 @@ def test_a_stop_signal_during_start_up_or_before_the_first_step_exits_75_with_no
     assert capsys.readouterr().err.startswith("stopped by SIGHUP before the first step: nothing new was trained; no "
                                               "checkpoint was written. Continue with:")
     monkeypatch.undo()
+    (run / "wandb-run-id").write_text("0badc0de\n")  # as a tracked start stopped before its first checkpoint leaves
     assert train([recipe, "--no-progress", "--resume", "auto"]) == 0  # what the stopped start left is no obstacle
+    assert "wandb-run-id from" in capsys.readouterr().out and not (run / "wandb-run-id").exists()  # nor drawn over
     before = (run / "last.pth").read_bytes()
     monkeypatch.setattr(engine, "default_callbacks", lambda config: [*defaults(config), SignalBeforeTraining()])
     capsys.readouterr()

@@ -15,7 +15,7 @@ from vitblocks.train import ConfigError, DataConfig, Trainer, derive
 from vitblocks.train.__main__ import main as train
 from vitblocks.train.checkpoint import load_training_checkpoint
 from vitblocks.io import save_model_file
-from vitblocks.train.run_folder import STEP_KEY, RunExistsError, RunFolder, RunLinkError
+from vitblocks.train.run_folder import CONFIG_KEY, STEP_KEY, RunExistsError, RunFolder, RunLinkError
 from vitblocks.train.run_restore import curves_current, model_folder_current
 
 pytestmark = pytest.mark.slow  # trains: left out of the quick subset
@@ -100,6 +100,23 @@ def test_a_new_image_size_is_refused_by_name_or_when_allowed_restarts_the_resize
     assert "the optimizer state of pos_embed.weight starts afresh" in caplog.text
     trainer.fit(progress=False)
     assert all(torch.isfinite(torch.tensor(row["train_loss"])) for row in trainer.state.history)
+
+
+def test_an_ema_turned_on_at_a_resume_starts_from_the_resumed_weights(tmp_path, trained):
+    trainer = Trainer(tiny_config(tmp_path / "run", epochs=2, ema_decay=0.9))
+    trainer.resume(trained / "last.pth")
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(trainer.ema.module.state_dict()[name], value), name
+
+
+def test_a_model_folder_is_current_when_its_weights_are_of_the_step_and_say_whether_a_config_follows(tmp_path):
+    model, folder = torch.nn.Linear(2, 2), RunFolder(tmp_path)
+    config = tiny_config(tmp_path)
+    save_model_file(model, tmp_path / "model.safetensors", metadata={STEP_KEY: "4", CONFIG_KEY: "False"})
+    assert model_folder_current(folder, config, ema=False, step=4)  # timm could not describe it: no config.json
+    assert not model_folder_current(folder, config, ema=False, step=5)
+    save_model_file(model, tmp_path / "model.safetensors", metadata={STEP_KEY: "4", CONFIG_KEY: "True"})
+    assert not model_folder_current(folder, config, ema=False, step=4)  # its config.json is missing
 
 
 def test_an_optimizer_state_of_another_shape_is_never_handed_to_the_optimizer(tmp_path, trained):

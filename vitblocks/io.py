@@ -109,12 +109,13 @@ def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [name for name, ok in zip(names, finite.tolist()) if not ok]
 
 
-def load_weights_only(path: str | os.PathLike, hint: str = "") -> Any:
+def load_weights_only(path: str | os.PathLike, hint: str = "", mmap: bool = False) -> Any:
     """`torch.load` that only accepts tensors and plain containers, with clear errors.
 
     Args:
         path: The file.
         hint: Advice appended to the error for a file that cannot be read.
+        mmap: Map the file instead of reading it whole (`torch.load(mmap=True)`).
 
     Returns:
         Whatever the file holds.
@@ -128,7 +129,7 @@ def load_weights_only(path: str | os.PathLike, hint: str = "") -> Any:
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{os.fspath(path)!r} is empty (0 bytes): it was never written completely.{hint}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises several types for damaged or unsafe files
         reason = " ".join(str(error).split()) or "no message"
         refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", reason)

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             startup.at_once = False  # from here a signal is recorded: fit stops after the step in progress
             trainer.fit(progress=not args.no_progress and sys.stderr.isatty())  # no bar in logs: one line per epoch
     except StopRequested as stop:
-        kept = RunFolder(output_dir).resume_candidate() if output_dir is not None else None
+        kept = _checkpoint_kept(args.resume, output_dir)
         _say(f"{stop}; {f'{kept} is unchanged' if kept else 'no checkpoint was written'}. Continue with: "
              f"{_resume_command(argv)}", trainer)
         return PREEMPTED_EXIT_CODE
@@ -103,13 +103,25 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"interrupted; stopped at once, without a checkpoint of this point. "
              f"{f'The last checkpoint is {kept}.' if kept else 'No checkpoint was written.'}")
         return 130
-    except (ConfigError, DataError, CheckpointError, TrainingDiverged, FileNotFoundError, OSError,
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged, FileNotFoundError, OSError, ImportError,
             LoaderWorkerDied, distributed.StoppedElsewhere) as error:
         _say(f"error: {_message(error)}")
         return 2
     finally:
         distributed.teardown()
     return 0
+
+
+def _checkpoint_kept(resume: str | None, output_dir: str | None) -> Path | None:
+    """The checkpoint a run stopped during start-up would have continued from (None: it started afresh)."""
+    if not resume or output_dir is None:
+        return None
+    if resume != "auto":
+        return Path(resume)
+    try:
+        return RunFolder(output_dir).resume_candidate()
+    except (CheckpointError, OSError):  # a link, no permission: say nothing of it rather than fail here
+        return None
 
 
 def _say(line: str, trainer: Trainer | None = None) -> None:

@@ -50,11 +50,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_training_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """Read a trainer checkpoint safely (no arbitrary unpickling).
 
     Args:
         path: The checkpoint.
+        mmap: Map the file instead of reading it whole (tensors are read when used).
 
     Returns:
         The checkpoint dict.
@@ -63,7 +64,8 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
         FileNotFoundError: If the file does not exist.
         CheckpointError: If it is corrupt, truncated, or not a trainer checkpoint.
     """
-    checkpoint = load_weights_only(path, hint=" Resume from another checkpoint (last.pth / best.pth) or start afresh.")
+    checkpoint = load_weights_only(path, hint=" Resume from another checkpoint (last.pth / best.pth) or start afresh.",
+                                   mmap=mmap)
     required = {"model", "optimizer", "scheduler", "epoch", "batch", "step", "config", "rng"}
     if not isinstance(checkpoint, dict) or not required <= checkpoint.keys():
         missing = sorted(required - (checkpoint.keys() if isinstance(checkpoint, dict) else set()))

@@ -22,7 +22,6 @@ from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, distribute_
 from torch import nn
 
 import vitblocks.train.distributed as distributed
-from vitblocks.io import CheckpointError
 from vitblocks.attention import attention_backend
 from vitblocks.train.builders import Data, build_criterion, build_data, build_model, build_optimizer_and_schedule
 from vitblocks.train.callbacks import Callback, LossRecord, TrainingDiverged, default_callbacks
@@ -35,7 +34,7 @@ from vitblocks.train.logs import console_logging, logger
 from vitblocks.train.precision import autocast_for
 from vitblocks.train.preemption import LoaderWorkerDied, StopSignals, TrainingInterrupted, worker_death
 from vitblocks.train.report import final_summary
-from vitblocks.train.run_folder import BEST, BEST_FOLDER, EMA_WEIGHTS, LAST, METRICS, WEIGHTS, RunFolder, RunWriteError
+from vitblocks.train.run_folder import BEST, BEST_FOLDER, LAST, RunFolder, RunWriteError
 from vitblocks.train.run_lock import RunLock
 from vitblocks.train.run_restore import restore_missing
 from vitblocks.train.resumable import Resumable
@@ -177,13 +176,16 @@ class Trainer(Resumable):
         # under torchrun a worker's death must reach every process before the next collective step
         vote_each_batch = self.runtime.distributed and getattr(loader, "has_workers", True)
         mark_updates = accum > 1 or vote_each_batch  # where a stop between a fetch and its step returns to
+        self._update_start = None
         while state.batch < self.steps_per_epoch:
             if mark_updates and (state.batch % accum == 0 or self._update_start is None):  # (resumed inside one)
                 self._update_start = UpdateStart.take(state, self.model, len(self._unread_losses))
             fetch = time.perf_counter()
             batch, failure = self._next_batch(batches)
             if distributed.any_rank(failure is not None, self.runtime) if vote_each_batch else failure is not None:
-                self._stop_inside_update(failure, distributed.any_rank(isinstance(failure, DataError), self.runtime))
+                data_error = isinstance(failure, DataError)
+                self._stop_inside_update(failure, distributed.any_rank(data_error, self.runtime) if vote_each_batch
+                                         else data_error)
             if batch is None:
                 break
             inputs, targets = batch
@@ -359,8 +361,13 @@ class Trainer(Resumable):
 
         Raises:
             TrainingDiverged: On a non-finite loss or weights (no checkpoint of them is written).
-            TrainingInterrupted: After a stop signal, once the checkpoint is written.
+            TrainingInterrupted: After a stop signal or a loader worker's death, once the checkpoint
+                is written.
             RunLockedError: If another live run holds the output folder.
+            CheckpointError: If a file of the run cannot be written (`RunWriteError`) or the folder
+                holds another run's files (`RunExistsError`) or a link (`RunLinkError`).
+            DataError: For data that cannot be read or holds labels out of range.
+            StoppedElsewhere: Under torchrun, on the processes that stop because another failed.
         """
         with self._stop:  # also while the run ends: closing files and workers is no start-up to stop at once
             try:
@@ -374,20 +381,13 @@ class Trainer(Resumable):
                     self._lock = None
 
     def _lock_output_dir(self) -> None:
-        lock, error = None, None
-        if self.runtime.is_main:
-            try:
-                lock = self.run_folder.lock().acquire()
-            except CheckpointError as refused:
-                error = refused
-        if distributed.any_rank(error is not None, self.runtime):
-            if lock is not None:
-                lock.release()
-            raise error or CheckpointError(f"the main process could not lock {self.output_dir}")
-        self._lock = lock
-        if lock is not None and lock.took_over:
-            logger.info(f"took over the lock of a run that is no longer running "
-                        f"(pid {lock.took_over.get('pid')} on {lock.took_over.get('host')})")
+        def acquire() -> None:
+            self._lock = lock = self.run_folder.lock().acquire()
+            if lock.took_over:
+                logger.info(f"took over the lock of a run that is no longer running "
+                            f"(pid {lock.took_over.get('pid')} on {lock.took_over.get('host')})")
+
+        self._on_main(acquire)  # refused on the main process: every process stops
 
     def _fit(self, progress: bool) -> dict[str, Any]:
         config, state = self.config, self.state
@@ -398,12 +398,10 @@ class Trainer(Resumable):
                         f"best top-1 {state.best_top1:.2f}%. Raise epochs (--set epochs=N) to train further.")
             return {**state.history[-1], "best_top1": state.best_top1}
         self._on_every("on_fit_start")
+        self._stop_before_training()
         if not state.history and is_stream(self.data.val_set):
             self._check_validation_labels()
-        cause = self._stop.cause()
-        if distributed.any_rank(cause is not None, self.runtime):  # before the first step: nothing to save
-            raise TrainingInterrupted(cause or "another process was asked to stop", self.last_good_checkpoint, state.step,
-                                      state.epoch + 1, state.batch, trained=False)
+            self._stop_before_training()
         start, images = time.perf_counter(), 0
         with attention_backend(config.model.backend):
             while state.epoch < config.epochs:
@@ -431,16 +429,22 @@ class Trainer(Resumable):
             self._finish(time.perf_counter() - start, images)
         return {**state.history[-1], "best_top1": state.best_top1}
 
+    def _stop_before_training(self) -> None:
+        """Before the first step, a stop (on any process) stops the run with nothing to save."""
+        cause, state = self._stop.cause(), self.state
+        if distributed.any_rank(cause is not None, self.runtime):
+            raise TrainingInterrupted(cause or "another process was asked to stop", self.last_good_checkpoint, state.step,
+                                      state.epoch + 1, state.batch, trained=False)
+
     def _check_validation_labels(self) -> None:
-        """Read a streamed validation split once before training, so a label out of range
-        (`timm_datasets.LabelRange`) stops the run now rather than after the first epoch."""
+        """Read a streamed validation split once before training: a label out of range
+        (`timm_datasets.LabelRange`) stops the run now, not after the first epoch."""
         try:
-            count = read_labels(self.data.val_loader(self.config, self.device), self.runtime)
+            if read_labels(self.data.val_loader(self.config, self.device), self.runtime,
+                           stop=lambda: self._stop.cause() is not None) is not None:  # None: a stop came meanwhile
+                logger.info(f"read the validation stream's labels before training: all in [0, {self.config.data.num_classes})")
         except LoaderWorkerDied as died:  # on every process: the run stops before its first step
             self._stop.worker_failure = self._stop.worker_failure or died.cause
-            return
-        logger.info(f"read the {count} labels of the validation stream before training: all within "
-                    f"data.num_classes={self.config.data.num_classes}")
 
     def _evaluate_epoch(self, train_loss: float) -> dict[str, Any]:
         """The epoch's metrics row: validation scores, and what the callbacks add (EMA scores)."""
@@ -486,13 +490,7 @@ class Trainer(Resumable):
                            f"({' '.join(str(error).split())[:300]}); best.pth holds the same weights")
 
     def _finish(self, seconds: float, images: float) -> None:
-        self.run_folder.write_model_folder(self.model, self.config, self.ema.module if self.ema else None,
-                                           self.data.classes, step=self.state.step)
-        files = {"checkpoints": self.output_dir / LAST, "metrics": self.output_dir / METRICS,
-                 "weights": self.output_dir / WEIGHTS}
-        if not self.config.model.convert:
-            files["timm model"] = f"timm.create_model('local-dir:{self.output_dir}', pretrained=True)"
-        if self.ema is not None:
-            files["EMA weights"] = self.output_dir / EMA_WEIGHTS
-        files["curves"] = self.run_folder.write_curves(self.state.history, self.state.step)
-        logger.info(final_summary(self.state.history, seconds, int(images), files))
+        written = self.run_folder.write_model_folder(self.model, self.config, self.ema.module if self.ema else None,
+                                                     self.data.classes, step=self.state.step)
+        written.append(self.run_folder.write_curves(self.state.history, self.state.step))
+        logger.info(final_summary(self.state.history, seconds, int(images), self.run_folder.summary_files(written)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
         loader: Batches of (images, labels).
         device: Where to run.
         autocast: Mixed-precision context, if any.
-        runtime: When distributed, sums are reduced over all processes.
+        runtime: When distributed, sums are reduced over all processes (and so are
+            failures: every process raises the same).
         max_unreadable: Unreadable images tolerated (over all processes) before the
             evaluation stops (None: no limit).
 
@@ -57,12 +58,12 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
         some images could not be read.
 
     Raises:
-        DataError: If the loader yields no readable sample, or more than `max_unreadable`
-            images could not be read.
+        DataError: If the loader yields no readable sample, its dataset stops on its data
+            (a label out of range), or more than `max_unreadable` images could not be read.
         LoaderWorkerDied: If a loader worker died (on any process, when distributed).
     """
     model.eval()
-    loss, top1, top5, count, unreadable, died = 0.0, 0.0, 0.0, 0, 0, None
+    loss, top1, top5, count, unreadable, error = 0.0, 0.0, 0.0, 0, 0, None
     try:
         for inputs, targets in loader:
             inputs, targets = inputs.to(device), targets.to(device)
@@ -77,17 +78,13 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
             loss += F.cross_entropy(logits.float(), targets, reduction="sum").item()
             hits = correct_counts(logits, targets)
             top1, top5, count = top1 + hits[0], top5 + hits[1], count + len(targets)
-    except RuntimeError as error:  # a dead loader worker: every process learns of it below
-        died = worker_death(error)
-        if died is None:
+    except (DataError, RuntimeError) as failed:  # every process learns of it below
+        error = failed if isinstance(failed, DataError) else worker_death(failed)
+        if error is None:
             raise
     if runtime is not None:
-        loss, top1, top5, count, unreadable, failed = distributed.all_sum(
-            [loss, top1, top5, count, unreadable, float(died is not None)], runtime)
-        if failed and died is None:
-            died = LoaderWorkerDied("a loader worker of another process died")
-    if died is not None:
-        raise died
+        loss, top1, top5, count, unreadable = distributed.all_sum([loss, top1, top5, count, unreadable], runtime)
+    raise_together(error, runtime)
     if max_unreadable is not None and unreadable > max_unreadable:
         raise DataError(f"{int(unreadable)} validation images cannot be read (named above), more than "
                         f"data.max_bad_images={max_unreadable}; the evaluation stopped rather than score what is "
@@ -101,32 +98,55 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
     return scores
 
 
-def read_labels(loader: Iterable, runtime: distributed.Runtime | None = None) -> int:
+def raise_together(error: Exception | None, runtime: distributed.Runtime | None) -> None:
+    """Raise a loader's failure on every process alike: a data error if any process had one, else a
+    worker's death if any process had one (the others raise a stand-in naming where to look).
+
+    Args:
+        error: This process's `DataError` or `LoaderWorkerDied`, or None.
+        runtime: The process group (None: this process alone).
+
+    Raises:
+        DataError: If any process had a data error.
+        LoaderWorkerDied: Else, if any process lost a loader worker.
+    """
+    data_error, died = isinstance(error, DataError), isinstance(error, LoaderWorkerDied)
+    if runtime is not None:  # both votes on every process, in this order
+        data_error, died = distributed.any_rank(data_error, runtime), distributed.any_rank(died, runtime)
+    if data_error:
+        raise error if isinstance(error, DataError) else DataError("the loader of another process stopped on its "
+                                                                   "data; see its message")
+    if died:
+        raise error if isinstance(error, LoaderWorkerDied) else LoaderWorkerDied("a loader worker of another "
+                                                                                 "process died")
+
+
+def read_labels(loader: Iterable, runtime: distributed.Runtime | None = None,
+                stop: Callable[[], bool] | None = None) -> int | None:
     """Read a loader's batches once, for the checks its dataset makes as it reads (labels in range).
 
     Args:
         loader: Batches of (images, labels).
         runtime: When distributed, every process learns of a failure on any of them.
+        stop: Asked after each batch; True ends the reading early.
 
     Returns:
-        The labels read by this process.
+        The labels read by this process, or None when `stop` ended the reading.
 
     Raises:
         DataError: From the dataset's checks (on any process).
         LoaderWorkerDied: If a loader worker died (on any process).
     """
-    count, error = 0, None
+    count, error, stopped = 0, None, False
     try:
         for _, targets in loader:
             count += len(targets)
-    except DataError as failed:
-        error = failed
-    except RuntimeError as failed:
-        error = worker_death(failed)
+            if stop is not None and stop():
+                stopped = True
+                break
+    except (DataError, RuntimeError) as failed:
+        error = failed if isinstance(failed, DataError) else worker_death(failed)
         if error is None:
             raise
-    if runtime is not None and distributed.any_rank(error is not None, runtime) and error is None:
-        error = DataError("the validation stream of another process could not be read; see its message")
-    if error is not None:
-        raise error
-    return count
+    raise_together(error, runtime)
+    return None if stopped else count

@@ -134,7 +134,8 @@ class Resumable:
         for change in changes:
             logger.warning(f"resuming with a change allowed by --resume-changed: {change.says}")
         old_root = saved.get("config", {}).get("data", {}).get("root")
-        if old_root not in (None, self.config.data.root) and not any(c.field == "data.root" for c in changes):
+        compared = (saved.get("data") or {}).get("train_images") is not None and not changes
+        if compared and old_root not in (None, self.config.data.root):
             logger.info(f"data.root moved from {old_root} to {self.config.data.root}: the same classes and image counts")
         self._keep_checkpoint_labels(saved, path)
         try:
@@ -147,6 +148,9 @@ class Resumable:
             self.scaler.load_state_dict(saved["scaler"])
         if self.ema and saved["ema"]:
             self.ema.module.load_state_dict(saved["ema"])
+        elif self.ema:  # EMA turned on at this resume: it starts from the resumed weights, not the initial ones
+            self.ema.module.load_state_dict(self.model.state_dict())
+            logger.info(f"{path} holds no EMA weights; the EMA starts from its weights")
         self.state.load_state_dict(saved)
         self._continue_epoch_at_this_batch_size(saved)
         self.scheduler.step_update(num_updates=self.state.step + self._schedule_offset)
@@ -166,7 +170,7 @@ class Resumable:
         """Label the data by the checkpoint's class order where it numbers the same classes otherwise
         (a run written when classes were sorted as plain strings: c1, c10, c2, ...)."""
         classes = (saved.get("data") or {}).get("classes", saved.get("classes"))
-        if not classes and sorted(self.data.classes) != list(self.data.classes):
+        if not classes and self.config.data.dataset == "imagefolder" and sorted(self.data.classes) != self.data.classes:
             logger.warning(f"{path} stores no class names (it predates them), so its labels cannot be checked: they "
                            f"are taken in today's natural order ({', '.join(self.data.classes[:6])}, ...); a run of "
                            f"that age numbered classes in plain string order ({', '.join(sorted(self.data.classes)[:6])}"

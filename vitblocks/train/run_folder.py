@@ -16,8 +16,10 @@ Three rules hold for all of them:
   over it: a crash or a full disk leaves the previous file or none, never part of one.
   A failed write names the file and the space left on its filesystem.
 - **Only the run's own files.** A fresh run refuses a folder that holds any of these
-  names (naming what it found) unless told `overwrite`, which removes exactly these
-  names; other files in the folder are never touched. A resumed run rewrites its own.
+  names but the tracking ones (naming what it found) unless told `overwrite`, which
+  removes exactly these names; other files in the folder are never touched. Tracking
+  files alone are what a start stopped before its first checkpoint leaves: a fresh run
+  removes them and starts clean. A resumed run rewrites its own.
 - **Never through a link.** A name of the run that is a symbolic link (a file, or a
   folder such as `best/`) is refused, naming the link, before anything is written: a run
   writes inside its folder and nowhere else. The output folder itself may be a link.
@@ -37,6 +39,7 @@ import torch
 from torch import nn
 
 from vitblocks.io import CheckpointError, replacing, save_model_file
+from vitblocks.train.logs import logger
 from vitblocks.train.run_lock import LOCK_NAME, RunLock
 
 __all__ = ["BEST", "BEST_FOLDER", "CHECKPOINTS", "CURVES", "EMA_WEIGHTS", "LAST", "METRICS", "MODEL_CONFIG",
@@ -67,6 +70,9 @@ OUTPUTS = (*CHECKPOINTS, METRICS, CURVES, *MODEL_FILES, BEST_FOLDER, *TRACKING)
 
 STEP_KEY = "vitblocks_step"
 """The metadata key of weights files and `curves.png` holding the optimizer step they are of."""
+
+CONFIG_KEY = "vitblocks_config_json"
+"""The metadata key of weights files saying whether a config.json goes with them ("True" or "False")."""
 
 
 class RunExistsError(CheckpointError):
@@ -202,7 +208,20 @@ class RunFolder:
             return
         if not resumed:
             self.refuse_fresh_start()
+            self._clear_tracking_leftovers()
         self.prepare()
+
+    def _clear_tracking_leftovers(self) -> None:
+        """Remove what an earlier start that wrote no checkpoint logged, so that a fresh run's curves
+        are not drawn over it (wandb's own folder stays: it may hold runs still to upload)."""
+        left = [name for name in (TENSORBOARD, WANDB_ID) if os.path.lexists(self.file(name))]
+        for name in left:
+            if (self.path / name).is_dir():
+                shutil.rmtree(self.path / name)
+            else:
+                (self.path / name).unlink()
+        if left:
+            logger.info(f"removed {', '.join(left)} from {self.path}: left by an earlier start that wrote no checkpoint")
 
     def prepare(self) -> None:
         """Create the folder, check that none of the run's names is a link, and remove the
@@ -333,7 +352,7 @@ class RunFolder:
 
         Args:
             history: Every epoch's metrics.
-            step: The optimizer step the history reaches, stored in the PNG (`stamped_step`).
+            step: The optimizer step the history reaches, stored in the PNG (`STEP_KEY`).
 
         Returns:
             The path written.
@@ -367,8 +386,9 @@ class RunFolder:
         The weights go first and config.json last, so a folder with a config.json always
         has the weights it describes; a file the run no longer writes (EMA weights of an
         earlier run with EMA) is removed. The weights files record the optimizer step they
-        are of (`stamped_step`), so a resume can tell a folder left behind by an earlier
-        point of the run.
+        are of and whether a config.json goes with them (`STEP_KEY`, `CONFIG_KEY`), so a
+        resume can tell a folder left behind by an earlier point of the run
+        (`vitblocks.train.run_restore.model_folder_current`).
 
         Args:
             model: The model.
@@ -376,7 +396,7 @@ class RunFolder:
             ema: The EMA model, if any.
             classes: Class names in label order (timm's `label_names`).
             best: Write `best/` instead of the folder itself.
-            step: The optimizer step the weights are of.
+            step: The optimizer step the weights are of (None: not recorded).
 
         Returns:
             The files written.
@@ -389,19 +409,40 @@ class RunFolder:
         prefix = f"{BEST_FOLDER}/" if best else ""
         if best:
             self.file(BEST_FOLDER).mkdir(exist_ok=True)
-        stamp = {STEP_KEY: str(step)} if step is not None else None
+        text = model_config_json(model, config, list(classes))  # None: timm cannot describe this model
+        stamp = {STEP_KEY: str(step), CONFIG_KEY: str(text is not None)} if step is not None else None
         written = [self.write(prefix + WEIGHTS, lambda temporary: save_model_file(model, temporary, WEIGHTS, stamp))]
         if ema is not None:
             written.append(self.write(prefix + EMA_WEIGHTS,
                                       lambda temporary: save_model_file(ema, temporary, EMA_WEIGHTS, stamp)))
         else:
             self.file(prefix + EMA_WEIGHTS).unlink(missing_ok=True)
-        text = model_config_json(model, config, list(classes))
         if text is None:
             self.file(prefix + MODEL_CONFIG).unlink(missing_ok=True)
             return written
         written.append(self.write(prefix + MODEL_CONFIG, lambda temporary: Path(temporary).write_text(text)))
         return written
+
+    def summary_files(self, written: list[Path]) -> dict[str, Path | str]:
+        """What a finished run's summary lists: label -> where it is.
+
+        Args:
+            written: The final files just written (model folder, curves).
+
+        Returns:
+            Checkpoints, metrics, weights, the timm model folder (when it has a config.json),
+            EMA weights (when written) and curves.
+        """
+        names = {path.name for path in written}
+        files: dict[str, Path | str] = {"checkpoints": self.path / LAST, "metrics": self.path / METRICS,
+                                        "weights": self.path / WEIGHTS}
+        if MODEL_CONFIG in names:
+            files["timm model"] = f"timm.create_model('local-dir:{self.path}', pretrained=True)"
+        if EMA_WEIGHTS in names:
+            files["EMA weights"] = self.path / EMA_WEIGHTS
+        if CURVES in names:
+            files["curves"] = self.path / CURVES
+        return files
 
     def remove_model_folder(self, best: bool = False) -> None:
         """Remove a model folder's files (after a failed write: no folder whose files disagree).

@@ -21,6 +21,7 @@ from vitblocks.train.logs import logger
 from vitblocks.train.run_folder import (
     BEST,
     BEST_FOLDER,
+    CONFIG_KEY,
     CURVES,
     EMA_WEIGHTS,
     MODEL_CONFIG,
@@ -38,7 +39,7 @@ def model_folder_current(folder: RunFolder, config: Any, ema: bool, step: int, b
 
     Args:
         folder: The run folder.
-        config: The run's config (a converted model has no config.json).
+        config: The run's config.
         ema: Whether the run keeps EMA weights.
         step: The optimizer step its weights should be of.
         best: `best/` instead of the folder itself.
@@ -49,17 +50,15 @@ def model_folder_current(folder: RunFolder, config: Any, ema: bool, step: int, b
     from safetensors import safe_open
 
     path = folder.path / BEST_FOLDER if best else folder.path
-    if not config.model.convert and not (path / MODEL_CONFIG).is_file():
-        return False
     for name in (WEIGHTS, EMA_WEIGHTS)[: 1 + ema]:
         try:
             with safe_open(str(path / name), "pt") as weights:
-                stamped = (weights.metadata() or {}).get(STEP_KEY)
+                stamp = weights.metadata() or {}
         except Exception:  # noqa: BLE001 - missing, truncated or not safetensors: write it again
             return False
-        if stamped != str(step):
+        if stamp.get(STEP_KEY) != str(step):
             return False
-    return True
+    return stamp.get(CONFIG_KEY) == "False" or (path / MODEL_CONFIG).is_file()
 
 
 def curves_current(folder: RunFolder, step: int) -> bool:
@@ -127,17 +126,18 @@ def _restore_best(folder: RunFolder, model: nn.Module, config: Any, ema: nn.Modu
                   classes: list[str]) -> bool:
     """Write `best/` again from `best.pth` when it is not of that checkpoint's step; whether it was written."""
     try:
-        best = load_training_checkpoint(folder.file(BEST))
+        best = load_training_checkpoint(folder.file(BEST), mmap=True)  # read lazily: mostly its step is needed
     except (CheckpointError, FileNotFoundError) as error:
         logger.warning(f"{folder.path / BEST_FOLDER} was not checked against {BEST}, which cannot be read ({error})")
         return False
+    ema = ema if best.get("ema") else None  # EMA weights only if best.pth's run kept them
     if model_folder_current(folder, config, ema is not None, best["step"], best=True):
         return False
     current = {name: value.clone() for name, value in model.state_dict().items()}
     current_ema = {name: value.clone() for name, value in ema.state_dict().items()} if ema is not None else None
     try:
         model.load_state_dict(best["model"])
-        if ema is not None and best.get("ema"):
+        if ema is not None:
             ema.load_state_dict(best["ema"])
         folder.write_model_folder(model, config, ema, best.get("classes") or classes, best=True, step=best["step"])
     except (RunWriteError, RuntimeError) as error:
