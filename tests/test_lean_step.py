@@ -24,12 +24,18 @@ def _leaves(*shapes, dtype=torch.float64):
     return [torch.randn(*s, dtype=dtype, requires_grad=True) for s in shapes]
 
 
-@pytest.mark.parametrize("per_sample", [False, True])
-def test_scaled_residual_matches_autograd_of_the_plain_formula(per_sample):
+def _residual_inputs(shape, per_sample):
+    """x, skip, y, scale of a residual sum (float64 leaves) and a drop mask of the batch, or None."""
     torch.manual_seed(0)
-    x, y = _leaves((3, 5, 4), (3, 5, 4))
+    x, y = _leaves(shape, shape)
     skip, scale = _leaves((1,), (1,))
     mask = torch.tensor([2.0, 0.0, 2.0], dtype=torch.float64).view(3, 1, 1) if per_sample else None
+    return x, skip, y, scale, mask
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_scaled_residual_matches_autograd_of_the_plain_formula(per_sample):
+    x, skip, y, scale, mask = _residual_inputs((3, 5, 4), per_sample)
     out = scaled_residual(x, skip, y, scale, mask)
     reference = x * skip + y * (scale if mask is None else scale * mask)
     grad = torch.randn_like(out)
@@ -195,10 +201,7 @@ def test_pooling_on_repeated_channels_is_the_grouped_convolution():
 
 @pytest.mark.parametrize("per_sample", [False, True])
 def test_scaled_residual_is_correct_to_second_order(per_sample):
-    torch.manual_seed(0)
-    x, y = _leaves((3, 4, 2), (3, 4, 2))
-    skip, scale = _leaves((1,), (1,))
-    mask = torch.tensor([2.0, 0.0, 2.0], dtype=torch.float64).view(3, 1, 1) if per_sample else None
+    x, skip, y, scale, mask = _residual_inputs((3, 4, 2), per_sample)
 
     def residual(x, skip, y, scale):
         out = scaled_residual(x, skip, y, scale, mask)

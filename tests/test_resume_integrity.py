@@ -168,7 +168,7 @@ def test_a_full_disk_names_the_file_and_the_space_and_a_resume_writes_every_miss
     write = RunFolder.write
 
     def full_at(name):
-        def failing(self, target, writer, advice=""):
+        def failing(self, target, writer, advice=None):
             if target != name:
                 return write(self, target, writer, advice)
 

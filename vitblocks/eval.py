@@ -29,7 +29,7 @@ from vitblocks.train.config import TrainConfig
 from vitblocks.train.data import DataError, folder_classes, split_folder
 from vitblocks.train.evaluation import evaluate
 from vitblocks.train.image_folder import class_order
-from vitblocks.train.logs import console_logging, logger
+from vitblocks.train.logs import console_logging, listed, logger
 from vitblocks.train.preemption import LoaderWorkerDied
 
 
@@ -74,14 +74,14 @@ def check_classes(checkpoint: str, state: dict[str, Any], config: TrainConfig) -
             )
         natural = sorted(classes, key=class_order)
         if classes != natural:
-            logger.warning(f"note: labels follow the class order stored in {checkpoint} ({_shown(classes)}), not "
-                           f"the natural order vitblocks and timm number classes by now ({_shown(natural)}): the "
+            logger.warning(f"note: labels follow the class order stored in {checkpoint} ({listed(classes)}), not "
+                           f"the natural order vitblocks and timm number classes by now ({listed(natural)}): the "
                            "model is scored on the labels it was trained with")
         return classes
     if state and sorted(train or val) != (train or val):  # a vitblocks checkpoint from before class names were stored
         logger.warning(f"note: {checkpoint} stores no class names (it predates them); labels follow today's natural "
-                       f"order ({_shown(train or val)}), while a run of that age numbered classes in plain string order "
-                       f"({_shown(sorted(train or val))}): if it was trained so, its scores are not comparable")
+                       f"order ({listed(train or val)}), while a run of that age numbered classes in plain string order "
+                       f"({listed(sorted(train or val))}): if it was trained so, its scores are not comparable")
     if train and len(train) != config.data.num_classes:
         raise CheckpointError(
             f"the checkpoint {checkpoint} holds a model with {config.data.num_classes} classes but the training "
@@ -92,10 +92,6 @@ def check_classes(checkpoint: str, state: dict[str, Any], config: TrainConfig) -
             f"has {len(val)} and no training split: which classes the labels skip cannot be known. Put the train/ "
             "folder beside val/ (labels follow its classes), or evaluate on data of every class")
     return classes
-
-
-def _shown(names: list[str]) -> str:
-    return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
 
 
 def foreign_config(checkpoint: ForeignCheckpoint, model: str, model_kwargs: dict[str, Any], data_root: str | None,

@@ -30,12 +30,13 @@ from vitblocks.models.convert import convert_to_recursive
 from vitblocks.models.create import create_model_at_size
 from vitblocks.train.config import ConfigError, TrainConfig
 from vitblocks.train.config_checks import check_model_name, check_model_options, check_optimizer_and_schedule
-from vitblocks.train.data import DataError, ResumableSampler, build_dataset, dataset_classes
+from vitblocks.train.data import DataError, ResumableSampler, build_dataset, dataset_classes, dataset_length
 from vitblocks.train.device_decode import DeviceDecode
 from vitblocks.train.feed import make_loader
 from vitblocks.train.timm_datasets import is_stream, is_timm_dataset
 from vitblocks.train.distill import DistillationLoss, build_teacher
 from vitblocks.train.distributed import Runtime
+from vitblocks.train.logs import listed
 
 
 def build_model(config: TrainConfig, device: torch.device | str = "cpu", load_base: bool = True) -> nn.Module:
@@ -186,8 +187,8 @@ class Data:
                 continue
             if not hasattr(dataset, "relabel"):
                 raise CheckpointError(f"the classes are numbered in another order than the checkpoint's "
-                                      f"({', '.join(classes[:6])}, ...), and {type(dataset).__name__} cannot be "
-                                      "renumbered by class name")
+                                      f"({listed(classes)}), and {type(dataset).__name__} cannot be renumbered by "
+                                      "class name")
             dataset.relabel(index)
         self.classes = list(classes)
         self._loaders.clear()
@@ -215,7 +216,7 @@ def build_data(config: TrainConfig, runtime: Runtime | None = None, train: bool 
     classes = classes if classes is not None else dataset_classes(config)
     device = runtime.device if runtime else "cpu"
     val_set = build_dataset(config, train=False, classes=classes, device=device)
-    if _length(val_set) == 0:
+    if dataset_length(val_set) == 0:
         raise DataError(f"the validation split of {config.data.dataset} holds no images"
                         + _empty_split_hint(config) + "; nothing could be scored")
     val_sampler = ResumableSampler(len(val_set), False, config.seed, rank, world)
@@ -245,13 +246,6 @@ def build_data(config: TrainConfig, runtime: Runtime | None = None, train: bool 
             f"lower data.batch_size{more}"
         )
     return Data(train_set, val_set, sampler, val_sampler, steps, steps // accum, classes)
-
-
-def _length(dataset: Dataset) -> int | None:
-    try:
-        return len(dataset)
-    except TypeError:  # a stream that does not know its length
-        return None
 
 
 def _empty_split_hint(config: TrainConfig) -> str:

@@ -18,7 +18,7 @@ from vitblocks.train.extras import import_train_extra
 from vitblocks.train.image_folder import DataError, FolderError, FolderScan, ImageFiles, class_folders, holds_images
 from vitblocks.train.image_folder import load_image
 from vitblocks.train.image_folder import scan_split
-from vitblocks.train.logs import logger
+from vitblocks.train.logs import listed, logger
 from vitblocks.train.timm_datasets import build_timm_dataset, is_timm_dataset
 
 
@@ -142,12 +142,27 @@ def dataset_classes(config: TrainConfig) -> list[str]:
             return []  # the layout check explains what is missing
     if len(names) != data.num_classes:
         where = "scikit-learn's digits" if data.dataset == "digits" else f"{split_folder(data.root, 'train')}"
-        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        shown = listed(names, 8)
         empty = empty_class_folders(split_folder(data.root, "train")) if data.dataset == "imagefolder" else []
         uncounted = f"; not counted, as they hold no images: {', '.join(empty[:8])}" if empty else ""
         raise DataError(f"data.num_classes={data.num_classes} but {where} has {len(names)} classes ({shown}"
                         f"{uncounted}); set data.num_classes={len(names)}")
     return names
+
+
+def dataset_length(dataset: Dataset | None) -> int | None:
+    """A dataset's sample count.
+
+    Args:
+        dataset: A dataset, or None.
+
+    Returns:
+        Its length; None for no dataset or a stream that does not know its length.
+    """
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:
+        return None
 
 
 def _digits(config: DataConfig, train: bool, seed: int) -> Dataset:

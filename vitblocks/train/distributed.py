@@ -145,4 +145,5 @@ def together(work: Callable[[], None], runtime: Runtime) -> None:
     except Exception as failed:  # noqa: BLE001 - raised again below, on every process
         error = failed
     if any_rank(error is not None, runtime):
-        raise error or StoppedElsewhere(f"process {runtime.rank} stopped because another process failed; see its message")
+        raise error or StoppedElsewhere(f"process {runtime.rank} stopped because another process failed; see its "
+                                        "message")

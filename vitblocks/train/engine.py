@@ -32,9 +32,15 @@ from vitblocks.train.image_folder import DataError
 from vitblocks.train.extras import import_train_extra
 from vitblocks.train.logs import console_logging, logger
 from vitblocks.train.precision import autocast_for
-from vitblocks.train.preemption import LoaderWorkerDied, StopSignals, TrainingInterrupted, worker_death
+from vitblocks.train.preemption import (
+    LoaderWorkerDied,
+    StopSignals,
+    TrainingInterrupted,
+    loader_failure,
+    raise_loader_failure,
+)
 from vitblocks.train.report import final_summary
-from vitblocks.train.run_folder import BEST, BEST_FOLDER, LAST, RunFolder, RunWriteError
+from vitblocks.train.run_folder import BEST, LAST, RunFolder
 from vitblocks.train.run_lock import RunLock
 from vitblocks.train.run_restore import restore_missing
 from vitblocks.train.resumable import Resumable
@@ -183,9 +189,7 @@ class Trainer(Resumable):
             fetch = time.perf_counter()
             batch, failure = self._next_batch(batches)
             if distributed.any_rank(failure is not None, self.runtime) if vote_each_batch else failure is not None:
-                data_error = isinstance(failure, DataError)
-                self._stop_inside_update(failure, distributed.any_rank(data_error, self.runtime) if vote_each_batch
-                                         else data_error)
+                self._stop_inside_update(failure, self.runtime if vote_each_batch else None)
             if batch is None:
                 break
             inputs, targets = batch
@@ -227,29 +231,27 @@ class Trainer(Resumable):
             batch = next(batches)
         except StopIteration:
             return None, None
-        except DataError as error:
-            return None, error
-        except RuntimeError as error:
-            died = worker_death(error, self._stop.worker_failure)
-            if died is None:
+        except (DataError, RuntimeError) as error:
+            failure = loader_failure(error, self._stop.worker_failure)
+            if failure is None:
                 raise
-            return None, died
+            return None, failure
         finally:
             self._stop.guard_children()  # the loader's first batch started its workers and PyTorch's handler
         return batch, None
 
-    def _stop_inside_update(self, failure: Exception | None, data_error: bool) -> None:
-        """Stop where no batch can follow, on every process alike: back to the start of the update in
-        progress; then a worker's death checkpoints and raises `TrainingInterrupted`, and a data error
-        (on any process: `data_error`) raises without a checkpoint."""
+    def _stop_inside_update(self, failure: Exception | None, runtime: distributed.Runtime | None) -> None:
+        """Stop where no batch can follow, on every process alike (`runtime`: the processes that voted):
+        back to the start of the update in progress; then a data error raises without a checkpoint,
+        and a worker's death checkpoints and raises `TrainingInterrupted`."""
         if self._update_start is not None and self._update_start.epoch == self.state.epoch:
             self._update_start.restore(self.state, self.model)
             del self._unread_losses[self._update_start.unread_losses:]
             self.optimizer.zero_grad(set_to_none=True)
-        if data_error:
-            raise failure if isinstance(failure, DataError) else DataError(
-                "the loader of another process stopped on its data; see its message")
-        self._stop_now(self._stop.worker_failure or getattr(failure, "cause", "a loader worker of another process died"))
+        try:
+            raise_loader_failure(failure, runtime)
+        except LoaderWorkerDied as died:
+            self._stop_now(self._stop.worker_failure or died.cause)
 
     def _stop_if_asked(self, write: bool = True) -> None:
         """After an optimizer step (or an epoch's checkpoints): stop if any process received a stop
@@ -421,7 +423,8 @@ class Trainer(Resumable):
                     self.save(BEST)
                 self.save()
                 if improved and self.runtime.is_main:
-                    self._write_best_folder()
+                    self.run_folder.write_best_folder(self.model, config, self.ema.module if self.ema else None,
+                                                      self.data.classes, state.step)
                 self._on_every("on_epoch_recorded", row)
                 if state.epoch < config.epochs:
                     self._stop_if_asked(write=False)
@@ -476,18 +479,6 @@ class Trainer(Resumable):
         if self.resumed:
             restore_missing(self.run_folder, self.model, self.config, self.ema.module if self.ema else None,
                             self.data.classes, self.state.history, self.state.step, complete)
-
-    def _write_best_folder(self) -> None:
-        """The best epoch's model folder; a copy of best.pth's weights, so failing to write it only warns
-        (`--resume auto` writes it again)."""
-        try:
-            self.run_folder.write_model_folder(self.model, self.config, self.ema.module if self.ema else None,
-                                               self.data.classes, best=True, step=self.state.step)
-        # RunWriteError: a full disk or no permission; RuntimeError: torch failing to hand over the weights
-        except (RunWriteError, RuntimeError) as error:
-            self.run_folder.remove_model_folder(best=True)  # no folder whose files disagree
-            logger.warning(f"could not write the model folder {self.output_dir / BEST_FOLDER} "
-                           f"({' '.join(str(error).split())[:300]}); best.pth holds the same weights")
 
     def _finish(self, seconds: float, images: float) -> None:
         written = self.run_folder.write_model_folder(self.model, self.config, self.ema.module if self.ema else None,

@@ -12,7 +12,7 @@ from torch import nn
 
 import vitblocks.train.distributed as distributed
 from vitblocks.train.image_folder import DataError
-from vitblocks.train.preemption import LoaderWorkerDied, worker_death
+from vitblocks.train.preemption import loader_failure, raise_loader_failure
 
 
 def correct_counts(logits: torch.Tensor, targets: torch.Tensor) -> list[int]:
@@ -79,12 +79,12 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
             hits = correct_counts(logits, targets)
             top1, top5, count = top1 + hits[0], top5 + hits[1], count + len(targets)
     except (DataError, RuntimeError) as failed:  # every process learns of it below
-        error = failed if isinstance(failed, DataError) else worker_death(failed)
+        error = loader_failure(failed)
         if error is None:
             raise
     if runtime is not None:
         loss, top1, top5, count, unreadable = distributed.all_sum([loss, top1, top5, count, unreadable], runtime)
-    raise_together(error, runtime)
+    raise_loader_failure(error, runtime)
     if max_unreadable is not None and unreadable > max_unreadable:
         raise DataError(f"{int(unreadable)} validation images cannot be read (named above), more than "
                         f"data.max_bad_images={max_unreadable}; the evaluation stopped rather than score what is "
@@ -96,29 +96,6 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
     if unreadable:
         scores["val_unreadable"] = int(unreadable)
     return scores
-
-
-def raise_together(error: Exception | None, runtime: distributed.Runtime | None) -> None:
-    """Raise a loader's failure on every process alike: a data error if any process had one, else a
-    worker's death if any process had one (the others raise a stand-in naming where to look).
-
-    Args:
-        error: This process's `DataError` or `LoaderWorkerDied`, or None.
-        runtime: The process group (None: this process alone).
-
-    Raises:
-        DataError: If any process had a data error.
-        LoaderWorkerDied: Else, if any process lost a loader worker.
-    """
-    data_error, died = isinstance(error, DataError), isinstance(error, LoaderWorkerDied)
-    if runtime is not None:  # both votes on every process, in this order
-        data_error, died = distributed.any_rank(data_error, runtime), distributed.any_rank(died, runtime)
-    if data_error:
-        raise error if isinstance(error, DataError) else DataError("the loader of another process stopped on its "
-                                                                   "data; see its message")
-    if died:
-        raise error if isinstance(error, LoaderWorkerDied) else LoaderWorkerDied("a loader worker of another "
-                                                                                 "process died")
 
 
 def read_labels(loader: Iterable, runtime: distributed.Runtime | None = None,
@@ -145,8 +122,8 @@ def read_labels(loader: Iterable, runtime: distributed.Runtime | None = None,
                 stopped = True
                 break
     except (DataError, RuntimeError) as failed:
-        error = failed if isinstance(failed, DataError) else worker_death(failed)
+        error = loader_failure(failed)
         if error is None:
             raise
-    raise_together(error, runtime)
+    raise_loader_failure(error, runtime)
     return None if stopped else count

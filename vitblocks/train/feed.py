@@ -285,7 +285,8 @@ class StreamBatches:
                  seed: int, device: torch.device, prefetch: PrefetchLoader | None, re_prob: float = 0.0) -> None:
         self.dataset, self.sampler, self.batch_size, self.workers = dataset, sampler, batch_size, workers
         self.train, self.seed, self.device, self.prefetch = train, seed, device, prefetch
-        self.random_erasing = RandomErasing(re_prob, mode="pixel", device=device) if re_prob > 0 else None
+        self.handed_out = ErasedOnHandOut(prefetch, re_prob, device) if prefetch is not None and re_prob > 0 else prefetch
+        self.random_erasing = getattr(self.handed_out, "random_erasing", None)
         if hasattr(dataset, "set_loader_cfg"):
             dataset.set_loader_cfg(num_workers=workers)
 
@@ -305,6 +306,4 @@ class StreamBatches:
         if self.prefetch is None:
             return iter(CopiedBatches(remaining, self.device))
         self.prefetch.loader = remaining
-        if self.random_erasing is None:
-            return iter(self.prefetch)
-        return ((self.random_erasing(images), labels) for images, labels in self.prefetch)
+        return iter(self.handed_out)

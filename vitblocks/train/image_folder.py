@@ -254,14 +254,14 @@ class ImageFiles(Dataset):
         self.split, self.transform, self.max_bad_images = Path(split), transform, max_bad_images
         self.uint8, self.read_bytes, self.substitute = uint8, read_bytes, substitute
         self.scan = scan or scan_split(self.split)
-        self.samples = [(path, class_to_index[label]) for path, label in zip(self.scan.files, self.scan.labels)]
+        self.relabel(class_to_index)
         self.bad: list[str] = []
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def relabel(self, class_to_index: dict[str, int]) -> None:
-        """Number the classes anew (by a checkpoint's class order).
+        """Label each file by its class (anew, by a checkpoint's class order, on resume).
 
         Args:
             class_to_index: Label of each class name.

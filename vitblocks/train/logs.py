@@ -49,3 +49,20 @@ def console_logging(rank: int = 0, world_size: int = 1, all_ranks: bool = False)
     prefix = f"[rank {rank}] " if all_ranks and world_size > 1 else ""
     handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
     logger.addHandler(handler)
+
+
+def listed(names: list[str], limit: int = 6) -> str:
+    """Names for a message: the first `limit`, then "..." when there are more.
+
+    Args:
+        names: What to name.
+        limit: How many at most.
+
+    Returns:
+        E.g. "c1, c2, c10, ...".
+
+    Example:
+        >>> listed(["a", "b", "c"], 2), listed(["a"])
+        ('a, b, ...', 'a')
+    """
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")

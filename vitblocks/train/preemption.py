@@ -31,8 +31,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from vitblocks.train.distributed import Runtime, any_rank
+from vitblocks.train.image_folder import DataError
+
 __all__ = ["PREEMPTED_EXIT_CODE", "STOP_SIGNALS", "LoaderWorkerDied", "StopRequested", "StopSignals",
-           "TrainingInterrupted", "describe_worker_death", "ignore_stop_signals", "worker_death"]
+           "TrainingInterrupted", "describe_worker_death", "ignore_stop_signals", "loader_failure",
+           "raise_loader_failure", "worker_death"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 """The signals that stop a run after its current step."""
@@ -163,6 +167,43 @@ def worker_death(error: BaseException, recorded: str | None = None) -> LoaderWor
     if not isinstance(error, RuntimeError) or not text.startswith("DataLoader worker"):
         return None
     return LoaderWorkerDied(recorded or describe_worker_death(text))
+
+
+def loader_failure(error: BaseException, recorded: str | None = None) -> DataError | LoaderWorkerDied | None:
+    """Why a loader stopped giving batches, when it is a failure of its data or of a worker.
+
+    Args:
+        error: What iterating the loader raised.
+        recorded: The death `StopSignals` recorded, if any (`worker_death`).
+
+    Returns:
+        The dataset's `DataError` (too many unreadable images, a label out of range), a
+        worker's death, or None for any other error (raise it as it is).
+    """
+    return error if isinstance(error, DataError) else worker_death(error, recorded)
+
+
+def raise_loader_failure(failure: Exception | None, runtime: Runtime | None = None) -> None:
+    """Raise a loader's failure on every process alike: a data error if any process had one, else a
+    worker's death if any process had one (the others raise a stand-in naming where to look).
+
+    Args:
+        failure: This process's `DataError` or `LoaderWorkerDied`, or None.
+        runtime: The process group (None: this process alone).
+
+    Raises:
+        DataError: If any process had a data error.
+        LoaderWorkerDied: Else, if any process lost a loader worker.
+    """
+    data_error, died = isinstance(failure, DataError), isinstance(failure, LoaderWorkerDied)
+    if runtime is not None:  # both votes on every process, in this order
+        data_error, died = any_rank(data_error, runtime), any_rank(died, runtime)
+    if data_error:
+        raise failure if isinstance(failure, DataError) else DataError("the loader of another process stopped on "
+                                                                       "its data; see its message")
+    if died:
+        raise failure if isinstance(failure, LoaderWorkerDied) else LoaderWorkerDied("a loader worker of another "
+                                                                                     "process died")
 
 
 def _worker_failure_check() -> Any:

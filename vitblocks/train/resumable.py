@@ -16,8 +16,9 @@ import vitblocks.train.checkpoint as ckpt
 from vitblocks.io import CheckpointError
 import vitblocks.train.distributed as distributed
 from vitblocks.train.callbacks import TrainingDiverged
+from vitblocks.train.data import dataset_length
 from vitblocks.train.health import checkpoint_problem
-from vitblocks.train.logs import logger
+from vitblocks.train.logs import listed, logger
 from vitblocks.train.recipe import check_allowed_fields, to_dict
 from vitblocks.train.resume_checks import data_identity, refused_changes, resume_changes
 from vitblocks.train.run_folder import LAST
@@ -98,7 +99,7 @@ class Resumable:
 
     def _data_identity(self) -> dict[str, Any]:
         """What the checkpoint records of the data: class names and image counts."""
-        return data_identity(self.data.classes, _length(self.data.train_set), _length(self.data.val_set))
+        return data_identity(self.data.classes, dataset_length(self.data.train_set), dataset_length(self.data.val_set))
 
     def resume(self, path: str | Path, allow_changes: Iterable[str] = ()) -> None:
         """Continue from a checkpoint written by `save`.
@@ -172,15 +173,14 @@ class Resumable:
         classes = (saved.get("data") or {}).get("classes", saved.get("classes"))
         if not classes and self.config.data.dataset == "imagefolder" and sorted(self.data.classes) != self.data.classes:
             logger.warning(f"{path} stores no class names (it predates them), so its labels cannot be checked: they "
-                           f"are taken in today's natural order ({', '.join(self.data.classes[:6])}, ...); a run of "
-                           f"that age numbered classes in plain string order ({', '.join(sorted(self.data.classes)[:6])}"
-                           ", ...), and its labels then differ")
+                           f"are taken in today's natural order ({listed(self.data.classes)}); a run of that age "
+                           f"numbered classes in plain string order ({listed(sorted(self.data.classes))}), and its "
+                           "labels then differ")
         if not classes or list(classes) == list(self.data.classes) or set(classes) != set(self.data.classes):
             return
         self.data.relabel(list(classes))
-        logger.info(f"labels follow the class order stored in {path} ({', '.join(classes[:6])}"
-                    f"{', ...' if len(classes) > 6 else ''}), which the run was trained with, not today's natural "
-                    "order")
+        logger.info(f"labels follow the class order stored in {path} ({listed(classes)}), which the run was "
+                    "trained with, not today's natural order")
 
     def _load_optimizer(self, state: dict[str, Any], path: str | Path, reset_mismatched: bool) -> None:
         """Load the optimizer state after checking it parameter by parameter against this model.
@@ -199,19 +199,20 @@ class Resumable:
         names = {id(param): name for name, param in self.model.named_parameters()}
         params = [param for group in mine for param in group["params"]]
         saved_ids = [index for group in groups for index in group["params"]]
-        mismatched = {}
+        mismatched: dict[int, tuple[str, str]] = {}  # saved index -> (parameter name, what differs)
         for index, param in zip(saved_ids, params):
             for key, value in state.get("state", {}).get(index, {}).items():
                 if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
-                    mismatched[index] = (f"{names.get(id(param), f'parameter {index}')} ({key} "
-                                         f"{tuple(value.shape)}, parameter {tuple(param.shape)})")
+                    mismatched[index] = (names.get(id(param), f"parameter {index}"),
+                                         f"{key} {tuple(value.shape)}, parameter {tuple(param.shape)}")
         if mismatched and not reset_mismatched:
             raise ckpt.CheckpointError(
                 f"{path}: its optimizer state does not fit this model's parameters: "
-                f"{'; '.join(list(mismatched.values())[:5])}; refused rather than handed to the optimizer")
+                + "; ".join(f"{name} ({detail})" for name, detail in list(mismatched.values())[:5])
+                + "; refused rather than handed to the optimizer")
         if mismatched:
             state = {**state, "state": {i: s for i, s in state["state"].items() if i not in mismatched}}
-            logger.warning(f"the optimizer state of {', '.join(v.split(' (')[0] for v in mismatched.values())} "
+            logger.warning(f"the optimizer state of {', '.join(name for name, _ in mismatched.values())} "
                            "starts afresh: its shape changed with the allowed change")
         self.optimizer.load_state_dict(state)
 
@@ -236,11 +237,3 @@ class Resumable:
                         f"{state.epoch + 1} continues after {state.epoch_samples} samples, and the schedule at "
                         f"update {state.step + self._schedule_offset} of this run's {self.data.updates_per_epoch} "
                         "per epoch")
-
-
-def _length(dataset: Any) -> int | None:
-    """A dataset's image count, None when it has none to tell (a stream without a length)."""
-    try:
-        return len(dataset) if dataset is not None else None
-    except TypeError:
-        return None

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from vitblocks.train.logs import listed
 from vitblocks.train.timm_datasets import is_timm_dataset
 
 __all__ = ["ResumeChange", "data_identity", "refused_changes", "resume_changes"]
@@ -169,9 +170,9 @@ def _data_changes(saved: dict[str, Any], before: dict[str, Any], current: dict[s
     if classes is not None and set(classes) != set(identity["classes"]):
         gone, new = sorted(set(classes) - set(identity["classes"])), sorted(set(identity["classes"]) - set(classes))
         return [ResumeChange(field, f"{field}: the checkpoint's run trained on {len(classes)} classes "
-                                    f"({_names(classes)}), {where} has {len(identity['classes'])} "
-                                    f"({_names(identity['classes'])}); not in the checkpoint's: {_names(new)}; "
-                                    f"missing: {_names(gone)}")]
+                                    f"({listed(classes)}), {where} has {len(identity['classes'])} "
+                                    f"({listed(identity['classes'])}); not in the checkpoint's: {listed(new) or 'none'}; "
+                                    f"missing: {listed(gone) or 'none'}")]
     for split in ("train", "val") if rooted else ():  # generated data: its settings decide its images
         old, new = recorded.get(f"{split}_images"), identity.get(f"{split}_images")
         if old is not None and new is not None and old != new:
@@ -180,10 +181,6 @@ def _data_changes(saved: dict[str, Any], before: dict[str, Any], current: dict[s
         return []  # the same classes and image counts (under another root: the data moved)
     return [ResumeChange(field, f"{field}: {old_root!r} in the checkpoint, {new_root!r} now (the checkpoint "
                                 "predates recorded image counts, so the data cannot be compared)")]
-
-
-def _names(names: list[str]) -> str:
-    return (", ".join(names[:6]) + (", ..." if len(names) > 6 else "")) if names else "none"
 
 
 def refused_changes(changes: list[ResumeChange], allowed: set[str] | list[str] | tuple[str, ...]) -> list[ResumeChange]:

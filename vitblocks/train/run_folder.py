@@ -270,13 +270,14 @@ class RunFolder:
         return RunLock(self.path)
 
     # ---- writing -------------------------------------------------------------------------
-    def write(self, name: str, writer: Callable[[str], Any], advice: str = "") -> Path:
+    def write(self, name: str, writer: Callable[[str], Any], advice: Callable[[], str] | None = None) -> Path:
         """Write one file of the run atomically.
 
         Args:
             name: Its name in the folder.
             writer: Called with a temporary path to write the content to.
-            advice: What to do after a failed write (default: free space, then `--resume auto`).
+            advice: Says what to do after a failed write, asked only then (default: free space,
+                then `--resume auto`).
 
         Returns:
             The path written.
@@ -294,8 +295,8 @@ class RunFolder:
             reason = " ".join(str(error).split())[:300] or type(error).__name__
             raise RunWriteError(
                 f"could not write {path} ({reason}); {kept}, {free_space(path.parent)} on its filesystem. "
-                + (advice or "Free some space, then run the same command with --resume auto: it writes every "
-                              "missing file of the run again from its checkpoint.")) from error
+                + (advice() if advice else "Free some space, then run the same command with --resume auto: it "
+                                           "writes every missing file of the run again from its checkpoint.")) from error
         return path
 
     def write_checkpoint(self, state: dict[str, Any], name: str = LAST) -> Path:
@@ -311,9 +312,10 @@ class RunFolder:
         Raises:
             RunWriteError: If it cannot be written (the previous checkpoint is intact).
         """
-        can_resume = self.resume_candidate() is not None
-        advice = "Free some space, then " + ("continue with --resume auto." if can_resume else
-                                             "start again with --overwrite.")
+        def advice() -> str:
+            return "Free some space, then " + ("continue with --resume auto." if self.resume_candidate() else
+                                               "start again with --overwrite.")
+
         return self.write(name, lambda temporary: torch.save(state, temporary), advice)
 
     def write_metrics(self, history: list[dict[str, Any]]) -> None:
@@ -362,8 +364,10 @@ class RunFolder:
         """
         from vitblocks.train.report import plot_curves
 
-        advice = ("The run's checkpoints, metrics and weights are written; free some space, then run the same "
-                  "command with --resume auto to draw curves.png again.")
+        def advice() -> str:
+            return ("The run's checkpoints, metrics and weights are written; free some space, then run the same "
+                    "command with --resume auto to draw curves.png again.")
+
         stamp = {STEP_KEY: str(step)} if step is not None else None
         return self.write(CURVES, lambda temporary: plot_curves(history, temporary, stamp), advice)
 
@@ -422,6 +426,30 @@ class RunFolder:
             return written
         written.append(self.write(prefix + MODEL_CONFIG, lambda temporary: Path(temporary).write_text(text)))
         return written
+
+    def write_best_folder(self, model: nn.Module, config: Any, ema: nn.Module | None, classes: Iterable[str],
+                          step: int) -> bool:
+        """Write `best/`, a copy of `best.pth`'s weights: a failure removes what it wrote and only warns.
+
+        Args:
+            model: The model, holding the best epoch's weights.
+            config: The run's `TrainConfig`.
+            ema: The EMA model, if any.
+            classes: Class names in label order.
+            step: The optimizer step of `best.pth`.
+
+        Returns:
+            Whether the folder was written.
+        """
+        try:
+            self.write_model_folder(model, config, ema, classes, best=True, step=step)
+        # RunWriteError: a full disk or no permission; RuntimeError: torch failing to hand over the weights
+        except (RunWriteError, RuntimeError) as error:
+            self.remove_model_folder(best=True)  # no folder whose files disagree
+            logger.warning(f"could not write the model folder {self.path / BEST_FOLDER} "
+                           f"({' '.join(str(error).split())[:300]}); {BEST} holds the same weights")
+            return False
+        return True
 
     def summary_files(self, written: list[Path]) -> dict[str, Path | str]:
         """What a finished run's summary lists: label -> where it is.

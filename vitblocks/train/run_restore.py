@@ -28,7 +28,6 @@ from vitblocks.train.run_folder import (
     STEP_KEY,
     WEIGHTS,
     RunFolder,
-    RunWriteError,
 )
 
 __all__ = ["curves_current", "model_folder_current", "restore_missing"]
@@ -139,14 +138,14 @@ def _restore_best(folder: RunFolder, model: nn.Module, config: Any, ema: nn.Modu
         model.load_state_dict(best["model"])
         if ema is not None:
             ema.load_state_dict(best["ema"])
-        folder.write_model_folder(model, config, ema, best.get("classes") or classes, best=True, step=best["step"])
-    except (RunWriteError, RuntimeError) as error:
-        folder.remove_model_folder(best=True)
-        logger.warning(f"could not write {folder.path / BEST_FOLDER} again ({' '.join(str(error).split())[:300]}); "
-                       f"{BEST} holds the same weights")
+    except RuntimeError as error:  # best.pth of another shape (an allowed change of image size, say)
+        folder.remove_model_folder(best=True)  # no folder whose files disagree with best.pth
+        logger.warning(f"{folder.path / BEST_FOLDER} was not written again: {BEST} does not fit this model "
+                       f"({' '.join(str(error).split())[:300]})")
         return False
+    try:
+        return folder.write_best_folder(model, config, ema, best.get("classes") or classes, best["step"])
     finally:
         model.load_state_dict(current)
         if ema is not None:
             ema.load_state_dict(current_ema)
-    return True
