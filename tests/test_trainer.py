@@ -11,9 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from train_helpers import doubled_batch_config, tiny_config
-from vitblocks.io import CheckpointError
+from vitblocks.io import CheckpointError, save_atomic
 from vitblocks.train import ConfigError, OnStepEnd, Trainer, TrainingDiverged, load_recipe
-from vitblocks.io import save_atomic
 from vitblocks.train.checkpoint import load_training_checkpoint
 from vitblocks.train.data import ResumableSampler
 
@@ -308,24 +307,16 @@ def test_progress_bar_shows_loss_lr_and_throughput(tmp_path, capsys):
     assert "epoch 1/1" in err and "loss=" in err and "lr=" in err and "img_s=" in err
 
 
-def test_metrics_go_to_tensorboard_when_it_is_installed(tmp_path, monkeypatch):
-    import types
-
-    scalars = []
-
-    class Writer:
-        def __init__(self, log_dir):
-            self.log_dir = log_dir
-
-        def add_scalar(self, tag, value, step):
-            scalars.append((tag, step))
-
-        def flush(self):
-            pass
-
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
-    Trainer(tiny_config(tmp_path, epochs=2)).fit(progress=False)
-    assert ("val_top1", 1) in scalars and ("train_loss", 2) in scalars
+def test_tensorboard_is_written_only_when_asked_and_overwrite_removes_it(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tracking extra: pip install -e '.[tracking]'")
+    Trainer(tiny_config(tmp_path, epochs=1)).fit(progress=False)
+    assert (tmp_path / "metrics.csv").is_file() and not (tmp_path / "tensorboard").exists()
+    config = tiny_config(tmp_path, epochs=1)
+    config.logging.tensorboard = True
+    Trainer(config, overwrite=True).fit(progress=False)
+    assert any((tmp_path / "tensorboard").iterdir())
+    Trainer(tiny_config(tmp_path, epochs=1), overwrite=True).fit(progress=False)
+    assert not (tmp_path / "tensorboard").exists()
 
 
 def test_regional_compilation_is_a_recipe_option(tmp_path, monkeypatch):

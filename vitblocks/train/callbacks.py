@@ -20,10 +20,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vitblocks.train.compile_modes import describe_compile
-from vitblocks.train.hooks import Callback, LossRecord, TrainingDiverged
 from vitblocks.train.feed import describe_feed
+from vitblocks.train.hooks import Callback, LossRecord, TrainingDiverged
 from vitblocks.train.logs import logger
-from vitblocks.train.report import MetricsLog
 
 if TYPE_CHECKING:
     from vitblocks.train.config import TrainConfig
@@ -86,19 +85,16 @@ class EmaEvaluation(Callback):
 
 
 class MetricsLogging(Callback):
-    """Log one line per epoch and keep `metrics.csv` (and TensorBoard) current, on the main process."""
+    """Log one line per epoch and keep `metrics.csv` current, on the main process.
 
-    def __init__(self) -> None:
-        self.log: MetricsLog | None = None
-
-    def on_fit_start(self, trainer: Trainer) -> None:
-        if trainer.runtime.is_main:
-            self.log = MetricsLog(trainer.run_folder)
+    TensorBoard and wandb record the same rows only when `config.logging` asks for them
+    (`vitblocks.train.tracking`).
+    """
 
     def on_epoch_recorded(self, trainer: Trainer, row: dict[str, Any]) -> None:
-        if self.log is None:
+        if not trainer.runtime.is_main:
             return
-        self.log.write(trainer.state.history)
+        trainer.run_folder.write_metrics(trainer.state.history)
         logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
 

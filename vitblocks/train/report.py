@@ -1,49 +1,12 @@
-"""What the trainer writes and shows: metrics CSV, TensorBoard, curves, final summary."""
+"""What the trainer draws and shows: the curves plot and the final summary (metrics.csv is
+`RunFolder.write_metrics`; TensorBoard and wandb are `vitblocks.train.tracking`, when asked for)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vitblocks.train.extras import import_train_extra
-
-if TYPE_CHECKING:
-    from vitblocks.train.run_folder import RunFolder
-
-
-class MetricsLog:
-    """Keep `metrics.csv` (and TensorBoard, if installed) current: one row per epoch.
-
-    Args:
-        run_folder: The run's files (`vitblocks.train.run_folder.RunFolder`), which write the CSV.
-    """
-
-    def __init__(self, run_folder: RunFolder) -> None:
-        self.run_folder = run_folder
-        self._tensorboard = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tensorboard = SummaryWriter(str(run_folder.tensorboard_folder()))
-        except ImportError:
-            pass
-
-    def write(self, history: list[dict[str, Any]]) -> None:
-        """Rewrite the CSV from a run's whole history (atomically); TensorBoard gets its last row.
-
-        Args:
-            history: Every epoch's metrics so far.
-        """
-        if not history:
-            return
-        self.run_folder.write_metrics(history)
-        row = history[-1]
-        if self._tensorboard is not None:
-            for key, value in row.items():
-                if key != "epoch" and isinstance(value, (int, float)):
-                    self._tensorboard.add_scalar(key, value, row["epoch"])
-            self._tensorboard.flush()
-
 
 def plot_curves(history: list[dict[str, Any]], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Save loss and accuracy curves per epoch as a PNG.
