@@ -33,6 +33,9 @@ def run_train(capsys, *argv):
     ("data.img_size=8", ["sret_t cannot be built from this config", "too small"]),
     ("optim.lr=1e309", ["optim.lr=inf is not a finite number"]),
     ("model.kwargs.num_classes=-1", ["model.kwargs.num_classes=-1", "set that instead"]),
+    ("model.kwargs.backend=math", ["model.kwargs.backend='math'", "model.backend; set that instead"]),
+    ("model.kwargs.grad_checkpointing=sqrt", ["model.kwargs.grad_checkpointing='sqrt'", "model.grad_checkpointing"]),
+    ("model.kwargs.img_size=64", ["model.kwargs.img_size=64", "data.img_size; set that instead"]),
     ("data.batch_size=64", ["0 batches of 64", "(32 images per process)", "or raise data.synthetic_samples"]),
 ])
 def test_bad_overrides_are_refused_before_any_work(tmp_path, capsys, override, fragments):
@@ -124,7 +127,8 @@ def test_unreadable_images_are_named(tmp_path):
         (tmp_path / "data" / split / "cat" / "0.jpg").write_bytes(b"not an image")
     config = tiny_config(tmp_path / "run", data=DataConfig(dataset="imagefolder", root=str(tmp_path / "data"),
                                                           img_size=32, num_classes=1, batch_size=1, workers=0))
-    with pytest.raises(DataError, match=r"no image in .*(train|val) could be read; tried: .*cat/0\.jpg \(UnidentifiedImageError"):
+    with pytest.raises(DataError, match=r"no image in .*(train|val) could be read; "
+                                        r"tried: .*cat/0\.jpg \(UnidentifiedImageError"):
         Trainer(config)
 
 

@@ -35,6 +35,25 @@ def run(tmp_path_factory):
     return trainer
 
 
+def test_eval_runs_with_the_backend_and_precision_of_the_run_or_those_given(run, monkeypatch):
+    from vitblocks.attention import requested_backend
+
+    seen, real_evaluate = [], vitblocks_eval.evaluate
+
+    def recording(model, *args, **kwargs):
+        model.register_forward_pre_hook(lambda *_: seen.append((requested_backend(), torch.is_autocast_enabled("cpu"))))
+        return real_evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(vitblocks_eval, "evaluate", recording)
+    last = str(run.output_dir / "last.pth")
+    as_trained = vitblocks_eval.run(last)
+    assert set(seen) == {(run.config.model.backend, False)}
+    seen.clear()
+    given = vitblocks_eval.run(last, overrides=["model.backend=math", "precision=bf16"])
+    assert set(seen) == {("math", True)}
+    assert given["val_top1"] == pytest.approx(as_trained["val_top1"], abs=100 / 8 + 1e-6)  # one image at most
+
+
 def test_the_run_folder_is_a_timm_model_folder(run):
     out = run.output_dir
     for folder in (out, out / "best"):

@@ -16,23 +16,22 @@ from typing import Any
 
 import torch
 
+from vitblocks.attention import attention_backend
 from vitblocks.io import CheckpointError, non_finite_tensors
 from vitblocks.layers.depth import set_loops
 from vitblocks.models.create import create_model_at_size
 from vitblocks.train.builders import build_data, build_model
 from vitblocks.train.checkpoint import load_training_checkpoint
-from vitblocks.train.config import ConfigError
+from vitblocks.train.config import ConfigError, TrainConfig
 from vitblocks.train.config_checks import WEIGHT_SOURCES
-from vitblocks.train.recipe import apply_overrides, from_dict, literal_value
-from vitblocks.train.foreign_checkpoint import ForeignCheckpoint, read_foreign_checkpoint
-from vitblocks.train.config import TrainConfig
 from vitblocks.train.data import DataError, folder_classes, split_folder
 from vitblocks.train.evaluation import evaluate
+from vitblocks.train.foreign_checkpoint import ForeignCheckpoint, read_foreign_checkpoint
 from vitblocks.train.image_folder import class_order
 from vitblocks.train.logs import console_logging, listed, logger
+from vitblocks.train.precision import autocast_for
 from vitblocks.train.preemption import LoaderWorkerDied
-
-
+from vitblocks.train.recipe import apply_overrides, from_dict, literal_value
 
 
 def check_classes(checkpoint: str, state: dict[str, Any], config: TrainConfig) -> list[str] | None:
@@ -152,7 +151,9 @@ def run(checkpoint: str, data_root: str | None = None, overrides: list[str] | No
             `.safetensors` file.
         data_root: ImageFolder root holding `val/` (or `validation/`; switches the dataset
             to imagefolder).
-        overrides: Config overrides, e.g. `["data.img_size=256"]`.
+        overrides: Config overrides, e.g. `["data.img_size=256"]`. The model runs with the
+            attention backend (`model.backend`) and precision of the run, or those set here
+            (fp16 runs in fp32 on a machine without CUDA, saying so).
         ema: Use the EMA weights stored in the checkpoint.
         batch_size: Evaluation batch size.
         loops: Test-time depth: loops of every shared block (`vitblocks.layers.set_loops`);
@@ -229,7 +230,13 @@ def _evaluate(config: TrainConfig, weights: dict[str, torch.Tensor], checkpoint:
     except DataError as error:
         raise DataError(error.problem, "Give the dataset root with --data /path/to/dataset (it needs a val/ "
                                        "folder of class folders), or change the stored config with --set.") from None
-    return evaluate(model.to(device), data.val_loader(config, device), device, max_unreadable=config.data.max_bad_images)
+    precision = config.precision
+    if precision == "fp16" and device.type != "cuda":
+        logger.info("the run's precision fp16 needs a CUDA device: evaluating in fp32 (--set precision=bf16 for bf16)")
+        precision = "fp32"
+    with attention_backend(config.model.backend):  # the run's backend and precision, or those given with --set
+        return evaluate(model.to(device), data.val_loader(config, device), device, autocast_for(precision, device.type),
+                        max_unreadable=config.data.max_bad_images)
 
 
 def main(argv: list[str] | None = None) -> int:

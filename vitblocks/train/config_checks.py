@@ -93,7 +93,7 @@ def check_model_name(name: str) -> None:
                           "(python -m vitblocks.summary 'sret*' lists vitblocks' models)")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def check_optimizer_and_schedule(opt: str, sched: str) -> None:
     """Refuse an optimizer timm does not register or a schedule timm cannot build.
 
@@ -170,6 +170,15 @@ def check_model_options(model: ModelConfig) -> None:
             raise ConfigError(f"model.kwargs.{key}: {model.name} takes no option {key!r}{did_you_mean(key, sorted(known))}")
 
 
+SPELLED_ELSEWHERE = {
+    "num_classes": ("data.num_classes", "the model takes its class count from"),
+    "img_size": ("data.img_size", "the model takes its input size from"),
+    "backend": ("model.backend", "the attention backend is a setting of its own,"),
+    "grad_checkpointing": ("model.grad_checkpointing", "activation checkpointing is a setting of its own,"),
+}
+"""Model options that a config spells as a field of its own: (the field, why), refused in `model.kwargs`."""
+
+
 def check_model_section(model: ModelConfig) -> None:
     """The model section's own rules, which need no registry: class count and conversion keys.
 
@@ -177,12 +186,13 @@ def check_model_section(model: ModelConfig) -> None:
         model: The model section of a config.
 
     Raises:
-        ConfigError: For `num_classes` among the model options, an unknown conversion key
+        ConfigError: For an option spelled by a field of its own (`SPELLED_ELSEWHERE`:
+            `num_classes`, `img_size`, `backend`, `grad_checkpointing`), an unknown conversion key
             or a conversion without its base weights.
     """
-    if "num_classes" in model.kwargs:  # the trainer passes data.num_classes: this copy would be ignored
-        raise ConfigError(f"model.kwargs.num_classes={model.kwargs['num_classes']!r}: the model takes its class "
-                          "count from data.num_classes; set that instead")
+    for key, (field, what) in SPELLED_ELSEWHERE.items():
+        if key in model.kwargs:  # one road per setting: this copy would override or clash with the field's
+            raise ConfigError(f"model.kwargs.{key}={model.kwargs[key]!r}: {what} {field}; set that instead")
     for key in model.convert:
         if key not in CONVERT_OPTIONS:
             raise ConfigError(f"model.convert.{key} is not a conversion option{did_you_mean(key, CONVERT_OPTIONS)} "
