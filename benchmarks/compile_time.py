@@ -38,7 +38,8 @@ def run_case(mode: str, loops: int, device: str, img_size: int, batch: int, back
 
     torch.manual_seed(0)
     model = timm.create_model("sret_t", img_size=img_size, num_classes=10, loops=loops, mix="shared").to(device)
-    model = torch.compile(model, backend=backend) if mode == "model" else vitblocks.compile_regions(model, backend=backend)
+    model = (torch.compile(model, backend=backend) if mode == "model"
+             else vitblocks.compile_regions(model, backend=backend))
     images = torch.randn(batch, 3, img_size, img_size, device=device)
     step = _forward_backward_fn(model, images, "fp32")
     first = time_once(step, images.device)

@@ -34,7 +34,9 @@ from benchmarks.measure import time_interleaved
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def deployment_forms(model: torch.nn.Module, example: torch.Tensor, workdir: Path) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+def deployment_forms(
+    model: torch.nn.Module, example: torch.Tensor, workdir: Path
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """Each deployment form of `model` as a function of a batch of images."""
     import onnxruntime
     from torch._inductor import aoti_compile_and_package, aoti_load_package
@@ -55,7 +57,8 @@ def deployment_forms(model: torch.nn.Module, example: torch.Tensor, workdir: Pat
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     forms["ONNX (onnxruntime)"] = lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
-    forms["int8 dynamic quantization"] = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    forms["int8 dynamic quantization"] = torch.ao.quantization.quantize_dynamic(
+        model, {torch.nn.Linear}, dtype=torch.qint8)
     return forms
 
 
@@ -70,7 +73,7 @@ def measure(name: str, batch_sizes: list[int], repeats: int) -> list[dict]:
         for batch in batch_sizes:
             images = torch.randn(batch, *size)
             reference = model(images)
-            timings = time_interleaved({form: (lambda f=f: f(images)) for form, f in forms.items()},
+            timings = time_interleaved({form: (lambda f=f, images=images: f(images)) for form, f in forms.items()},
                                        torch.device("cpu"), warmup=2, repeats=repeats)
             eager = timings["eager"].median
             for form, f in forms.items():
@@ -88,7 +91,8 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| model | batch | form | ms per batch | time vs eager | max abs. logit diff vs eager |",
              "|---|---:|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['form']} | {r['ms']} | {r['vs_eager']}x | {r['max_abs_diff']:.1e} |")
+        lines.append(f"| {r['model']} | {r['batch']} | {r['form']} | {r['ms']} | {r['vs_eager']}x | "
+                     f"{r['max_abs_diff']:.1e} |")
     return "\n".join(lines) + "\n"
 
 

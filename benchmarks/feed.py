@@ -25,7 +25,6 @@ import argparse
 import json
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -41,9 +40,9 @@ from torch.utils.data import DataLoader
 
 import vitblocks  # noqa: F401 - registers the models
 from benchmarks.run import _step_fn
-from vitblocks.train.device_decode import DeviceDecode, collate_encoded
 from vitblocks.train import AugmentConfig, DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, Trainer
 from vitblocks.train.data import with_safe_posterize
+from vitblocks.train.device_decode import DeviceDecode, collate_encoded
 from vitblocks.train.image_folder import ImageFiles, load_image, scan_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +94,8 @@ def loader_paths(split: Path, randaugment: bool) -> dict[str, DataLoader]:
     uint8_set = ImageFiles(split, {"class0": 0}, uint8_transform, uint8=True)
     bytes_set = ImageFiles(split, {"class0": 0}, read_bytes=True)
     options = dict(batch_size=32, num_workers=1, persistent_workers=True, shuffle=False)
-    return {"float32": DataLoader(float_set, **options), "uint8": DataLoader(uint8_set, collate_fn=fast_collate, **options),
+    return {"float32": DataLoader(float_set, **options),
+            "uint8": DataLoader(uint8_set, collate_fn=fast_collate, **options),
             "bytes": DataLoader(bytes_set, collate_fn=collate_encoded, **options)}
 
 
@@ -230,7 +230,8 @@ def markdown(loader_rows: list[dict], step: dict, environment: dict) -> str:
     if decoded:
         row = decoded[0]
         lines += ["", f"With `data.decode=\"gpu\"` (crop and flip only) a worker reads bytes: "
-                  f"{row['bytes_ms_per_image']:.3f} ms per image ({row['bytes_ms_per_image'] / row['float32_ms_per_image']:.3f}x "
+                  f"{row['bytes_ms_per_image']:.3f} ms per image "
+                  f"({row['bytes_ms_per_image'] / row['float32_ms_per_image']:.3f}x "
                   f"of the float32 path); decoding, cropping and flipping then take "
                   f"{row['device_decode_ms_per_image_on_cpu']:.2f} ms per image in the main process when the device "
                   "is this CPU (on a GPU, nvJPEG does the decoding)."]

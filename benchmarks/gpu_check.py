@@ -218,7 +218,8 @@ def target_lines(rows: list[dict]) -> list[str]:
         if best.get(numerator) and best.get(denominator):
             lines.append(f"{label} = {best[numerator] / best[denominator]:.2f}x (target {target})")
 
-    line("SReT-T training / deit_tiny, both eager (fused AdamW)", "sret_t fused", "deit_tiny_patch16_224 fused", ">= 1.0x")
+    line("SReT-T training / deit_tiny, both eager (fused AdamW)", "sret_t fused",
+         "deit_tiny_patch16_224 fused", ">= 1.0x")
     line("SReT-T training / deit_tiny, both under CUDA graphs", "sret_t cuda graphs",
          "deit_tiny_patch16_224 cuda graphs", ">= 0.8x")
     line("SReT-T training / deit_tiny, both torch.compile", "sret_t torch.compile",

@@ -141,7 +141,7 @@ def stage_pool(setup: Setup, rows: Rows) -> None:
         for repeat in (False, True):
             pool = ConvPool(in_dim, 2 * in_dim, repeat_input=repeat).to(setup.device)
 
-            def call(pool=pool):
+            def call(pool=pool, x=x):
                 inputs = x.detach().requires_grad_()
                 with setup.autocast():
                     out = pool(inputs)
@@ -267,7 +267,7 @@ def attention_shapes() -> list[tuple[str, int, int, int, int, int]]:
             ("sret_s", (3, 6, 12), (42, 42, 42), ((8, 2), (4, 1), (1,)), 28, 0),
             ("deit_tiny sliced", (3,), (64,), ((8, 2),), 14, 1),
             ("pit_ti sliced", (2, 4, 8), (32, 32, 32), ((8, 2), (4, 1), (1,)), 27, 1)):
-        for stage, (h, d, schedule) in enumerate(zip(heads, dims, schedules)):
+        for _stage, (h, d, schedule) in enumerate(zip(heads, dims, schedules)):
             tokens = side * side
             for groups in dict.fromkeys(schedule):
                 shapes.append((model, tokens, groups, h, d, prefix))

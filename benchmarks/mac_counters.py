@@ -23,9 +23,9 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.layers import set_fused_attn
 
 import vitblocks  # noqa: F401 - registers the models
-from timm.layers import set_fused_attn
 from vitblocks.attention import attention_backend
 from vitblocks.summary import summarize
 

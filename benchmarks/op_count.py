@@ -149,12 +149,14 @@ def build(name: str, img_size: int, drop_path_rate: float) -> torch.nn.Module:
 def table(counts: dict[str, StepCount], per_image_batch: int) -> str:
     """Markdown table of operators and bytes per image, with ratios to the baseline."""
     base = counts.get(BASELINE)
-    lines = ["| model | aten ops (fwd + bwd) | forward | backward | MB per image | ops / deit_tiny | bytes / deit_tiny |",
+    lines = ["| model | aten ops (fwd + bwd) | forward | backward | MB per image | ops / deit_tiny | "
+             "bytes / deit_tiny |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, c in counts.items():
         mb = c.bytes_per_image(per_image_batch) / 1e6
-        ratios = ("", "") if base is None else (f"{c.ops / base.ops:.2f}x",
-                                                 f"{c.bytes_per_image(per_image_batch) / base.bytes_per_image(per_image_batch):.2f}x")
+        ratios = ("", "") if base is None else (
+            f"{c.ops / base.ops:.2f}x",
+            f"{c.bytes_per_image(per_image_batch) / base.bytes_per_image(per_image_batch):.2f}x")
         lines.append(f"| {name} | {c.ops:,} | {sum(c.forward.values()):,} | {sum(c.backward.values()):,} | "
                      f"{mb:.0f} | {ratios[0]} | {ratios[1]} |")
     return "\n".join(lines)
@@ -204,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "op_count.md").write_text(text)
         record = {"img_size": args.img_size, "precision": args.precision, "drop_path_rate": args.drop_path_rate,
-                  "per_image_batch": args.per_image_batch, "backend": args.backend, "targets": TARGETS, "baseline": BASELINE,
+                  "per_image_batch": args.per_image_batch, "backend": args.backend, "targets": TARGETS,
+                  "baseline": BASELINE,
                   "models": {name: {"forward": dict(c.forward), "backward": dict(c.backward), "bytes": c.bytes,
                                     "ops": c.ops,
                                     "bytes_per_image": c.bytes_per_image(args.per_image_batch)}

@@ -183,7 +183,7 @@ def run_suite(args) -> list[Result]:
     return results
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mac_ratio(name: str, img_size: int = 224) -> str:
     """MACs of a model's unsliced variant over its own, as the ratios table prints it.
 

@@ -58,7 +58,7 @@ def convert_and_uptrain(base: Path, workdir: Path, init: str, rank: int | str, e
                     output_dir=str(workdir / f"{init}_rank{rank}"))
     model = build_model(config)
     data = build_data(config, train=False)
-    converted = evaluate(model.eval(), data.val_loader(config), torch.device("cpu"))["val_top1"]
+    converted = evaluate(model.eval(), data.val_loader(), torch.device("cpu"))["val_top1"]
     Trainer(config, overwrite=True).fit(progress=False)
     checkpoint = Path(config.output_dir) / "last.pth"
     uptrained = evaluate_checkpoint(str(checkpoint))["val_top1"]
@@ -69,7 +69,8 @@ def convert_and_uptrain(base: Path, workdir: Path, init: str, rank: int | str, e
 
 def depth_rows(checkpoint: Path, trained: int, loops: list[int]) -> list[dict]:
     """Top-1 of one uptrained model evaluated with other loop counts."""
-    return [{"loops": n, "trained": n == trained, "top1": round(evaluate_checkpoint(str(checkpoint), loops=n)["val_top1"], 2)}
+    return [{"loops": n, "trained": n == trained,
+             "top1": round(evaluate_checkpoint(str(checkpoint), loops=n)["val_top1"], 2)}
             for n in loops]
 
 
@@ -82,7 +83,8 @@ def markdown(rows: list[dict], depth: list[dict], depth_model: str) -> str:
         lines.append(f"| {r['model']} | {r['init'] or '—'} | {'—' if r['rank'] is None else r['rank']} | "
                      f"{r['parameters']:,} | {r['top1_converted']:.2f}% | {uptrained} |")
     lines += ["", f"Test-time depth of the uptrained {depth_model} model (trained with 2 loops):", "",
-              "| loops at evaluation | " + " | ".join(f"{d['loops']}{' (trained)' if d['trained'] else ''}" for d in depth) + " |",
+              "| loops at evaluation | "
+              + " | ".join(f"{d['loops']}{' (trained)' if d['trained'] else ''}" for d in depth) + " |",
               "|---|" + "---:|" * len(depth),
               "| top-1 | " + " | ".join(f"{d['top1']:.2f}%" for d in depth) + " |"]
     return "\n".join(lines) + "\n"
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(row, flush=True)
         recipe = load_recipe(RECIPES / "digits_uptrain.py").model.convert
-        chosen = (recipe["init"], recipe["rank"]) if (recipe["init"], recipe["rank"]) in checkpoints else list(checkpoints)[-1]
+        chosen = ((recipe["init"], recipe["rank"]) if (recipe["init"], recipe["rank"]) in checkpoints
+                  else list(checkpoints)[-1])
         depth = depth_rows(checkpoints[chosen], 2, [int(n) for n in args.depth_loops.split(",")])
     depth_model = f"init {chosen[0]}, rank {chosen[1]}"
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "

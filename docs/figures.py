@@ -46,7 +46,8 @@ def token_groups_figure() -> plt.Figure:
 def masks_figure() -> plt.Figure:
     """Allowed attention for 1 class token + 18 tokens in 4 near-equal groups, and one group."""
     fig, axes = plt.subplots(1, 2, figsize=(8, 4))
-    for ax, (title, groups) in zip(axes, [("4 groups (sizes 5, 5, 4, 4) + class token", 4), ("1 group: full attention", 1)]):
+    for ax, (title, groups) in zip(axes, [("4 groups (sizes 5, 5, 4, 4) + class token", 4),
+                                          ("1 group: full attention", 1)]):
         ax.imshow(TokenGroups(18, groups, num_prefix_tokens=1).materialize().numpy(), cmap="Blues", vmin=0, vmax=1.3)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("key")

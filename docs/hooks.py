@@ -49,7 +49,8 @@ def config_reference() -> str:
             sub_hints, sub_docs = typing.get_type_hints(cls), attribute_docs(cls)
             rows = [f"| `{f.name}.{s.name}` | `{_type(sub_hints[s.name])}` | `{getattr(value, s.name)!r}` | "
                     f"{sub_docs.get(s.name, '')} |" for s in dataclasses.fields(cls)]
-            sections.append(f"### `{f.name}` — {cls.__name__}\n\n| key | type | default | meaning |\n|---|---|---|---|\n"
+            sections.append(f"### `{f.name}` — {cls.__name__}\n\n"
+                            "| key | type | default | meaning |\n|---|---|---|---|\n"
                             + "\n".join(rows))
         else:
             top_rows.append(f"| `{f.name}` | `{_type(hints[f.name])}` | `{value!r}` | {docs.get(f.name, '')} |")

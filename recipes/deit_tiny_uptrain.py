@@ -6,9 +6,11 @@ norms and biases) set from the SVD of what its original layer differs by; the un
 DeiT-Tiny is the teacher. Save its weights first (the machine that trains needs them
 locally):
 
-    python -c "import timm, torch; torch.save(timm.create_model('deit_tiny_patch16_224', pretrained=True).state_dict(), 'deit_tiny.pth')"
+    python -c "import timm, torch; \\
+        torch.save(timm.create_model('deit_tiny_patch16_224', pretrained=True).state_dict(), 'deit_tiny.pth')"
     torchrun --nproc_per_node 8 -m vitblocks.train recipes/deit_tiny_uptrain.py \\
-        --set data.root=/data/imagenet model.convert.base_checkpoint=deit_tiny.pth distill.teacher_checkpoint=deit_tiny.pth
+        --set data.root=/data/imagenet model.convert.base_checkpoint=deit_tiny.pth \\
+        distill.teacher_checkpoint=deit_tiny.pth
 """
 
 from pathlib import Path

@@ -21,5 +21,6 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
         for name, tensor in model.state_dict().items():
             if tensor.is_floating_point():
                 noise = torch.randn(tensor.shape, generator=gen)
-                tensor.copy_(noise.abs() + 0.5 if "running_var" in name else 1 + 0.1 * noise if "coefficient" in name else noise * 0.05)
+                tensor.copy_(noise.abs() + 0.5 if "running_var" in name
+                             else 1 + 0.1 * noise if "coefficient" in name else noise * 0.05)
     return model

@@ -146,4 +146,5 @@ except ImportError as error:
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "sklearn is not installed" in result.stdout and "pip install 'vitblocks[train]'" in result.stdout, result.stdout
+    assert ("sklearn is not installed" in result.stdout
+            and "pip install 'vitblocks[train]'" in result.stdout), result.stdout

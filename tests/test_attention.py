@@ -302,7 +302,8 @@ def test_a_registered_backend_is_chosen_by_priority_and_by_name(recording):
 def test_declared_capabilities_give_the_reasons_and_auto_skips_them(recording):
     wide = torch.randn(1, 8, 2, 16)
     assert recording.unsupported_reasons(wide, 0.1) == [
-        "head size 16 is above recording's limit of 8", "recording does not apply attention dropout (got dropout_p=0.1)"]
+        "head size 16 is above recording's limit of 8",
+        "recording does not apply attention dropout (got dropout_p=0.1)"]
     assert select_backend(wide).name != "recording"
     with pytest.raises(AttentionBackendError, match="head size 16 is above"):
         group_attention(wide, wide, wide, backend="recording")

@@ -12,8 +12,8 @@ ROOT = Path(__file__).parents[1]
 
 @pytest.mark.slow  # starts benchmark processes
 def test_quick_cpu_suite_writes_tables_ratios_and_plot(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "cpu", "--quick", "--out", str(tmp_path)],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "cpu", "--quick",
+                             "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     groups = {r["group"] for r in rows}
@@ -192,7 +192,8 @@ def test_deploy_page_shows_the_latency_table_of_its_committed_run():
     forms = {row["form"] for row in run["rows"]}
     assert {"eager", "torch.export", "AOTInductor (.pt2)", "TorchScript trace", "ONNX (onnxruntime)",
             "int8 dynamic quantization"} <= forms
-    assert {row["batch"] for row in run["rows"] if row["form"] == "AOTInductor (.pt2)"} == {1, 8}  # one dynamic-batch package
+    # one dynamic-batch package
+    assert {row["batch"] for row in run["rows"] if row["form"] == "AOTInductor (.pt2)"} == {1, 8}
     assert all(row["max_abs_diff"] < 1e-4 for row in run["rows"] if row["form"] != "int8 dynamic quantization")
 
 

@@ -102,7 +102,8 @@ def missing_sections(obj):
     if params and "Args:" not in doc and not (inspect.isclass(obj) and "Args:" in (inspect.getdoc(obj.__init__) or "")):
         missing.append("Args")
     returns = inspect.signature(target).return_annotation
-    if not inspect.isclass(obj) and returns not in (None, "None", inspect.Signature.empty) and not re.search(r"Returns:|Yields:", doc):
+    if (not inspect.isclass(obj) and returns not in (None, "None", inspect.Signature.empty)
+            and not re.search(r"Returns:|Yields:", doc)):
         missing.append("Returns")
     return missing
 

@@ -68,7 +68,8 @@ def test_a_signal_to_the_whole_process_group_stops_at_the_step_and_resumes_bit_i
                                                                                            reference, name):
     recipe = write_folder_recipe(tmp_path / "recipe.py", digits, tmp_path / "run")  # two loader workers
     process = subprocess.Popen([sys.executable, str(DRIVER), "4", "wait", recipe, "--no-progress"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                               start_new_session=True)
     for line in process.stdout:
         if line.startswith("waiting for a signal"):  # inside step 4, its loader workers running
             os.killpg(process.pid, signal.Signals[name])  # from outside, as slurmstepd or the terminal sends it

@@ -41,7 +41,8 @@ def float_train_transform(config):
     """The path before images travelled as uint8: PIL -> crop/flip/RandAugment -> float, normalized in the worker."""
     data, aug = config.data, config.augment
     return create_transform(data.img_size, is_training=True, auto_augment=aug.auto_augment, hflip=aug.hflip,
-                            scale=aug.scale, re_prob=0.0, interpolation=data.interpolation, mean=data.mean, std=data.std)
+                            scale=aug.scale, re_prob=0.0, interpolation=data.interpolation, mean=data.mean,
+                            std=data.std)
 
 
 def float_batch(config, samples, keys):
@@ -56,7 +57,7 @@ def float_batch(config, samples, keys):
 def test_uint8_images_normalized_on_the_device_equal_the_float_path(tmp_path, folder):
     config = folder_config(tmp_path, folder)
     data = build_data(config)
-    images, labels = next(iter(data.val_loader(config)))
+    images, labels = next(iter(data.val_loader()))
     assert images.dtype == torch.float32 and labels.tolist() == [0] * 4
     expected = torch.stack([eval_transform(config.data)(load_image(path)) for path, _ in data.val_set.samples[:4]])
     torch.testing.assert_close(images, expected, atol=1e-6, rtol=0)
@@ -65,7 +66,7 @@ def test_uint8_images_normalized_on_the_device_equal_the_float_path(tmp_path, fo
     sampler.set_epoch(1)
     keys = list(sampler)
     before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
-    train_batches = [images for images, _ in data.train_loader(config)]
+    train_batches = [images for images, _ in data.train_loader()]
     # loading in the main process leaves its generators where they were (mixup and dropout draw from them)
     assert torch.equal(before[0], torch.get_rng_state()) and np.array_equal(before[1], np.random.get_state()[1])
     assert before[2] == random.getstate()
@@ -77,7 +78,7 @@ def test_uint8_images_normalized_on_the_device_equal_the_float_path(tmp_path, fo
     config.data.workers = 1
     resumed = build_data(config)
     resumed.train_sampler.set_epoch(1, skip=4)
-    tail = [images for images, _ in resumed.train_loader(config)]
+    tail = [images for images, _ in resumed.train_loader()]
     assert len(tail) == len(train_batches) - 1
     for got, want in zip(tail, train_batches[1:]):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
@@ -90,7 +91,7 @@ def test_random_erasing_runs_on_the_device_batch(tmp_path, folder):
     for config in (plain, erased):
         data = build_data(config)
         data.train_sampler.set_epoch(0)
-        batches.append(next(iter(data.train_loader(config)))[0])
+        batches.append(next(iter(data.train_loader()))[0])
     for clean, patched in zip(*batches):
         changed = (clean != patched).any(0)
         rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
@@ -129,7 +130,7 @@ def test_the_models_inputs_are_timms_mixup_of_the_float_path_batch(tmp_path, fol
 def test_tensors_in_memory_stay_on_the_device_and_follow_the_sampler(tmp_path):
     config = tiny_config(tmp_path)
     data = build_data(config)
-    loader = data.train_loader(config)
+    loader = data.train_loader()
     assert isinstance(loader, ResidentBatches) and len(loader) == 6
     data.train_sampler.set_epoch(3, skip=16)
     order = list(data.train_sampler)
@@ -170,13 +171,13 @@ def decode_config(tmp_path, root, decode):
 
 def test_decoding_on_the_device_matches_the_cpu_path_and_replaces_broken_files(tmp_path, jpegs, caplog):
     cpu, gpu = decode_config(tmp_path, jpegs, "cpu"), decode_config(tmp_path, jpegs, "gpu")
-    (cpu_images, cpu_labels), (gpu_images, gpu_labels) = (next(iter(build_data(c).val_loader(c))) for c in (cpu, gpu))
+    (cpu_images, cpu_labels), (gpu_images, gpu_labels) = (next(iter(build_data(c).val_loader())) for c in (cpu, gpu))
     assert gpu_images.shape == cpu_images.shape == (4, 3, 32, 32) and torch.equal(gpu_labels, cpu_labels)
     std = torch.tensor(cpu.data.std).view(1, 3, 1, 1) * 255  # in pixel steps: decoders and resamplers differ a little
     assert ((gpu_images - cpu_images) * std).abs().mean() < 2.0
 
     data = build_data(gpu)
-    loader = data.train_loader(gpu)
+    loader = data.train_loader()
     assert "decoded (JPEG: nvJPEG on CUDA), cropped, normalized, randomly erased on cpu" in describe_feed(loader, 0)
     data.train_sampler.set_epoch(0)
     torch.manual_seed(5), random.seed(5)

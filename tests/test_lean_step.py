@@ -11,9 +11,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from train_helpers import TINY_SRET, tiny_config
 from vitblocks.layers import NonLinearMix, Recursive, TransformerBlock
 from vitblocks.layers.drop import keep_mask
+from vitblocks.layers.modes import PermutationPolicy
 from vitblocks.layers.permutation import permute_tokens, permute_tokens_with_inverse, random_permutation
 from vitblocks.layers.residual import scaled_residual
-from vitblocks.layers.modes import PermutationPolicy
 from vitblocks.train import ConfigError, ModelConfig, OnStepEnd, Trainer
 from vitblocks.train.builders import build_optimizer_and_schedule
 

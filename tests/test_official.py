@@ -32,7 +32,8 @@ def images(size=64, batch=2):
 
 def test_official_layout_stores_shared_blocks_twice(official_t):
     state = official_t.state_dict()
-    assert torch.equal(state["transformers.1.blocks.4.attn.qkv.weight"], state["transformers.1.blocks.6.attn.qkv.weight"])
+    assert torch.equal(state["transformers.1.blocks.4.attn.qkv.weight"],
+                       state["transformers.1.blocks.6.attn.qkv.weight"])
     assert "transformers.1.blocks.5.coefficient2.bias" in state
 
 
@@ -101,7 +102,8 @@ def test_differing_copies_of_a_shared_block_are_refused(tmp_path, official_t):
     state = {k: v.clone() for k, v in official_t.state_dict().items()}
     state["transformers.0.blocks.2.mlp.fc1.weight"] += 1e-3
     torch.save({"model": state}, tmp_path / "bad.pth")
-    with pytest.raises(CheckpointError, match=r"blocks\.0\.mlp\.fc1\.weight and .*blocks\.2\.mlp\.fc1\.weight .* differ"):
+    with pytest.raises(CheckpointError,
+                       match=r"blocks\.0\.mlp\.fc1\.weight and .*blocks\.2\.mlp\.fc1\.weight .* differ"):
         load_official_checkpoint(tmp_path / "bad.pth", "sret_t", num_classes=10, img_size=64)
 
 

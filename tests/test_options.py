@@ -22,7 +22,8 @@ def test_group_schedule_repeats_its_last_entry_and_checks_fit_in_one_place(value
     if tokens >= schedule.at(loop):
         schedule.check_fits(tokens, loop=loop)
     else:
-        with pytest.raises(ValueError, match=f"needs at least {schedule.at(loop)} tokens on loop {loop} but gets {tokens}"):
+        with pytest.raises(ValueError,
+                           match=f"needs at least {schedule.at(loop)} tokens on loop {loop} but gets {tokens}"):
             schedule.check_fits(tokens, loop=loop)
 
 

@@ -53,7 +53,8 @@ def test_intended_parameter_counts(base):
         for start in range(0, len(stack), 2 * unit):
             dropped += sum(count(b) for b in list(stack)[start + unit : start + 2 * unit])
     assert count(shared) == BASE_PARAMS[base] - dropped
-    assert sum(isinstance(m, Recursive) for m in shared.modules()) == sum(-(-len(s) // (2 * unit)) for s in stacks(timm.create_model(base)))
+    assert (sum(isinstance(m, Recursive) for m in shared.modules())
+            == sum(-(-len(s) // (2 * unit)) for s in stacks(timm.create_model(base))))
     assert block_params  # sanity: every family has blocks
 
 
@@ -114,7 +115,8 @@ def test_base_weights_load_into_the_shared_form_with_a_report():
     model = timm.create_model("deit_tiny_shared_patch16_224")
     report = load_base_weights(model, base.state_dict())
     assert torch.equal(model.blocks[1].block.attn.qkv.weight, base.blocks[2].attn.qkv.weight)
-    assert any(k.startswith("blocks.3.") for k in report.unused) and not any(k.startswith("blocks.2.") for k in report.unused)
+    assert (any(k.startswith("blocks.3.") for k in report.unused)
+            and not any(k.startswith("blocks.2.") for k in report.unused))
     assert report.new and all(".mix." in k for k in report.new)
     assert torch.equal(model.head.weight, base.head.weight) and "loaded" in str(report)
 
@@ -122,8 +124,10 @@ def test_base_weights_load_into_the_shared_form_with_a_report():
 def test_pretrained_base_weights_flow_into_registered_variants(tmp_path):
     base = timm.create_model("pit_ti_224")
     torch.save(base.state_dict(), tmp_path / "pit.pth")
-    model = timm.create_model("pit_ti_shared_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "pit.pth")))
-    assert torch.equal(model.transformers[1].blocks[0].block.mlp.fc1.weight, base.transformers[1].blocks[0].mlp.fc1.weight)
+    model = timm.create_model("pit_ti_shared_224", pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "pit.pth")))
+    assert torch.equal(model.transformers[1].blocks[0].block.mlp.fc1.weight,
+                       base.transformers[1].blocks[0].mlp.fc1.weight)
 
 
 def test_timm_api_still_works():
@@ -132,7 +136,8 @@ def test_timm_api_still_works():
     model.reset_classifier(7)
     assert model(images()).shape == (1, 7)
     features = timm.create_model("swin_tiny_rec_patch4_window7_224", features_only=True)
-    assert [tuple(f.shape) for f in features(images())] == [(1, 56, 56, 96), (1, 28, 28, 192), (1, 14, 14, 384), (1, 7, 7, 768)]
+    assert [tuple(f.shape) for f in features(images())] == [(1, 56, 56, 96), (1, 28, 28, 192), (1, 14, 14, 384),
+                                                            (1, 7, 7, 768)]
     pit = timm.create_model("pit_ti_rec_224", features_only=True)
     assert [f.shape[1] for f in pit(images())] == [64, 128, 256]
 
@@ -208,7 +213,8 @@ def test_timm_attn_mask_passes_through_recursion():
     x, tokens = images(32, batch=2), 17
     with torch.no_grad():
         plain = model.forward_features(x)
-        torch.testing.assert_close(model.forward_features(x, attn_mask=torch.ones(tokens, tokens, dtype=torch.bool)), plain)
+        torch.testing.assert_close(model.forward_features(x, attn_mask=torch.ones(tokens, tokens, dtype=torch.bool)),
+                                   plain)
         causal = torch.ones(tokens, tokens, dtype=torch.bool).tril()
         assert not torch.allclose(model.forward_features(x, attn_mask=causal), plain)
     model.train().set_grad_checkpointing(False)

@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from train_helpers import tiny_config, write_digit_folder, write_tiny_recipe
-from vitblocks.io import CheckpointError
+from vitblocks.io import CheckpointError, save_model_file
 from vitblocks.train import ConfigError, DataConfig, Trainer, derive
 from vitblocks.train.__main__ import main as train
 from vitblocks.train.checkpoint import load_training_checkpoint
-from vitblocks.io import save_model_file
 from vitblocks.train.run_folder import CONFIG_KEY, STEP_KEY, RunExistsError, RunFolder, RunLinkError
 from vitblocks.train.run_restore import curves_current, model_folder_current
 
@@ -183,7 +182,8 @@ def test_a_full_disk_names_the_file_and_the_space_and_a_resume_writes_every_miss
     full_at("metrics.csv")
     assert train([recipe, "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert f"could not write {run}/metrics.csv ([Errno 28] No space left on device); no metrics.csv was written, " in err
+    assert (f"could not write {run}/metrics.csv ([Errno 28] No space left on device); "
+            "no metrics.csv was written, ") in err
     assert " free on its filesystem. Free some space, then run the same command with --resume auto" in err
     assert not (run / "metrics.csv").exists() and not list(run.glob(".*.tmp"))
     monkeypatch.undo()

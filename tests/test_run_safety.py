@@ -16,9 +16,9 @@ from vitblocks.eval import run as evaluate_checkpoint
 from vitblocks.io import CheckpointError
 from vitblocks.train import OnStepEnd, Trainer
 from vitblocks.train.checkpoint import load_training_checkpoint
-from vitblocks.train.run_folder import RunExistsError
 from vitblocks.train.config import DataConfig
 from vitblocks.train.data import DataError, build_dataset, dataset_classes
+from vitblocks.train.run_folder import RunExistsError
 
 pytestmark = pytest.mark.slow  # trains or starts processes: left out of the quick subset
 
@@ -78,7 +78,8 @@ def test_a_val_class_that_train_lacks_and_a_wrong_class_count_are_refused(tmp_pa
     make_folder(tmp_path / "data", ["ant", "bee"], ["ant", "bee", "wasp"])
     with pytest.raises(DataError, match=r"val has classes that the training classes lack: wasp"):
         build_dataset(folder_config(tmp_path, tmp_path / "data", 2), train=False)
-    with pytest.raises(DataError, match=r"data.num_classes=7 but .*train has 2 classes \(ant, bee\); set data.num_classes=2"):
+    with pytest.raises(DataError,
+                       match=r"data.num_classes=7 but .*train has 2 classes \(ant, bee\); set data.num_classes=2"):
         Trainer(folder_config(tmp_path, tmp_path / "data", 7))
 
 

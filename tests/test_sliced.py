@@ -155,7 +155,8 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
 def test_more_groups_than_tokens_raise_at_call_time():
     module = SlicedGroupAttention(16, 2, groups=(8, 16), num_prefix_tokens=1)
     module(torch.randn(1, 1 + 8, 16), loop=0)
-    with pytest.raises(ValueError, match=r"group schedule \(8, 16\) needs at least 16 tokens on loop 1 but gets 8 \(patch tokens\)"):
+    with pytest.raises(ValueError, match=r"group schedule \(8, 16\) needs at least 16 tokens on loop 1 "
+                                         r"but gets 8 \(patch tokens\)"):
         module(torch.randn(1, 1 + 8, 16), loop=1)
 
 

@@ -70,7 +70,8 @@ def test_create_model_kwargs_and_timm_conventions():
     model = timm.create_model("sret_t", num_classes=10, img_size=96, drop_path_rate=0.2)
     assert model.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)
     assert model.pretrained_cfg["classifier"] == "head" and model.get_classifier() is model.head
-    rates = [b.block.drop_path1.drop_prob for s in model.stages for b in s.blocks if hasattr(b.block.drop_path1, "drop_prob")]
+    rates = [b.block.drop_path1.drop_prob for s in model.stages for b in s.blocks
+             if hasattr(b.block.drop_path1, "drop_prob")]
     assert max(rates) == pytest.approx(0.2 * 16 / 20)  # stage 3 starts at virtual layer 14, has 3 blocks
     x = torch.randn(2, 3, 96, 96)
     features = model.forward_features(x)
@@ -98,7 +99,8 @@ def test_stage_loop_counts_are_read_from_their_layers():
 def test_official_drop_path_quirk():
     rates = official_drop_path_rates(0.1, (2, 5, 3), (2, 2, 2))
     # rate * i / 20 over the 20 virtual layers; each stage's unique blocks take the first values of its slice
-    assert rates == [[0.1 * i / 20 for i in (0, 1)], [0.1 * i / 20 for i in range(4, 9)], [0.1 * i / 20 for i in (14, 15, 16)]]
+    assert rates == [[0.1 * i / 20 for i in (0, 1)], [0.1 * i / 20 for i in range(4, 9)],
+                     [0.1 * i / 20 for i in (14, 15, 16)]]
 
 
 def test_group_matcher_covers_every_parameter():
@@ -232,7 +234,8 @@ def test_pretrained_cfg_is_a_model_card_consistent_with_the_model(name):
 
 
 def test_pretrained_without_weights_says_how_to_load_the_official_ones():
-    with pytest.raises(ValueError, match=r"sret_t has no weights to download.*load_official_checkpoint.*pretrained_cfg_overlay"):
+    with pytest.raises(ValueError,
+                       match=r"sret_t has no weights to download.*load_official_checkpoint.*pretrained_cfg_overlay"):
         timm.create_model("sret_t", pretrained=True)
 
 

@@ -34,7 +34,7 @@ from vitblocks.models.create import takes_img_size
 MODELS = registered_models()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def small_img_size(name: str) -> int | None:
     """The smaller input a model is checked at, or None for its default."""
     cfg = timm.models.get_pretrained_cfg(name)
@@ -160,7 +160,8 @@ def test_default_cfg_matches_the_model(name):
     assert channels == model.num_features
     if fmt in ("NCHW", "NHWC"):
         assert grid == tuple(cfg["pool_size"])
-    assert model.forward_head(features, pre_logits=True).shape == (1, getattr(model, "head_hidden_size", model.num_features))
+    assert (model.forward_head(features, pre_logits=True).shape
+            == (1, getattr(model, "head_hidden_size", model.num_features)))
     model.reset_classifier(0)
     assert model(inputs).shape == (1, model.num_features)
     if fmt in ("NCHW", "NHWC"):

@@ -62,7 +62,7 @@ def test_the_run_folder_is_a_timm_model_folder(run):
     cfg = model.pretrained_cfg
     assert [tuple(cfg[key]) for key in ("input_size", "mean", "std")] == [(3, 32, 32), (0.5,) * 3, (0.25,) * 3]
     assert cfg["crop_pct"] == 0.9 and cfg["num_classes"] == 2
-    images = next(iter(run.data.val_loader(run.config)))[0]
+    images = next(iter(run.data.val_loader()))[0]
     run.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(images), run.model(images), rtol=0, atol=0)

@@ -29,7 +29,8 @@ def test_sret_pit_follows_the_papers_recipe():
 def test_overrides_set_nested_fields_with_their_types():
     config = apply_overrides(TrainConfig(), ["optim.lr=1e-3", "epochs=5", "model.name=sret_s",
                                              "model.kwargs.drop_path_rate=0.2", "data.mean=(0.5, 0.5, 0.5)",
-                                             "ema_decay=0.9998", "model.grad_checkpointing=sqrt", "optim.clip_grad=None"])
+                                             "ema_decay=0.9998", "model.grad_checkpointing=sqrt",
+                                             "optim.clip_grad=None"])
     assert config.optim.lr == 1e-3 and config.epochs == 5 and config.model.name == "sret_s"
     assert config.model.kwargs == {"drop_path_rate": 0.2} and config.data.mean == (0.5, 0.5, 0.5)
     assert config.ema_decay == 0.9998 and config.model.grad_checkpointing == "sqrt"
@@ -196,7 +197,8 @@ def test_smoke_config_lives_with_the_config():
     from vitblocks.train.recipe import smoke_config
 
     smoke = smoke_config(load_recipe(Path("recipes/sret_t_imagenet.py")))
-    assert (smoke.data.dataset, smoke.epochs, smoke.data.workers, smoke.augment.repeated_aug) == ("synthetic", 1, 0, False)
+    assert ((smoke.data.dataset, smoke.epochs, smoke.data.workers, smoke.augment.repeated_aug)
+            == ("synthetic", 1, 0, False))
     assert smoke.output_dir.endswith("smoke")
 
 

@@ -121,7 +121,7 @@ def test_image_folder_training_with_timm_augmentation(tmp_path):
     assert dataset[0][0].dtype == torch.uint8  # workers send uint8; erasing runs on the device
     trainer = Trainer(config)
     assert trainer.data.train_sampler.repeats == 3
-    assert trainer.data.train_loader(config, trainer.device).random_erasing.probability == 0.25
+    assert trainer.data.train_loader(trainer.device).random_erasing.probability == 0.25
     trainer.fit(progress=False)
 
 

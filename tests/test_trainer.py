@@ -32,7 +32,8 @@ def read_metrics(run, timing=True):
 
 def drive(output_dir, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(DRIVER), str(output_dir), *args], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, str(DRIVER), str(output_dir), *args],
+                          capture_output=True, text=True, env=env)
 
 
 def test_a_run_writes_metrics_checkpoints_plot_and_safetensors(tmp_path, capsys):
@@ -55,9 +56,9 @@ def test_a_run_writes_metrics_checkpoints_plot_and_safetensors(tmp_path, capsys)
 def test_the_log_states_the_step_and_splits_loader_wait_from_step_time(tmp_path, monkeypatch, capsys):
     import time
 
-    import vitblocks.train.builders as builders
+    import vitblocks.train.feed as feed
 
-    make_loader = builders.make_loader
+    make_loader = feed.make_loader
 
     class SlowLoader:
         def __init__(self, loader):
@@ -68,7 +69,7 @@ def test_the_log_states_the_step_and_splits_loader_wait_from_step_time(tmp_path,
                 time.sleep(0.05)
                 yield batch
 
-    monkeypatch.setattr(builders, "make_loader", lambda *args, **kwargs: SlowLoader(make_loader(*args, **kwargs)))
+    monkeypatch.setattr(feed, "make_loader", lambda *args, **kwargs: SlowLoader(make_loader(*args, **kwargs)))
     config = tiny_config(tmp_path, epochs=1)
     config.optim.accum_steps = 2
     Trainer(config).fit(progress=False)
@@ -161,7 +162,8 @@ def test_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path):
     torch.save({"model": {}}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="not a vitblocks training checkpoint"):
         trainer.resume(tmp_path / "other.pth")
-    other = Trainer(tiny_config(tmp_path / "x", model=type(trainer.config.model)("sret_lt", kwargs=trainer.config.model.kwargs)))
+    other = Trainer(tiny_config(tmp_path / "x",
+                                model=type(trainer.config.model)("sret_lt", kwargs=trainer.config.model.kwargs)))
     with pytest.raises(CheckpointError, match="model.name: 'sret_t' in the checkpoint, 'sret_lt' now"):
         other.resume(tmp_path / "run" / "last.pth")
 

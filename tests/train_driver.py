@@ -15,9 +15,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import doubled_batch_config, tiny_config  # noqa: E402
-
-from vitblocks.train import Callback, Trainer, default_callbacks  # noqa: E402
-from vitblocks.train import distributed  # noqa: E402
+from vitblocks.train import (  # noqa: E402
+    Callback,
+    Trainer,
+    default_callbacks,
+    distributed,  # noqa: E402
+)
 from vitblocks.train.preemption import PREEMPTED_EXIT_CODE, TrainingInterrupted  # noqa: E402
 
 
@@ -59,7 +62,8 @@ def main():
                         help="send SIGTERM to itself after this epoch's evaluation, before its checkpoints")
     parser.add_argument("--save-rank-weights", action="store_true")
     parser.add_argument("--doubled-batch-check", action="store_true",
-                        help="doubled_batch_config (2 batches per update); writes the batches whose backward all-reduced")
+                        help="doubled_batch_config (2 batches per update); "
+                             "writes the batches whose backward all-reduced")
     parser.add_argument("--kill-before-last-of-epoch", type=int, default=0,
                         help="SIGKILL after best.pth and before last.pth of this epoch are written")
     args = parser.parse_args()
@@ -77,7 +81,8 @@ def main():
         save = trainer.save
 
         def save_then_die(name="last.pth"):
-            if name == "last.pth" and trainer.state.epoch == args.kill_before_last_of_epoch and trainer.state.batch == 0:
+            if (name == "last.pth" and trainer.state.epoch == args.kill_before_last_of_epoch
+                    and trainer.state.batch == 0):
                 os.kill(os.getpid(), signal.SIGKILL)
             return save(name)
 

@@ -235,7 +235,7 @@ def _evaluate(config: TrainConfig, weights: dict[str, torch.Tensor], checkpoint:
         logger.info("the run's precision fp16 needs a CUDA device: evaluating in fp32 (--set precision=bf16 for bf16)")
         precision = "fp32"
     with attention_backend(config.model.backend):  # the run's backend and precision, or those given with --set
-        return evaluate(model.to(device), data.val_loader(config, device), device, autocast_for(precision, device.type),
+        return evaluate(model.to(device), data.val_loader(device), device, autocast_for(precision, device.type),
                         max_unreadable=config.data.max_bad_images)
 
 

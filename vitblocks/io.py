@@ -179,5 +179,6 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 checkpoint = checkpoint[key]
                 break
     if not isinstance(checkpoint, dict) or not all(torch.is_tensor(v) for v in checkpoint.values()):
-        raise CheckpointError(f"{os.fspath(path)!r} holds no state dict (expected tensors, under 'model' or at top level)")
+        raise CheckpointError(f"{os.fspath(path)!r} holds no state dict "
+                              "(expected tensors, under 'model' or at top level)")
     return checkpoint

@@ -314,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
             if not isinstance(error, (torch.OutOfMemoryError, MemoryError)) and "memory" not in str(error):
                 raise
             raise SystemExit(f"error: measuring {name} at --img-size {args.img_size} needs more memory than this "
-                             f"machine has ({' '.join(str(error).split())[:200]}); choose a smaller --img-size") from None
+                             f"machine has ({' '.join(str(error).split())[:200]}); "
+                             "choose a smaller --img-size") from None
         print(f"{name} @ {size[1]}x{size[2]}")
         print(table)
         print()

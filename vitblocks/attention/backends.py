@@ -80,11 +80,13 @@ class AttentionBackend:
         """
         reasons = []
         if self.devices is not None and q.device.type not in self.devices:
-            reasons.append(f"tensors are on {q.device.type}, and {self.name} runs on {' / '.join(d.upper() for d in self.devices)} only")
+            reasons.append(f"tensors are on {q.device.type}, and {self.name} runs on "
+                           f"{' / '.join(d.upper() for d in self.devices)} only")
         if not q.dtype.is_floating_point:
             reasons.append(f"dtype {q.dtype} is not a floating-point type")
         elif q.dtype not in self.dtypes:
-            reasons.append(f"dtype {q.dtype} is not one of {', '.join(str(d).removeprefix('torch.') for d in self.dtypes)}")
+            reasons.append(f"dtype {q.dtype} is not one of "
+                           f"{', '.join(str(d).removeprefix('torch.') for d in self.dtypes)}")
         if self.max_head_dim is not None and q.shape[-1] > self.max_head_dim:
             reasons.append(f"head size {q.shape[-1]} is above {self.name}'s limit of {self.max_head_dim}")
         if dropout_p > 0 and not self.supports_dropout:
@@ -185,7 +187,7 @@ class SdpaBackend(AttentionBackend):
 XFORMERS_INSTALLED = importlib.util.find_spec("xformers") is not None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _import_xformers_ops() -> ModuleType:
     preload_cuda12_runtime()  # before xformers' _C.so is loaded: it links libcudart.so.12
     import xformers.ops

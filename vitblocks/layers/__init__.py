@@ -1,9 +1,11 @@
 """Composable layers: recursion, sliced group attention, mixing, and SReT's stem parts."""
 
 from vitblocks.layers.block import TransformerBlock
+from vitblocks.layers.depth import set_loops
 from vitblocks.layers.drop import DropPath
 from vitblocks.layers.mix import NonLinearMix
 from vitblocks.layers.modes import CheckpointMode, MixMode, PermutationPolicy
+from vitblocks.layers.per_loop import LoopLayerNorm, LoopLayerScale, LoopLoRALinear
 from vitblocks.layers.permutation import (
     PERMUTATION_POLICIES,
     cached_fixed_permutation,
@@ -15,15 +17,13 @@ from vitblocks.layers.permutation import (
 from vitblocks.layers.pool import ConvPool
 from vitblocks.layers.position import PositionMap, resize_position_map
 from vitblocks.layers.recursive import Recursive
-from vitblocks.layers.per_loop import LoopLayerNorm, LoopLayerScale, LoopLoRALinear
+from vitblocks.layers.regional import compile_regions
 from vitblocks.layers.relax import RelaxedBlock, relax_recursion
 from vitblocks.layers.relaxation import DEFAULT_TARGETS, Relaxation
+from vitblocks.layers.schedule import GroupSchedule
 from vitblocks.layers.shared_sequence import SharedSequence
 from vitblocks.layers.shared_stack import SharedStack
 from vitblocks.layers.sharing import sharing_assignment
-from vitblocks.layers.depth import set_loops
-from vitblocks.layers.regional import compile_regions
-from vitblocks.layers.schedule import GroupSchedule
 from vitblocks.layers.sliced import LoopPlan, SlicedGroupAttention
 from vitblocks.layers.stem import ConvStem
 

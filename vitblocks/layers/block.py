@@ -11,9 +11,9 @@ from torch import nn
 
 from vitblocks.layers.drop import DropPath, keep_mask
 from vitblocks.layers.loop import is_loop_aware
-from vitblocks.layers.scalar import learnable_scalar
 from vitblocks.layers.loop_plan import LoopPlan
 from vitblocks.layers.residual import scaled_residual
+from vitblocks.layers.scalar import learnable_scalar
 from vitblocks.layers.scripting import NotScriptable
 from vitblocks.layers.sliced import SlicedGroupAttention
 

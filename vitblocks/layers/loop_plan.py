@@ -2,7 +2,7 @@
 
 # No `from __future__ import annotations` here: TorchScript reads a NamedTuple's field
 # types from its annotations, and cannot resolve them as strings.
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -21,5 +21,5 @@ class LoopPlan(NamedTuple):
     """
 
     num_groups: int
-    perm: Optional[torch.Tensor] = None
-    inverse: Optional[torch.Tensor] = None
+    perm: torch.Tensor | None = None
+    inverse: torch.Tensor | None = None

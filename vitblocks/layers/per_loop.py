@@ -112,7 +112,8 @@ class LoopLoRALinear(nn.Linear):
             self.bias_delta[loop].copy_(target["bias"] - self.bias)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, loops={self.loops}, rank={self.rank}, bias_offsets={self.bias_delta is not None}"
+        return (f"{super().extra_repr()}, loops={self.loops}, rank={self.rank}, "
+                f"bias_offsets={self.bias_delta is not None}")
 
 
 class LoopLayerNorm(nn.LayerNorm):

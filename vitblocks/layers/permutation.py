@@ -45,7 +45,8 @@ def check_policy(policy: PermutationPolicy | str, argument: str) -> PermutationP
     try:
         return PermutationPolicy.parse(policy, argument)
     except ValueError:
-        raise ValueError(f"{argument}={policy!r} is not a permutation policy; choose one of {PERMUTATION_POLICIES}") from None
+        raise ValueError(f"{argument}={policy!r} is not a permutation policy; "
+                         f"choose one of {PERMUTATION_POLICIES}") from None
 
 
 def random_permutation(

@@ -154,7 +154,8 @@ class Relaxation:
                    and not isinstance(m, LoopLoRALinear) and name.split(".")[-1] in self.targets]
         if not linears:
             found = sorted({name.split(".")[-1] for name, m in modules if isinstance(m, nn.Linear)})
-            raise ValueError(f"no linear of {type(block).__name__} is named one of {self.targets}; its linears are {found}")
+            raise ValueError(f"no linear of {type(block).__name__} is named one of {self.targets}; "
+                             f"its linears are {found}")
         replacements = []
         for name, linear in linears:
             full = min(linear.in_features, linear.out_features)

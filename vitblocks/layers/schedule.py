@@ -121,7 +121,7 @@ class GroupSchedule:
             Traceback (most recent call last):
             ...
             ValueError: group schedule (8, 2) needs at least 8 tokens but gets 4 (a 2x2 map); use a larger image or fewer groups
-        """
+        """  # noqa: E501 (a doctest's expected exception message must stay on one line)
         needed = self.largest(loops) if loop is None else self.at(loop)
         if num_tokens < needed:
             on_loop = "" if loop is None else f" on loop {loop}"

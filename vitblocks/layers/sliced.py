@@ -9,17 +9,16 @@ from torch import nn
 
 from vitblocks.attention import TokenGroups, group_attention
 from vitblocks.layers.loop_plan import LoopPlan
+from vitblocks.layers.modes import PermutationPolicy
 from vitblocks.layers.permutation import (
     cached_fixed_permutation,
-    inverse_permutation,
     check_policy,
+    inverse_permutation,
     permute_tokens_with_inverse,
     random_permutation,
 )
-from vitblocks.layers.modes import PermutationPolicy
-from vitblocks.layers.scripting import NotScriptable
 from vitblocks.layers.schedule import GroupSchedule
-
+from vitblocks.layers.scripting import NotScriptable
 
 _NO_MASK = ("SlicedGroupAttention takes no attn_mask or is_causal: its token groups define the mask; "
             "use timm.layers.Attention for masked attention")

@@ -55,7 +55,8 @@ class ConversionReport:
 
     def __str__(self) -> str:
         return (f"init={self.init}, rank={self.rank}: {self.parameters_before:,} -> {self.parameters_after:,} "
-                f"parameters ({self.parameters_after / self.parameters_before:.1%}), weight error {self.weight_error:.3g}")
+                f"parameters ({self.parameters_after / self.parameters_before:.1%}), "
+                f"weight error {self.weight_error:.3g}")
 
 
 CONVERSION_RELAXATION = Relaxation(norms=True, biases=True)

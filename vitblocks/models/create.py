@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_parameters(name: str) -> dict[str, inspect.Parameter]:
     """The parameters of a registered model's class constructor (`self` left out).
 

@@ -191,7 +191,9 @@ class FamilyAdapter:
         return block.norm1.normalized_shape[0]
 
 
-def sliced_copy_of(attn: nn.Module, groups: GroupSchedule, num_prefix_tokens: int, **options: Any) -> SlicedGroupAttention:
+def sliced_copy_of(
+    attn: nn.Module, groups: GroupSchedule, num_prefix_tokens: int, **options: Any
+) -> SlicedGroupAttention:
     """A `SlicedGroupAttention` with the options and weights of a `timm.layers.Attention`.
 
     Args:

@@ -155,7 +155,8 @@ def convert_official_state_dict(state_dict: dict[str, torch.Tensor], model: SReT
                 )
         if ours == "pos_embed.weight" and tensor.shape != expected[ours].shape:
             if tensor.shape[:2] != expected[ours].shape[:2]:
-                raise CheckpointError(f"pos_embed has shape {tuple(tensor.shape)}, expected {tuple(expected[ours].shape)}")
+                raise CheckpointError(f"pos_embed has shape {tuple(tensor.shape)}, "
+                                      f"expected {tuple(expected[ours].shape)}")
             tensor = resize_position_map(tensor, tuple(expected[ours].shape[-2:]))
         elif tensor.shape != expected[ours].shape:
             raise CheckpointError(

@@ -154,7 +154,7 @@ def make_recursive(
         if assignment is None:  # deepen: every unit loops
             layers = [Recursive(unit, loops=loops, mix=mix_spec()) for unit in units]
         else:  # each unique unit keeps the weights of the first position that uses it
-            layers = shared_layers(assignment, lambda u, a=assignment: units[a.index(u)], mix_spec)
+            layers = shared_layers(assignment, lambda u, a=assignment, units=units: units[a.index(u)], mix_spec)
         if relaxation is not None:
             relax_recursion(nn.Sequential(*layers), relaxation)
         assignment = tuple(range(len(units))) if assignment is None else assignment
@@ -244,7 +244,8 @@ def _relaxed_units(layers: list[nn.Module], assignment: Sequence[int]) -> set[in
     """
     if len(layers) == 1 and isinstance(layers[0], SharedSequence):
         return {u for u, block in enumerate(layers[0].blocks) if isinstance(block, RelaxedBlock)}
-    return {assignment[run[0]] for run, layer in zip(runs_of(assignment), layers) if isinstance(layer.block, RelaxedBlock)}
+    return {assignment[run[0]] for run, layer in zip(runs_of(assignment), layers)
+            if isinstance(layer.block, RelaxedBlock)}
 
 
 @dataclass
@@ -295,7 +296,8 @@ def load_base_weights(
             unused.append(key)
             continue
         if target[new_key].shape != tensor.shape:
-            raise ValueError(f"{key} has shape {tuple(tensor.shape)}; the model's {new_key} is {tuple(target[new_key].shape)}")
+            raise ValueError(f"{key} has shape {tuple(tensor.shape)}; "
+                             f"the model's {new_key} is {tuple(target[new_key].shape)}")
         converted[new_key] = tensor
     model.load_state_dict(converted, strict=False)
     return LoadReport(sorted(converted), sorted(set(target) - set(converted)), sorted(unused))

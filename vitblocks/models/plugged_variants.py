@@ -104,7 +104,8 @@ def _rewrap_feature_getter(wrapper: FeatureGetterNet, out_indices: Any) -> Featu
     applied again to the recursive model.
     """
     requested = len(wrapper.out_indices) if out_indices is None else out_indices
-    return FeatureGetterNet(wrapper.model, out_indices=requested, output_fmt=wrapper.output_fmt.value, norm=wrapper.norm)
+    return FeatureGetterNet(wrapper.model, out_indices=requested, output_fmt=wrapper.output_fmt.value,
+                            norm=wrapper.norm)
 
 
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:

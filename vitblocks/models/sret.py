@@ -22,10 +22,10 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from vitblocks.layers import ConvPool, ConvStem, PositionMap
+from vitblocks.layers.depth import set_layer_loops
 from vitblocks.layers.modes import CheckpointSetting, MixMode
 from vitblocks.layers.schedule import GroupSchedule
 from vitblocks.layers.sharing import Sharing
-from vitblocks.layers.depth import set_layer_loops
 from vitblocks.layers.stem import downsampled_size
 from vitblocks.models.sret_stage import SReTStage
 
@@ -60,7 +60,9 @@ def stage_grids(img_size: tuple[int, int], num_stages: int) -> list[tuple[int, i
     return grids
 
 
-def official_drop_path_rates(drop_path_rate: float, unique_blocks: Sequence[int], loops: Sequence[int]) -> list[list[float]]:
+def official_drop_path_rates(
+    drop_path_rate: float, unique_blocks: Sequence[int], loops: Sequence[int]
+) -> list[list[float]]:
     """Per-block drop-path rates as the paper's code assigns them.
 
     The rate grows linearly over all block applications ("virtual layers"), but stage s's
@@ -202,7 +204,8 @@ class SReT(nn.Module):
                 SReTStage(
                     dim=embed_dims[s], num_heads=num_heads[s], unique_blocks=unique_blocks[s], loops=loops[s],
                     groups=schedules[s], mlp_ratio=mlp_ratio, mix=mix, mix_mlp_ratio=mix_mlp_ratio,
-                    drop_path_rates=rates[s], share=shares[s], downsample=downsample, block_kwargs=block_kwargs, seed=100 * s, **dd,
+                    drop_path_rates=rates[s], share=shares[s], downsample=downsample, block_kwargs=block_kwargs,
+                    seed=100 * s, **dd,
                 )
             )
             self.feature_info.append(dict(num_chs=embed_dims[s], reduction=reduction, module=f"stages.{s}"))

@@ -22,8 +22,8 @@ from vitblocks.train.config import (
     TrainConfig,
 )
 from vitblocks.train.engine import Trainer
-from vitblocks.train.recipe import apply_overrides, derive, derive_recipe, load_recipe, smoke_config
 from vitblocks.train.preemption import PREEMPTED_EXIT_CODE, TrainingInterrupted
+from vitblocks.train.recipe import apply_overrides, derive, derive_recipe, load_recipe, smoke_config
 from vitblocks.train.run_lock import RunLockedError
 from vitblocks.train.state import TrainingState
 

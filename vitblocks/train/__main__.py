@@ -17,10 +17,8 @@ from vitblocks.io import CheckpointError
 from vitblocks.train.callbacks import TrainingDiverged
 from vitblocks.train.config import ConfigError
 from vitblocks.train.config_checks import check_names
-from vitblocks.train.recipe import apply_overrides, format_config, load_recipe, smoke_config
 from vitblocks.train.data import DataError
 from vitblocks.train.engine import Trainer
-from vitblocks.train.run_folder import RunFolder
 from vitblocks.train.preemption import (
     PREEMPTED_EXIT_CODE,
     LoaderWorkerDied,
@@ -28,6 +26,8 @@ from vitblocks.train.preemption import (
     StopSignals,
     TrainingInterrupted,
 )
+from vitblocks.train.recipe import apply_overrides, format_config, load_recipe, smoke_config
+from vitblocks.train.run_folder import RunFolder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

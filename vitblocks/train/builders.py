@@ -22,7 +22,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 from vitblocks.io import CheckpointError, read_checkpoint
 from vitblocks.layers.per_loop import per_loop_offsets
@@ -30,13 +30,19 @@ from vitblocks.models.convert import convert_to_recursive
 from vitblocks.models.create import create_model_at_size
 from vitblocks.train.config import ConfigError, TrainConfig
 from vitblocks.train.config_checks import check_model_name, check_model_options, check_optimizer_and_schedule
-from vitblocks.train.data import DataError, ResumableSampler, build_dataset, dataset_classes, dataset_length
-from vitblocks.train.device_decode import DeviceDecode
-from vitblocks.train.feed import make_loader
-from vitblocks.train.timm_datasets import is_stream, is_timm_dataset
+from vitblocks.train.data import (
+    DataError,
+    ResumableSampler,
+    build_dataset,
+    dataset_classes,
+    dataset_length,
+    sample_form,
+)
 from vitblocks.train.distill import DistillationLoss, build_teacher
 from vitblocks.train.distributed import Runtime
+from vitblocks.train.feed import Feed, feed_for
 from vitblocks.train.logs import listed
+from vitblocks.train.timm_datasets import is_stream, is_timm_dataset
 
 
 def build_model(config: TrainConfig, device: torch.device | str = "cpu", load_base: bool = True) -> nn.Module:
@@ -115,6 +121,8 @@ class Data:
         steps_per_epoch: Batches per epoch and process.
         updates_per_epoch: Optimizer steps per epoch.
         classes: Class names in label order (every split uses this one list).
+        train_feed: How training batches reach the device (`vitblocks.train.feed.feed_for`).
+        val_feed: How validation batches reach the device.
     """
 
     train_set: Dataset | None
@@ -124,48 +132,42 @@ class Data:
     steps_per_epoch: int = 0
     updates_per_epoch: int = 0
     classes: list[str] = field(default_factory=list)
+    train_feed: Feed | None = None
+    val_feed: Feed | None = None
     _loaders: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
-    def train_loader(self, config: TrainConfig, device: torch.device | str = "cpu") -> Any:
-        """The training batches on `device` (`vitblocks.train.feed.make_loader`), one loader for the run.
+    def train_loader(self, device: torch.device | str = "cpu") -> Any:
+        """The training batches on `device` (`train_feed`), one loader for the run.
 
         Args:
-            config: Batch size, workers, normalization, random erasing and seed.
             device: Where batches go.
 
         Returns:
             The loader; set the sampler's epoch before each pass.
         """
-        return self._loader("train", self.train_set, self.train_sampler, config, device)
+        return self._loader("train", device)
 
-    def val_loader(self, config: TrainConfig, device: torch.device | str = "cpu") -> Any:
-        """The validation batches on `device`, one loader for the run.
+    def val_loader(self, device: torch.device | str = "cpu") -> Any:
+        """The validation batches on `device` (`val_feed`), one loader for the run.
 
         Args:
-            config: Batch size, workers, normalization and seed.
             device: Where batches go.
 
         Returns:
             The loader.
         """
-        return self._loader("val", self.val_set, self.val_sampler, config, device)
+        return self._loader("val", device)
 
-    def _loader(self, split: str, dataset: Dataset, sampler: ResumableSampler, config: TrainConfig,
-                device: torch.device | str) -> Any:
+    def _loader(self, split: str, device: torch.device | str) -> Any:
         key = f"{split}:{torch.device(device)}"
         if key not in self._loaders:
-            data, train = config.data, split == "train"
-            encoded = getattr(dataset, "read_bytes", False)
-            uint8 = encoded or getattr(dataset, "uint8", False)
-            decode = None
-            if encoded:
-                aug = config.augment
-                decode = DeviceDecode(data.img_size, train, torch.device(device), aug.scale, aug.hflip, data.crop_pct,
-                                      data.interpolation, data.max_bad_images)
-            self._loaders[key] = make_loader(
-                dataset, sampler, data.batch_size, data.workers, train, config.seed, device,
-                normalize=(data.mean, data.std) if uint8 else None,
-                re_prob=config.augment.re_prob if train and uint8 else 0.0, decode=decode)
+            feed = self.train_feed if split == "train" else self.val_feed
+            if feed is None:
+                raise ValueError(f"this Data has no {split} feed: build it with build_data(config), or give "
+                                 f"{split}_feed=feed_for(config, train={split == 'train'})")
+            dataset, sampler = (self.train_set, self.train_sampler) if split == "train" else (self.val_set,
+                                                                                           self.val_sampler)
+            self._loaders[key] = feed.loader(dataset, sampler, device)
         return self._loaders[key]
 
     def close(self) -> None:
@@ -221,7 +223,7 @@ def build_data(config: TrainConfig, runtime: Runtime | None = None, train: bool 
                         + _empty_split_hint(config) + "; nothing could be scored")
     val_sampler = ResumableSampler(len(val_set), False, config.seed, rank, world)
     if not train:
-        return Data(None, val_set, None, val_sampler, classes=classes)
+        return Data(None, val_set, None, val_sampler, classes=classes, val_feed=feed_for(config, train=False))
     train_set = build_dataset(config, train=True, classes=classes, device=device)
     repeats = 3 if config.augment.repeated_aug else 1
     if is_stream(train_set):  # the sampler only holds the epoch, the samples to skip and the epoch's length
@@ -232,7 +234,7 @@ def build_data(config: TrainConfig, runtime: Runtime | None = None, train: bool 
         sampler = ResumableSampler(total, True, config.seed, rank, world)
     else:
         # per-sample seeds only where workers draw augmentation: not for tensors, nor for workers that read bytes
-        draws = not isinstance(train_set, TensorDataset) and not getattr(train_set, "read_bytes", False)
+        draws = sample_form(config) == "uint8"
         sampler = ResumableSampler(len(train_set), True, config.seed, rank, world, repeats, draws=draws)
     accum = config.optim.accum_steps
     # whole updates only: a batch left over would carry its gradients into the next epoch's first update
@@ -245,7 +247,8 @@ def build_data(config: TrainConfig, runtime: Runtime | None = None, train: bool 
             f"fewer than optim.accum_steps={config.optim.accum_steps} ({len(sampler)} images per process); "
             f"lower data.batch_size{more}"
         )
-    return Data(train_set, val_set, sampler, val_sampler, steps, steps // accum, classes)
+    return Data(train_set, val_set, sampler, val_sampler, steps, steps // accum, classes,
+                feed_for(config, train=True), feed_for(config, train=False))
 
 
 def _empty_split_hint(config: TrainConfig) -> str:

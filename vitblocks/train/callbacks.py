@@ -139,7 +139,7 @@ def header_text(trainer: Trainer) -> str:
         f"model    {config.model.name}: {size}\n"
         f"data     {source}: {len(data.train_set):,} train / {len(data.val_set):,} val images, "
         f"{len(data.classes)} classes{_per_class(data.train_set)}; "
-        f"{describe_feed(data.train_loader(config, trainer.device), config.data.workers)}\n"
+        f"{describe_feed(data.train_loader(trainer.device), config.data.workers)}\n"
         f"runs on  {trainer.device} x {trainer.runtime.world_size}, {config.precision}, "
         f"attention backend {config.model.backend}\n"
         f"step     {describe_step(trainer)}\n"

@@ -15,12 +15,18 @@ from torch.utils.data import Dataset, Sampler, TensorDataset
 from vitblocks.train.config import DataConfig, TrainConfig
 from vitblocks.train.draws import draw_key
 from vitblocks.train.extras import import_train_extra
-from vitblocks.train.image_folder import DataError, FolderError, FolderScan, ImageFiles, class_folders, holds_images
-from vitblocks.train.image_folder import load_image
-from vitblocks.train.image_folder import scan_split
+from vitblocks.train.image_folder import (
+    DataError,
+    FolderError,
+    FolderScan,
+    ImageFiles,
+    class_folders,
+    holds_images,
+    load_image,
+    scan_split,
+)
 from vitblocks.train.logs import listed, logger
 from vitblocks.train.timm_datasets import build_timm_dataset, is_timm_dataset
-
 
 _TRAINER_ADVICE = ("Point the recipe at your copy with --set data.root=/path/to/imagenet, check the recipe first "
                    "with --smoke (synthetic data), or try the offline quickstart: "
@@ -150,6 +156,37 @@ def dataset_classes(config: TrainConfig) -> list[str]:
     return names
 
 
+SAMPLE_FORMS = ("tensors", "uint8", "bytes")
+"""What a dataset gives per sample: model-ready tensors held in memory (the digits, synthetic
+images), uint8 images decoded by loader workers (image folders with `data.decode="cpu"`, timm's
+datasets), or the files' bytes, decoded on the device (`data.decode="gpu"`)."""
+
+
+def sample_form(config: TrainConfig) -> str:
+    """What the datasets of a config give per sample, decided by the config alone (one of `SAMPLE_FORMS`).
+
+    `build_dataset` builds the datasets so, and `vitblocks.train.feed.feed_for` the way
+    their batches reach the device.
+
+    Args:
+        config: The experiment.
+
+    Returns:
+        "tensors", "uint8" or "bytes".
+
+    Example:
+        >>> from vitblocks.train import DataConfig, TrainConfig
+        >>> sample_form(TrainConfig(data=DataConfig(dataset="imagefolder", root="data")))
+        'uint8'
+    """
+    data = config.data
+    if data.dataset in ("digits", "synthetic"):
+        return "tensors"
+    if data.dataset == "imagefolder" and data.decode == "gpu":
+        return "bytes"
+    return "uint8"
+
+
 def dataset_length(dataset: Dataset | None) -> int | None:
     """A dataset's sample count.
 
@@ -228,7 +265,7 @@ def build_dataset(config: TrainConfig, train: bool, classes: list[str] | None = 
         raise DataError(f"{folder} has classes that the training classes lack: {', '.join(unknown[:8])}; "
                         f"every {folder.name}/ class folder must also be in the training split (labels follow its "
                         "class list)")
-    gpu_decode = data.decode == "gpu"
+    gpu_decode = sample_form(config) == "bytes"
     transform = None if gpu_decode else train_transform(config) if train else eval_transform(data, uint8=True)
     try:
         scan = scan_split(folder)

@@ -28,8 +28,8 @@ from vitblocks.train.callbacks import Callback, LossRecord, TrainingDiverged, de
 from vitblocks.train.config import ConfigError, TrainConfig
 from vitblocks.train.distill import DistillationLoss
 from vitblocks.train.evaluation import correct_counts, evaluate, read_labels
-from vitblocks.train.image_folder import DataError
 from vitblocks.train.extras import import_train_extra
+from vitblocks.train.image_folder import DataError
 from vitblocks.train.logs import console_logging, logger
 from vitblocks.train.precision import autocast_for
 from vitblocks.train.preemption import (
@@ -40,10 +40,10 @@ from vitblocks.train.preemption import (
     raise_loader_failure,
 )
 from vitblocks.train.report import final_summary
+from vitblocks.train.resumable import Resumable
 from vitblocks.train.run_folder import BEST, LAST, RunFolder
 from vitblocks.train.run_lock import RunLock
 from vitblocks.train.run_restore import restore_missing
-from vitblocks.train.resumable import Resumable
 from vitblocks.train.state import TrainingState
 from vitblocks.train.timm_datasets import is_stream
 from vitblocks.train.training_model import wrap_for_training
@@ -172,7 +172,7 @@ class Trainer(Resumable):
         config, state, accum = self.config, self.state, self.config.optim.accum_steps
         sampler = self.data.train_sampler
         sampler.set_epoch(state.epoch, skip=state.epoch_samples)
-        loader = self.data.train_loader(config, self.device)
+        loader = self.data.train_loader(self.device)
         self.train_model.train()
         state.start_epoch()
         start, resumed_at = time.perf_counter(), state.epoch_images  # this session's images: throughput
@@ -344,7 +344,7 @@ class Trainer(Resumable):
         Returns:
             `val_loss`, `val_top1`, `val_top5`.
         """
-        return evaluate(model or self.model, self.data.val_loader(self.config, self.device), self.device, self._autocast(),
+        return evaluate(model or self.model, self.data.val_loader(self.device), self.device, self._autocast(),
                         self.runtime, max_unreadable=self.config.data.max_bad_images)
 
     # ---- the run -----------------------------------------------------------------
@@ -443,7 +443,7 @@ class Trainer(Resumable):
         """Read a streamed validation split once before training: a label out of range
         (`timm_datasets.LabelRange`) stops the run now, not after the first epoch."""
         try:
-            if read_labels(self.data.val_loader(self.config, self.device), self.runtime,
+            if read_labels(self.data.val_loader(self.device), self.runtime,
                            stop=lambda: self._stop.cause() is not None) is not None:  # None: a stop came meanwhile
                 logger.info(f"read the validation stream's labels before training: all in [0, {self.config.data.num_classes})")
         except LoaderWorkerDied as died:  # on every process: the run stops before its first step

@@ -1,12 +1,16 @@
 """Batches on the training device, ready for the model.
 
-The ways a batch reaches the device, chosen by what the dataset holds:
+How a split's batches are made is decided once from the config (`feed_for` gives a
+`Feed`; `vitblocks.train.builders.Data` holds one per split). The ways a batch reaches the
+device, chosen by what the dataset gives per sample (`vitblocks.train.data.sample_form`):
 
 - **Decoded image files** (`ImageFiles` built with `uint8=True`): worker processes decode
   and crop, and send uint8 images (a quarter of float32's bytes) into pinned memory;
   timm's `PrefetchLoader` copies the next batch on a side stream while the current one
   trains and normalizes it on the device, where each batch is randomly erased as it is
   handed out (`ErasedOnHandOut`: the draws stay in step order, so resuming is exact).
+- **File bytes decoded on the device** (`data.decode="gpu"`): workers only read the files;
+  `vitblocks.train.device_decode` decodes and crops each batch on the device.
 - **Tensors in memory** (`TensorDataset`: the digits, synthetic images): they live on the
   device for the whole run and a batch is one `index_select` there; no worker, no copy.
 - **Streams** (iterable datasets: webdataset shards and the other streamed timm datasets,
@@ -29,13 +33,16 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from timm.data.loader import PrefetchLoader, fast_collate
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from vitblocks.train.data import ResumableSampler
+from vitblocks.train.config import TrainConfig
+from vitblocks.train.data import ResumableSampler, sample_form
 from vitblocks.train.device_decode import DecodedBatches, DeviceDecode, collate_encoded
 from vitblocks.train.draws import SeededDraws
 from vitblocks.train.preemption import ignore_stop_signals
@@ -158,6 +165,73 @@ def batch_count(samples: int, batch_size: int, drop_last: bool) -> int:
     """
     full, rest = divmod(samples, batch_size)
     return full + (rest > 0 and not drop_last)
+
+
+@dataclass(frozen=True)
+class Feed:
+    """How one split's samples become batches on the device, decided once from the config (`feed_for`).
+
+    Attributes:
+        train: The training split: batches are augmented on the device and the last
+            partial batch is dropped.
+        batch_size: Samples per batch and process.
+        workers: Loader worker processes (None: `default_workers`).
+        seed: The run's seed (the workers' generators).
+        normalize: (mean, std) in [0, 1] units for image samples, applied on the device;
+            None for model-ready tensors.
+        re_prob: Random-erasing probability, applied on the device.
+        decode: `DeviceDecode`'s settings for files decoded on the device; None otherwise.
+    """
+
+    train: bool
+    batch_size: int
+    workers: int | None
+    seed: int
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    re_prob: float = 0.0
+    decode: dict[str, Any] | None = None
+
+    def loader(self, dataset: Dataset, sampler: ResumableSampler, device: torch.device | str = "cpu") -> Iterable:
+        """The split's batches on `device` (`make_loader`).
+
+        Args:
+            dataset: The split's dataset, built by the same config.
+            sampler: Its sampler.
+            device: Where batches go.
+
+        Returns:
+            The loader.
+        """
+        decode = DeviceDecode(train=self.train, device=torch.device(device), **self.decode) if self.decode else None
+        return make_loader(dataset, sampler, self.batch_size, self.workers, self.train, self.seed, device,
+                           normalize=self.normalize, re_prob=self.re_prob, decode=decode)
+
+
+def feed_for(config: TrainConfig, train: bool) -> Feed:
+    """How a config's training or validation batches reach the device.
+
+    Args:
+        config: The experiment.
+        train: The training split (else validation).
+
+    Returns:
+        The feed.
+
+    Example:
+        >>> from vitblocks.train import DataConfig, TrainConfig
+        >>> feed_for(TrainConfig(data=DataConfig(dataset="synthetic")), train=True).normalize is None
+        True
+    """
+    data, aug = config.data, config.augment
+    form = sample_form(config)
+    images = form != "tensors"
+    decode = None
+    if form == "bytes":
+        decode = dict(img_size=data.img_size, scale=tuple(aug.scale), hflip=aug.hflip, crop_pct=data.crop_pct,
+                      interpolation=data.interpolation, max_bad_images=data.max_bad_images)
+    return Feed(train, data.batch_size, data.workers, config.seed,
+                normalize=(tuple(data.mean), tuple(data.std)) if images else None,
+                re_prob=aug.re_prob if train and images else 0.0, decode=decode)
 
 
 def make_loader(dataset: Dataset, sampler: ResumableSampler, batch_size: int, workers: int | None, train: bool,

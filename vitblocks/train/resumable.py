@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 import vitblocks.train.checkpoint as ckpt
-from vitblocks.io import CheckpointError
 import vitblocks.train.distributed as distributed
+from vitblocks.io import CheckpointError
 from vitblocks.train.callbacks import TrainingDiverged
 from vitblocks.train.data import dataset_length
 from vitblocks.train.health import checkpoint_problem

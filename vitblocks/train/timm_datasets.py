@@ -126,7 +126,6 @@ def build_timm_dataset(name: str, root: str, split: str, train: bool, transform:
         raise DataError(f"data.dataset={name!r} split {split!r} in {root} could not be opened: {message}. Check "
                         "data.root and the split names (data.train_split, data.val_split).") from None
     dataset.transform = transform
-    dataset.uint8 = True
     if num_classes is not None:
         dataset.target_transform = LabelRange(name, split, num_classes)
     return dataset

@@ -18,8 +18,8 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitblocks.train.hooks import Callback, LossRecord
 from vitblocks.train.extras import import_train_extra
+from vitblocks.train.hooks import Callback, LossRecord
 from vitblocks.train.run_folder import WANDB_FOLDER, WANDB_ID
 
 if TYPE_CHECKING:
