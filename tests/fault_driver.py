@@ -36,7 +36,7 @@ class FaultInStep(Callback):
         else:
             print("waiting for a signal", flush=True)
         deadline = time.monotonic() + 60
-        while trainer._stop.cause() is None and time.monotonic() < deadline:
+        while trainer.stop_requested() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(0.3)  # whatever else the fault does reaches this process now
 

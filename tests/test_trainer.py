@@ -353,10 +353,18 @@ def test_builders_make_each_part_without_a_trainer_and_the_trainer_takes_them(tm
     assert lr == config.optim.lr and mixup is not None
     seen = []
     trainer = Trainer(config, model=model, data=data, optimizer=(optimizer, scheduler), criterion=(mixup, criterion),
-                      callbacks=[OnStepEnd(lambda t: seen.append(t.state.step))])
+                      callbacks=[OnStepEnd(lambda run: seen.append((run.state.step, run)))])
     assert trainer.model is model and trainer.optimizer is optimizer
     trainer.fit(progress=False)
-    assert seen == list(range(1, 7)) and not (tmp_path / "metrics.csv").exists()  # no logging callback given
+    assert [step for step, _ in seen] == list(range(1, 7))
+    assert not (tmp_path / "metrics.csv").exists()  # no logging callback given
+    run = seen[0][1]  # callbacks see a read-only view of the run, not the trainer
+    assert run is not trainer and run.model is model and run.state is trainer.state and run.resumed is False
+    assert "parameters" in run.header and run.stop_requested() is None
+    with pytest.raises(AttributeError, match="a callback sees the run through a RunView .*; it has no 'scheduler'"):
+        run.scheduler  # noqa: B018
+    with pytest.raises(AttributeError, match="read-only"):
+        run.state = None
     restored = TrainingState()
     restored.load_state_dict(trainer.state.state_dict())
     assert restored == trainer.state and restored.epoch == 1 and restored.step == 6

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ from torch import nn
 import vitblocks.train.distributed as distributed
 from vitblocks.attention import attention_backend
 from vitblocks.train.builders import Data, build_criterion, build_data, build_model, build_optimizer_and_schedule
-from vitblocks.train.callbacks import Callback, LossRecord, TrainingDiverged, default_callbacks
+from vitblocks.train.callbacks import default_callbacks
+from vitblocks.train.hooks import Callback, LossRecord, RunView, TrainingDiverged
 from vitblocks.train.config import ConfigError, TrainConfig
 from vitblocks.train.distill import DistillationLoss
 from vitblocks.train.evaluation import correct_counts, evaluate, read_labels
@@ -40,7 +41,8 @@ from vitblocks.train.preemption import (
     raise_loader_failure,
 )
 from vitblocks.train.report import final_summary
-from vitblocks.train.resumable import Resumable
+from vitblocks.train.run_header import header_text
+from vitblocks.train.checkpointer import Checkpointer
 from vitblocks.train.run_folder import BEST, LAST, RunFolder
 from vitblocks.train.run_lock import RunLock
 from vitblocks.train.run_restore import restore_missing
@@ -52,7 +54,7 @@ from vitblocks.train.update_start import UpdateStart
 __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "correct_counts", "evaluate"]
 
 
-class Trainer(Resumable):
+class Trainer:
     """One training run, assembled from parts built from a config.
 
     Args:
@@ -111,17 +113,19 @@ class Trainer(Resumable):
         self.train_model, self.static_graph, self.graphs = wrap_for_training(self.model, config, rt)
         self.callbacks = list(default_callbacks(config) if callbacks is None else callbacks)
         self.state = TrainingState()
-        self.last_good_checkpoint: Path | None = None
+        self.checkpointer = Checkpointer(  # writes and resumes checkpoints of exactly these parts
+            model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, ema=self.ema,
+            state=self.state, data=self.data, config=config, runtime=rt, run_folder=self.run_folder,
+            autocast=self._autocast)
+        self.view = RunView(self)  # what callbacks see of the run
         self.overwrite = overwrite
-        self.resumed = False
         # losses still on the device, with where they were: read every log_every steps, not every step
         self._unread_losses: list[tuple[int, int, int, torch.Tensor]] = []
         self._last_inputs: torch.Tensor | None = None  # the batch a checkpoint's weights are tried on
         self._stop = StopSignals()
         self._update_start: UpdateStart | None = None  # where the update in progress began (gradient accumulation)
         self._lock: RunLock | None = None
-        self._schedule_offset = 0  # schedule position - optimizer steps (nonzero after resuming at another batch size)
-        self.header = ""  # the run header, once fit has started (`callbacks.RunHeader`)
+        self._header: str | None = None  # made when first asked for in a `fit`
 
     # the run's position, as attributes for convenience
     @property
@@ -144,14 +148,75 @@ class Trainer(Resumable):
         """One metrics row per completed epoch."""
         return self.state.history
 
+    @property
+    def last_good_checkpoint(self) -> Path | None:
+        """The last checkpoint written or resumed from (None before any)."""
+        return self.checkpointer.last_good
+
+    @property
+    def resumed(self) -> bool:
+        """Whether the run continues from a checkpoint (`resume`)."""
+        return self.checkpointer.resumed
+
+    @property
+    def header(self) -> str:
+        """The run header (`vitblocks.train.run_header.header_text`), made once per `fit`."""
+        if self._header is None:
+            self._header = header_text(self.view, self.static_graph)
+        return self._header
+
+    def stop_cause(self) -> str | None:
+        """Why the run is about to stop (a stop signal, a loader worker's death on this process), or None."""
+        return self._stop.cause()
+
     # ---- checkpoints -------------------------------------------------------------
+    def state_dict(self, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Everything needed to continue this run exactly (`Checkpointer.state_dict`).
+
+        Args:
+            ranks: Every process's own part, when distributed.
+
+        Returns:
+            The checkpoint's contents.
+        """
+        return self.checkpointer.state_dict(ranks)
+
+    def save(self, name: str = LAST) -> Path | None:
+        """Write a checkpoint atomically (main process only), once the losses so far are read.
+
+        Args:
+            name: File name inside the output folder.
+
+        Returns:
+            The path written, or None on other processes.
+
+        Raises:
+            TrainingDiverged: For a loss or weights that are not finite; nothing is written.
+        """
+        self.read_losses()  # a diverged loss stops the run before anything is written
+        return self.checkpointer.save(name, self._last_inputs)
+
+    def resume(self, path: str | Path, allow_changes: Iterable[str] = ()) -> None:
+        """Continue from a checkpoint written by `save` (`Checkpointer.resume`).
+
+        Args:
+            path: The checkpoint.
+            allow_changes: Fields allowed to differ on purpose (`--resume-changed`).
+
+        Raises:
+            CheckpointError: If the file is damaged, belongs to a different model, or the
+                run differs from it in a field not allowed.
+            ConfigError: For a name in `allow_changes` that is no config field.
+        """
+        self.checkpointer.resume(path, allow_changes)
+
     # ---- steps -------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast_for(self.config.precision, self.device.type)
 
     def _each(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
-            getattr(callback, hook)(self, *args)
+            getattr(callback, hook)(self.view, *args)
 
     def train_epoch(self, progress: bool) -> dict[str, float]:
         """Run (the rest of) the current epoch.
@@ -331,7 +396,7 @@ class Trainer(Resumable):
     def _after_update(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        self.scheduler.step_update(num_updates=self.state.step + self._schedule_offset)
+        self.scheduler.step_update(num_updates=self.state.step + self.checkpointer.schedule_offset)
         if self.ema is not None:
             self.ema.update(self.model, step=self.state.step)
 
@@ -394,6 +459,7 @@ class Trainer(Resumable):
     def _fit(self, progress: bool) -> dict[str, Any]:
         config, state = self.config, self.state
         complete = state.epoch >= config.epochs and bool(state.history)
+        self._header = None  # this fit's: where it starts
         self._on_main(lambda: self._prepare_output_dir(complete))
         if complete:
             logger.info(f"the run in {self.output_dir} is already complete: {state.epoch} of {config.epochs} epochs, "

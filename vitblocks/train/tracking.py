@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vitblocks.train.extras import import_train_extra
-from vitblocks.train.hooks import Callback, LossRecord
+from vitblocks.train.hooks import Callback, LossRecord, RunView
 from vitblocks.train.run_folder import WANDB_FOLDER, WANDB_ID
 
-if TYPE_CHECKING:
-    from vitblocks.train.engine import Trainer
 
 def _scalars(row: dict[str, Any]) -> dict[str, float]:
     return {f"epoch/{key}": float(value) for key, value in row.items()
@@ -48,32 +46,32 @@ class TensorBoardLogging(Callback):
     def __init__(self, folder: str | Path | None = None) -> None:
         self.folder, self.writer = folder, None
 
-    def on_fit_start(self, trainer: Trainer) -> None:
-        if not trainer.runtime.is_main:
+    def on_fit_start(self, run: RunView) -> None:
+        if not run.runtime.is_main:
             return
         import_train_extra("tensorboard", extra="tracking")
         from torch.utils.tensorboard import SummaryWriter
 
-        folder = Path(self.folder) if self.folder else trainer.run_folder.tensorboard_folder()
+        folder = Path(self.folder) if self.folder else run.run_folder.tensorboard_folder()
         # a resumed run replaces what the interrupted one logged after its checkpoint
-        self.writer = SummaryWriter(str(folder), purge_step=trainer.state.step + 1 if trainer.resumed else None)
-        self.writer.add_text("run", _header(trainer), trainer.state.step)
+        self.writer = SummaryWriter(str(folder), purge_step=run.state.step + 1 if run.resumed else None)
+        self.writer.add_text("run", run.header, run.state.step)
 
-    def on_losses_read(self, trainer: Trainer, losses: list[LossRecord]) -> None:
+    def on_losses_read(self, run: RunView, losses: list[LossRecord]) -> None:
         if self.writer is None:
             return
         for step, loss in _step_losses(losses).items():
             self.writer.add_scalar("train/loss", loss, step)
-        self.writer.add_scalar("train/lr", trainer.optimizer.param_groups[0]["lr"], losses[-1].step)
+        self.writer.add_scalar("train/lr", run.optimizer.param_groups[0]["lr"], losses[-1].step)
 
-    def on_epoch_recorded(self, trainer: Trainer, row: dict[str, Any]) -> None:
+    def on_epoch_recorded(self, run: RunView, row: dict[str, Any]) -> None:
         if self.writer is None:
             return
         for name, value in _scalars(row).items():
-            self.writer.add_scalar(name, value, trainer.state.step)
+            self.writer.add_scalar(name, value, run.state.step)
         self.writer.flush()
 
-    def on_fit_end(self, trainer: Trainer) -> None:
+    def on_fit_end(self, run: RunView) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -90,39 +88,36 @@ class WandbLogging(Callback):
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings, self.run = dict(settings), None
 
-    def on_fit_start(self, trainer: Trainer) -> None:
-        if not trainer.runtime.is_main:
+    def on_fit_start(self, run: RunView) -> None:
+        if not run.runtime.is_main:
             return
         wandb = import_train_extra("wandb", extra="tracking")
         from vitblocks.train.recipe import to_dict
 
-        id_file = trainer.run_folder.file(WANDB_ID)
-        run_id = id_file.read_text().strip() if trainer.resumed and id_file.is_file() else secrets.token_hex(4)
-        trainer.run_folder.write_text(WANDB_ID, run_id + "\n")
-        trainer.run_folder.file(WANDB_FOLDER)  # wandb writes its files there: never through a link
-        settings = {"dir": str(trainer.output_dir), "config": to_dict(trainer.config), **self.settings}
+        id_file = run.run_folder.file(WANDB_ID)
+        run_id = id_file.read_text().strip() if run.resumed and id_file.is_file() else secrets.token_hex(4)
+        run.run_folder.write_text(WANDB_ID, run_id + "\n")
+        run.run_folder.file(WANDB_FOLDER)  # wandb writes its files there: never through a link
+        settings = {"dir": str(run.output_dir), "config": to_dict(run.config), **self.settings}
         self.run = wandb.init(id=run_id, resume="allow", **settings)
-        self.run.summary["run header"] = _header(trainer)
+        self.run.summary["run header"] = run.header
 
-    def on_losses_read(self, trainer: Trainer, losses: list[LossRecord]) -> None:
+    def on_losses_read(self, run: RunView, losses: list[LossRecord]) -> None:
         if self.run is None:
             return
         steps = _step_losses(losses)
         for step, loss in steps.items():
             values = {"train/loss": loss}
             if step == losses[-1].step:
-                values["train/lr"] = trainer.optimizer.param_groups[0]["lr"]
+                values["train/lr"] = run.optimizer.param_groups[0]["lr"]
             self.run.log(values, step=step)
 
-    def on_epoch_recorded(self, trainer: Trainer, row: dict[str, Any]) -> None:
+    def on_epoch_recorded(self, run: RunView, row: dict[str, Any]) -> None:
         if self.run is not None:
-            self.run.log(_scalars(row), step=trainer.state.step)
+            self.run.log(_scalars(row), step=run.state.step)
 
-    def on_fit_end(self, trainer: Trainer) -> None:
+    def on_fit_end(self, run: RunView) -> None:
         if self.run is not None:
             self.run.finish()
             self.run = None
 
-
-def _header(trainer: Trainer) -> str:
-    return trainer.header or "(no run header: the callbacks have no RunHeader)"

@@ -1,31 +1,72 @@
 """What makes a training run resumable: its checkpoint, written and read back exactly.
 
-`Trainer` inherits these methods; they read the run's parts (model, optimizer,
-scheduler, scaler, EMA, `TrainingState`, config, data, runtime) from it.
+The `Trainer` holds one `Checkpointer`, handed at construction every part it saves and
+restores (model, optimizer, scheduler, scaler, EMA, `TrainingState`, data, config,
+runtime, run folder); it reads nothing else of the trainer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from timm.utils import ModelEmaV3
+from torch import nn
 
 import vitblocks.train.checkpoint as ckpt
 import vitblocks.train.distributed as distributed
 from vitblocks.io import CheckpointError
-from vitblocks.train.callbacks import TrainingDiverged
 from vitblocks.train.data import dataset_length
+from vitblocks.train.distributed import Runtime
+from vitblocks.train.hooks import TrainingDiverged
 from vitblocks.train.health import checkpoint_problem
 from vitblocks.train.logs import listed, logger
 from vitblocks.train.recipe import check_allowed_fields, to_dict
 from vitblocks.train.resume_checks import data_identity, refused_changes, resume_changes
-from vitblocks.train.run_folder import LAST
+from vitblocks.train.run_folder import LAST, RunFolder
+
+if TYPE_CHECKING:
+    from vitblocks.train.builders import Data
+    from vitblocks.train.config import TrainConfig
+    from vitblocks.train.state import TrainingState
 
 
-class Resumable:
-    """Checkpoint writing (`save`, `state_dict`) and exact resumption (`resume`) of a `Trainer`."""
+class Checkpointer:
+    """Checkpoint writing (`save`, `state_dict`) and exact resumption (`resume`) of one run.
+
+    Args:
+        model: The trained model.
+        optimizer: Its optimizer.
+        scheduler: timm's per-step scheduler.
+        scaler: timm's loss scaler (fp16), or None.
+        ema: The EMA of the weights, or None.
+        state: Where the run is (`TrainingState`), saved and restored in place.
+        data: The run's data: its class names and image counts are recorded, and a
+            checkpoint's class order is applied to it on resume.
+        config: The run's config.
+        runtime: The processes (rank, world size).
+        run_folder: Where checkpoints are written.
+        autocast: Makes the run's mixed-precision context, for trying the weights on a batch.
+
+    Attributes:
+        last_good: The last checkpoint written or resumed from (None before any).
+        resumed: Whether the run continues from a checkpoint.
+        schedule_offset: Schedule position minus optimizer steps: nonzero after resuming at
+            another batch size, where the schedule continues at the same fraction of training.
+    """
+
+    def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+                 ema: ModelEmaV3 | None, state: TrainingState, data: Data, config: TrainConfig, runtime: Runtime,
+                 run_folder: RunFolder, autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
+        self.model, self.optimizer, self.scheduler, self.scaler, self.ema = model, optimizer, scheduler, scaler, ema
+        self.state, self.data, self.config, self.runtime, self.run_folder = state, data, config, runtime, run_folder
+        self.autocast = autocast
+        self.last_good: Path | None = None
+        self.resumed = False
+        self.schedule_offset = 0
 
     def state_dict(self, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Everything needed to continue this run exactly.
@@ -66,24 +107,30 @@ class Resumable:
                                       if "running_mean" in name or "running_var" in name}
         return own
 
-    def save(self, name: str = LAST) -> Path | None:
-        """Write a checkpoint atomically (main process only).
+    def save(self, name: str = LAST, inputs: torch.Tensor | None = None) -> Path | None:
+        """Write a checkpoint atomically (main process only), after checking that the weights are finite.
 
         Args:
             name: File name inside the output folder.
+            inputs: The last batch, which the weights are tried on within an epoch (at an
+                epoch's end they were just evaluated).
 
         Returns:
             The path written, or None on other processes.
+
+        Raises:
+            TrainingDiverged: If the weights (or their logits on `inputs`) are not finite on any
+                process; nothing is written.
+            CheckpointError: If the main process could not write the file (on every process).
         """
-        self.read_losses()  # a diverged loss stops the run before anything is written
         at_epoch_end = self.state.batch == 0  # the weights were just evaluated: their loss is known
         problem = checkpoint_problem(self.model, self.ema.module if self.ema else None,
-                                     None if at_epoch_end else self._last_inputs, self._autocast())
+                                     None if at_epoch_end else inputs, self.autocast())
         if distributed.any_rank(problem is not None, self.runtime):
             raise TrainingDiverged(
                 f"{problem or 'the weights diverged on another process'} after step {self.state.step} (epoch "
                 f"{self.state.epoch + 1}, batch {self.state.batch}); {name} was not written. Last good checkpoint: "
-                f"{self.last_good_checkpoint or 'none written yet'}. Try a lower optim.lr, optim.clip_grad, or fp32.")
+                f"{self.last_good or 'none written yet'}. Try a lower optim.lr, optim.clip_grad, or fp32.")
         ranks = distributed.gather(self._own_state(), self.runtime)
         path, error = None, None
         if self.runtime.is_main:
@@ -94,7 +141,7 @@ class Resumable:
         if distributed.any_rank(error is not None, self.runtime):  # every process stops: none waits for the next step
             raise error or CheckpointError(f"the main process could not write {name}; see its message")
         if path is not None:
-            self.last_good_checkpoint = path
+            self.last_good = path
         return path
 
     def _data_identity(self) -> dict[str, Any]:
@@ -154,7 +201,7 @@ class Resumable:
             logger.info(f"{path} holds no EMA weights; the EMA starts from its weights")
         self.state.load_state_dict(saved)
         self._continue_epoch_at_this_batch_size(saved)
-        self.scheduler.step_update(num_updates=self.state.step + self._schedule_offset)
+        self.scheduler.step_update(num_updates=self.state.step + self.schedule_offset)
         ranks, rank = saved.get("ranks") or [], self.runtime.rank
         if len(ranks) == self.runtime.world_size:  # each process continues its own streams and sums
             ckpt.set_rng_state(ranks[rank]["rng"])
@@ -164,7 +211,7 @@ class Resumable:
                 buffers[name].copy_(value)
         else:  # another process count (or an older checkpoint): the main process's streams for all
             ckpt.set_rng_state(saved["rng"])
-        self.last_good_checkpoint = Path(path)
+        self.last_good = Path(path)
         self.resumed = True
 
     def _keep_checkpoint_labels(self, saved: dict[str, Any], path: str | Path) -> None:
@@ -230,10 +277,10 @@ class Resumable:
         before = (saved_batch_size, saved.get("world_size", world), saved.get("config", {}).get("optim", {})
                   .get("accum_steps", accum))
         state.batch = state.epoch_samples // world // self.config.data.batch_size
-        self._schedule_offset = state.epoch * self.data.updates_per_epoch + state.batch // accum - state.step
+        self.schedule_offset = state.epoch * self.data.updates_per_epoch + state.batch // accum - state.step
         if before != (self.config.data.batch_size, world, accum):
             logger.info(f"resuming with batch size {self.config.data.batch_size} x {world} processes x {accum} "
                         f"accumulation (the checkpoint had {before[0]} x {before[1]} x {before[2]}): epoch "
                         f"{state.epoch + 1} continues after {state.epoch_samples} samples, and the schedule at "
-                        f"update {state.step + self._schedule_offset} of this run's {self.data.updates_per_epoch} "
+                        f"update {state.step + self.schedule_offset} of this run's {self.data.updates_per_epoch} "
                         "per epoch")
