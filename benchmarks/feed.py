@@ -41,9 +41,9 @@ from torch.utils.data import DataLoader
 import vitblocks  # noqa: F401 - registers the models
 from benchmarks.run import _step_fn
 from vitblocks.train import AugmentConfig, DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, Trainer
-from vitblocks.train.data import with_safe_posterize
-from vitblocks.train.device_decode import DeviceDecode, collate_encoded
-from vitblocks.train.image_folder import ImageFiles, load_image, scan_split
+from vitblocks.train.data.datasets import with_safe_posterize
+from vitblocks.train.data.device_decode import DeviceDecode, collate_encoded
+from vitblocks.train.data.image_folder import ImageFiles, load_image, scan_split
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -33,7 +33,7 @@ from benchmarks.result import Result
 from vitblocks.attention import attention_backend, available_backends
 from vitblocks.models.official import export_official_state_dict
 from vitblocks.summary import summarize
-from vitblocks.train.precision import autocast_for
+from vitblocks.train.run.precision import autocast_for
 
 NAIVE = "sret_t naive (official computation)"
 COMPILED = "sret_t (torch.compile)"

@@ -27,8 +27,8 @@ import torch
 
 from vitblocks.eval import run as evaluate_checkpoint
 from vitblocks.train import Trainer, derive, load_recipe
-from vitblocks.train.builders import build_data, build_model
-from vitblocks.train.evaluation import evaluate
+from vitblocks.train.run.builders import build_data, build_model
+from vitblocks.train.run.evaluation import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"

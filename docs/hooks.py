@@ -36,7 +36,7 @@ def attribute_docs(cls: type) -> dict[str, str]:
 
 def config_reference() -> str:
     """Markdown tables of every TrainConfig field: path, type, default, meaning."""
-    from vitblocks.train.config import TrainConfig
+    from vitblocks.train.config.schema import TrainConfig
 
     sections = []
     top_rows = []

@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 
-import vitblocks.train.engine as engine
+import vitblocks.train.run.engine as engine
 from vitblocks.train import Callback
 from vitblocks.train.__main__ import main
 

@@ -7,6 +7,10 @@
     train, eval, summary, profiling   <- models and below
     vitblocks (the package root)       <- re-exports; imported by nothing inside
 
+Inside `train/`, each room has one role and imports only the rooms below it:
+
+    errors.py  <-  process/  <-  config/  <-  data/  <-  outputs/  <-  run/  <-  train/__init__, __main__
+
 Every `import` statement counts, including those inside functions, except imports
 under `if TYPE_CHECKING:` (annotations only).
 """
@@ -59,6 +63,63 @@ GRAPH = {name: imported_modules(path) for name, path in MODULES.items()}
 def rank(module: str) -> int:
     parts = module.split(".")
     return RANKS[parts[1]] if len(parts) > 1 else 99
+
+
+TRAIN_ROOMS = {"errors": 0, "process": 1, "config": 2, "data": 3, "outputs": 4, "run": 5}
+"""The rooms of `vitblocks.train`, lowest first (docs/architecture.md, "The trainer by role")."""
+
+
+def train_room(module: str) -> int | None:
+    """The rank of a `vitblocks.train` module's room (the package's own modules rank above all), or None."""
+    parts = module.split(".")
+    if parts[:2] != ["vitblocks", "train"]:
+        return None
+    return TRAIN_ROOMS[parts[2]] if len(parts) > 2 and parts[2] in TRAIN_ROOMS else 99
+
+
+def test_every_module_of_the_trainer_is_in_a_room():
+    loose = [m for m in MODULES if train_room(m) == 99 and m not in ("vitblocks.train", "vitblocks.train.__main__")]
+    assert not loose, f"modules of vitblocks.train outside its rooms ({', '.join(TRAIN_ROOMS)}): {loose}"
+    assert {m.split(".")[2] for m in MODULES if train_room(m) not in (None, 99)} == set(TRAIN_ROOMS)
+
+
+def test_the_trainers_rooms_import_one_way():
+    wrong = [f"{a} imports {b}" for a, targets in GRAPH.items() if train_room(a) is not None for b in targets
+             if train_room(b) is not None and train_room(b) > train_room(a)]
+    assert not wrong, "imports against the trainer's rooms (see docs/architecture.md):\n" + "\n".join(wrong)
+
+
+def private_reads_of_others(path: Path) -> list[str]:
+    """Private attributes a module reads of objects that are not its own: `x._name` for x other than
+    self / cls, and `self._name` in a class that neither sets nor defines `_name` (a mixin's read)."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for cls in [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]:
+        own = {n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        own |= {t.attr for n in ast.walk(cls) if isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign))
+                for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Attribute)}
+        own |= {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+        own |= {e.value for n in cls.body if isinstance(n, ast.Assign) for t in n.targets
+                if isinstance(t, ast.Name) and t.id == "__slots__" for e in ast.walk(n.value)
+                if isinstance(e, ast.Constant)}
+        found += [f"{path.name}:{n.lineno} self.{n.attr}" for n in ast.walk(cls) if isinstance(n, ast.Attribute)
+                  and isinstance(n.value, ast.Name) and n.value.id == "self" and n.attr.startswith("_")
+                  and not n.attr.startswith("__") and n.attr not in own]
+    found += [f"{path.name}:{n.lineno} {ast.unparse(n)}" for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+              and n.attr.startswith("_") and not n.attr.startswith("__")
+              and not (isinstance(n.value, ast.Name) and n.value.id in ("self", "cls"))
+              and not ast.unparse(n.value).startswith(("torch", "super()"))]
+    return found
+
+
+def test_no_module_of_the_trainer_reads_another_objects_private_attributes():
+    """The trainer holds its parts through their public names: no mixin reading `self._x` set elsewhere,
+    no `trainer._x` from a callback or the checkpointer."""
+    found = [read for name, path in MODULES.items() if train_room(name) is not None or name == "vitblocks.eval"
+             for read in private_reads_of_others(path)]
+    assert not found, "private attributes read from outside their class:\n" + "\n".join(found)
+    assert private_reads_of_others(Path(__file__).parent / "fixtures" / "mixin_example.py") == [
+        "mixin_example.py:5 self._offset", "mixin_example.py:9 trainer._stop"]
 
 
 def test_every_part_of_the_package_has_a_layer():
@@ -137,8 +198,8 @@ from vitblocks import Recursive, SlicedGroupAttention, TransformerBlock
 model = timm.create_model("sret_t", img_size=64).eval()
 assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
 assert timm.create_model("deit_tiny_rec_sliced_patch16_224") is not None
-from vitblocks.train.data import _digits
-from vitblocks.train.config import DataConfig
+from vitblocks.train.data.datasets import _digits
+from vitblocks.train.config.schema import DataConfig
 try:
     _digits(DataConfig(dataset="digits"), train=True, seed=0)
 except ImportError as error:

@@ -28,7 +28,7 @@ def test_smoke_says_it_trains_on_synthetic_data(tmp_path, capsys):
 def test_trainer_messages_are_log_records_of_rank_zero_by_default(capsys):
     import logging
 
-    from vitblocks.train.logs import console_logging, logger
+    from vitblocks.train.process.logs import console_logging, logger
 
     console_logging(rank=1, world_size=2)
     assert not logger.isEnabledFor(logging.INFO)  # other ranks stay quiet

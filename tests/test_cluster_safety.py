@@ -18,10 +18,11 @@ from safetensors.torch import load_file
 from train_helpers import assert_clear_error, run_cli, tiny_config, write_tiny_recipe
 from vitblocks.train import OnStepEnd, Trainer, TrainingDiverged
 from vitblocks.train.__main__ import main as train
-from vitblocks.train.checkpoint import load_training_checkpoint
-from vitblocks.train.data import ResumableSampler
-from vitblocks.train.preemption import PREEMPTED_EXIT_CODE, StopSignals
-from vitblocks.train.run_lock import LOCK_NAME, STALE_AFTER_S, RunLock, RunLockedError, holder_alive
+from vitblocks.train.data.datasets import ResumableSampler
+from vitblocks.train.errors import RunLockedError
+from vitblocks.train.outputs.checkpoint import load_training_checkpoint
+from vitblocks.train.outputs.run_lock import LOCK_NAME, STALE_AFTER_S, RunLock, holder_alive
+from vitblocks.train.process.preemption import PREEMPTED_EXIT_CODE, StopSignals
 
 pytestmark = pytest.mark.slow  # trains or starts processes: left out of the quick subset
 
@@ -86,7 +87,7 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path, monkeypatch, caps
 
 # ---- one run per folder -----------------------------------------------------------
 
-HOLD = "import sys, time; from vitblocks.train.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); " \
+HOLD = "import sys, time; from vitblocks.train.outputs.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); " \
        "print('held', flush=True); time.sleep(120)"
 
 
@@ -110,7 +111,7 @@ def test_a_live_run_holds_its_folder_and_a_dead_one_leaves_no_live_lock(tmp_path
 
 
 def test_without_flock_the_lock_falls_back_to_pid_host_and_freshness(tmp_path, monkeypatch):
-    import vitblocks.train.run_lock as run_lock
+    import vitblocks.train.outputs.run_lock as run_lock
 
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")

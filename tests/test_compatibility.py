@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 import vitblocks  # noqa: F401  (registers the models used below)
 from vitblocks.eval import run as evaluate_checkpoint
 from vitblocks.models.official import load_official_checkpoint
-from vitblocks.train.checkpoint import load_training_checkpoint
-from vitblocks.train.recipe import from_dict
+from vitblocks.train.config.recipe import from_dict
+from vitblocks.train.outputs.checkpoint import load_training_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pre_redesign"
 EXPECTED = torch.load(FIXTURES / "expected.pt", weights_only=True)
@@ -50,7 +50,7 @@ def test_old_safetensors_and_official_export_give_the_old_logits():
 def test_old_trainer_checkpoint_evaluates_and_resumes(tmp_path):
     metrics = evaluate_checkpoint(str(FIXTURES / "last.pth"))
     assert 0.0 <= metrics["val_top1"] <= 100.0
-    from vitblocks.train.engine import Trainer
+    from vitblocks.train.run.engine import Trainer
 
     state, config, _ = _sret_from_old_config()
     trainer = Trainer(dataclasses.replace(config, epochs=2, output_dir=str(tmp_path)))
@@ -71,3 +71,41 @@ def test_old_plugged_weights_load_with_the_same_keys_and_logits(name, file, kwar
     model = timm.create_model(name, **kwargs).eval()
     model.load_state_dict(load_file(FIXTURES / file))
     torch.testing.assert_close(model(EXPECTED["input"]), EXPECTED[key])
+
+
+RELEASED_RUN = Path(__file__).parent / "fixtures" / "run_before_rooms"
+"""A whole run folder written by the release before the trainer was split into rooms (commit bf974d7):
+one epoch of a tiny SReT on synthetic data, with EMA, and the TensorBoard folder that release always wrote."""
+
+RELEASED_RECIPE = """
+from vitblocks.train import AugmentConfig, DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
+
+config = TrainConfig(
+    model=ModelConfig("sret_t", kwargs=dict(embed_dims=(8, 16, 32), num_heads=(1, 2, 4), unique_blocks=(1, 1, 1),
+                                            groups=((4, 2), (1,), (1,)), mlp_ratio=2.0)),
+    data=DataConfig(dataset="synthetic", img_size=32, num_classes=4, batch_size=8, workers=0, synthetic_samples=32),
+    augment=AugmentConfig(auto_augment=None, re_prob=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.1),
+    optim=OptimConfig(lr=1e-3), schedule=ScheduleConfig(warmup_epochs=0), epochs=2, ema_decay=0.9,
+    output_dir=OUTPUT,
+)
+"""
+
+
+def test_a_run_folder_of_the_previous_release_evaluates_and_resumes(tmp_path, capsys):
+    import shutil
+
+    from vitblocks.train.__main__ import main as train
+
+    run = tmp_path / "run"
+    shutil.copytree(RELEASED_RUN, run)
+    before = evaluate_checkpoint(str(run / "last.pth"))
+    assert before == evaluate_checkpoint(str(RELEASED_RUN / "last.pth"))
+    assert timm.create_model(f"local-dir:{run}") is not None  # its model folder, as timm reads it
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(RELEASED_RECIPE.replace("OUTPUT", repr(str(run))))
+    assert train([str(recipe), "--resume", "auto", "--no-progress"]) == 0
+    assert "resuming at epoch 2 of 2" in capsys.readouterr().out
+    state = load_training_checkpoint(run / "last.pth")
+    assert state["epoch"] == 2 and state["step"] == 2 * load_training_checkpoint(RELEASED_RUN / "last.pth")["step"]
+    assert [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()[1:]] == ["1", "2"]
+    evaluate_checkpoint(str(run / "last.pth"))

@@ -16,9 +16,10 @@ from vitblocks.eval import run as evaluate_checkpoint
 from vitblocks.io import CheckpointError
 from vitblocks.train import DataConfig, Trainer, derive, load_recipe
 from vitblocks.train.__main__ import main as train_main
-from vitblocks.train.data import DataError, build_dataset, dataset_classes
-from vitblocks.train.device_decode import DecodedBatches, DeviceDecode
-from vitblocks.train.image_folder import UNREADABLE
+from vitblocks.train.data.datasets import build_dataset, dataset_classes
+from vitblocks.train.data.device_decode import DecodedBatches, DeviceDecode
+from vitblocks.train.data.image_folder import UNREADABLE
+from vitblocks.train.errors import DataError
 
 
 def folder_config(tmp_path, root, num_classes=3, **data):

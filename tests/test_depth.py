@@ -12,7 +12,7 @@ from vitblocks.io import CheckpointError
 from vitblocks.layers import NonLinearMix, Recursive, RelaxedBlock, SharedSequence, TransformerBlock, set_loops
 from vitblocks.layers.mix import mix_for_mode
 from vitblocks.train import ConfigError, DistillConfig, ModelConfig, Trainer
-from vitblocks.train.builders import build_model
+from vitblocks.train.run.builders import build_model
 
 
 def mixed_stage(mix, loops=2, relaxed=False):
@@ -151,7 +151,7 @@ def test_conversion_options_are_checked(tmp_path):
 
 
 def test_per_loop_offsets_are_exempt_from_weight_decay(tmp_path):
-    from vitblocks.train.builders import build_optimizer_and_schedule
+    from vitblocks.train.run.builders import build_optimizer_and_schedule
 
     config = tiny_config(tmp_path, model=ModelConfig("vit_tiny_patch16_224", kwargs=dict(VIT),
                                                      convert={"base_checkpoint": None, "rank": 2}))

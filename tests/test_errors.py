@@ -119,8 +119,8 @@ def test_unwritable_output_and_a_full_disk_say_which_file_and_that_last_is_intac
 
 
 def test_unreadable_images_are_named(tmp_path):
-    from vitblocks.train.config import DataConfig
-    from vitblocks.train.data import DataError
+    from vitblocks.train.config.schema import DataConfig
+    from vitblocks.train.errors import DataError
 
     for split in ("train", "val"):
         (tmp_path / "data" / split / "cat").mkdir(parents=True)
@@ -155,12 +155,12 @@ def test_eval_never_follows_paths_named_in_a_stored_config(tmp_path, capsys):
 
 def test_messages_without_text_or_from_loader_workers_stay_one_clear_line():
     from vitblocks.train.__main__ import _message
-    from vitblocks.train.data import DataError
+    from vitblocks.train.errors import DataError
 
     assert _message(FileNotFoundError()) == "FileNotFoundError (no message)"
     assert _message(FileNotFoundError(2, "No such file or directory", "/x.pth")) == "No such file or directory: /x.pth"
     worker = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-                       "  File \"x.py\", line 1\nvitblocks.train.data.DataError: 101 images cannot be decoded")
+                       "  File \"x.py\", line 1\nvitblocks.train.data.datasets.DataError: 101 images cannot be decoded")
     assert _message(worker) == "101 images cannot be decoded"
 
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import vitblocks.train.engine as engine
+import vitblocks.train.run.engine as engine
 from train_helpers import tiny_config, write_digit_folder, write_folder_recipe, write_tiny_recipe
 from vitblocks.train import Callback, Trainer, TrainingInterrupted, load_recipe
 from vitblocks.train.__main__ import main as train
-from vitblocks.train.checkpoint import load_training_checkpoint
-from vitblocks.train.preemption import PREEMPTED_EXIT_CODE
-from vitblocks.train.run_lock import LOCK_NAME
+from vitblocks.train.outputs.checkpoint import load_training_checkpoint
+from vitblocks.train.outputs.run_lock import LOCK_NAME
+from vitblocks.train.process.preemption import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.slow  # trains and starts processes: left out of the quick subset
 

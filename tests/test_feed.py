@@ -10,11 +10,11 @@ from timm.data import Mixup, create_transform
 
 from train_helpers import tiny_config
 from vitblocks.train import AugmentConfig, ConfigError, DataConfig, Trainer
-from vitblocks.train.builders import build_data
-from vitblocks.train.data import eval_transform
-from vitblocks.train.draws import seed_draws
-from vitblocks.train.feed import ResidentBatches, default_workers, describe_feed
-from vitblocks.train.image_folder import load_image
+from vitblocks.train.data.datasets import eval_transform
+from vitblocks.train.data.draws import seed_draws
+from vitblocks.train.data.feed import ResidentBatches, default_workers, describe_feed
+from vitblocks.train.data.image_folder import load_image
+from vitblocks.train.run.builders import build_data
 
 AUGMENT = dict(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.0)
 
@@ -195,7 +195,7 @@ def test_decoding_on_the_device_matches_the_cpu_path_and_replaces_broken_files(t
 def test_randaugment_posterize_keeping_no_bits_gives_black_instead_of_stopping_the_run(tmp_path):
     from PIL import ImageOps
 
-    from vitblocks.train.data import train_transform
+    from vitblocks.train.data.datasets import train_transform
 
     transform = train_transform(tiny_config(tmp_path, augment=AugmentConfig()))  # DeiT's rand-m9-mstd0.5-inc1
     posterize = [op for step in transform.transforms for op in getattr(step, "ops", []) if "Posterize" in op.name]

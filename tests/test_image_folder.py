@@ -9,9 +9,10 @@ from PIL import Image
 
 from train_helpers import tiny_config
 from vitblocks.train import Trainer
-from vitblocks.train.config import DataConfig
-from vitblocks.train.data import DataError, build_dataset, dataset_classes
-from vitblocks.train.image_folder import ImageFiles, load_image, scan_split
+from vitblocks.train.config.schema import DataConfig
+from vitblocks.train.data.datasets import build_dataset, dataset_classes
+from vitblocks.train.data.image_folder import ImageFiles, load_image, scan_split
+from vitblocks.train.errors import DataError
 
 
 @pytest.fixture

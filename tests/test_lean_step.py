@@ -15,7 +15,7 @@ from vitblocks.layers.modes import PermutationPolicy
 from vitblocks.layers.permutation import permute_tokens, permute_tokens_with_inverse, random_permutation
 from vitblocks.layers.residual import scaled_residual
 from vitblocks.train import ConfigError, ModelConfig, OnStepEnd, Trainer
-from vitblocks.train.builders import build_optimizer_and_schedule
+from vitblocks.train.run.builders import build_optimizer_and_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,7 +168,7 @@ def test_the_committed_op_count_table_meets_the_byte_target():
 
 
 def test_graphs_mode_is_refused_with_its_reasons(tmp_path):
-    from vitblocks.train.compile_modes import compile_mode, graphs_refusals
+    from vitblocks.train.run.compile_modes import compile_mode, graphs_refusals
 
     with pytest.raises(ConfigError, match="model.compile='graphs' cannot run here: CUDA graphs need a CUDA device"):
         Trainer(tiny_config(tmp_path, model=ModelConfig("sret_t", kwargs=dict(TINY_SRET), compile="graphs")))

@@ -25,6 +25,7 @@ def test_readme_opens_with_exactly_two_setup_commands_and_the_quick_subset():
 
 def test_ci_runs_the_readme_test_command_verbatim():
     assert setup_commands()[1] in CI_SCRIPT.splitlines()
+    assert " && .venv/bin/ruff check . && " in setup_commands()[1]  # the tree is linted before the tests run
 
 
 def test_main_command_runs_the_quickstart_recipe():

@@ -13,9 +13,10 @@ from train_helpers import tiny_config, write_digit_folder, write_tiny_recipe
 from vitblocks.io import CheckpointError, save_model_file
 from vitblocks.train import ConfigError, DataConfig, Trainer, derive
 from vitblocks.train.__main__ import main as train
-from vitblocks.train.checkpoint import load_training_checkpoint
-from vitblocks.train.run_folder import CONFIG_KEY, STEP_KEY, RunExistsError, RunFolder, RunLinkError
-from vitblocks.train.run_restore import curves_current, model_folder_current
+from vitblocks.train.errors import RunExistsError, RunLinkError
+from vitblocks.train.outputs.checkpoint import load_training_checkpoint
+from vitblocks.train.outputs.run_folder import CONFIG_KEY, STEP_KEY, RunFolder
+from vitblocks.train.outputs.run_restore import curves_current, model_folder_current
 
 pytestmark = pytest.mark.slow  # trains: left out of the quick subset
 

@@ -15,10 +15,10 @@ from train_helpers import assert_clear_error, run_cli, tiny_config, write_tiny_r
 from vitblocks.eval import run as evaluate_checkpoint
 from vitblocks.io import CheckpointError
 from vitblocks.train import OnStepEnd, Trainer
-from vitblocks.train.checkpoint import load_training_checkpoint
-from vitblocks.train.config import DataConfig
-from vitblocks.train.data import DataError, build_dataset, dataset_classes
-from vitblocks.train.run_folder import RunExistsError
+from vitblocks.train.config.schema import DataConfig
+from vitblocks.train.data.datasets import build_dataset, dataset_classes
+from vitblocks.train.errors import DataError, RunExistsError
+from vitblocks.train.outputs.checkpoint import load_training_checkpoint
 
 pytestmark = pytest.mark.slow  # trains or starts processes: left out of the quick subset
 

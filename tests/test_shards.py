@@ -10,7 +10,7 @@ from PIL import Image
 
 from train_helpers import tiny_config
 from vitblocks.train import Callback, ConfigError, DataConfig, Trainer
-from vitblocks.train.data import DataError
+from vitblocks.train.errors import DataError
 
 pytestmark = pytest.mark.slow  # trains or starts processes: left out of the quick subset
 

@@ -13,8 +13,8 @@ from train_helpers import TINY_SRET, tiny_config
 from vitblocks import eval as vitblocks_eval
 from vitblocks.io import CheckpointError
 from vitblocks.train import DataConfig, Trainer
-from vitblocks.train.checkpoint import load_training_checkpoint
-from vitblocks.train.data import split_folder
+from vitblocks.train.data.datasets import split_folder
+from vitblocks.train.outputs.checkpoint import load_training_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import pytest
 
 from train_helpers import tiny_config
 from vitblocks.train import Trainer
-from vitblocks.train.config import LoggingConfig
+from vitblocks.train.config.schema import LoggingConfig
 
 pytestmark = pytest.mark.slow  # trains or starts processes: left out of the quick subset
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vitblocks.train import ConfigError, TrainConfig, apply_overrides, load_recipe
-from vitblocks.train.recipe import format_config, from_dict, to_dict
+from vitblocks.train.config.recipe import format_config, from_dict, to_dict
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.py"))
 
@@ -63,7 +63,7 @@ FREE_FORM = {"model.name", "model.kwargs", "model.convert", "data.dataset", "dat
 
 
 def test_every_number_and_switch_of_the_schema_declares_its_range_or_choices():
-    from vitblocks.train.config_fields import leaf_fields
+    from vitblocks.train.config.fields import leaf_fields
 
     undeclared = [path for path, _, f in leaf_fields(TrainConfig())
                   if path not in FREE_FORM and not {"range", "choices"} & f.metadata.keys()]
@@ -138,8 +138,8 @@ def test_cli_unknown_key_exits_cleanly(capsys):
 
 
 def test_renamed_keys_point_to_their_new_name_and_old_stored_configs_still_load():
-    from vitblocks.train.config import ConfigError
-    from vitblocks.train.recipe import apply_overrides, from_dict, to_dict
+    from vitblocks.train.config.recipe import apply_overrides, from_dict, to_dict
+    from vitblocks.train.errors import ConfigError
 
     config = load_recipe(Path("recipes/quickstart.py"))
     with pytest.raises(ConfigError, match="'model.attn_backend' is now 'model.backend'"):
@@ -174,7 +174,7 @@ def test_names_are_checked_against_timm_when_building_not_on_every_derive():
     from unittest import mock
 
     from vitblocks.train import build_model, build_optimizer_and_schedule, derive
-    from vitblocks.train.config_checks import check_names
+    from vitblocks.train.config.checks import check_names
 
     base = load_recipe(Path("recipes/quickstart.py"))
     with mock.patch("vitblocks.models.create.timm.create_model") as create:  # deriving builds nothing
@@ -194,7 +194,7 @@ def test_names_are_checked_against_timm_when_building_not_on_every_derive():
 
 
 def test_smoke_config_lives_with_the_config():
-    from vitblocks.train.recipe import smoke_config
+    from vitblocks.train.config.recipe import smoke_config
 
     smoke = smoke_config(load_recipe(Path("recipes/sret_t_imagenet.py")))
     assert ((smoke.data.dataset, smoke.epochs, smoke.data.workers, smoke.augment.repeated_aug)
@@ -205,7 +205,8 @@ def test_smoke_config_lives_with_the_config():
 def test_fields_declare_their_rules_and_overrides_are_derived():
     import dataclasses
 
-    from vitblocks.train.config_fields import ConfigError, at_least_one, bounded, check_field_rules, choice
+    from vitblocks.train.config.fields import at_least_one, bounded, check_field_rules, choice
+    from vitblocks.train.errors import ConfigError
 
     @dataclasses.dataclass
     class Section:

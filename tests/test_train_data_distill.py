@@ -11,9 +11,10 @@ from train_helpers import tiny_config
 from vitblocks.eval import run as evaluate_checkpoint
 from vitblocks.io import CheckpointError
 from vitblocks.train import ConfigError, DistillConfig, Trainer
-from vitblocks.train.config import AugmentConfig, DataConfig
-from vitblocks.train.data import DataError, build_dataset, check_image_folder, eval_transform
-from vitblocks.train.distill import DistillationLoss, hard_distillation_loss, soft_distillation_loss
+from vitblocks.train.config.schema import AugmentConfig, DataConfig
+from vitblocks.train.data.datasets import build_dataset, check_image_folder, eval_transform
+from vitblocks.train.errors import DataError
+from vitblocks.train.run.distill import DistillationLoss, hard_distillation_loss, soft_distillation_loss
 
 pytestmark = pytest.mark.slow  # trains or starts processes: left out of the quick subset
 

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from train_helpers import doubled_batch_config, tiny_config
 from vitblocks.io import CheckpointError, save_atomic
 from vitblocks.train import ConfigError, OnStepEnd, Trainer, TrainingDiverged, load_recipe
-from vitblocks.train.checkpoint import load_training_checkpoint
-from vitblocks.train.data import ResumableSampler
+from vitblocks.train.data.datasets import ResumableSampler
+from vitblocks.train.outputs.checkpoint import load_training_checkpoint
 
 pytestmark = pytest.mark.slow  # trains or starts processes: left out of the quick subset
 
@@ -56,7 +56,7 @@ def test_a_run_writes_metrics_checkpoints_plot_and_safetensors(tmp_path, capsys)
 def test_the_log_states_the_step_and_splits_loader_wait_from_step_time(tmp_path, monkeypatch, capsys):
     import time
 
-    import vitblocks.train.feed as feed
+    import vitblocks.train.data.feed as feed
 
     make_loader = feed.make_loader
 
@@ -79,7 +79,7 @@ def test_the_log_states_the_step_and_splits_loader_wait_from_step_time(tmp_path,
     row = read_metrics(tmp_path)[0]
     assert float(row["data_wait_s"]) >= 6 * 0.05 and float(row["step_img_s"]) > float(row["train_img_s"])
     assert float(row["data_wait_s"]) < float(row["epoch_seconds"])
-    from vitblocks.train.compile_modes import describe_compile
+    from vitblocks.train.run.compile_modes import describe_compile
 
     assert describe_compile("auto", torch.device("cuda")) == (
         "compile=none (model.compile='auto' on cuda: eager until a GPU run has timed the modes)")

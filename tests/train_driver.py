@@ -15,13 +15,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import doubled_batch_config, tiny_config  # noqa: E402
-from vitblocks.train import (  # noqa: E402
-    Callback,
-    Trainer,
-    default_callbacks,
-    distributed,  # noqa: E402
-)
-from vitblocks.train.preemption import PREEMPTED_EXIT_CODE, TrainingInterrupted  # noqa: E402
+from vitblocks.train import Callback, Trainer, default_callbacks  # noqa: E402
+from vitblocks.train.errors import TrainingInterrupted  # noqa: E402
+from vitblocks.train.process import distributed  # noqa: E402
+from vitblocks.train.process.preemption import PREEMPTED_EXIT_CODE  # noqa: E402
 
 
 class SignalAtStep(Callback):

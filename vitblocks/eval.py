@@ -20,18 +20,18 @@ from vitblocks.attention import attention_backend
 from vitblocks.io import CheckpointError, non_finite_tensors
 from vitblocks.layers.depth import set_loops
 from vitblocks.models.create import create_model_at_size
-from vitblocks.train.builders import build_data, build_model
-from vitblocks.train.checkpoint import load_training_checkpoint
-from vitblocks.train.config import ConfigError, TrainConfig
-from vitblocks.train.config_checks import WEIGHT_SOURCES
-from vitblocks.train.data import DataError, folder_classes, split_folder
-from vitblocks.train.evaluation import evaluate
-from vitblocks.train.foreign_checkpoint import ForeignCheckpoint, read_foreign_checkpoint
-from vitblocks.train.image_folder import class_order
-from vitblocks.train.logs import console_logging, listed, logger
-from vitblocks.train.precision import autocast_for
-from vitblocks.train.preemption import LoaderWorkerDied
-from vitblocks.train.recipe import apply_overrides, from_dict, literal_value
+from vitblocks.train.config.checks import WEIGHT_SOURCES
+from vitblocks.train.config.recipe import apply_overrides, from_dict, literal_value
+from vitblocks.train.config.schema import TrainConfig
+from vitblocks.train.data.datasets import folder_classes, split_folder
+from vitblocks.train.data.image_folder import class_order
+from vitblocks.train.errors import ConfigError, DataError, LoaderWorkerDied
+from vitblocks.train.outputs.checkpoint import load_training_checkpoint
+from vitblocks.train.outputs.foreign_checkpoint import ForeignCheckpoint, read_foreign_checkpoint
+from vitblocks.train.process.logs import console_logging, listed, logger
+from vitblocks.train.run.builders import build_data, build_model
+from vitblocks.train.run.evaluation import evaluate
+from vitblocks.train.run.precision import autocast_for
 
 
 def check_classes(checkpoint: str, state: dict[str, Any], config: TrainConfig) -> list[str] | None:
@@ -79,12 +79,12 @@ def check_classes(checkpoint: str, state: dict[str, Any], config: TrainConfig) -
         return classes
     if state and sorted(train or val) != (train or val):  # a vitblocks checkpoint from before class names were stored
         logger.warning(f"note: {checkpoint} stores no class names (it predates them); labels follow today's natural "
-                       f"order ({listed(train or val)}), while a run of that age numbered classes in plain string order "
-                       f"({listed(sorted(train or val))}): if it was trained so, its scores are not comparable")
+                       f"order ({listed(train or val)}), while a run of that age numbered classes in plain string "
+                       f"order ({listed(sorted(train or val))}): if it was trained so, its scores are not comparable")
     if train and len(train) != config.data.num_classes:
         raise CheckpointError(
-            f"the checkpoint {checkpoint} holds a model with {config.data.num_classes} classes but the training "
-            f"split {split_folder(root, 'train')} has {len(train)}; evaluate it on data of the classes it was trained on")
+            f"the checkpoint {checkpoint} holds a model with {config.data.num_classes} classes but the training split "
+            f"{split_folder(root, 'train')} has {len(train)}; evaluate it on data of the classes it was trained on")
     if not train and len(val) != config.data.num_classes:
         raise CheckpointError(
             f"the checkpoint {checkpoint} holds a model with {config.data.num_classes} classes but the data at {root} "
@@ -115,7 +115,8 @@ def foreign_config(checkpoint: ForeignCheckpoint, model: str, model_kwargs: dict
         ConfigError: If there is no data root, or the model cannot be built.
     """
     if not data_root:
-        raise ConfigError(f"{path} holds weights without a vitblocks config: give the data with --data /path/to/dataset")
+        raise ConfigError(f"{path} holds weights without a vitblocks config: "
+                          "give the data with --data /path/to/dataset")
     args, kwargs = checkpoint.args, dict(model_kwargs)
     for key in WEIGHT_SOURCES:
         kwargs.pop(key, None)
@@ -131,10 +132,11 @@ def foreign_config(checkpoint: ForeignCheckpoint, model: str, model_kwargs: dict
         num_classes = checkpoint.weights[classifier].shape[0]
     input_size = args.get("input_size") or defaults.get("input_size", (3, 224, 224))
     img_size = kwargs.pop("img_size", None) or args.get("img_size") or input_size[-1]
-    data = {"dataset": "imagefolder", "root": data_root, "img_size": int(img_size if not isinstance(img_size, (list, tuple))
-                                                                       else img_size[-1]),
+    data = {"dataset": "imagefolder", "root": data_root,
+            "img_size": int(img_size if not isinstance(img_size, (list, tuple)) else img_size[-1]),
             "num_classes": int(num_classes or defaults.get("num_classes", 1000)),
-            "mean": tuple(args.get("mean") or defaults.get("mean")), "std": tuple(args.get("std") or defaults.get("std")),
+            "mean": tuple(args.get("mean") or defaults.get("mean")),
+            "std": tuple(args.get("std") or defaults.get("std")),
             "crop_pct": float(args.get("crop_pct") or defaults.get("crop_pct", 0.875)),
             "interpolation": args.get("interpolation") or defaults.get("interpolation", "bicubic")}
     return from_dict({"model": {"name": model, "kwargs": kwargs}, "data": data, "output_dir": str(Path(path).parent)})
@@ -222,7 +224,8 @@ def _evaluate(config: TrainConfig, weights: dict[str, torch.Tensor], checkpoint:
     except RuntimeError as error:
         detail = " ".join(str(error).split())[:500]
         raise CheckpointError(f"the weights in {checkpoint} do not fit {config.model.name} with {config.model.kwargs} "
-                              f"({detail}); give the model's arguments with --model-kwargs (e.g. embed_dim=...)") from None
+                              f"({detail}); give the model's arguments with --model-kwargs "
+                              "(e.g. embed_dim=...)") from None
     if loops is not None:
         set_loops(model, loops)
     try:

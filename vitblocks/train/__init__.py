@@ -1,18 +1,21 @@
 """The shared trainer: `python -m vitblocks.train RECIPE.py [--set key=value ...]`.
 
-Parts: `config` (the schema; `config_fields`, `config_checks` its rules, `recipe` loading and deriving), `builders` (model, data, optimizer and schedule,
-criterion from a config), `state` (where a run is), `callbacks` (what happens around
-the loop), `engine` (the `Trainer`), `resumable` (its checkpoints and exact resumption;
-`resume_checks` what a resume must keep), `run_folder` (every file a run writes),
-`preemption` (stop signals, dying loader workers).
+Five rooms, each with one role, importing only the rooms below it (`errors` under all):
+
+- `process`: torchrun's processes, stop signals and dying loader workers, logs, extras.
+- `config`: the schema, its rules, recipes and overrides.
+- `data`: datasets, ImageFolder trees, timm's datasets, how batches reach the device.
+- `outputs`: the run folder (the one writer of a run's files), the training state, the
+  checkpointer and what a resume must keep, model folders, the lock, reports.
+- `run`: the `Trainer` loop, builders, callbacks and their `RunView`, tracking, evaluation.
+
+The names below are the public ones; docs/architecture.md maps the rooms.
 """
 
-from vitblocks.train.builders import Data, build_criterion, build_data, build_model, build_optimizer_and_schedule
-from vitblocks.train.callbacks import Callback, OnStepEnd, TrainingDiverged, default_callbacks
-from vitblocks.train.config import (
+from vitblocks.train.config.recipe import apply_overrides, derive, derive_recipe, load_recipe, smoke_config
+from vitblocks.train.config.schema import (
     AugmentConfig,
     CheckpointConfig,
-    ConfigError,
     DataConfig,
     DistillConfig,
     LoggingConfig,
@@ -21,11 +24,14 @@ from vitblocks.train.config import (
     ScheduleConfig,
     TrainConfig,
 )
-from vitblocks.train.engine import Trainer
-from vitblocks.train.preemption import PREEMPTED_EXIT_CODE, TrainingInterrupted
-from vitblocks.train.recipe import apply_overrides, derive, derive_recipe, load_recipe, smoke_config
-from vitblocks.train.run_lock import RunLockedError
-from vitblocks.train.state import TrainingState
+from vitblocks.train.data.run_data import Data
+from vitblocks.train.errors import ConfigError, RunLockedError, TrainingDiverged, TrainingInterrupted
+from vitblocks.train.outputs.state import TrainingState
+from vitblocks.train.process.preemption import PREEMPTED_EXIT_CODE
+from vitblocks.train.run.builders import build_criterion, build_data, build_model, build_optimizer_and_schedule
+from vitblocks.train.run.callbacks import Callback, OnStepEnd, default_callbacks
+from vitblocks.train.run.engine import Trainer
+from vitblocks.train.run.hooks import RunView
 
 __all__ = [
     "PREEMPTED_EXIT_CODE",
@@ -41,6 +47,7 @@ __all__ = [
     "OnStepEnd",
     "OptimConfig",
     "RunLockedError",
+    "RunView",
     "ScheduleConfig",
     "TrainConfig",
     "Trainer",

@@ -12,22 +12,21 @@ import shlex
 import sys
 from pathlib import Path
 
-import vitblocks.train.distributed as distributed
+import vitblocks.train.process.distributed as distributed
 from vitblocks.io import CheckpointError
-from vitblocks.train.callbacks import TrainingDiverged
-from vitblocks.train.config import ConfigError
-from vitblocks.train.config_checks import check_names
-from vitblocks.train.data import DataError
-from vitblocks.train.engine import Trainer
-from vitblocks.train.preemption import (
-    PREEMPTED_EXIT_CODE,
+from vitblocks.train.config.checks import check_names
+from vitblocks.train.config.recipe import apply_overrides, format_config, load_recipe, smoke_config
+from vitblocks.train.errors import (
+    ConfigError,
+    DataError,
     LoaderWorkerDied,
     StopRequested,
-    StopSignals,
+    TrainingDiverged,
     TrainingInterrupted,
 )
-from vitblocks.train.recipe import apply_overrides, format_config, load_recipe, smoke_config
-from vitblocks.train.run_folder import RunFolder
+from vitblocks.train.outputs.run_folder import RunFolder
+from vitblocks.train.process.preemption import PREEMPTED_EXIT_CODE, StopSignals
+from vitblocks.train.run.engine import Trainer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
