@@ -109,3 +109,21 @@ def test_a_run_folder_of_the_previous_release_evaluates_and_resumes(tmp_path, ca
     assert state["epoch"] == 2 and state["step"] == 2 * load_training_checkpoint(RELEASED_RUN / "last.pth")["step"]
     assert [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()[1:]] == ["1", "2"]
     evaluate_checkpoint(str(run / "last.pth"))
+
+
+def test_a_stored_config_that_gave_the_backend_in_model_kwargs_evaluates_and_resumes(tmp_path):
+    """Earlier releases let `model.kwargs.backend` / `grad_checkpointing` reach the model; today they are
+    refused in a recipe, and a stored config is read in today's spelling (model.backend, ...)."""
+    from vitblocks.train.run.engine import Trainer
+
+    state = torch.load(RELEASED_RUN / "last.pth", weights_only=True)
+    state["config"]["model"]["kwargs"].update(backend="math", grad_checkpointing="sqrt")
+    torch.save(state, tmp_path / "last.pth")
+    with_math = evaluate_checkpoint(str(tmp_path / "last.pth"))  # runs with the math backend: rounding differs
+    assert with_math == pytest.approx(evaluate_checkpoint(str(RELEASED_RUN / "last.pth")), rel=1e-5)
+    config = from_dict(state["config"])
+    assert (config.model.backend, config.model.grad_checkpointing) == ("math", "sqrt")
+    assert not {"backend", "grad_checkpointing"} & set(config.model.kwargs)
+    trainer = Trainer(dataclasses.replace(config, epochs=2, output_dir=str(tmp_path / "run")))
+    trainer.resume(tmp_path / "last.pth")  # the same run in today's spelling: nothing to allow
+    assert trainer.state.step == state["step"]

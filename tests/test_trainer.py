@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -358,6 +359,8 @@ def test_builders_make_each_part_without_a_trainer_and_the_trainer_takes_them(tm
     trainer.fit(progress=False)
     assert [step for step, _ in seen] == list(range(1, 7))
     assert not (tmp_path / "metrics.csv").exists()  # no logging callback given
+    with pytest.raises(ValueError, match="the Data handed to Trainer has no train_feed / val_feed: build it with"):
+        Trainer(config, data=dataclasses.replace(data, train_feed=None), callbacks=[])
     run = seen[0][1]  # callbacks see a read-only view of the run, not the trainer
     assert run is not trainer and run.model is model and run.state is trainer.state and run.resumed is False
     assert "parameters" in run.header and run.stop_requested() is None

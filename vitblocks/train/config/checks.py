@@ -176,6 +176,7 @@ SPELLED_ELSEWHERE = {
     "num_classes": ("data.num_classes", "the model takes its class count from"),
     "img_size": ("data.img_size", "the model takes its input size from"),
     "backend": ("model.backend", "the attention backend is a setting of its own,"),
+    "attn_backend": ("model.backend", "the attention backend is a setting of its own,"),
     "grad_checkpointing": ("model.grad_checkpointing", "activation checkpointing is a setting of its own,"),
 }
 """Model options that a config spells as a field of its own: (the field, why), refused in `model.kwargs`."""

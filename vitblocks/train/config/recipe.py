@@ -33,6 +33,15 @@ from vitblocks.train.errors import ConfigError
 _RENAMED = {"model.attn_backend": "model.backend"}
 """Keys of configs stored in older checkpoints -> their current names."""
 
+_MOVED_OPTIONS = {
+    "backend": ("backend", "auto", True),
+    "attn_backend": ("backend", "auto", True),
+    "grad_checkpointing": ("grad_checkpointing", False, False),
+}
+"""Model options that earlier configs could give in `model.kwargs` and that are now a field of the model
+section: option -> (field, its default, whether the option won over a field set too, as it did when it
+reached the model's constructor)."""
+
 _LEGACY_VALUES = {("optim", "clip_grad"): {0: None}}
 """Values of configs stored in older checkpoints that now read otherwise: clip_grad=0 meant no clipping."""
 
@@ -61,13 +70,32 @@ def to_dict(config: TrainConfig) -> dict[str, Any]:
 
 
 def from_dict(data: dict[str, Any]) -> TrainConfig:
-    """Rebuild a config from `to_dict` output.
+    """Rebuild a config from `to_dict` output (a stored config of any earlier release: `migrated`).
 
     Args:
         data: Nested dicts.
 
     Returns:
         The config.
+    """
+    return _build(TrainConfig, migrated(data))
+
+
+def migrated(data: dict[str, Any]) -> dict[str, Any]:
+    """A stored config as plain data, in today's spelling: renamed fields, legacy values, and model
+    options now spelled by a field of their own (`model.kwargs.backend` -> `model.backend`, ...).
+
+    Args:
+        data: Nested dicts, as `to_dict` wrote them (not modified).
+
+    Returns:
+        A copy in today's spelling.
+
+    Example:
+        >>> old = {"model": {"name": "sret_t", "kwargs": {"backend": "math"}, "backend": "auto"}}
+        >>> new = migrated(old)["model"]
+        >>> new["backend"], new["kwargs"]
+        ('math', {})
     """
     data = {section: dict(values) if isinstance(values, dict) else values for section, values in data.items()}
     for old, new in _RENAMED.items():
@@ -78,7 +106,15 @@ def from_dict(data: dict[str, Any]) -> TrainConfig:
         value = data.get(section, {}).get(key)
         if value in meanings and not isinstance(value, bool):
             data[section][key] = meanings[value]
-    return _build(TrainConfig, data)
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("kwargs"), dict):
+        model["kwargs"] = kwargs = dict(model["kwargs"])
+        for option, (name, default, option_won) in _MOVED_OPTIONS.items():
+            if option in kwargs:
+                value = kwargs.pop(option)
+                if option_won or model.get(name, default) == default:
+                    model[name] = value
+    return data
 
 
 def _build(cls: type, data: dict[str, Any]) -> Any:

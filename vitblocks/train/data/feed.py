@@ -1,7 +1,7 @@
 """Batches on the training device, ready for the model.
 
 How a split's batches are made is decided once from the config (`feed_for` gives a
-`Feed`; `vitblocks.train.run.builders.Data` holds one per split). The ways a batch reaches the
+`Feed`; `vitblocks.train.data.run_data.Data` holds one per split). The ways a batch reaches the
 device, chosen by what the dataset gives per sample (`vitblocks.train.data.datasets.sample_form`):
 
 - **Decoded image files** (`ImageFiles` built with `uint8=True`): worker processes decode

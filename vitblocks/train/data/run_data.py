@@ -71,7 +71,7 @@ class Data:
             feed = self.train_feed if split == "train" else self.val_feed
             if feed is None:
                 raise ValueError(f"this Data has no {split} feed: build it with build_data(config), or give "
-                                 f"{split}_feed=feed_for(config, train={split == 'train'})")
+                                 f"{split}_feed=Feed(...) (vitblocks.train.data.feed)")
             dataset, sampler = (self.train_set, self.train_sampler) if split == "train" else (self.val_set,
                                                                                            self.val_sampler)
             self._loaders[key] = feed.loader(dataset, sampler, device)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vitblocks.train.config.names import is_timm_dataset
+from vitblocks.train.config.recipe import migrated
 from vitblocks.train.process.logs import listed
 
 __all__ = ["ResumeChange", "data_identity", "refused_changes", "resume_changes"]
@@ -119,7 +120,7 @@ def resume_changes(saved: dict[str, Any], current: dict[str, Any], identity: dic
         >>> print(*[change.field for change in resume_changes(saved, now)])
         seed
     """
-    before = saved.get("config") or {}
+    before = migrated(saved.get("config") or {})  # an earlier release's spelling of the same run is no change
     changes = []
     for path, why in KEPT_FIELDS.items():
         changes += _compare(before, current, path, why)

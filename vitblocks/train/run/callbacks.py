@@ -6,7 +6,7 @@ The `Trainer` calls every callback's hooks in order, each with the run's `RunVie
 on a cadence, evaluates the EMA weights, and logs metrics. Add your own::
 
     class PrintLr(Callback):
-        def on_step_end(self, trainer):
+        def on_step_end(self, run):
             print(run.optimizer.param_groups[0]["lr"])
 
     Trainer(config, callbacks=[*default_callbacks(config), PrintLr()])
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 
 class OnStepEnd(Callback):
-    """A callback from a function of the trainer, called after every optimizer step.
+    """A callback from a function of the run (its `RunView`), called after every optimizer step.
 
     Args:
         fn: Called as `fn(run)` with the run's `RunView`.

@@ -94,6 +94,11 @@ class Trainer:
             raise ConfigError("precision='fp16' needs a CUDA device; use 'bf16' or 'fp32' on CPU")
         random_seed(config.seed, rt.rank)
 
+        if data is not None and (data.train_feed is None or data.val_feed is None):
+            raise ValueError("the Data handed to Trainer has no train_feed / val_feed: build it with "
+                             "build_data(config), or give Data(..., train_feed=Feed(True, batch_size, workers, seed), "
+                             "val_feed=Feed(False, ...)) (vitblocks.train.data.feed: model-ready tensors need no "
+                             "normalize)")
         self.data = data or build_data(config, rt)
         self.steps_per_epoch = self.data.steps_per_epoch
         self.model = model.to(self.device) if model is not None else build_model(config, self.device)
@@ -155,7 +160,8 @@ class Trainer:
 
     @property
     def header(self) -> str:
-        """The run header (`vitblocks.train.run.header.header_text`), made once per `fit`."""
+        """The run header (`vitblocks.train.run.header.header_text`) as the last `fit` started, on the main
+        process (empty on the others); before any `fit`, where the run stands now."""
         if self._header is None:
             self._header = header_text(self.view, self.static_graph)
         return self._header
@@ -459,12 +465,12 @@ class Trainer:
     def _fit(self, progress: bool) -> dict[str, Any]:
         config, state = self.config, self.state
         complete = state.epoch >= config.epochs and bool(state.history)
-        self._header = None  # this fit's: where it starts
         self._on_main(lambda: self._prepare_output_dir(complete))
         if complete:
             logger.info(f"the run in {self.output_dir} is already complete: {state.epoch} of {config.epochs} epochs, "
                         f"best top-1 {state.best_top1:.2f}%. Raise epochs (--set epochs=N) to train further.")
             return {**state.history[-1], "best_top1": state.best_top1}
+        self._header = header_text(self.view, self.static_graph) if self.runtime.is_main else ""  # as this fit starts
         self._on_every("on_fit_start")
         self._stop_before_training()
         if not state.history and is_stream(self.data.val_set):

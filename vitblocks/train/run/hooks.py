@@ -39,7 +39,7 @@ class RunView:
         model: The trained model.
         optimizer: Its optimizer.
         ema: The EMA of the weights (timm's `ModelEmaV3`, its `module` the weights), or None.
-        data: Datasets, samplers and loaders (`vitblocks.train.run.builders.Data`).
+        data: Datasets, samplers and loaders (`vitblocks.train.data.run_data.Data`).
         device: Where the run trains.
         runtime: The processes (`rank`, `world_size`, `is_main`, `distributed`).
         output_dir: The run's folder.
@@ -109,7 +109,11 @@ class Callback:
     """Hooks around the training loop; every method does nothing by default.
 
     Each hook is given the run's `RunView` (named `trainer` in the signatures below, as
-    callbacks have always named it).
+    callbacks have always named it). Callbacks written for the trainer itself read the
+    same names through the view; what it does not give (the trainer's `epoch`, `step`,
+    `history`, `best_top1`, `scheduler`, `lr`, its private attributes) raises an
+    `AttributeError` naming what it does give: `run.state.epoch`, `run.state.step`,
+    `run.state.history` and `run.state.best_top1` hold the first four.
     """
 
     def on_fit_start(self, trainer: RunView) -> None:
