@@ -20,6 +20,7 @@ from vitblocks.layers.recursive import Recursive
 from vitblocks.layers.regional import compile_regions
 from vitblocks.layers.relax import RelaxedBlock, relax_recursion
 from vitblocks.layers.relaxation import DEFAULT_TARGETS, Relaxation
+from vitblocks.layers.routing import TokenRouting, routing_capacities
 from vitblocks.layers.schedule import GroupSchedule
 from vitblocks.layers.shared_sequence import SharedSequence
 from vitblocks.layers.shared_stack import SharedStack
@@ -37,6 +38,7 @@ __all__ = [
     "SharedSequence",
     "SharedStack",
     "relax_recursion",
+    "routing_capacities",
     "set_loops",
     "sharing_assignment",
     "PERMUTATION_POLICIES",
@@ -52,6 +54,7 @@ __all__ = [
     "PositionMap",
     "Recursive",
     "SlicedGroupAttention",
+    "TokenRouting",
     "TransformerBlock",
     "cached_fixed_permutation",
     "compile_regions",

@@ -1,0 +1,134 @@
+"""Token routing (`TokenRouting`): exact at full capacity, equal to a dense masked reference, and cheaper."""
+
+import pytest
+import torch
+from timm.models.vision_transformer import Block
+from torch.utils.flop_counter import FlopCounterMode
+
+from vitblocks.layers import Recursive, TokenRouting, TransformerBlock, routing_capacities
+
+DIM = 16
+
+
+def timm_block() -> Block:
+    torch.manual_seed(0)
+    return Block(DIM, num_heads=2, mlp_ratio=2.0).double().eval()
+
+
+def routed(block, loops=3, capacity=0.5, pinned=1) -> TokenRouting:
+    routing = TokenRouting(block, DIM, loops=loops, capacity=capacity, pinned=pinned).double()
+    torch.manual_seed(1)
+    for router in routing.routers:  # scores that differ between tokens
+        torch.nn.init.normal_(router.weight)
+        torch.nn.init.normal_(router.bias)
+    return routing
+
+
+def dense_masked_reference(routing: TokenRouting, x: torch.Tensor, loop: int) -> torch.Tensor:
+    """The same application computed on every token: attention keys masked to the chosen tokens,
+    updates kept only at chosen places. No gather, no scatter."""
+    pinned, (batch, num_tokens, _) = routing.pinned, x.shape
+    scores = routing.routers[loop](x[:, pinned:]).squeeze(-1)
+    k = routing.tokens_updated(num_tokens, loop) - pinned
+    threshold = scores.topk(k, dim=1).values[:, -1:]
+    chosen = torch.cat([torch.ones(batch, pinned, dtype=torch.bool), scores >= threshold], dim=1)
+    weight = torch.cat([torch.ones(batch, pinned, dtype=x.dtype), torch.sigmoid(scores)], dim=1)
+    keys = chosen[:, None, None, :].expand(batch, 1, num_tokens, num_tokens)
+    update = routing.block(x, attn_mask=keys) - x
+    return torch.where(chosen[..., None], x + weight[..., None] * update, x)
+
+
+def test_every_capacity_at_one_is_exactly_the_static_block():
+    block = TransformerBlock(dim=DIM, num_heads=2, mlp_ratio=2.0, groups=(4, 2, 1)).eval()
+    full = TokenRouting(block, DIM, loops=3, capacity=(1.0, 1.0, 1.0))
+    x = torch.randn(2, 16, DIM)
+    with torch.no_grad():
+        assert torch.equal(Recursive(full, loops=3)(x), Recursive(block, loops=3)(x))
+
+
+@pytest.mark.parametrize("pinned", [0, 1])
+def test_routed_loops_equal_a_dense_masked_reference_forward_and_backward(pinned):
+    routing = routed(timm_block(), pinned=pinned)
+    x = torch.randn(3, 13, DIM, dtype=torch.float64, requires_grad=True)
+    params = list(routing.parameters())
+    for loop in (1, 2):
+        got = routing(x, loop=loop)
+        expected = dense_masked_reference(routing, x, loop)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+        grads = torch.autograd.grad(got.square().sum(), [x, *params], allow_unused=True)
+        reference = torch.autograd.grad(expected.square().sum(), [x, *params], allow_unused=True)
+        for a, b in zip(grads, reference):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        router_grad = grads[1 + next(i for i, p in enumerate(params) if p is routing.routers[loop].weight)]
+        assert router_grad.abs().sum() > 0
+
+
+def test_a_routed_loop_updates_k_tokens_and_leaves_the_rest_untouched_and_the_router_learns():
+    routing = routed(timm_block(), capacity=0.25, pinned=1)
+    x = torch.randn(2, 17, DIM, dtype=torch.float64)
+    out = routing(x, loop=1)
+    changed = (out != x).any(-1)
+    assert changed[:, 0].all()  # the pinned class token is always updated
+    assert changed.sum(1).tolist() == [1 + 4, 1 + 4]  # and ceil(0.25 * 16) others
+    out.sum().backward()
+    assert routing.routers[1].weight.grad.abs().sum() > 0  # the update's weight carries the loss to the router
+    assert routing.routers[2].weight.grad is None  # another loop's router took no part
+
+
+def test_skipped_tokens_cost_nothing():
+    block = TransformerBlock(dim=64, num_heads=2, groups=1).eval()
+    x = torch.randn(4, 64, 64)
+
+    def flops(module):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            module(x)
+        return counter.get_total_flops()
+
+    static, half = flops(Recursive(block, loops=4)), flops(Recursive(TokenRouting(block, 64, loops=4), loops=4))
+    # loop 0 on all 64 tokens, loops 1-3 on 32: about (1 + 3 / 2) / 4 of the block's work, routers aside
+    assert 0.55 < half / static < 0.68, half / static
+
+
+def test_expert_choice_routing_exports_and_compiles_with_static_shapes():
+    model = Recursive(TokenRouting(TransformerBlock(dim=DIM, num_heads=2, mlp_ratio=2.0, groups=(4, 1, 1)), DIM,
+                                   loops=3, capacity=0.5, pinned=1), loops=3).eval()
+    x = torch.randn(2, 17, DIM)
+    with torch.no_grad():
+        expected = model(x)
+        exported = torch.export.export(model, (x,))
+        torch.testing.assert_close(exported.module()(x), expected)
+
+
+@pytest.mark.slow  # compiles
+def test_expert_choice_routing_compiles_to_one_graph():
+    model = Recursive(TokenRouting(TransformerBlock(dim=DIM, num_heads=2, mlp_ratio=2.0, groups=1), DIM, loops=3),
+                      loops=3).eval()
+    x = torch.randn(2, 16, DIM)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(capacity=0.0), r"capacity must be in \(0, 1\]"),
+    (dict(capacity=1.5), r"capacity must be in \(0, 1\]"),
+    (dict(capacity=(1.0, 0.5)), "gives 2 loops' capacities for loops=3"),
+    (dict(pinned=-1), "pinned must be an int >= 0"),
+])
+def test_bad_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TokenRouting(torch.nn.Identity(), DIM, loops=3, **kwargs)
+
+
+def test_sliced_attention_on_a_routed_loop_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="loop 1 is routed .* slices its tokens into 2 groups there: groups follow"):
+        TokenRouting(TransformerBlock(dim=DIM, num_heads=2, groups=(4, 2)), DIM, loops=2)
+    TokenRouting(TransformerBlock(dim=DIM, num_heads=2, groups=(4, 1)), DIM, loops=2)  # sliced only where unrouted
+
+
+def test_a_loop_beyond_the_routers_is_refused():
+    routing = TokenRouting(torch.nn.Identity(), DIM, loops=2)
+    with pytest.raises(ValueError, match="loop 2 is beyond the 2 loops"):
+        routing(torch.randn(1, 4, DIM), loop=2)
+    assert routing_capacities(0.25, 2) == (1.0, 0.25)

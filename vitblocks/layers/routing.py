@@ -1,0 +1,179 @@
+"""Token routing: at each loop, a router picks the tokens a shared block updates (expert-choice).
+
+Weight-shared recursion spends the same depth on every token. `TokenRouting` wraps a
+block so that each application of its weights updates only the `capacity` share of the
+tokens its router scores highest, as in Mixture-of-Recursions' expert-choice routing
+(Bae et al., NeurIPS 2025) and the token-level recursion of MoR-ViT:
+
+- **Static shapes.** k = ceil(capacity * tokens) is fixed by the capacity, so every batch
+  has the same shapes and `torch.compile(fullgraph=True)`, CUDA graphs and `torch.export`
+  hold. Images are not causal, so the top k over the whole image is allowed at inference.
+- **Skipped tokens cost nothing.** The chosen tokens are gathered (in their original
+  order), run through the block, and scattered back; the others pass through unchanged.
+- **Attention among routed tokens** is the chosen queries over the chosen keys: the block
+  sees only the gathered sequence. Sliced group attention groups tokens by their place in
+  the image, which a gathered sequence no longer has, so a routed loop whose group count
+  is above 1 is refused at construction.
+- **The router learns** through its weight: a chosen token's update is scaled by
+  sigmoid(score), `x + sigmoid(s) * (block(x) - x)`, so the loss reaches the router.
+- **Prefix tokens** (class, distillation) can be pinned: they are always updated, at
+  full weight, and do not count against the capacity.
+
+Each loop chooses afresh among all tokens (MoR filters hierarchically: only tokens chosen
+at the previous step can be chosen again). A loop at capacity 1.0 runs the block on every
+token, unweighted: with every capacity at 1.0 the wrapped block is exactly the static one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from vitblocks.layers.loop import check_loop_count, is_loop_aware
+from vitblocks.layers.scripting import NotScriptable
+
+__all__ = ["TokenRouting", "routing_capacities"]
+
+
+def routing_capacities(capacity: float | Sequence[float], loops: int) -> tuple[float, ...]:
+    """The capacity of each loop: a sequence as given, or one number for every loop after the first.
+
+    Args:
+        capacity: The share of tokens each loop updates, in (0, 1]; one number routes every
+            loop but the first (which updates all tokens), a sequence gives one per loop.
+        loops: Applications of the block.
+
+    Returns:
+        One capacity per loop.
+
+    Raises:
+        ValueError: For a capacity outside (0, 1], or a sequence whose length is not `loops`.
+
+    Example:
+        >>> routing_capacities(0.5, 3)
+        (1.0, 0.5, 0.5)
+        >>> routing_capacities((1.0, 0.5, 0.25), 3)
+        (1.0, 0.5, 0.25)
+    """
+    check_loop_count(loops)
+    if isinstance(capacity, (int, float)) and not isinstance(capacity, bool):
+        values = (1.0, *(float(capacity),) * (loops - 1))
+    else:
+        values = tuple(float(c) for c in capacity)
+        if len(values) != loops:
+            raise ValueError(f"capacity={tuple(capacity)!r} gives {len(values)} loops' capacities for loops={loops}: "
+                             "give one per loop, or one number for every loop after the first")
+    bad = [c for c in values if not 0.0 < c <= 1.0]
+    if bad:
+        raise ValueError(f"capacity must be in (0, 1] (the share of tokens a loop updates), got {bad[0]!r}")
+    return values
+
+
+class TokenRouting(NotScriptable, nn.Module):
+    """A block whose loops each update only the tokens a router chooses (expert-choice routing).
+
+    Put it where the block goes: `Recursive(TokenRouting(block, dim, loops=4, capacity=0.5), loops=4)`.
+
+    Args:
+        block: The shared block, called as `block(x, loop=n)` if loop-aware, else `block(x)`,
+            on (B, P + k, C) gathered tokens.
+        dim: Token width (the router's input).
+        loops: Applications of the block: one router per loop.
+        capacity: The share of (non-pinned) tokens each loop updates (`routing_capacities`):
+            one number routes every loop after the first; a sequence gives one per loop.
+        pinned: Prefix tokens (class, distillation) that every loop updates.
+
+    Raises:
+        ValueError: For a bad capacity or `pinned`, or a routed loop whose attention slices
+            tokens into groups.
+
+    Example:
+        >>> from vitblocks.layers import Recursive, TransformerBlock
+        >>> routed = TokenRouting(TransformerBlock(dim=32, num_heads=2), dim=32, loops=3, capacity=0.5, pinned=1)
+        >>> Recursive(routed, loops=3)(torch.randn(2, 17, 32)).shape
+        torch.Size([2, 17, 32])
+    """
+
+    loop_aware = True
+
+    def __init__(self, block: nn.Module, dim: int, loops: int, capacity: float | Sequence[float] = 0.5,
+                 pinned: int = 0) -> None:
+        super().__init__()
+        if isinstance(pinned, bool) or not isinstance(pinned, int) or pinned < 0:
+            raise ValueError(f"pinned must be an int >= 0 (prefix tokens every loop updates), got {pinned!r}")
+        self.block, self.pinned = block, pinned
+        self.capacities = routing_capacities(capacity, loops)
+        self.routers = nn.ModuleList(nn.Linear(dim, 1) for _ in self.capacities)
+        for router in self.routers:  # an even start: every token scores 0, weight sigmoid(0) = 1/2
+            nn.init.zeros_(router.weight)
+            nn.init.zeros_(router.bias)
+        self._block_aware = is_loop_aware(block)
+        self._refuse_sliced_routed_loops()
+
+    def _refuse_sliced_routed_loops(self) -> None:
+        for name, module in self.block.named_modules():
+            schedule = getattr(module, "schedule", None)
+            if schedule is None or not callable(getattr(schedule, "at", None)):
+                continue
+            for loop, capacity in enumerate(self.capacities):
+                if capacity < 1.0 and schedule.at(loop) > 1:
+                    raise ValueError(
+                        f"loop {loop} is routed (capacity {capacity}) but {name or 'the block'} slices its tokens into "
+                        f"{schedule.at(loop)} groups there: groups follow the tokens' places in the image, which "
+                        "routed tokens no longer have. Use 1 group on routed loops (e.g. groups=(8, 1, 1)), or "
+                        "capacity 1.0 on sliced loops")
+
+    def tokens_updated(self, num_tokens: int, loop: int) -> int:
+        """How many tokens a loop updates (pinned ones included).
+
+        Args:
+            num_tokens: Tokens in the sequence, prefix included.
+            loop: The loop.
+
+        Returns:
+            P + ceil(capacity * (N - P)), or every token at capacity 1.0.
+        """
+        capacity = self.capacities[loop]
+        routed = num_tokens - self.pinned
+        return num_tokens if capacity >= 1.0 else self.pinned + max(1, math.ceil(capacity * routed))
+
+    def _call_block(self, x: torch.Tensor, loop: int) -> torch.Tensor:
+        return self.block(x, loop=loop) if self._block_aware else self.block(x)
+
+    def forward(self, x: torch.Tensor, loop: int = 0) -> torch.Tensor:
+        """Apply the block once, to the tokens this loop's router chooses.
+
+        Args:
+            x: Tokens of shape (B, N, C), the first `pinned` of them prefix tokens.
+            loop: Index of this application.
+
+        Returns:
+            Tensor of shape (B, N, C): chosen tokens updated, the others as they came.
+
+        Raises:
+            ValueError: For a loop beyond `loops`, or fewer tokens than pinned ones plus one.
+        """
+        if not 0 <= loop < len(self.capacities):
+            raise ValueError(f"loop {loop} is beyond the {len(self.capacities)} loops this TokenRouting has routers "
+                             "for: build it with loops= the stack's loop count")
+        if self.capacities[loop] >= 1.0:
+            return self._call_block(x, loop)
+        batch, num_tokens, width = x.shape
+        if num_tokens <= self.pinned:
+            raise ValueError(f"TokenRouting got {num_tokens} tokens with pinned={self.pinned}: nothing to route")
+        k = self.tokens_updated(num_tokens, loop) - self.pinned
+        scores = self.routers[loop](x[:, self.pinned:]).squeeze(-1)  # (B, N - P)
+        chosen = scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # in token order
+        weight = torch.sigmoid(scores.gather(1, chosen)).to(x.dtype)
+        index = chosen + self.pinned
+        if self.pinned:
+            prefix = torch.arange(self.pinned, device=x.device).expand(batch, -1)
+            index = torch.cat([prefix, index], dim=1)
+            weight = torch.cat([weight.new_ones(batch, self.pinned), weight], dim=1)
+        index = index.unsqueeze(-1).expand(-1, -1, width)
+        tokens = x.gather(1, index)
+        updated = tokens + weight.unsqueeze(-1) * (self._call_block(tokens, loop) - tokens)
+        return x.scatter(1, index, updated)
