@@ -132,3 +132,67 @@ def test_a_loop_beyond_the_routers_is_refused():
     with pytest.raises(ValueError, match="loop 2 is beyond the 2 loops"):
         routing(torch.randn(1, 4, DIM), loop=2)
     assert routing_capacities(0.25, 2) == (1.0, 0.25)
+
+
+SMALL_DEIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=3)
+
+
+@pytest.mark.parametrize("share", [False, True, "cycle"])
+def test_make_recursive_routes_deit_and_loads_the_base_weights_under_the_routers(share):
+    import timm
+
+    from vitblocks.models.plug import load_base_weights, make_recursive, recursion_plan_of
+
+    base = timm.create_model("deit_tiny_patch16_224", **SMALL_DEIT).eval()
+    plain, full, half = (timm.create_model("deit_tiny_patch16_224", **SMALL_DEIT).eval() for _ in range(3))
+    load_base_weights(plain, base.state_dict(), make_recursive(plain, loops=2, share=share))
+    plan = make_recursive(full, loops=2, share=share, routing={"capacity": 1.0})
+    report = load_base_weights(full, base.state_dict(), plan)
+    assert report.new and all(".routers." in key for key in report.new)  # every block weight found its place
+    assert recursion_plan_of(full, base.state_dict()) == plan
+    load_base_weights(half, base.state_dict(), make_recursive(half, loops=2, share=share, routing={"capacity": 0.5}))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(full(x), plain(x))  # capacity 1.0: the unrouted model exactly
+        assert half(x).shape == (2, 3) and not torch.equal(half(x), plain(x))
+
+
+def test_pit_stages_route_with_their_class_token_pinned():
+    import timm
+
+    from vitblocks.models.plug import make_recursive
+
+    model = timm.create_model("pit_ti_224", img_size=64, num_classes=3)
+    make_recursive(model, loops=2, routing={"capacity": 0.5})
+    routers = [m for m in model.modules() if isinstance(m, TokenRouting)]
+    assert routers and {m.pinned for m in routers} == {1}
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert all(m.routers[1].weight.grad is not None for m in routers)
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("swin_tiny_patch4_window7_224", dict(routing={"capacity": 0.5}), "Swin blocks .* need every token"),
+    ("deit_tiny_patch16_224", dict(routing={"capacity": 0.5}, relax={"rank": 2}), "routing and relax together"),
+    ("deit_tiny_patch16_224", dict(routing={"capcity": 0.5}), r"unknown option\(s\) capcity \(options: capacity\)"),
+    ("deit_tiny_patch16_224", dict(routing={"capacity": 0.5}, groups=(2, 2)), "loop 1 is routed .* 2 groups there"),
+])
+def test_routing_requests_make_recursive_cannot_honour_are_refused(name, kwargs, message):
+    import timm
+
+    from vitblocks.models.plug import make_recursive
+
+    with pytest.raises(ValueError, match=message):
+        make_recursive(timm.create_model(name, pretrained=False), loops=2, **kwargs)
+
+
+def test_a_refused_routing_leaves_the_model_as_it_was():
+    import timm
+
+    from vitblocks.models.plug import make_recursive
+
+    model = timm.create_model("pit_ti_224", img_size=64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"transformers.1.blocks: loop 1 is routed"):
+        make_recursive(model, loops=2, routing={"capacity": 0.5}, groups=((1, 1), (4, 2), (1, 1)))
+    assert not any(isinstance(m, (Recursive, TokenRouting)) for m in model.modules())
+    assert model.state_dict().keys() == before.keys()

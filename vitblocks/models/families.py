@@ -117,11 +117,14 @@ class FamilyAdapter:
         name: The family, for messages.
         unit_size: Blocks applied together as one unit of recursion.
         slices: Whether `groups` (sliced attention) applies to the family.
+        routes: Whether token routing (`make_recursive(routing=...)`) applies: a family
+            whose blocks need every token (Swin's windows) says no.
     """
 
     name: str = ""
     unit_size: int = 1
     slices: bool = True
+    routes: bool = True
 
     def matches(self, block: nn.Module) -> bool:
         """Whether a block belongs to this family.
@@ -238,7 +241,7 @@ class SwinFamily(FamilyAdapter):
     """timm's Swin blocks, recursed in (W-MSA, SW-MSA) pairs so every application keeps the
     shifted-window alternation and its masks."""
 
-    name, unit_size, slices = "Swin", 2, False
+    name, unit_size, slices, routes = "Swin", 2, False, False
 
     def matches(self, block):
         return hasattr(block, "shift_size") and hasattr(block, "window_size")

@@ -40,6 +40,7 @@ from vitblocks.layers.loop import check_loop_count
 from vitblocks.layers.mix import mix_for_mode
 from vitblocks.layers.modes import MixMode
 from vitblocks.layers.relaxation import Relaxation
+from vitblocks.layers.routing import TokenRouting, routing_capacities
 from vitblocks.layers.schedule import GroupSchedule
 from vitblocks.layers.shared_sequence import shared_layers
 from vitblocks.layers.sharing import Sharing, runs_of, sharing_assignment
@@ -87,6 +88,7 @@ def make_recursive(
     mix_mlp_ratio: float = 1.0,
     groups: int | Sequence[int] | Sequence[Sequence[int]] | None = None,
     relax: Relaxation | dict[str, Any] | None = None,
+    routing: dict[str, Any] | None = None,
     **attn_options: Any,
 ) -> RecursionPlan:
     """Rewrite a timm DeiT/ViT, PiT or Swin model into its recursive form, in place.
@@ -113,6 +115,10 @@ def make_recursive(
         relax: Relaxed recursion of every shared block: a `Relaxation` or a dict of
             its options (`rank`, `targets`, `norms`, `biases`, `layer_scale`), e.g.
             `{"rank": 8}`; None for plain sharing.
+        routing: Token routing of every shared block (`TokenRouting`): a dict of its
+            options, `{"capacity": 0.5}` (one number routes every use after the first;
+            a sequence gives one per use). Prefix tokens are pinned. None: every token
+            takes every loop. ViT/DeiT and PiT only; not with `relax`.
         **attn_options: Further `SlicedGroupAttention` options (permutation policies,
             seed, backend).
 
@@ -123,9 +129,11 @@ def make_recursive(
         ValueError: For bad arguments (including a bad assignment: wrong length, an
             index out of range, an unused unique block), a model without `blocks`
             stacks, a family no adapter handles, slicing asked of Swin (its windows
-            already restrict attention), or odd Swin stages.
+            already restrict attention), odd Swin stages, or routing asked of Swin, with
+            `relax`, or with options `TokenRouting` does not take.
     """
     check_loop_count(loops)
+    _check_routing(routing, relax)
     mix = MixMode.parse(mix, "mix")
     relaxation = None if relax is None else Relaxation.parse(relax)
     stacks = block_stacks(model)
@@ -139,9 +147,15 @@ def make_recursive(
     assignments = []
     for (name, stack), family, schedule, setting in zip(stacks, families, schedules, _stack_schedules(share, stacks)):
         family.check_stack(name, list(stack), schedule)  # check all before rewriting any
+        if routing is not None and not family.routes:
+            raise ValueError(f"routing: {family.name} blocks ({name}) attend within windows that need every token; "
+                             "token routing applies to ViT/DeiT and PiT blocks")
         units = len(stack) // family.unit_size
         where = f"{name} ({units} {'block pairs' if family.unit_size > 1 else 'blocks'})"
         assignments.append(None if setting is False else sharing_assignment(setting, units, loops, where=where))
+        if routing is not None:  # refused here, before any stack is rewritten
+            uses = loops if assignments[-1] is None else max(map(assignments[-1].count, set(assignments[-1])))
+            _check_routed_schedule(name, routing, uses, schedule)
         if relaxation is not None:
             relaxation.check(stack[0])
     plan = RecursionPlan()
@@ -150,16 +164,21 @@ def make_recursive(
         blocks = [family.prepare(b, schedule, prefix, attn_options) for b in stack]
         size = family.unit_size
         units = [blocks[i] if size == 1 else nn.Sequential(*blocks[i : i + size]) for i in range(0, len(blocks), size)]
-        mix_spec = partial(mix_for_mode, mix, partial(NonLinearMix, family.embed_dim(blocks[0]), mix_mlp_ratio))
+        dim = family.embed_dim(blocks[0])
+        mix_spec = partial(mix_for_mode, mix, partial(NonLinearMix, dim, mix_mlp_ratio))
+        route = partial(_routed, routing, dim, prefix)
         if assignment is None:  # deepen: every unit loops
-            layers = [Recursive(unit, loops=loops, mix=mix_spec()) for unit in units]
+            layers = [Recursive(route(unit, loops), loops=loops, mix=mix_spec()) for unit in units]
         else:  # each unique unit keeps the weights of the first position that uses it
-            layers = shared_layers(assignment, lambda u, a=assignment, units=units: units[a.index(u)], mix_spec)
+            layers = shared_layers(
+                assignment, lambda u, a=assignment, units=units, route=route: route(units[a.index(u)], a.count(u)),
+                mix_spec)
         if relaxation is not None:
             relax_recursion(nn.Sequential(*layers), relaxation)
         assignment = tuple(range(len(units))) if assignment is None else assignment
         plan.add_stack(name, assignment, size, sequence=isinstance(layers[0], SharedSequence),
-                       relaxed=_relaxed_units(layers, assignment))
+                       relaxed=_relaxed_units(layers, assignment), routed=_units_wrapped_in(TokenRouting, layers,
+                                                                                            assignment))
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         setattr(parent, name.split(".")[-1], nn.Sequential(*layers))
         _renumber_feature_info(parent, name.split(".")[-1], len(layers))
@@ -212,7 +231,8 @@ def recursion_plan_of(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> 
         if len(layers) == 1 and isinstance(layers[0], SharedSequence):
             sequence = layers[0]
             plan.add_stack(name, sequence.assignment, _unit_size(sequence.blocks[0]), sequence=True,
-                           relaxed=_relaxed_units(layers, sequence.assignment))
+                           relaxed=_relaxed_units(layers, sequence.assignment),
+                           routed=_units_wrapped_in(TokenRouting, layers, sequence.assignment))
             continue
         if not all(isinstance(r, Recursive) for r in layers):
             raise ValueError(f"{name} was not made recursive; call make_recursive first")
@@ -223,12 +243,13 @@ def recursion_plan_of(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> 
             assignment = tuple(r for r, layer in enumerate(layers) for _ in range(layer.loops))
         else:
             assignment = tuple(range(num_units))
-        plan.add_stack(name, assignment, size, relaxed=_relaxed_units(layers, assignment))
+        plan.add_stack(name, assignment, size, relaxed=_relaxed_units(layers, assignment),
+                       routed=_units_wrapped_in(TokenRouting, layers, assignment))
     return plan
 
 
 def _unit_size(unit: nn.Module) -> int:
-    unit = unit.shared if isinstance(unit, RelaxedBlock) else unit
+    unit = unit.shared if isinstance(unit, RelaxedBlock) else unit.block if isinstance(unit, TokenRouting) else unit
     return len(unit) if isinstance(unit, nn.Sequential) else 1
 
 
@@ -242,10 +263,57 @@ def _relaxed_units(layers: list[nn.Module], assignment: Sequence[int]) -> set[in
     Returns:
         The indices.
     """
+    return _units_wrapped_in(RelaxedBlock, layers, assignment)
+
+
+def _units_wrapped_in(wrapper: type[nn.Module], layers: list[nn.Module], assignment: Sequence[int]) -> set[int]:
+    """Unique-unit indices (as the assignment numbers them) whose block is a `wrapper`.
+
+    Args:
+        wrapper: `RelaxedBlock` or `TokenRouting`.
+        layers: A `Recursive` per run of the assignment, or one `SharedSequence`.
+        assignment: The stack's assignment.
+
+    Returns:
+        The indices.
+    """
     if len(layers) == 1 and isinstance(layers[0], SharedSequence):
-        return {u for u, block in enumerate(layers[0].blocks) if isinstance(block, RelaxedBlock)}
-    return {assignment[run[0]] for run, layer in zip(runs_of(assignment), layers)
-            if isinstance(layer.block, RelaxedBlock)}
+        return {u for u, block in enumerate(layers[0].blocks) if isinstance(block, wrapper)}
+    return {assignment[run[0]] for run, layer in zip(runs_of(assignment), layers) if isinstance(layer.block, wrapper)}
+
+
+ROUTING_OPTIONS = ("capacity",)
+"""What `make_recursive(routing=...)` takes (prefix tokens are pinned by the model's own count)."""
+
+
+def _check_routing(routing: dict[str, Any] | None, relax: Any) -> None:
+    if routing is None:
+        return
+    if not isinstance(routing, dict):
+        raise ValueError(f"routing must be a dict of TokenRouting options, e.g. {{'capacity': 0.5}}, got {routing!r}")
+    unknown = sorted(set(routing) - set(ROUTING_OPTIONS))
+    if unknown:
+        raise ValueError(f"routing: unknown option(s) {', '.join(unknown)} (options: {', '.join(ROUTING_OPTIONS)})")
+    if relax is not None:
+        raise ValueError("routing and relax together are not supported yet: a relaxed block's per-loop parameters "
+                         "and a router's choice of tokens would both have to follow each use; choose one")
+
+
+def _check_routed_schedule(stack: str, routing: dict[str, Any], uses: int, schedule: GroupSchedule | None) -> None:
+    capacities = routing_capacities(routing.get("capacity", 0.5), uses)
+    for loop, capacity in enumerate(capacities):
+        if schedule is not None and capacity < 1.0 and schedule.at(loop) > 1:
+            raise ValueError(f"{stack}: loop {loop} is routed (capacity {capacity}) but groups slice its tokens into "
+                             f"{schedule.at(loop)} groups there: groups follow the tokens' places in the image, which "
+                             "routed tokens no longer have. Use 1 group on routed loops, or capacity 1.0 on sliced "
+                             "loops")
+
+
+def _routed(routing: dict[str, Any] | None, dim: int, prefix: int, unit: nn.Module, uses: int) -> nn.Module:
+    """A unit wrapped in `TokenRouting` for its `uses` applications, or the unit itself without routing."""
+    if routing is None:
+        return unit
+    return TokenRouting(unit, dim, loops=uses, capacity=routing.get("capacity", 0.5), pinned=prefix)
 
 
 @dataclass

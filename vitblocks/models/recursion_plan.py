@@ -33,7 +33,7 @@ class RecursionPlan:
         return {original: path if loop == 0 else None for original, (path, loop) in self.applications.items()}
 
     def add_stack(self, stack: str, assignment: Sequence[int], unit_size: int, sequence: bool = False,
-                  relaxed: Collection[int] = ()) -> None:
+                  relaxed: Collection[int] = (), routed: Collection[int] = ()) -> None:
         """Record the blocks of one stack.
 
         Args:
@@ -45,6 +45,7 @@ class RecursionPlan:
                 of equal neighbouring indices).
             relaxed: The unique units wrapped in `RelaxedBlock`s (their blocks sit under
                 `.shared`).
+            routed: The unique units wrapped in `TokenRouting` (their blocks sit under `.block`).
         """
         if sequence:
             unit_paths = {u: f"{stack}.0.blocks.{u}" for u in set(assignment)}
@@ -53,7 +54,8 @@ class RecursionPlan:
         self.unit_sizes[stack] = unit_size
         for position, (unit, loop) in enumerate(zip(assignment, loop_indices(assignment))):
             for k in range(unit_size):
-                path = unit_paths[unit] + (".shared" if unit in relaxed else "") + (f".{k}" if unit_size > 1 else "")
+                wrapped = (".shared" if unit in relaxed else "") + (".block" if unit in routed else "")
+                path = unit_paths[unit] + wrapped + (f".{k}" if unit_size > 1 else "")
                 self.applications[f"{stack}.{position * unit_size + k}"] = (path, loop)
 
     def new_path(self, key: str) -> str | None:
