@@ -196,3 +196,74 @@ def test_a_refused_routing_leaves_the_model_as_it_was():
         make_recursive(model, loops=2, routing={"capacity": 0.5}, groups=((1, 1), (4, 2), (1, 1)))
     assert not any(isinstance(m, (Recursive, TokenRouting)) for m in model.modules())
     assert model.state_dict().keys() == before.keys()
+
+
+def test_sret_takes_routing_and_is_exactly_sret_at_full_capacity():
+    import re
+
+    import timm
+
+    plain = timm.create_model("sret_t", img_size=64).eval()
+    full = timm.create_model("sret_t", img_size=64, routing={"capacity": 1.0}).eval()
+    moved = {re.sub(r"(stages\.\d+\.blocks\.\d+\.block\.)", r"\1block.", k): v for k, v in plain.state_dict().items()}
+    result = full.load_state_dict(moved, strict=False)
+    assert not result.unexpected_keys and all(".routers." in key for key in result.missing_keys)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(full(x), plain(x))
+    half = timm.create_model("sret_t", img_size=64, routing={"capacity": 0.5}, groups=((8, 1), (4, 1), (1, 1)))
+    half(x).sum().backward()
+    assert all(m.routers[1].weight.grad is not None for m in half.modules() if isinstance(m, TokenRouting))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(routing={"capacity": 0.5}), r"loop 1 is routed .* \(groups=\(8, 1\)\)"),
+    (dict(routing={"depth": 2}), r"unknown option\(s\) depth"),
+    (dict(routing=0.5), "routing must be a dict"),
+])
+def test_sret_routing_requests_it_cannot_honour_are_refused(kwargs, message):
+    import timm
+
+    with pytest.raises(ValueError, match=message):
+        timm.create_model("sret_t", img_size=64, **kwargs)
+
+
+@pytest.mark.slow  # trains
+def test_a_routed_sret_trains_with_ema_resumes_and_its_run_folder_rebuilds_it(tmp_path):
+    import dataclasses
+
+    import timm
+
+    from train_helpers import tiny_config
+    from vitblocks.train import ModelConfig, Trainer
+
+    kwargs = dict(embed_dims=(16, 32, 64), num_heads=(1, 2, 4), unique_blocks=(1, 1, 1), groups=((4, 1), (1,), (1,)),
+                  mlp_ratio=2.0, routing={"capacity": 0.5})
+    config = tiny_config(tmp_path, epochs=1, ema_decay=0.9, model=ModelConfig("sret_t", kwargs=kwargs))
+    Trainer(config).fit(progress=False)
+    resumed = Trainer(dataclasses.replace(config, epochs=2))
+    resumed.resume(tmp_path / "last.pth")
+    resumed.fit(progress=False)
+    assert resumed.state.epoch == 2
+    rebuilt = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    assert any(isinstance(m, TokenRouting) for m in rebuilt.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), resumed.model.eval()(x))
+
+
+def test_a_token_that_skips_a_loop_skips_its_mix_layer_too():
+    from vitblocks.layers import NonLinearMix
+
+    routing = routed(timm_block(), capacity=0.25, pinned=0)
+    torch.manual_seed(2)
+    stack = Recursive(routing, loops=3, mix=lambda: NonLinearMix(DIM).double()).eval()
+    x = torch.randn(2, 16, DIM, dtype=torch.float64)
+    with torch.no_grad():
+        after_first = stack.mix_at(0)(routing.block(x))
+        out = stack(x)
+        second = routing(after_first, loop=1, mix=stack.mix_at(1))
+    unchanged = (second == after_first).all(-1)
+    assert unchanged.sum(1).tolist() == [12, 12]  # 16 - ceil(0.25 * 16): neither block nor mix touched them
+    expected = routing(second, loop=2, mix=stack.mix_at(2))
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)

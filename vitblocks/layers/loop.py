@@ -99,8 +99,12 @@ def run_block(block: nn.Module, mix: nn.Module | None, x: torch.Tensor, kwargs: 
         kwargs: The loop's inputs (`loop_inputs`), masks and drop masks.
 
     Returns:
-        `mix(block(x, **kwargs))`.
+        `mix(block(x, **kwargs))`; a block that declares `applies_mix = True` (token routing,
+        which mixes only the tokens it updated) is handed the mix layer instead:
+        `block(x, mix=mix, **kwargs)`.
     """
+    if getattr(block, "applies_mix", False):
+        return block(x, mix=mix, **kwargs)
     x = block(x, **kwargs)
     return x if mix is None else mix(x)
 

@@ -18,6 +18,9 @@ tokens its router scores highest, as in Mixture-of-Recursions' expert-choice rou
   sigmoid(score), `x + sigmoid(s) * (block(x) - x)`, so the loss reaches the router.
 - **Prefix tokens** (class, distillation) can be pinned: they are always updated, at
   full weight, and do not count against the capacity.
+- **Mix layers.** The stack hands its mix layer (SReT's `NonLinearMix` after each loop)
+  to the routing, which applies it to the updated tokens only: a token that skips a loop
+  skips that loop's mix as well, and passes through unchanged.
 
 Each loop chooses afresh among all tokens (MoR filters hierarchically: only tokens chosen
 at the previous step can be chosen again). A loop at capacity 1.0 runs the block on every
@@ -35,7 +38,31 @@ from torch import nn
 from vitblocks.layers.loop import check_loop_count, is_loop_aware
 from vitblocks.layers.scripting import NotScriptable
 
-__all__ = ["TokenRouting", "routing_capacities"]
+__all__ = ["ROUTING_OPTIONS", "TokenRouting", "check_routing_options", "routing_capacities"]
+
+ROUTING_OPTIONS = ("capacity",)
+"""What a model's `routing=` dict takes (the model pins its own prefix tokens)."""
+
+
+def check_routing_options(routing: dict | None) -> None:
+    """Refuse a model's `routing=` setting that is not a dict of `ROUTING_OPTIONS`.
+
+    Args:
+        routing: E.g. `{"capacity": 0.5}`, or None for no routing.
+
+    Raises:
+        ValueError: Naming what is wrong and the options there are.
+
+    Example:
+        >>> check_routing_options({"capacity": 0.5})
+    """
+    if routing is None:
+        return
+    if not isinstance(routing, dict):
+        raise ValueError(f"routing must be a dict of token-routing options, e.g. {{'capacity': 0.5}}, got {routing!r}")
+    unknown = sorted(set(routing) - set(ROUTING_OPTIONS))
+    if unknown:
+        raise ValueError(f"routing: unknown option(s) {', '.join(unknown)} (options: {', '.join(ROUTING_OPTIONS)})")
 
 
 def routing_capacities(capacity: float | Sequence[float], loops: int) -> tuple[float, ...]:
@@ -85,6 +112,8 @@ class TokenRouting(NotScriptable, nn.Module):
         capacity: The share of (non-pinned) tokens each loop updates (`routing_capacities`):
             one number routes every loop after the first; a sequence gives one per loop.
         pinned: Prefix tokens (class, distillation) that every loop updates.
+        device: Where the routers' parameters live.
+        dtype: Dtype of the routers' parameters.
 
     Raises:
         ValueError: For a bad capacity or `pinned`, or a routed loop whose attention slices
@@ -98,15 +127,16 @@ class TokenRouting(NotScriptable, nn.Module):
     """
 
     loop_aware = True
+    applies_mix = True  # the stack's mix layer follows the update of the chosen tokens only
 
     def __init__(self, block: nn.Module, dim: int, loops: int, capacity: float | Sequence[float] = 0.5,
-                 pinned: int = 0) -> None:
+                 pinned: int = 0, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if isinstance(pinned, bool) or not isinstance(pinned, int) or pinned < 0:
             raise ValueError(f"pinned must be an int >= 0 (prefix tokens every loop updates), got {pinned!r}")
         self.block, self.pinned = block, pinned
         self.capacities = routing_capacities(capacity, loops)
-        self.routers = nn.ModuleList(nn.Linear(dim, 1) for _ in self.capacities)
+        self.routers = nn.ModuleList(nn.Linear(dim, 1, device=device, dtype=dtype) for _ in self.capacities)
         for router in self.routers:  # an even start: every token scores 0, weight sigmoid(0) = 1/2
             nn.init.zeros_(router.weight)
             nn.init.zeros_(router.bias)
@@ -120,10 +150,11 @@ class TokenRouting(NotScriptable, nn.Module):
                 continue
             for loop, capacity in enumerate(self.capacities):
                 if capacity < 1.0 and schedule.at(loop) > 1:
+                    fitting = tuple(schedule.at(n) if c >= 1.0 else 1 for n, c in enumerate(self.capacities))
                     raise ValueError(
                         f"loop {loop} is routed (capacity {capacity}) but {name or 'the block'} slices its tokens into "
                         f"{schedule.at(loop)} groups there: groups follow the tokens' places in the image, which "
-                        "routed tokens no longer have. Use 1 group on routed loops (e.g. groups=(8, 1, 1)), or "
+                        f"routed tokens no longer have. Use 1 group on routed loops (groups={fitting}), or "
                         "capacity 1.0 on sliced loops")
 
     def tokens_updated(self, num_tokens: int, loop: int) -> int:
@@ -143,12 +174,15 @@ class TokenRouting(NotScriptable, nn.Module):
     def _call_block(self, x: torch.Tensor, loop: int) -> torch.Tensor:
         return self.block(x, loop=loop) if self._block_aware else self.block(x)
 
-    def forward(self, x: torch.Tensor, loop: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, loop: int = 0, mix: nn.Module | None = None) -> torch.Tensor:
         """Apply the block once, to the tokens this loop's router chooses.
 
         Args:
             x: Tokens of shape (B, N, C), the first `pinned` of them prefix tokens.
             loop: Index of this application.
+            mix: The mix layer that follows this application in the stack (`NonLinearMix`),
+                applied to the updated tokens only: a token that skips the loop skips its
+                mix too.
 
         Returns:
             Tensor of shape (B, N, C): chosen tokens updated, the others as they came.
@@ -160,7 +194,8 @@ class TokenRouting(NotScriptable, nn.Module):
             raise ValueError(f"loop {loop} is beyond the {len(self.capacities)} loops this TokenRouting has routers "
                              "for: build it with loops= the stack's loop count")
         if self.capacities[loop] >= 1.0:
-            return self._call_block(x, loop)
+            out = self._call_block(x, loop)
+            return out if mix is None else mix(out)
         batch, num_tokens, width = x.shape
         if num_tokens <= self.pinned:
             raise ValueError(f"TokenRouting got {num_tokens} tokens with pinned={self.pinned}: nothing to route")
@@ -176,4 +211,6 @@ class TokenRouting(NotScriptable, nn.Module):
         index = index.unsqueeze(-1).expand(-1, -1, width)
         tokens = x.gather(1, index)
         updated = tokens + weight.unsqueeze(-1) * (self._call_block(tokens, loop) - tokens)
+        if mix is not None:
+            updated = mix(updated)
         return x.scatter(1, index, updated)

@@ -40,7 +40,7 @@ from vitblocks.layers.loop import check_loop_count
 from vitblocks.layers.mix import mix_for_mode
 from vitblocks.layers.modes import MixMode
 from vitblocks.layers.relaxation import Relaxation
-from vitblocks.layers.routing import TokenRouting, routing_capacities
+from vitblocks.layers.routing import TokenRouting, check_routing_options, routing_capacities
 from vitblocks.layers.schedule import GroupSchedule
 from vitblocks.layers.shared_sequence import shared_layers
 from vitblocks.layers.sharing import Sharing, runs_of, sharing_assignment
@@ -282,19 +282,9 @@ def _units_wrapped_in(wrapper: type[nn.Module], layers: list[nn.Module], assignm
     return {assignment[run[0]] for run, layer in zip(runs_of(assignment), layers) if isinstance(layer.block, wrapper)}
 
 
-ROUTING_OPTIONS = ("capacity",)
-"""What `make_recursive(routing=...)` takes (prefix tokens are pinned by the model's own count)."""
-
-
 def _check_routing(routing: dict[str, Any] | None, relax: Any) -> None:
-    if routing is None:
-        return
-    if not isinstance(routing, dict):
-        raise ValueError(f"routing must be a dict of TokenRouting options, e.g. {{'capacity': 0.5}}, got {routing!r}")
-    unknown = sorted(set(routing) - set(ROUTING_OPTIONS))
-    if unknown:
-        raise ValueError(f"routing: unknown option(s) {', '.join(unknown)} (options: {', '.join(ROUTING_OPTIONS)})")
-    if relax is not None:
+    check_routing_options(routing)
+    if routing is not None and relax is not None:
         raise ValueError("routing and relax together are not supported yet: a relaxed block's per-loop parameters "
                          "and a router's choice of tokens would both have to follow each use; choose one")
 

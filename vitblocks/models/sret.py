@@ -24,6 +24,7 @@ from torch import nn
 from vitblocks.layers import ConvPool, ConvStem, PositionMap
 from vitblocks.layers.depth import set_layer_loops
 from vitblocks.layers.modes import CheckpointSetting, MixMode
+from vitblocks.layers.routing import check_routing_options
 from vitblocks.layers.schedule import GroupSchedule
 from vitblocks.layers.sharing import Sharing
 from vitblocks.layers.stem import downsampled_size
@@ -123,6 +124,10 @@ class SReT(nn.Module):
         backend: Attention backend for every block, or None for the global choice.
         grad_checkpointing: Activation checkpointing mode of every recursive block
             (False, True / "loop", or "sqrt"); see `Recursive`.
+        routing: Token routing of every shared block (`vitblocks.layers.TokenRouting`):
+            `{"capacity": 0.5}` updates half of a stage's tokens on each loop after the
+            first. Routed loops need one group (`groups=((8, 1), (4, 1), (1, 1))`). None:
+            every token takes every loop.
         device: Where the parameters live.
         dtype: Dtype of the parameters.
         attn_backend: Former name of `backend`; deprecated.
@@ -151,12 +156,14 @@ class SReT(nn.Module):
         eval_permutation: str = "fixed",
         backend: str | None = None,
         grad_checkpointing: CheckpointSetting = False,
+        routing: dict[str, Any] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         attn_backend: str | None = None,
     ) -> None:
         super().__init__()
         _check_global_pool(global_pool)
+        check_routing_options(routing)
         if isinstance(img_size, bool) or not (isinstance(img_size, int) or (
                 isinstance(img_size, Sequence) and len(img_size) == 2 and all(isinstance(s, int) for s in img_size))):
             raise TypeError(f"img_size={img_size!r} must be an int or a (height, width) pair of ints")
@@ -205,7 +212,7 @@ class SReT(nn.Module):
                     dim=embed_dims[s], num_heads=num_heads[s], unique_blocks=unique_blocks[s], loops=loops[s],
                     groups=schedules[s], mlp_ratio=mlp_ratio, mix=mix, mix_mlp_ratio=mix_mlp_ratio,
                     drop_path_rates=rates[s], share=shares[s], downsample=downsample, block_kwargs=block_kwargs,
-                    seed=100 * s, **dd,
+                    routing=routing, seed=100 * s, **dd,
                 )
             )
             self.feature_info.append(dict(num_chs=embed_dims[s], reduction=reduction, module=f"stages.{s}"))

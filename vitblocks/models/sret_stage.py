@@ -12,6 +12,7 @@ from torch import nn
 from vitblocks.layers import NonLinearMix, TransformerBlock
 from vitblocks.layers.mix import mix_for_mode
 from vitblocks.layers.modes import MixMode
+from vitblocks.layers.routing import TokenRouting
 from vitblocks.layers.schedule import GroupSchedule
 from vitblocks.layers.shared_sequence import shared_layers
 from vitblocks.layers.sharing import Sharing, sharing_assignment
@@ -37,6 +38,8 @@ class SReTStage(nn.Module):
         downsample: Pooling applied first (None for the first stage).
         block_kwargs: Further `TransformerBlock` arguments (dropouts, permutation
             policies, attention backend).
+        routing: Token routing of every block (`TokenRouting` options, e.g.
+            `{"capacity": 0.5}`), or None.
         seed: Base seed of the blocks' fixed permutations.
         device: Where the parameters live.
         dtype: Dtype of the parameters.
@@ -57,6 +60,7 @@ class SReTStage(nn.Module):
         share: Sharing = "consecutive",
         downsample: nn.Module | None = None,
         block_kwargs: dict[str, Any] | None = None,
+        routing: dict[str, Any] | None = None,
         seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -72,11 +76,14 @@ class SReTStage(nn.Module):
         if max(assignment) + 1 != unique_blocks:
             raise ValueError(f"share={share!r} uses {max(assignment) + 1} unique blocks; the stage has {unique_blocks}")
 
-        def block(i: int) -> TransformerBlock:
-            return TransformerBlock(
+        def block(i: int) -> nn.Module:
+            built = TransformerBlock(
                 dim, num_heads, mlp_ratio=mlp_ratio, drop_path=drop_path_rates[i],
                 residual_scalars=True, groups=self.schedule, seed=seed + i, **block_kwargs, **dd,
             )
+            if routing is None:
+                return built
+            return TokenRouting(built, dim, loops=assignment.count(i), capacity=routing.get("capacity", 0.5), **dd)
 
         # consecutive: a Recursive per block, each built just before its mix layers (the paper's layout and
         # initialisation order); any other schedule: one SharedSequence
