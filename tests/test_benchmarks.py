@@ -242,3 +242,25 @@ def test_models_page_shows_the_mac_counters_table_of_its_committed_run():
         assert row["flop_counter_mode_math"] == pytest.approx(row["vitblocks_summary"], rel=1e-3)
     assert rows["sret_t"]["fvcore"] == rows["sret_t_unsliced"]["fvcore"]  # fvcore cannot tell slicing apart
     assert rows["sret_t"]["vitblocks_summary"] < rows["sret_t_unsliced"]["vitblocks_summary"]
+
+
+def test_dynamic_page_shows_the_tables_of_its_committed_run():
+    import re
+
+    from benchmarks.dynamic import TRAINED, markdown
+
+    run = json.loads((ROOT / "docs" / "benchmarks" / "cpu" / "dynamic.json").read_text())
+    committed = (ROOT / "docs" / "benchmarks" / "cpu" / "dynamic.md").read_text()
+    assert markdown(run["rows"], run["machine"], run["epochs"]) == committed
+    page = (ROOT / "docs" / "dynamic.md").read_text()
+    shown = re.search(r"<!-- dynamic:start -->\n(.*)\n<!-- dynamic:end -->", page, flags=re.S).group(1)
+    assert shown.strip() == committed.strip()
+    trained = [r for r in run["rows"] if "top1" in r]
+    assert [r["name"] for r in trained] == [name for name, _, _ in TRAINED]
+    assert {r["kind"] for r in run["rows"]} == {"static", "expert"}
+    static = {r["name"]: r["block_macs"] for r in trained if r["kind"] == "static"}
+    assert list(static.values()) == sorted(static.values())  # measured MACs grow with the loops
+    assert all(r["block_macs"] < static["static, 4 loops"] for r in trained if r["kind"] == "expert")
+    for r in run["rows"]:
+        if "img_s" in r and r["kind"] == "static":
+            assert r["img_s"] == r["baseline_img_s"]
