@@ -127,11 +127,23 @@ def test_sliced_attention_on_a_routed_loop_is_refused_with_the_reason():
     TokenRouting(TransformerBlock(dim=DIM, num_heads=2, groups=(4, 1)), DIM, loops=2)  # sliced only where unrouted
 
 
-def test_a_loop_beyond_the_routers_is_refused():
-    routing = TokenRouting(torch.nn.Identity(), DIM, loops=2)
-    with pytest.raises(ValueError, match="loop 2 is beyond the 2 loops"):
-        routing(torch.randn(1, 4, DIM), loop=2)
+def test_test_time_depth_reuses_the_last_router_beyond_the_trained_loops():
+    from vitblocks.layers import set_loops
+
+    routing = routed(timm_block(), loops=2, capacity=0.25, pinned=0)
+    x = torch.randn(2, 16, DIM, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(routing(x, loop=5), routing(x, loop=1), atol=0, rtol=0)
+        stack = Recursive(routing, loops=2).eval()
+        set_loops(stack, 4)
+        deeper = stack(x)
+        expected = x
+        for loop in range(4):
+            expected = routing(expected, loop=loop)
+        torch.testing.assert_close(deeper, expected, atol=0, rtol=0)
     assert routing_capacities(0.25, 2) == (1.0, 0.25)
+    with pytest.raises(ValueError, match="loop must be >= 0"):
+        routing(x, loop=-1)
 
 
 SMALL_DEIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=3)

@@ -167,7 +167,7 @@ class TokenRouting(NotScriptable, nn.Module):
         Returns:
             P + ceil(capacity * (N - P)), or every token at capacity 1.0.
         """
-        capacity = self.capacities[loop]
+        capacity = self.capacities[min(loop, len(self.capacities) - 1)]
         routed = num_tokens - self.pinned
         return num_tokens if capacity >= 1.0 else self.pinned + max(1, math.ceil(capacity * routed))
 
@@ -187,12 +187,15 @@ class TokenRouting(NotScriptable, nn.Module):
         Returns:
             Tensor of shape (B, N, C): chosen tokens updated, the others as they came.
 
+        Loops beyond those it has routers for (test-time depth, `set_loops`) reuse the last
+        loop's router and capacity.
+
         Raises:
-            ValueError: For a loop beyond `loops`, or fewer tokens than pinned ones plus one.
+            ValueError: For a negative loop, or no token beyond the pinned ones.
         """
-        if not 0 <= loop < len(self.capacities):
-            raise ValueError(f"loop {loop} is beyond the {len(self.capacities)} loops this TokenRouting has routers "
-                             "for: build it with loops= the stack's loop count")
+        if loop < 0:
+            raise ValueError(f"loop must be >= 0, got {loop}")
+        loop = min(loop, len(self.capacities) - 1)  # test-time depth: loops beyond the trained reuse the last router
         if self.capacities[loop] >= 1.0:
             out = self._call_block(x, loop)
             return out if mix is None else mix(out)
