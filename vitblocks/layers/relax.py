@@ -179,6 +179,9 @@ def relax_recursion(model: nn.Module, relaxation: Relaxation | Mapping[str, Any]
     relaxed = 0
     for stack in stacks:
         for index, (block, uses) in enumerate(zip(stack.unique_blocks(), stack.block_uses)):
+            if uses > 1 and getattr(block, "applies_mix", False):
+                raise ValueError(f"{type(block).__name__} routes its tokens (it applies the stack's mix layers to "
+                                 "the tokens it updates): relaxing a routed block is not supported yet")
             if uses > 1 and not isinstance(block, RelaxedBlock):
                 stack.set_unique_block(index, RelaxedBlock(block, uses, relaxation))
                 relaxed += 1

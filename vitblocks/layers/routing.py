@@ -16,6 +16,9 @@ tokens its router scores highest, as in Mixture-of-Recursions' expert-choice rou
   is above 1 is refused at construction.
 - **The router learns** through its weight: a chosen token's update is scaled by
   sigmoid(score), `x + sigmoid(s) * (block(x) - x)`, so the loss reaches the router.
+  Scores are computed in float32 (also under autocast); routers start with small random
+  weights (no ties) and a zero bias (updates scaled by about 1/2), and only routed loops
+  have one.
 - **Prefix tokens** (class, distillation) can be pinned: they are always updated, at
   full weight, and do not count against the capacity.
 - **Mix layers.** The stack hands its mix layer (SReT's `NonLinearMix` after each loop)
@@ -33,6 +36,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitblocks.layers.loop import check_loop_count, is_loop_aware
@@ -136,11 +140,15 @@ class TokenRouting(NotScriptable, nn.Module):
             raise ValueError(f"pinned must be an int >= 0 (prefix tokens every loop updates), got {pinned!r}")
         self.block, self.pinned = block, pinned
         self.capacities = routing_capacities(capacity, loops)
-        self.routers = nn.ModuleList(nn.Linear(dim, 1, device=device, dtype=dtype) for _ in self.capacities)
-        for router in self.routers:  # an even start: every token scores 0, weight sigmoid(0) = 1/2
-            nn.init.zeros_(router.weight)
+        # a router only for the loops that route (keys are the loop indices): an unused one would get no
+        # gradient, which DDP without a static graph refuses
+        self.routers = nn.ModuleDict({str(loop): nn.Linear(dim, 1, device=device, dtype=dtype)
+                                      for loop, c in enumerate(self.capacities) if c < 1.0})
+        for router in self.routers.values():  # small random scores: no ties for topk to break by position
+            nn.init.normal_(router.weight, std=0.02)
             nn.init.zeros_(router.bias)
         self._block_aware = is_loop_aware(block)
+        self._block_draws = callable(getattr(block, "draw_drop_masks", None))
         self._refuse_sliced_routed_loops()
 
     def _refuse_sliced_routed_loops(self) -> None:
@@ -171,10 +179,25 @@ class TokenRouting(NotScriptable, nn.Module):
         routed = num_tokens - self.pinned
         return num_tokens if capacity >= 1.0 else self.pinned + max(1, math.ceil(capacity * routed))
 
-    def _call_block(self, x: torch.Tensor, loop: int) -> torch.Tensor:
-        return self.block(x, loop=loop) if self._block_aware else self.block(x)
+    def draw_drop_masks(self, x: torch.Tensor, loops: int) -> torch.Tensor | None:
+        """The wrapped block's stochastic-depth factors for `loops` applications, drawn at once
+        (see `TransformerBlock.draw_drop_masks`): the gathered tokens keep the batch dimension.
 
-    def forward(self, x: torch.Tensor, loop: int = 0, mix: nn.Module | None = None) -> torch.Tensor:
+        Args:
+            x: The stack's input.
+            loops: Applications to draw for.
+
+        Returns:
+            The block's factors, or None if it draws none.
+        """
+        return self.block.draw_drop_masks(x, loops) if self._block_draws else None
+
+    def _call_block(self, x: torch.Tensor, loop: int, drop_masks: torch.Tensor | None) -> torch.Tensor:
+        extra = {} if drop_masks is None else {"drop_masks": drop_masks}
+        return self.block(x, loop=loop, **extra) if self._block_aware else self.block(x, **extra)
+
+    def forward(self, x: torch.Tensor, loop: int = 0, mix: nn.Module | None = None,
+                drop_masks: torch.Tensor | None = None) -> torch.Tensor:
         """Apply the block once, to the tokens this loop's router chooses.
 
         Args:
@@ -183,6 +206,8 @@ class TokenRouting(NotScriptable, nn.Module):
             mix: The mix layer that follows this application in the stack (`NonLinearMix`),
                 applied to the updated tokens only: a token that skips the loop skips its
                 mix too.
+            drop_masks: This application's stochastic-depth factors (`draw_drop_masks`),
+                handed to the block.
 
         Returns:
             Tensor of shape (B, N, C): chosen tokens updated, the others as they came.
@@ -197,13 +222,17 @@ class TokenRouting(NotScriptable, nn.Module):
             raise ValueError(f"loop must be >= 0, got {loop}")
         loop = min(loop, len(self.capacities) - 1)  # test-time depth: loops beyond the trained reuse the last router
         if self.capacities[loop] >= 1.0:
-            out = self._call_block(x, loop)
+            out = self._call_block(x, loop, drop_masks)
             return out if mix is None else mix(out)
         batch, num_tokens, width = x.shape
         if num_tokens <= self.pinned:
             raise ValueError(f"TokenRouting got {num_tokens} tokens with pinned={self.pinned}: nothing to route")
         k = self.tokens_updated(num_tokens, loop) - self.pinned
-        scores = self.routers[loop](x[:, self.pinned:]).squeeze(-1)  # (B, N - P)
+        router = self.routers[str(loop)]
+        precise = torch.promote_types(x.dtype, torch.float32)  # scores in float32 at least: no ties from bf16
+        with torch.autocast(x.device.type, enabled=False):
+            scores = F.linear(x[:, self.pinned:].to(precise), router.weight.to(precise),
+                              router.bias.to(precise)).squeeze(-1)
         chosen = scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # in token order
         weight = torch.sigmoid(scores.gather(1, chosen)).to(x.dtype)
         index = chosen + self.pinned
@@ -213,7 +242,7 @@ class TokenRouting(NotScriptable, nn.Module):
             weight = torch.cat([weight.new_ones(batch, self.pinned), weight], dim=1)
         index = index.unsqueeze(-1).expand(-1, -1, width)
         tokens = x.gather(1, index)
-        updated = tokens + weight.unsqueeze(-1) * (self._call_block(tokens, loop) - tokens)
+        updated = tokens + weight.unsqueeze(-1) * (self._call_block(tokens, loop, drop_masks) - tokens)
         if mix is not None:
             updated = mix(updated)
-        return x.scatter(1, index, updated)
+        return x.scatter(1, index, updated.to(x.dtype))

@@ -154,8 +154,9 @@ def make_recursive(
         where = f"{name} ({units} {'block pairs' if family.unit_size > 1 else 'blocks'})"
         assignments.append(None if setting is False else sharing_assignment(setting, units, loops, where=where))
         if routing is not None:  # refused here, before any stack is rewritten
-            uses = loops if assignments[-1] is None else max(map(assignments[-1].count, set(assignments[-1])))
-            _check_routed_schedule(name, routing, uses, schedule)
+            setting = assignments[-1]
+            for uses in {loops} if setting is None else set(map(setting.count, set(setting))):
+                _check_routed_schedule(name, routing, uses, schedule)
         if relaxation is not None:
             relaxation.check(stack[0])
     plan = RecursionPlan()
@@ -303,7 +304,9 @@ def _routed(routing: dict[str, Any] | None, dim: int, prefix: int, unit: nn.Modu
     """A unit wrapped in `TokenRouting` for its `uses` applications, or the unit itself without routing."""
     if routing is None:
         return unit
-    return TokenRouting(unit, dim, loops=uses, capacity=routing.get("capacity", 0.5), pinned=prefix)
+    reference = next(unit.parameters(), None)  # routers where the block's weights are, in their dtype
+    where = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
+    return TokenRouting(unit, dim, loops=uses, capacity=routing.get("capacity", 0.5), pinned=prefix, **where)
 
 
 @dataclass
