@@ -313,3 +313,14 @@ def test_a_token_that_skips_a_loop_skips_its_mix_layer_too():
     assert unchanged.sum(1).tolist() == [12, 12]  # 16 - ceil(0.25 * 16): neither block nor mix touched them
     expected = routing(second, loop=2, mix=stack.mix_at(2))
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def test_the_official_layout_refuses_a_routed_sret_by_name():
+    import timm
+
+    from vitblocks.io import CheckpointError
+    from vitblocks.models.official import export_official_state_dict
+
+    model = timm.create_model("sret_t", img_size=64, routing={"capacity": 0.5}, groups=((8, 1), (4, 1), (1, 1)))
+    with pytest.raises(CheckpointError, match="the official layout has no token routing"):
+        export_official_state_dict(model)

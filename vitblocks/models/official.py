@@ -73,7 +73,7 @@ def official_key_map(model: SReT) -> dict[str, list[str]]:
 
     Raises:
         CheckpointError: If the model's mix layers are not one per loop (the official
-            layout has no place for shared or absent mix layers).
+            layout has no place for shared or absent mix layers), or it routes tokens.
     """
     mapping: dict[str, list[str]] = {}
     for key in model.state_dict():
@@ -86,6 +86,9 @@ def official_key_map(model: SReT) -> dict[str, list[str]]:
             mapping[f"stages.{s}.downsample.conv.weight"] = [f"pools.{s - 1}.conv.weight"]
             mapping[f"stages.{s}.downsample.conv.bias"] = [f"pools.{s - 1}.conv.bias"]
         for j, recursive in enumerate(stage.blocks):
+            if getattr(recursive, "block", None) is not None and getattr(recursive.block, "applies_mix", False):
+                raise CheckpointError("the official layout has no token routing: a SReT built with routing= has "
+                                      "routers the official code cannot hold; convert a model without routing")
             if recursive.shared_mix:
                 raise CheckpointError("the official layout needs one NonLinearMix per loop (mix='per_loop')")
             loops = recursive.loops
