@@ -324,3 +324,4 @@ def test_the_official_layout_refuses_a_routed_sret_by_name():
     model = timm.create_model("sret_t", img_size=64, routing={"capacity": 0.5}, groups=((8, 1), (4, 1), (1, 1)))
     with pytest.raises(CheckpointError, match="the official layout has no token routing"):
         export_official_state_dict(model)
+

@@ -42,7 +42,11 @@ from torch import nn
 from vitblocks.layers.loop import check_loop_count, is_loop_aware
 from vitblocks.layers.scripting import NotScriptable
 
-__all__ = ["ROUTING_OPTIONS", "TokenRouting", "check_routing_options", "routing_capacities"]
+__all__ = ["DEFAULT_CAPACITY", "ROUTING_OPTIONS", "TokenRouting", "check_routed_groups", "check_routing_options",
+           "routing_capacities"]
+
+DEFAULT_CAPACITY = 0.5
+"""The share of tokens a routed loop updates when no capacity is given."""
 
 ROUTING_OPTIONS = ("capacity",)
 """What a model's `routing=` dict takes (the model pins its own prefix tokens)."""
@@ -67,6 +71,32 @@ def check_routing_options(routing: dict | None) -> None:
     unknown = sorted(set(routing) - set(ROUTING_OPTIONS))
     if unknown:
         raise ValueError(f"routing: unknown option(s) {', '.join(unknown)} (options: {', '.join(ROUTING_OPTIONS)})")
+
+
+def check_routed_groups(capacities: Sequence[float], schedule: object, where: str) -> None:
+    """Refuse a group schedule that slices a routed loop's tokens into more than one group.
+
+    Groups follow the tokens' places in the image, which gathered tokens no longer have.
+
+    Args:
+        capacities: Each loop's capacity (`routing_capacities`).
+        schedule: A `GroupSchedule` (anything with `at(loop)`).
+        where: What holds the schedule, for the message.
+
+    Raises:
+        ValueError: Naming the loop and the schedule that fits.
+
+    Example:
+        >>> from vitblocks.layers import GroupSchedule
+        >>> check_routed_groups((1.0, 0.5), GroupSchedule.parse((4, 1)), "the block")
+    """
+    for loop, capacity in enumerate(capacities):
+        if capacity < 1.0 and schedule.at(loop) > 1:
+            fitting = tuple(schedule.at(n) if c >= 1.0 else 1 for n, c in enumerate(capacities))
+            raise ValueError(
+                f"loop {loop} is routed (capacity {capacity}) but {where} slices its tokens into {schedule.at(loop)} "
+                "groups there: groups follow the tokens' places in the image, which routed tokens no longer have. "
+                f"Use 1 group on routed loops (groups={fitting}), or capacity 1.0 on sliced loops")
 
 
 def routing_capacities(capacity: float | Sequence[float], loops: int) -> tuple[float, ...]:
@@ -133,7 +163,7 @@ class TokenRouting(NotScriptable, nn.Module):
     loop_aware = True
     applies_mix = True  # the stack's mix layer follows the update of the chosen tokens only
 
-    def __init__(self, block: nn.Module, dim: int, loops: int, capacity: float | Sequence[float] = 0.5,
+    def __init__(self, block: nn.Module, dim: int, loops: int, capacity: float | Sequence[float] = DEFAULT_CAPACITY,
                  pinned: int = 0, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if isinstance(pinned, bool) or not isinstance(pinned, int) or pinned < 0:
@@ -154,16 +184,12 @@ class TokenRouting(NotScriptable, nn.Module):
     def _refuse_sliced_routed_loops(self) -> None:
         for name, module in self.block.named_modules():
             schedule = getattr(module, "schedule", None)
-            if schedule is None or not callable(getattr(schedule, "at", None)):
-                continue
-            for loop, capacity in enumerate(self.capacities):
-                if capacity < 1.0 and schedule.at(loop) > 1:
-                    fitting = tuple(schedule.at(n) if c >= 1.0 else 1 for n, c in enumerate(self.capacities))
-                    raise ValueError(
-                        f"loop {loop} is routed (capacity {capacity}) but {name or 'the block'} slices its tokens into "
-                        f"{schedule.at(loop)} groups there: groups follow the tokens' places in the image, which "
-                        f"routed tokens no longer have. Use 1 group on routed loops (groups={fitting}), or "
-                        "capacity 1.0 on sliced loops")
+            if schedule is not None and callable(getattr(schedule, "at", None)):
+                check_routed_groups(self.capacities, schedule, name or "the block")
+
+    def _trained_loop(self, loop: int) -> int:
+        """The loop whose router and capacity serve `loop`: itself, or the last one beyond the trained loops."""
+        return min(loop, len(self.capacities) - 1)
 
     def tokens_updated(self, num_tokens: int, loop: int) -> int:
         """How many tokens a loop updates (pinned ones included).
@@ -175,7 +201,7 @@ class TokenRouting(NotScriptable, nn.Module):
         Returns:
             P + ceil(capacity * (N - P)), or every token at capacity 1.0.
         """
-        capacity = self.capacities[min(loop, len(self.capacities) - 1)]
+        capacity = self.capacities[self._trained_loop(loop)]
         routed = num_tokens - self.pinned
         return num_tokens if capacity >= 1.0 else self.pinned + max(1, math.ceil(capacity * routed))
 
@@ -200,6 +226,9 @@ class TokenRouting(NotScriptable, nn.Module):
                 drop_masks: torch.Tensor | None = None) -> torch.Tensor:
         """Apply the block once, to the tokens this loop's router chooses.
 
+        Loops beyond those it has routers for (test-time depth, `set_loops`) reuse the last
+        loop's router and capacity.
+
         Args:
             x: Tokens of shape (B, N, C), the first `pinned` of them prefix tokens.
             loop: Index of this application.
@@ -212,23 +241,20 @@ class TokenRouting(NotScriptable, nn.Module):
         Returns:
             Tensor of shape (B, N, C): chosen tokens updated, the others as they came.
 
-        Loops beyond those it has routers for (test-time depth, `set_loops`) reuse the last
-        loop's router and capacity.
-
         Raises:
             ValueError: For a negative loop, or no token beyond the pinned ones.
         """
         if loop < 0:
             raise ValueError(f"loop must be >= 0, got {loop}")
-        loop = min(loop, len(self.capacities) - 1)  # test-time depth: loops beyond the trained reuse the last router
-        if self.capacities[loop] >= 1.0:
-            out = self._call_block(x, loop, drop_masks)
+        trained = self._trained_loop(loop)
+        if self.capacities[trained] >= 1.0:
+            out = self._call_block(x, trained, drop_masks)
             return out if mix is None else mix(out)
         batch, num_tokens, width = x.shape
         if num_tokens <= self.pinned:
             raise ValueError(f"TokenRouting got {num_tokens} tokens with pinned={self.pinned}: nothing to route")
         k = self.tokens_updated(num_tokens, loop) - self.pinned
-        router = self.routers[str(loop)]
+        router = self.routers[str(trained)]
         precise = torch.promote_types(x.dtype, torch.float32)  # scores in float32 at least: no ties from bf16
         with torch.autocast(x.device.type, enabled=False):
             scores = F.linear(x[:, self.pinned:].to(precise), router.weight.to(precise),
@@ -242,7 +268,7 @@ class TokenRouting(NotScriptable, nn.Module):
             weight = torch.cat([weight.new_ones(batch, self.pinned), weight], dim=1)
         index = index.unsqueeze(-1).expand(-1, -1, width)
         tokens = x.gather(1, index)
-        updated = tokens + weight.unsqueeze(-1) * (self._call_block(tokens, loop, drop_masks) - tokens)
+        updated = tokens + weight.unsqueeze(-1) * (self._call_block(tokens, trained, drop_masks) - tokens)
         if mix is not None:
             updated = mix(updated)
         return x.scatter(1, index, updated.to(x.dtype))

@@ -23,6 +23,7 @@ import torch
 
 from vitblocks.io import CheckpointError, read_checkpoint
 from vitblocks.layers import resize_position_map
+from vitblocks.layers.routing import TokenRouting
 
 if TYPE_CHECKING:
     from vitblocks.models.sret import SReT
@@ -86,7 +87,7 @@ def official_key_map(model: SReT) -> dict[str, list[str]]:
             mapping[f"stages.{s}.downsample.conv.weight"] = [f"pools.{s - 1}.conv.weight"]
             mapping[f"stages.{s}.downsample.conv.bias"] = [f"pools.{s - 1}.conv.bias"]
         for j, recursive in enumerate(stage.blocks):
-            if getattr(recursive, "block", None) is not None and getattr(recursive.block, "applies_mix", False):
+            if isinstance(getattr(recursive, "block", None), TokenRouting):
                 raise CheckpointError("the official layout has no token routing: a SReT built with routing= has "
                                       "routers the official code cannot hold; convert a model without routing")
             if recursive.shared_mix:

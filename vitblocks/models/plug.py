@@ -40,7 +40,13 @@ from vitblocks.layers.loop import check_loop_count
 from vitblocks.layers.mix import mix_for_mode
 from vitblocks.layers.modes import MixMode
 from vitblocks.layers.relaxation import Relaxation
-from vitblocks.layers.routing import TokenRouting, check_routing_options, routing_capacities
+from vitblocks.layers.routing import (
+    DEFAULT_CAPACITY,
+    TokenRouting,
+    check_routed_groups,
+    check_routing_options,
+    routing_capacities,
+)
 from vitblocks.layers.schedule import GroupSchedule
 from vitblocks.layers.shared_sequence import shared_layers
 from vitblocks.layers.sharing import Sharing, runs_of, sharing_assignment
@@ -156,7 +162,12 @@ def make_recursive(
         if routing is not None:  # refused here, before any stack is rewritten
             setting = assignments[-1]
             for uses in {loops} if setting is None else set(map(setting.count, set(setting))):
-                _check_routed_schedule(name, routing, uses, schedule)
+                capacities = routing_capacities(routing.get("capacity", DEFAULT_CAPACITY), uses)
+                try:
+                    if schedule is not None:
+                        check_routed_groups(capacities, schedule, "its group schedule")
+                except ValueError as error:
+                    raise ValueError(f"{name}: {error}") from None
         if relaxation is not None:
             relaxation.check(stack[0])
     plan = RecursionPlan()
@@ -290,23 +301,13 @@ def _check_routing(routing: dict[str, Any] | None, relax: Any) -> None:
                          "and a router's choice of tokens would both have to follow each use; choose one")
 
 
-def _check_routed_schedule(stack: str, routing: dict[str, Any], uses: int, schedule: GroupSchedule | None) -> None:
-    capacities = routing_capacities(routing.get("capacity", 0.5), uses)
-    for loop, capacity in enumerate(capacities):
-        if schedule is not None and capacity < 1.0 and schedule.at(loop) > 1:
-            raise ValueError(f"{stack}: loop {loop} is routed (capacity {capacity}) but groups slice its tokens into "
-                             f"{schedule.at(loop)} groups there: groups follow the tokens' places in the image, which "
-                             "routed tokens no longer have. Use 1 group on routed loops, or capacity 1.0 on sliced "
-                             "loops")
-
-
 def _routed(routing: dict[str, Any] | None, dim: int, prefix: int, unit: nn.Module, uses: int) -> nn.Module:
     """A unit wrapped in `TokenRouting` for its `uses` applications, or the unit itself without routing."""
     if routing is None:
         return unit
     reference = next(unit.parameters(), None)  # routers where the block's weights are, in their dtype
     where = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
-    return TokenRouting(unit, dim, loops=uses, capacity=routing.get("capacity", 0.5), pinned=prefix, **where)
+    return TokenRouting(unit, dim, loops=uses, pinned=prefix, **routing, **where)
 
 
 @dataclass

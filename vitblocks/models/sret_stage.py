@@ -83,7 +83,7 @@ class SReTStage(nn.Module):
             )
             if routing is None:
                 return built
-            return TokenRouting(built, dim, loops=assignment.count(i), capacity=routing.get("capacity", 0.5), **dd)
+            return TokenRouting(built, dim, loops=assignment.count(i), **routing, **dd)
 
         # consecutive: a Recursive per block, each built just before its mix layers (the paper's layout and
         # initialisation order); any other schedule: one SharedSequence

@@ -125,7 +125,7 @@ class Trainer:
         self._stop = StopSignals()
         self._update_start: UpdateStart | None = None  # where the update in progress began (gradient accumulation)
         self._lock: RunLock | None = None
-        self._header: str | None = None  # made when first asked for in a `fit`
+        self._header: str | None = None  # made as each `fit` starts (or when asked for before one)
 
     # the run's position, as attributes for convenience
     @property
