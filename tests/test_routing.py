@@ -325,3 +325,17 @@ def test_the_official_layout_refuses_a_routed_sret_by_name():
     with pytest.raises(CheckpointError, match="the official layout has no token routing"):
         export_official_state_dict(model)
 
+
+def test_beyond_the_trained_loops_the_block_is_told_the_loop_as_it_is():
+    seen = []
+
+    class LoopRecorder(torch.nn.Module):
+        loop_aware = True
+
+        def forward(self, x, loop=0):
+            seen.append(loop)
+            return 2 * x
+
+    routing = TokenRouting(LoopRecorder(), DIM, loops=2, capacity=0.5)
+    routing(torch.randn(1, 8, DIM), loop=5)  # router and capacity of loop 1, the block's own loop 5
+    assert seen == [5]

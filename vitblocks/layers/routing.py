@@ -227,7 +227,7 @@ class TokenRouting(NotScriptable, nn.Module):
         """Apply the block once, to the tokens this loop's router chooses.
 
         Loops beyond those it has routers for (test-time depth, `set_loops`) reuse the last
-        loop's router and capacity.
+        loop's router and capacity; the block itself is told the loop as it is.
 
         Args:
             x: Tokens of shape (B, N, C), the first `pinned` of them prefix tokens.
@@ -248,7 +248,7 @@ class TokenRouting(NotScriptable, nn.Module):
             raise ValueError(f"loop must be >= 0, got {loop}")
         trained = self._trained_loop(loop)
         if self.capacities[trained] >= 1.0:
-            out = self._call_block(x, trained, drop_masks)
+            out = self._call_block(x, loop, drop_masks)
             return out if mix is None else mix(out)
         batch, num_tokens, width = x.shape
         if num_tokens <= self.pinned:
@@ -268,7 +268,7 @@ class TokenRouting(NotScriptable, nn.Module):
             weight = torch.cat([weight.new_ones(batch, self.pinned), weight], dim=1)
         index = index.unsqueeze(-1).expand(-1, -1, width)
         tokens = x.gather(1, index)
-        updated = tokens + weight.unsqueeze(-1) * (self._call_block(tokens, trained, drop_masks) - tokens)
+        updated = tokens + weight.unsqueeze(-1) * (self._call_block(tokens, loop, drop_masks) - tokens)
         if mix is not None:
             updated = mix(updated)
         return x.scatter(1, index, updated.to(x.dtype))
