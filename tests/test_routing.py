@@ -211,7 +211,8 @@ def test_pit_stages_route_with_their_class_token_pinned():
 @pytest.mark.parametrize("name, kwargs, message", [
     ("swin_tiny_patch4_window7_224", dict(routing={"capacity": 0.5}), "Swin blocks .* need every token"),
     ("deit_tiny_patch16_224", dict(routing={"capacity": 0.5}, relax={"rank": 2}), "routing and relax together"),
-    ("deit_tiny_patch16_224", dict(routing={"capcity": 0.5}), r"unknown option\(s\) capcity \(options: capacity\)"),
+    ("deit_tiny_patch16_224", dict(routing={"capcity": 0.5}),
+     r"unknown option\(s\) capcity \(options: capacity, mode, balance\)"),
     ("deit_tiny_patch16_224", dict(routing={"capacity": 0.5}, groups=(2, 2)), "loop 1 is routed .* 2 groups there"),
 ])
 def test_routing_requests_make_recursive_cannot_honour_are_refused(name, kwargs, message):

@@ -281,6 +281,7 @@ def one_per_architecture(names: list[str]) -> list[str]:
 # every network. Listed rather than found at import (see NETWORKS); the next test
 # confirms the list is the smallest model of each architecture.
 DYNAMO_MODELS = [
+    "deit_tiny_mor_patch16_224", "deit_tiny_one_block_patch16_224",
     "deit_tiny_rec_sliced_patch16_224", "deit_tiny_shared_patch16_224", "pit_ti_rec_sliced_224",
     "pit_ti_shared_224", "sret_t", "sret_t_unsliced", "swin_tiny_shared_patch4_window7_224",
 ]

@@ -20,7 +20,7 @@ from vitblocks.layers.recursive import Recursive
 from vitblocks.layers.regional import compile_regions
 from vitblocks.layers.relax import RelaxedBlock, relax_recursion
 from vitblocks.layers.relaxation import DEFAULT_TARGETS, Relaxation
-from vitblocks.layers.routing import TokenRouting, routing_capacities
+from vitblocks.layers.routing import TokenRouting, auxiliary_loss, routing_capacities
 from vitblocks.layers.schedule import GroupSchedule
 from vitblocks.layers.shared_sequence import SharedSequence
 from vitblocks.layers.shared_stack import SharedStack
@@ -55,6 +55,7 @@ __all__ = [
     "Recursive",
     "SlicedGroupAttention",
     "TokenRouting",
+    "auxiliary_loss",
     "TransformerBlock",
     "cached_fixed_permutation",
     "compile_regions",

@@ -13,7 +13,8 @@ from torch import nn
 
 @functools.cache
 def model_parameters(name: str) -> dict[str, inspect.Parameter]:
-    """The parameters of a registered model's class constructor (`self` left out).
+    """The parameters of a registered model's class constructor (`self` left out), and
+    `routing` for the recursive timm variants (`vitblocks.models.plugged_variants`).
 
     The model is built once per name on the meta device (no memory, no initialisation),
     or for real when its constructor needs real tensors.
@@ -31,6 +32,11 @@ def model_parameters(name: str) -> dict[str, inspect.Parameter]:
         model = timm.create_model(name, pretrained=False)
     parameters = dict(inspect.signature(type(model).__init__).parameters)
     parameters.pop("self", None)
+    from vitblocks.models.plugged_variants import VARIANTS
+
+    if name in VARIANTS:  # taken by the variant itself, not by the base model's class
+        default = VARIANTS[name][1].get("routing")
+        parameters["routing"] = inspect.Parameter("routing", inspect.Parameter.KEYWORD_ONLY, default=default)
     return parameters
 
 

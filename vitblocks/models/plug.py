@@ -41,7 +41,6 @@ from vitblocks.layers.mix import mix_for_mode
 from vitblocks.layers.modes import MixMode
 from vitblocks.layers.relaxation import Relaxation
 from vitblocks.layers.routing import (
-    DEFAULT_CAPACITY,
     TokenRouting,
     check_routed_groups,
     check_routing_options,
@@ -162,7 +161,7 @@ def make_recursive(
         if routing is not None:  # refused here, before any stack is rewritten
             setting = assignments[-1]
             for uses in {loops} if setting is None else set(map(setting.count, set(setting))):
-                capacities = routing_capacities(routing.get("capacity", DEFAULT_CAPACITY), uses)
+                capacities = routing_capacities(routing.get("capacity"), uses, routing.get("mode", "expert"))
                 try:
                     if schedule is not None:
                         check_routed_groups(capacities, schedule, "its group schedule")

@@ -7,6 +7,10 @@ Each variant builds its base model with timm and rewrites it with `make_recursiv
 With `pretrained=True` the weights come from where timm's own paths say: a file
 (`pretrained_cfg_overlay=dict(file=...)`, .pth or .safetensors), a state dict, or a local
 folder written by `timm.models.save_for_hf` (`timm.create_model("local-dir:/path")`).
+Token routing (`vitblocks.layers.TokenRouting`) of the shared blocks is set or replaced
+with `routing=`, as for SReT: `timm.create_model("deit_tiny_rec_patch16_224",
+routing={"mode": "token"})`; `routing=None` turns a routed variant's off.
+
 Weights saved from the variant load strictly (a different `num_classes` re-initialises
 only the head); weights of the base model load through `load_base_weights`; with no
 weights named the base model's timm weights are used (shared blocks keep their run's
@@ -40,6 +44,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "pit_ti_shared_224": ("pit_ti_224", _SHARED),
     "swin_tiny_rec_patch4_window7_224": ("swin_tiny_patch4_window7_224", _PER_LOOP),
     "swin_tiny_shared_patch4_window7_224": ("swin_tiny_patch4_window7_224", _SHARED),
+    # Mixture-of-Recursions' layout: 4 unique blocks applied in turn 3 times; each use after the first
+    # updates the tokens its router picks, 2/3 of them on the second and 1/3 on the third
+    "deit_tiny_mor_patch16_224": ("deit_tiny_patch16_224", dict(
+        loops=3, share="cycle", routing={"mode": "expert", "capacity": "descending"})),
+    # bViT's layout: one block applied 12 times
+    "deit_tiny_one_block_patch16_224": ("deit_tiny_patch16_224", dict(loops=12, share="cycle")),
 }
 """Registered recursive variants: name -> (base timm model, make_recursive arguments)."""
 
@@ -103,7 +113,9 @@ def _rewrap_feature_getter(wrapper: FeatureGetterNet, out_indices: Any) -> Featu
     sharing leaves fewer blocks, so the last-n default (or the indices asked for) is
     applied again to the recursive model.
     """
-    requested = len(wrapper.out_indices) if out_indices is None else out_indices
+    levels = len(getattr(wrapper.model, "blocks", wrapper.out_indices))
+    # timm's default (the last 3) may be more than a stack shared into one sequence has: as many as there are
+    requested = min(len(wrapper.out_indices), levels) if out_indices is None else out_indices
     return FeatureGetterNet(wrapper.model, out_indices=requested, output_fmt=wrapper.output_fmt.value,
                             norm=wrapper.norm)
 
@@ -117,6 +129,8 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     cfg.update(kwargs.pop("pretrained_cfg_overlay", None) or {})
     state_dict = _weights_named_by(cfg) if pretrained else None
     # without weights of its own the variant starts from the base model's timm weights, if asked
+    if "routing" in kwargs:  # a model argument of the variant, not of the base model
+        recursion = {**recursion, "routing": kwargs.pop("routing")}
     model = timm.create_model(base, pretrained=pretrained and state_dict is None, **kwargs)
     plan = make_recursive(model, **recursion)
     if isinstance(model, FeatureGetterNet):
@@ -175,3 +189,16 @@ def swin_tiny_rec_patch4_window7_224(pretrained: bool = False, **kwargs: Any) ->
 def swin_tiny_shared_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Swin-T with each two consecutive block pairs sharing one pair's weights."""
     return _create("swin_tiny_shared_patch4_window7_224", pretrained, **kwargs)
+
+
+@register_model
+def deit_tiny_mor_patch16_224(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """DeiT-Tiny in Mixture-of-Recursions' layout: 4 unique blocks applied in turn 3 times, the second and
+    third uses updating only 2/3 and 1/3 of the tokens (expert-choice routing, class token pinned)."""
+    return _create("deit_tiny_mor_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def deit_tiny_one_block_patch16_224(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """DeiT-Tiny in bViT's layout: one block applied 12 times (add `routing=` for adaptive depth)."""
+    return _create("deit_tiny_one_block_patch16_224", pretrained, **kwargs)

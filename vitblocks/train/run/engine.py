@@ -23,6 +23,7 @@ from torch import nn
 
 import vitblocks.train.process.distributed as distributed
 from vitblocks.attention import attention_backend
+from vitblocks.layers.routing import auxiliary_loss
 from vitblocks.train.config.schema import TrainConfig
 from vitblocks.train.data.run_data import Data
 from vitblocks.train.data.timm_datasets import is_stream
@@ -275,6 +276,9 @@ class Trainer:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are done with
             with sync, self._autocast():
                 loss = self.criterion(inputs, self.train_model(inputs), targets)
+                routing = auxiliary_loss(self.model)  # token-choice's balancing loss, weighted by the model
+                if routing is not None:
+                    loss = loss + routing
             self._each("on_loss", loss)
             self._unread_losses.append((state.step + 1, state.epoch + 1, state.batch + 1, loss.detach()))
             self._backward_and_update(loss / accum, last_of_update)
