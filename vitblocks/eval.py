@@ -3,6 +3,7 @@
     python -m vitblocks.eval runs/sret_t_imagenet/best.pth --data /data/imagenet
     python -m vitblocks.eval runs/quickstart/best.pth            # the recipe's own data
     python -m vitblocks.eval runs/quickstart/best.pth --loops 3  # test-time depth
+    python -m vitblocks.eval runs/sret_t_exit/best.pth --exit-threshold 0.9  # early exit
 
 The images are resized to img_size / crop_pct (256 for 224) and center-cropped.
 """
@@ -19,6 +20,7 @@ import torch
 from vitblocks.attention import attention_backend
 from vitblocks.io import CheckpointError, non_finite_tensors
 from vitblocks.layers.depth import set_loops
+from vitblocks.layers.early_exit import EarlyExit, set_exit_threshold
 from vitblocks.models.create import create_model_at_size
 from vitblocks.train.config.checks import WEIGHT_SOURCES
 from vitblocks.train.config.recipe import apply_overrides, from_dict, literal_value
@@ -144,7 +146,7 @@ def foreign_config(checkpoint: ForeignCheckpoint, model: str, model_kwargs: dict
 
 def run(checkpoint: str, data_root: str | None = None, overrides: list[str] | None = None, ema: bool = False,
         batch_size: int | None = None, loops: int | None = None, model: str | None = None,
-        model_kwargs: dict[str, Any] | None = None) -> dict[str, float]:
+        model_kwargs: dict[str, Any] | None = None, exit_threshold: float | None = None) -> dict[str, float]:
     """Evaluate the weights of a checkpoint on validation data.
 
     Args:
@@ -162,9 +164,14 @@ def run(checkpoint: str, data_root: str | None = None, overrides: list[str] | No
             None keeps the trained count.
         model: The timm model name of weights that come without a vitblocks config.
         model_kwargs: Its `timm.create_model` arguments.
+        exit_threshold: Early exit: the top softmax probability at which an image stops
+            (`vitblocks.layers.set_exit_threshold`; the model must have been built with
+            `early_exit=`); None keeps the model's.
 
     Returns:
-        `val_loss`, `val_top1`, `val_top5` (%).
+        `val_loss`, `val_top1`, `val_top5` (%); with exits that stop images, also
+        `applications` (mean block applications per image in the stage with the exits)
+        and `positions` (all of them).
 
     Raises:
         CheckpointError: If the file cannot be read, or is another trainer's without `model`.
@@ -174,7 +181,7 @@ def run(checkpoint: str, data_root: str | None = None, overrides: list[str] | No
         foreign = read_foreign_checkpoint(checkpoint, ema)
         config = apply_overrides(foreign_config(foreign, model, model_kwargs or {}, data_root, checkpoint),
                                  list(overrides or []) + ([f"data.batch_size={batch_size}"] if batch_size else []))
-        return _evaluate(config, foreign.weights, checkpoint, {}, loops)
+        return _evaluate(config, foreign.weights, checkpoint, {}, loops, exit_threshold)
     state = _trainer_checkpoint(checkpoint)
     stored = state["config"]
     # the weights come from the checkpoint itself: never follow file paths or downloads named in its config
@@ -196,7 +203,7 @@ def run(checkpoint: str, data_root: str | None = None, overrides: list[str] | No
             f"tensors: {', '.join(broken[:5])}{', ...' if len(broken) > 5 else ''}): the run had diverged when it "
             "was written. Evaluate an earlier checkpoint."
         )
-    return _evaluate(config, weights, checkpoint, state, loops)
+    return _evaluate(config, weights, checkpoint, state, loops, exit_threshold)
 
 
 def _trainer_checkpoint(path: str) -> dict[str, Any]:
@@ -215,7 +222,7 @@ def _trainer_checkpoint(path: str) -> dict[str, Any]:
 
 
 def _evaluate(config: TrainConfig, weights: dict[str, torch.Tensor], checkpoint: str, state: dict[str, Any],
-              loops: int | None) -> dict[str, float]:
+              loops: int | None, exit_threshold: float | None = None) -> dict[str, float]:
     classes = check_classes(checkpoint, state, config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(config, load_base=False)  # a converted model's base weights are not needed
@@ -228,6 +235,9 @@ def _evaluate(config: TrainConfig, weights: dict[str, torch.Tensor], checkpoint:
                               "(e.g. embed_dim=...)") from None
     if loops is not None:
         set_loops(model, loops)
+    if exit_threshold is not None:
+        set_exit_threshold(model, exit_threshold)
+    exits = [m for m in model.modules() if isinstance(m, EarlyExit)]
     try:
         data = build_data(config, train=False, classes=classes)
     except DataError as error:
@@ -238,8 +248,12 @@ def _evaluate(config: TrainConfig, weights: dict[str, torch.Tensor], checkpoint:
         logger.info("the run's precision fp16 needs a CUDA device: evaluating in fp32 (--set precision=bf16 for bf16)")
         precision = "fp32"
     with attention_backend(config.model.backend):  # the run's backend and precision, or those given with --set
-        return evaluate(model.to(device), data.val_loader(device), device, autocast_for(precision, device.type),
-                        max_unreadable=config.data.max_bad_images)
+        metrics = evaluate(model.to(device), data.val_loader(device), device, autocast_for(precision, device.type),
+                           max_unreadable=config.data.max_bad_images)
+    counted = [m for m in exits if m.positions_run() is not None]
+    if counted:
+        metrics.update(applications=counted[-1].positions_run(), positions=counted[-1].positions)
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--loops", type=int, metavar="N",
                         help="test-time depth: apply every shared block N times (default: as trained)")
+    parser.add_argument("--exit-threshold", type=float, metavar="P",
+                        help="early exit: an image stops once its top softmax probability reaches P (a model built "
+                             "with early_exit=; above 1: none stops)")
     parser.add_argument("--model", help="timm model name, for a checkpoint without a vitblocks config (timm's "
                                         "train.py, a state dict)")
     parser.add_argument("--model-kwargs", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -268,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     console_logging()  # notes (a checkpoint's own class order, files that cannot be read) on standard output
     try:
         kwargs = parse_kwargs(args.model_kwargs)
-        metrics = run(args.checkpoint, args.data, args.set, args.ema, args.batch_size, args.loops, args.model, kwargs)
+        metrics = run(args.checkpoint, args.data, args.set, args.ema, args.batch_size, args.loops, args.model, kwargs,
+                      args.exit_threshold)
     except (CheckpointError, ConfigError, DataError, FileNotFoundError, ValueError, LoaderWorkerDied) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -276,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  loss {metrics['val_loss']:.4f}"
           + (f"  ({unreadable} validation images cannot be read and were not scored: named above)" if unreadable
              else ""))
+    if "applications" in metrics:
+        print(f"early exit: {metrics['applications']:.2f} of {metrics['positions']} block applications per image "
+              "in the last stage, on average")
     return 0
 
 

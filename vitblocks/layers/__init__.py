@@ -3,6 +3,7 @@
 from vitblocks.layers.block import TransformerBlock
 from vitblocks.layers.depth import set_loops
 from vitblocks.layers.drop import DropPath
+from vitblocks.layers.early_exit import EarlyExit, exit_logits, set_exit_threshold
 from vitblocks.layers.mix import NonLinearMix
 from vitblocks.layers.modes import CheckpointMode, MixMode, PermutationPolicy
 from vitblocks.layers.per_loop import LoopLayerNorm, LoopLayerScale, LoopLoRALinear
@@ -46,6 +47,9 @@ __all__ = [
     "ConvPool",
     "ConvStem",
     "DropPath",
+    "EarlyExit",
+    "exit_logits",
+    "set_exit_threshold",
     "GroupSchedule",
     "LoopPlan",
     "MixMode",

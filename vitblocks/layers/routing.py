@@ -139,6 +139,18 @@ class RoutedDraw:
     drop_masks: torch.Tensor | None
     choice: DepthChoice
 
+    def rows(self, keep: torch.Tensor) -> RoutedDraw:
+        """The draw of some images only (an early exit keeps the rest of the batch).
+
+        Args:
+            keep: Indices of the images kept.
+
+        Returns:
+            The same draw for those images.
+        """
+        masks = None if self.drop_masks is None else self.drop_masks[:, keep]
+        return RoutedDraw(masks, DepthChoice(self.choice.depth[keep], self.choice.gate[keep]))
+
 
 def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:
     """Take the routing losses of the model's last training forward pass (token-choice's balancing loss).

@@ -219,6 +219,42 @@ class SharedStack(NotScriptable, nn.Module):
         period = self._cycle_period
         return self.mix[trained - period + (position - trained) % period]
 
+    @property
+    def positions(self) -> int:
+        """Applications of blocks in one forward pass (for one block: its loops)."""
+        return len(self.assignment)
+
+    def draw(self, x: torch.Tensor) -> list[Any]:
+        """What each unique block draws once per forward pass (`draw_drop_masks`): stochastic-depth
+        factors, token-choice depths. With `apply_position`, runs the stack a position at a time.
+
+        Args:
+            x: The stack's input.
+
+        Returns:
+            One entry per unique block (None where it draws nothing).
+        """
+        uses = self.block_uses
+        return [b.draw_drop_masks(x, uses[i]) if self._draws_masks[i] else None
+                for i, b in enumerate(self.unique_blocks())]
+
+    def apply_position(self, x: torch.Tensor, position: int, draws: list[Any]) -> torch.Tensor:
+        """One position of the stack (a block application and its mix layer), as `forward` runs it.
+
+        Running every position in order on `draw(x)` gives `forward(x)` exactly; in between,
+        the caller may look at the tokens (early exit) or keep only some images (then keep
+        the same rows of `draws`).
+
+        Args:
+            x: The tokens after the previous position.
+            position: Which position, from 0.
+            draws: This forward pass's `draw`.
+
+        Returns:
+            The tokens after it.
+        """
+        return self._run_position(x, position, draws, {})
+
     def _run_position(self, x: torch.Tensor, position: int, masks: list[torch.Tensor | None],
                       block_kwargs: dict[str, Any]) -> torch.Tensor:
         index, loop = self.assignment[position], self._loop_of_position[position]
@@ -256,9 +292,8 @@ class SharedStack(NotScriptable, nn.Module):
         """
         blocks = self.unique_blocks()
         block_kwargs = mask_kwargs(attn_mask, is_causal, blocks)
-        uses = self.block_uses
         # drawn outside any checkpoint: a recomputed position reuses its masks instead of replaying the generator
-        masks = [b.draw_drop_masks(x, uses[i]) if self._draws_masks[i] else None for i, b in enumerate(blocks)]
+        masks = self.draw(x)
         mode = self._checkpoint_mode if self.training and torch.is_grad_enabled() else None
         positions = len(self.assignment)
         if mode is None or mode is CheckpointMode.LOOP or positions < 4:

@@ -23,6 +23,7 @@ from torch import nn
 
 from vitblocks.layers import ConvPool, ConvStem, PositionMap
 from vitblocks.layers.depth import set_layer_loops
+from vitblocks.layers.early_exit import EarlyExit, check_exit_options
 from vitblocks.layers.modes import CheckpointSetting, MixMode
 from vitblocks.layers.routing import check_routing_options
 from vitblocks.layers.schedule import GroupSchedule
@@ -124,6 +125,12 @@ class SReT(nn.Module):
         backend: Attention backend for every block, or None for the global choice.
         grad_checkpointing: Activation checkpointing mode of every recursive block
             (False, True / "loop", or "sqrt"); see `Recursive`.
+        early_exit: Early exit of whole images in the last stage (`vitblocks.layers.EarlyExit`
+            options): after chosen block applications (`after`, default every one but the
+            last) the model's head scores each image, and at inference one whose top
+            probability reaches `threshold` stops (`vitblocks.layers.set_exit_threshold`,
+            `vitblocks.eval --exit-threshold`); in training each exit's loss is added with
+            `weight` shared among them. None: no exits.
         routing: Token routing of every shared block (`vitblocks.layers.TokenRouting`):
             `{"capacity": 0.5}` updates half of a stage's tokens on each loop after the
             first. Routed loops need one group (`groups=((8, 1), (4, 1), (1, 1))`). None:
@@ -157,6 +164,7 @@ class SReT(nn.Module):
         backend: str | None = None,
         grad_checkpointing: CheckpointSetting = False,
         routing: dict[str, Any] | None = None,
+        early_exit: dict[str, Any] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         attn_backend: str | None = None,
@@ -164,6 +172,7 @@ class SReT(nn.Module):
         super().__init__()
         _check_global_pool(global_pool)
         check_routing_options(routing)
+        check_exit_options(early_exit)
         if isinstance(img_size, bool) or not (isinstance(img_size, int) or (
                 isinstance(img_size, Sequence) and len(img_size) == 2 and all(isinstance(s, int) for s in img_size))):
             raise TypeError(f"img_size={img_size!r} must be an int or a (height, width) pair of ints")
@@ -220,6 +229,9 @@ class SReT(nn.Module):
         self.norm = _LayerNorm(self.num_features, **dd)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.early_exit = None if early_exit is None else EarlyExit(**early_exit)
+        if self.early_exit is not None:
+            self.early_exit.exits(sum(layer.positions for layer in self.stages[-1].blocks))  # refuses a bad position
 
         self._check_image_size(img_size)
         self.apply(self._init_layer_norm)
@@ -336,9 +348,11 @@ class SReT(nn.Module):
             The last stage's map (B, C, H/32, W/32).
         """
         x = self._stem(x)
-        for stage in self.stages:
+        for stage in self.stages[:-1]:
             x = stage(x)
-        return x
+        if self.early_exit is None:
+            return self.stages[-1](x)
+        return self.stages[-1](x, early_exit=self.early_exit, head=self.forward_head)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool, normalize and classify.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from vitblocks.layers import NonLinearMix, TransformerBlock
+from vitblocks.layers.early_exit import EarlyExit
 from vitblocks.layers.mix import mix_for_mode
 from vitblocks.layers.modes import MixMode
 from vitblocks.layers.routing import TokenRouting
@@ -108,11 +109,27 @@ class SReTStage(nn.Module):
         """
         self.schedule.check_fits(height * width, self.loops, where=f"{where}{height}x{width} map")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map (B, C_in, H, W) to (B, dim, H', W')."""
+    def forward(self, x: torch.Tensor, early_exit: EarlyExit | None = None,
+                head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Map (B, C_in, H, W) to (B, dim, H', W').
+
+        Args:
+            x: The input map.
+            early_exit: Exits among the stage's block applications, or None.
+            head: With `early_exit`: a (B, dim, H', W') map to logits.
+
+        Returns:
+            The output map.
+        """
         x = self.downsample(x)
         height, width = x.shape[-2], x.shape[-1]
         x = x.flatten(2).transpose(1, 2)  # (B, H*W, C); a view of a channels-last map
+
+        def as_map(tokens: torch.Tensor) -> torch.Tensor:
+            return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
+
+        if early_exit is not None:
+            return as_map(early_exit.run(self.blocks, x, lambda tokens: head(as_map(tokens))))
         for block in self.blocks:
             x = block(x)
-        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], height, width)
+        return as_map(x)

@@ -23,6 +23,7 @@ from torch import nn
 
 import vitblocks.train.process.distributed as distributed
 from vitblocks.attention import attention_backend
+from vitblocks.layers.early_exit import exit_logits
 from vitblocks.layers.routing import auxiliary_loss
 from vitblocks.train.config.schema import TrainConfig
 from vitblocks.train.data.run_data import Data
@@ -276,6 +277,8 @@ class Trainer:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are done with
             with sync, self._autocast():
                 loss = self.criterion(inputs, self.train_model(inputs), targets)
+                for weight, logits in exit_logits(self.model):  # deep supervision of early exits
+                    loss = loss + weight * self.criterion(inputs, logits, targets)
                 routing = auxiliary_loss(self.model)  # token-choice's balancing loss, weighted by the model
                 if routing is not None:
                     loss = loss + routing
