@@ -88,6 +88,7 @@ def stages(out: Path, dry_run: bool) -> list[Stage]:
             Stage("compiled-deit", [*step, "compiled-deit", str(out)], 80),
             Stage("inference", [*step, "inference", str(out)], 60),
             Stage("mfu", [*step, "mfu", str(out)], 60),
+            Stage("dynamic", [*step, "dynamic", str(out)], 45),
             Stage("bench", ["-m", "benchmarks.run", *bench, "--out", str(out / "cuda")], 90),
         ]
     found = [
@@ -231,6 +232,11 @@ def target_lines(rows: list[dict]) -> list[str]:
     for pool in ("64->128", "128->256"):
         line(f"pooling {pool}, forward + backward: depthwise on repeated channels / grouped",
              f"pool {pool} repeated + depthwise", f"pool {pool} grouped", "> 1.0x: make it ConvPool's default")
+    for model in ("sret_t", "deit_tiny 2 loops"):
+        for kind in ("expert 0.5", "token"):
+            for mode in ("training", "inference"):
+                line(f"{model} {kind} routing / static, bf16 {mode}", f"{model} {kind} {mode}",
+                     f"{model} static {mode}", ">= 1.0x")
     mfu = [row for row in rows if "mfu_percent" in row]
     if mfu:
         top = max(mfu, key=lambda row: row["mfu_percent"])

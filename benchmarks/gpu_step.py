@@ -11,7 +11,8 @@ cudnn.benchmark off / on: step time, host time, kernels per step, GPU time), `po
 and `compiled-deit` (torch.compile and CUDA graphs: step time, loss and gradients against
 eager at a fixed permutation, and whether random permutations differ between graph
 replays), `inference` (batch 1024, autocast against bf16 weights, eager and compiled) and
-`mfu` (SReT-S training against a bf16 matmul timed in the same process). Every row goes
+`mfu` (SReT-S training against a bf16 matmul timed in the same process) and `dynamic`
+(token routing against static recursion, training and inference). Every row goes
 to `OUT_DIR/rows.jsonl` as soon as it is measured, so a stage stopped by its deadline
 keeps what it measured.
 """
@@ -37,7 +38,7 @@ from benchmarks.run import _step_fn
 from vitblocks.attention import available_backends, group_attention
 from vitblocks.summary import summarize
 
-STAGES = ("attention", "eager", "pool", "compiled-sret", "compiled-deit", "inference", "mfu")
+STAGES = ("attention", "eager", "pool", "compiled-sret", "compiled-deit", "inference", "mfu", "dynamic")
 DEIT = "deit_tiny_patch16_224"
 
 
@@ -241,6 +242,31 @@ def stage_inference(setup: Setup, rows: Rows) -> None:
         rows.add(name=label, img_s=setup.infer_batch / seconds)
 
 
+def stage_dynamic(setup: Setup, rows: Rows) -> None:
+    """Token routing against static recursion: bf16 training steps and inference of SReT-T and of DeiT-Tiny made
+    recursive (2 loops per block), static, expert-choice at capacity 0.5 and token-choice, timed in turns."""
+    from vitblocks.models.plug import make_recursive
+
+    def deit(routing: dict | None) -> torch.nn.Module:
+        model = setup.model(DEIT)
+        make_recursive(model, loops=2, routing=routing)
+        return model.to(setup.device)
+
+    routings = {"static": None, "expert 0.5": {"capacity": 0.5}, "token": {"mode": "token"}}
+    builders = {"sret_t": lambda routing: setup.model("sret_t", groups=((8, 1), (4, 1), (1, 1)), routing=routing),
+                "deit_tiny 2 loops": deit}
+    for train in (True, False):
+        batch = setup.train_batch if train else setup.infer_batch
+        images = setup.images(batch)
+        mode = "training" if train else "inference"
+        fns = {f"{name} {kind} {mode}": _step_fn(build(routing).train(train), images, train, "bf16", fused=True)
+               for name, build in builders.items() for kind, routing in routings.items()}
+        for fn in fns.values():
+            fn()
+        for label, seconds in setup.timed(fns).items():
+            rows.add(name=label, train=train, batch=batch, img_s=batch / seconds, step_ms=1e3 * seconds)
+
+
 def stage_mfu(setup: Setup, rows: Rows) -> None:
     """SReT-S training model FLOP utilisation against a bf16 matmul timed in the same process."""
     n = 1024 if setup.dry_run else 8192
@@ -338,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = Setup(args.dry_run)
     args.out.mkdir(parents=True, exist_ok=True)
     stages = {"attention": stage_attention, "eager": stage_eager, "pool": stage_pool, "inference": stage_inference,
-              "mfu": stage_mfu,
+              "mfu": stage_mfu, "dynamic": stage_dynamic,
               "compiled-sret": lambda s, r: stage_compiled("sret_t", s, r),
               "compiled-deit": lambda s, r: stage_compiled(DEIT, s, r)}
     for name in STAGES if args.stage == "all" else (args.stage,):

@@ -125,11 +125,12 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     assert "- eager: " in summary and "img/s" in summary
     for target in ("SReT-T training / deit_tiny, both eager", "SReT-T inference / deit_tiny, autocast eager",
                    "sliced / unsliced", "SReT-S model FLOP utilisation", "pooling 64->128",
-                   "check sret_t torch.compile vs eager", "random permutations differ between calls: differ=True"):
+                   "check sret_t torch.compile vs eager", "random permutations differ between calls: differ=True",
+                   "sret_t expert 0.5 routing / static, bf16 training", "deit_tiny 2 loops token routing / static"):
         assert target in summary, (target, summary)
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     stages = {row["stage"] for row in rows}
-    assert stages == {"attention", "eager", "pool", "compiled-sret", "compiled-deit", "inference", "mfu"}
+    assert stages == {"attention", "eager", "pool", "compiled-sret", "compiled-deit", "inference", "mfu", "dynamic"}
     assert all(row["device"] == "cpu" for row in rows)
     kernels = {row["kernel"] for row in rows if row["stage"] == "attention"}
     assert {"sdpa/math", "math", "sdpa padded to 48"} <= kernels  # SReT-S's head size 42, padded
@@ -247,7 +248,7 @@ def test_models_page_shows_the_mac_counters_table_of_its_committed_run():
 def test_dynamic_page_shows_the_tables_of_its_committed_run():
     import re
 
-    from benchmarks.dynamic import TRAINED, markdown
+    from benchmarks.dynamic import EXIT_THRESHOLDS, EXIT_TRAINED, TRAINED, markdown
 
     run = json.loads((ROOT / "docs" / "benchmarks" / "cpu" / "dynamic.json").read_text())
     committed = (ROOT / "docs" / "benchmarks" / "cpu" / "dynamic.md").read_text()
@@ -255,12 +256,19 @@ def test_dynamic_page_shows_the_tables_of_its_committed_run():
     page = (ROOT / "docs" / "dynamic.md").read_text()
     shown = re.search(r"<!-- dynamic:start -->\n(.*)\n<!-- dynamic:end -->", page, flags=re.S).group(1)
     assert shown.strip() == committed.strip()
+    assert "![top-1 against measured block MACs](benchmarks/cpu/dynamic.png)" in page
+    assert (ROOT / "docs" / "benchmarks" / "cpu" / "dynamic.png").stat().st_size > 10_000
     trained = [r for r in run["rows"] if "top1" in r]
-    assert [r["name"] for r in trained] == [name for name, _, _ in TRAINED]
-    assert {r["kind"] for r in run["rows"]} == {"static", "expert"}
+    assert [r["name"] for r in trained][:len(TRAINED)] == [name for name, _, _ in TRAINED]
+    assert len(trained) == len(TRAINED) + len(EXIT_THRESHOLDS)
+    assert all(r["name"].startswith(EXIT_TRAINED[0]) for r in trained[len(TRAINED):])
+    assert {r["kind"] for r in run["rows"]} == {"static", "expert", "token", "exit"}
+    exits = [r for r in trained if r["kind"] == "exit"]
+    assert [r["block_macs"] for r in exits[1:]] == sorted((r["block_macs"] for r in exits[1:]), reverse=True)
+    assert exits[0]["block_macs"] == next(r for r in trained if r["name"] == "static, 4 loops")["block_macs"]
     static = {r["name"]: r["block_macs"] for r in trained if r["kind"] == "static"}
     assert list(static.values()) == sorted(static.values())  # measured MACs grow with the loops
-    assert all(r["block_macs"] < static["static, 4 loops"] for r in trained if r["kind"] == "expert")
+    assert all(r["block_macs"] < static["static, 4 loops"] for r in trained if r["kind"] in ("expert", "token"))
     for r in run["rows"]:
         if "img_s" in r and r["kind"] == "static":
             assert r["img_s"] == r["baseline_img_s"]

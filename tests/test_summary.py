@@ -83,3 +83,16 @@ def test_update_between_markers(tmp_path):
     (tmp_path / "plain.md").write_text("no markers")
     with pytest.raises(SystemExit, match="no <!-- zoo:start -->"):
         update_between_markers(tmp_path / "plain.md", "x")
+
+
+def test_cli_counts_a_routed_model_at_its_capacity(capsys):
+    def total(*kwargs):
+        main(["sret_t", "--img-size", "64", "--model-kwargs", "groups=((8,1),(4,1),(1,1))", *kwargs])
+        params, gmacs = re.search(r"total\s+([\d,]+)\s+([\d.]+)", capsys.readouterr().out).groups()
+        return int(params.replace(",", "")), float(gmacs)
+
+    static, full, half = total(), total("routing={'capacity': 1.0}"), total("routing={'capacity': 0.5}")
+    assert full == static  # capacity 1.0: no router, the same calls
+    assert half[0] > static[0] and half[1] < 0.8 * static[1]  # routers added; the routed loops count half the tokens
+    with pytest.raises(SystemExit, match="--model-kwargs 'routing' is not KEY=VALUE"):
+        main(["sret_t", "--model-kwargs", "routing"])

@@ -4,16 +4,21 @@
     python -m vitblocks.summary "sret*" --zoo          # one markdown row per model
     python -m vitblocks.summary "sret*" --zoo --tags --update docs/models.md
     python -m vitblocks.summary deit_tiny_patch16_224 pit_ti_224 --sharing   # schedules and relaxation
+    python -m vitblocks.summary sret_t --model-kwargs "routing={'capacity': 0.5}" "groups=((8,1),(4,1),(1,1))"
 
 MACs count convolutions, linear layers and the two attention matmuls, measured with
 PyTorch's FLOP counter while attention runs as explicit matmuls (the `math` backend for
 vitblocks layers, `fused_attn=False` for timm's): fused kernels are invisible to the
-counter on CPU. One MAC is two FLOPs.
+counter on CPU. One MAC is two FLOPs. Token routing gathers a number of tokens fixed by
+its capacity, so a routed model's count is what it does at that capacity on any input;
+early exit depends on the images (`python -m vitblocks.eval ... --exit-threshold`
+reports the mean block applications over a dataset).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import csv
 import difflib
@@ -265,6 +270,30 @@ def _resolve(patterns: list[str], tags: bool = False) -> list[str]:
     return names
 
 
+def model_kwargs(items: list[str]) -> dict[str, object]:
+    """`KEY=VALUE` items as `timm.create_model` arguments; values are Python literals, bare words strings.
+
+    Args:
+        items: E.g. `["routing={'capacity': 0.5}", "global_pool=avg"]`.
+
+    Returns:
+        The arguments.
+
+    Raises:
+        SystemExit: For an item without `=`.
+    """
+    parsed: dict[str, object] = {}
+    for item in items:
+        key, equals, raw = item.partition("=")
+        if not equals or not key.strip():
+            raise SystemExit(f"error: --model-kwargs {item!r} is not KEY=VALUE")
+        try:
+            parsed[key.strip()] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            parsed[key.strip()] = raw
+    return parsed
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point.
 
@@ -280,12 +309,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tags", action="store_true", help="with --zoo: one row per pretrained tag (model.tag)")
     parser.add_argument("--sharing", action="store_true",
                         help="one markdown row per base model and sharing schedule / relaxation (docs/plugged.md)")
+    parser.add_argument("--model-kwargs", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="timm.create_model arguments, values as Python literals, e.g. "
+                             "\"routing={'capacity': 0.5}\" (MACs of the routed calls: expected at that capacity)")
     parser.add_argument("--update", metavar="FILE",
                         help="with --zoo or --sharing: write the table into FILE between its markers")
     args = parser.parse_args(argv)
     markers = SHARING_MARKERS if args.sharing else ZOO_MARKERS
     if args.update and not Path(args.update).is_file():
         update_between_markers(args.update, "", markers)  # says what is missing before any model is measured
+    kwargs = model_kwargs(args.model_kwargs)
     names = _resolve(args.models, tags=args.tags)
     if args.sharing:
         table = sharing_table(names)
@@ -305,11 +338,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --img-size {args.img_size} must be a positive number of pixels")
     for name in names:
         try:
-            model = create_model_at_size(name, args.img_size)
+            model = create_model_at_size(name, args.img_size, **kwargs)
             size = _input_size(model, args.img_size)
             table = format_table(summarize(model, args.img_size))
         except (ValueError, TypeError) as error:
-            raise SystemExit(f"error: {name} cannot be built at --img-size {args.img_size}: {error}") from None
+            given = f" with --model-kwargs {' '.join(args.model_kwargs)}" if kwargs else ""
+            raise SystemExit(f"error: {name} cannot be built at --img-size {args.img_size}{given}: {error}") from None
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
             if not isinstance(error, (torch.OutOfMemoryError, MemoryError)) and "memory" not in str(error):
                 raise
