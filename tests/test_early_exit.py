@@ -114,3 +114,33 @@ def test_the_trainer_adds_the_exit_losses_and_eval_takes_an_exit_threshold(tmp_p
     assert "early exit: 1.00 of 4 block applications per image" in capsys.readouterr().out  # all stop at once
     assert evaluation.main([str(tmp_path / "last.pth"), "--exit-threshold", "0"]) == 2
     assert "error: exit threshold must be a number > 0" in capsys.readouterr().err
+
+
+def test_training_with_exits_keeps_the_stacks_checkpointing_and_the_model_copies(monkeypatch):
+    import copy
+
+    import vitblocks.layers.early_exit as early_exit
+
+    calls = []
+    real = early_exit.checkpoint
+    monkeypatch.setattr(early_exit, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain, checkpointed = sret(early_exit={}), sret(early_exit={}, grad_checkpointing=True)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for model in (plain, checkpointed):
+        model.train()
+        torch.manual_seed(5)
+        (model(x).sum() + sum(t.sum() for _, t in exit_logits(model))).backward()
+    assert len(calls) == 6  # every position of the last stage, recomputed in the backward pass
+    for a, b in zip(plain.parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=0)
+    checkpointed(x)  # exit logits left untaken: a copy (EMA) leaves them behind
+    assert copy.deepcopy(checkpointed).early_exit.pending == []
+
+
+def test_exits_need_a_classifier_and_the_summary_refuses_kwargs_it_would_not_use():
+    from vitblocks.summary import main
+
+    with pytest.raises(ValueError, match="early_exit needs a classifier"):
+        timm.create_model("sret_t", **{**SMALL, "num_classes": 0}, early_exit={})
+    with pytest.raises(SystemExit, match="--model-kwargs applies to the per-part tables"):
+        main(["sret_t", "--zoo", "--model-kwargs", "early_exit={}"])

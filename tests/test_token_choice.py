@@ -1,5 +1,7 @@
 """Token-choice routing: each token's depth from one decision, a balancing loss the trainer adds, static shapes."""
 
+import copy
+
 import pytest
 import torch
 from timm.models.vision_transformer import Block
@@ -20,33 +22,49 @@ def by_token(block=None, loops=3, capacity=None, pinned=1, balance=0.01) -> Toke
     return routing
 
 
+def gathered_and_updated(routing: TokenRouting, depth, gate, loop: int, num_tokens: int):
+    """Per image, in plain Python: the tokens each loop gathers and updates. A loop takes the tokens the
+    previous loop updated whose depth reaches it, most probable first, up to its capacity, and fills any
+    places left with the most probable others (gathered, not updated)."""
+    gathered, updated = [], []
+    for image in range(depth.shape[0]):
+        going_on = set(range(depth.shape[1]))
+        for step in range(1, loop + 1):
+            k = routing.tokens_updated(num_tokens, step) - routing.pinned
+            by_gate = sorted(range(depth.shape[1]), key=lambda t: -gate[image, t].item())
+            reaching = [t for t in by_gate if t in going_on and depth[image, t] >= min(step, routing.loops - 1)]
+            taken = (reaching + [t for t in by_gate if t not in reaching])[:k]
+            going_on = set(taken) & set(reaching)
+        gathered.append(set(taken))
+        updated.append(going_on)
+    return gathered, updated
+
+
 def dense_masked_reference(routing: TokenRouting, x: torch.Tensor, loop: int, depth_input: torch.Tensor):
-    """One token-choice application on every token, no gather: keys masked to the tokens the loop
-    gathers (those whose depth reaches it first, then the most probable others), updates kept where
-    the depth reaches the loop."""
+    """One token-choice application on every token, no gather: attention keys masked to the tokens the
+    loop gathers, updates kept where it updates them."""
     pinned, (batch, num_tokens, _) = routing.pinned, x.shape
     probs = routing.routers["depth"](depth_input[:, pinned:]).softmax(-1)
     gate, depth = probs.max(-1)
-    reaching = depth >= loop
-    k = routing.tokens_updated(num_tokens, loop) - pinned
-    priority = reaching.double() * 2 + gate
-    gathered = priority >= priority.topk(k, dim=1).values[:, -1:]
+    gathered, updated = gathered_and_updated(routing, depth, gate, loop, num_tokens)
+    rows = torch.arange(num_tokens - pinned)
+    gathered = torch.stack([torch.isin(rows, torch.tensor(sorted(g))) for g in gathered])
+    updated = torch.stack([torch.isin(rows, torch.tensor(sorted(u), dtype=torch.long)) for u in updated])
     ones = torch.ones(batch, pinned, dtype=torch.bool)
     keys = torch.cat([ones, gathered], 1)[:, None, None, :].expand(batch, 1, num_tokens, num_tokens)
-    updated = torch.cat([ones, gathered & reaching], 1)
     weight = torch.cat([torch.ones(batch, pinned, dtype=x.dtype), gate], 1)
     out = x + weight[..., None] * (routing.block(x, attn_mask=keys) - x)
-    return torch.where(updated[..., None], out, x)
+    return torch.where(torch.cat([ones, updated], 1)[..., None], out, x)
 
 
-@pytest.mark.parametrize("capacity", [None, 0.25])  # slots for every token that reaches a loop, and too few
+@pytest.mark.parametrize("capacity", [None, 0.25])  # places for the tokens reaching a loop, and too few
 def test_token_choice_equals_a_dense_masked_reference_forward_and_backward(capacity):
     routing = by_token(capacity=capacity)
     stack_input = torch.randn(3, 13, DIM, dtype=torch.float64, requires_grad=True)
     x = torch.randn(3, 13, DIM, dtype=torch.float64, requires_grad=True)
     params = list(routing.parameters())
-    for loop in (1, 2):
-        (draw,) = routing.draw_drop_masks(stack_input, loops=loop + 1)[loop:]
+    for loop in (1, 2, 4):  # 4: test-time depth
+        draw = routing.draw_drop_masks(stack_input, loops=loop + 1)[loop]
         got = routing(x, loop=loop, drop_masks=draw)
         expected = dense_masked_reference(routing, x, loop, stack_input)
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
@@ -98,6 +116,8 @@ def test_the_balancing_loss_is_handed_out_once_and_evens_out_the_depths():
     with torch.no_grad():
         routing.choose_depths(x)
     assert auxiliary_loss(routing) is None  # none without gradients (evaluation)
+    routing.choose_depths(x)  # a loss left untaken: a copy of the model (EMA) leaves it behind
+    assert copy.deepcopy(routing).pending_loss == [] and len(routing.pending_loss) == 1
 
 
 def test_the_trainer_adds_the_balancing_loss(tmp_path, monkeypatch):
@@ -144,6 +164,7 @@ def test_test_time_depth_takes_the_deepest_tokens_on():
     (dict(mode="tokens"), "routing mode must be one of 'expert', 'token'"),
     (dict(mode="token", balance=-1), "balance must be a number >= 0"),
     (dict(mode="token", capacity=(1.0, 0.5)), "gives 2 loops' capacities for loops=3"),
+    (dict(mode="token", capacity=(0.5, 0.5, 0.5)), "every token takes the first loop, so its capacity must be 1.0"),
 ])
 def test_bad_token_choice_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -319,6 +319,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.update and not Path(args.update).is_file():
         update_between_markers(args.update, "", markers)  # says what is missing before any model is measured
     kwargs = model_kwargs(args.model_kwargs)
+    if kwargs and (args.zoo or args.sharing):
+        raise SystemExit("error: --model-kwargs applies to the per-part tables; --zoo and --sharing build each "
+                         "model as registered: leave one of them out")
     names = _resolve(args.models, tags=args.tags)
     if args.sharing:
         table = sharing_table(names)
@@ -342,8 +345,9 @@ def main(argv: list[str] | None = None) -> None:
             size = _input_size(model, args.img_size)
             table = format_table(summarize(model, args.img_size))
         except (ValueError, TypeError) as error:
+            size = f" at --img-size {args.img_size}" if args.img_size is not None else ""
             given = f" with --model-kwargs {' '.join(args.model_kwargs)}" if kwargs else ""
-            raise SystemExit(f"error: {name} cannot be built at --img-size {args.img_size}{given}: {error}") from None
+            raise SystemExit(f"error: {name} cannot be built{size}{given}: {error}") from None
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
             if not isinstance(error, (torch.OutOfMemoryError, MemoryError)) and "memory" not in str(error):
                 raise

@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from vitblocks.layers.routing import RoutedDraw
+from vitblocks.layers.routing import Pending, RoutedDraw
 from vitblocks.layers.shared_stack import SharedStack
 
 __all__ = ["EXIT_OPTIONS", "EarlyExit", "check_exit_options", "exit_logits", "set_exit_threshold"]
@@ -109,7 +110,7 @@ class EarlyExit(nn.Module):
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise ValueError(f"early_exit weight must be a number >= 0 (the exits' share of the loss), got {weight!r}")
         self.weight = float(weight)
-        self.pending: list[torch.Tensor] = []
+        self.pending = Pending()  # the exits' logits of the last training pass, until taken
         self.positions = 0  # applications in the sequence it last ran
         self.reset_counts()
 
@@ -135,7 +136,8 @@ class EarlyExit(nn.Module):
         beyond = [p for p in self.after if p >= positions]
         if beyond:
             raise ValueError(f"early_exit after={self.after}: the layers have {positions} positions (0 to "
-                             f"{positions - 1}); position {beyond[0]} is not one of them")
+                             f"{positions - 1}); position {beyond[0]} is not one of them: give positions in that "
+                             "range, or after=None for every one but the last")
         return tuple(sorted(set(self.after)))
 
     def run(self, layers: Sequence[nn.Module], x: torch.Tensor,
@@ -154,11 +156,13 @@ class EarlyExit(nn.Module):
         steps = [(layer, p) for layer in layers
                  for p in range(layer.positions if isinstance(layer, SharedStack) else 1)]
         exits = set(self.exits(len(steps)))
-        self.positions = len(steps)
+        if len(steps) != self.positions:  # another depth (set_loops): counts of the old one would not add up
+            self.positions = len(steps)
+            self.reset_counts()
         stopping = not self.training and self.threshold <= 1.0
         final, rows, draws = (torch.empty_like(x), torch.arange(x.shape[0], device=x.device), None) if stopping else \
             (None, None, None)
-        self.pending = []
+        self.pending.clear()
         if stopping:
             self.images += x.shape[0]
             self.exited += [0] * (len(exits) - len(self.exited))
@@ -167,7 +171,10 @@ class EarlyExit(nn.Module):
             if isinstance(layer, SharedStack):
                 if position == 0:
                     draws = layer.draw(x)
-                x = layer.apply_position(x, position, draws)
+                if layer.grad_checkpointing and self.training and torch.is_grad_enabled():  # as the stack would
+                    x = checkpoint(layer.apply_position, x, position, draws, use_reentrant=False)
+                else:
+                    x = layer.apply_position(x, position, draws)
             else:
                 x = layer(x)
             if index not in exits:
@@ -224,7 +231,7 @@ def exit_logits(model: nn.Module) -> list[tuple[float, torch.Tensor]]:
         if isinstance(module, EarlyExit) and module.pending:
             share = module.weight / len(module.pending)
             taken += [(share, logits) for logits in module.pending]
-            module.pending = []
+            module.pending.clear()
     return taken
 
 
@@ -244,8 +251,10 @@ def set_exit_threshold(model: nn.Module, threshold: float) -> int:
     threshold = _check_threshold(threshold)
     found = [m for m in model.modules() if isinstance(m, EarlyExit)]
     if not found:
-        raise ValueError(f"{type(model).__name__} has no early exits: build it with early_exit={{...}} "
-                         "(e.g. timm.create_model('sret_t', early_exit={'threshold': 0.9}))")
+        raise ValueError(f"{type(model).__name__} has no early exits: build it with early_exit={{...}} (the "
+                         "trainer's --set \"model.kwargs.early_exit={}\", or timm.create_model('sret_t', "
+                         "early_exit={'threshold': 0.9})); the exits use the model's own head, so weights trained "
+                         "without them load too")
     for module in found:
         module.threshold = threshold
     return len(found)

@@ -87,7 +87,8 @@ def gathered_count(num_tokens: int, pinned: int, capacity: float) -> int:
         ValueError: When no token is left beyond the pinned ones.
     """
     if num_tokens <= pinned:
-        raise ValueError(f"TokenRouting got {num_tokens} tokens with pinned={pinned}: nothing to route")
+        raise ValueError(f"TokenRouting got {num_tokens} tokens with pinned={pinned}: nothing to route; give it "
+                         "more tokens than it pins (or a smaller pinned)")
     return min(num_tokens, pinned + max(1, math.ceil(capacity * (num_tokens - pinned))))
 
 
@@ -152,6 +153,17 @@ class RoutedDraw:
         return RoutedDraw(masks, DepthChoice(self.choice.depth[keep], self.choice.gate[keep]))
 
 
+class Pending(list):
+    """What a layer keeps from its last training pass for the trainer (losses, logits): a list that a
+    copy or a pickle of the model leaves empty, since it holds tensors of a finished graph."""
+
+    def __deepcopy__(self, memo: dict) -> Pending:
+        return type(self)()
+
+    def __reduce__(self) -> tuple:
+        return type(self), ()
+
+
 def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:
     """Take the routing losses of the model's last training forward pass (token-choice's balancing loss).
 
@@ -172,9 +184,9 @@ def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:
     """
     losses = []
     for module in model.modules():
-        if isinstance(module, TokenRouting) and module.pending_loss is not None:
-            losses.append(module.pending_loss)
-            module.pending_loss = None
+        if isinstance(module, TokenRouting) and module.pending_loss:
+            losses += module.pending_loss
+            module.pending_loss.clear()
     return torch.stack(losses).sum() if losses else None
 
 
@@ -224,7 +236,7 @@ class TokenRouting(NotScriptable, nn.Module):
         self.block, self.pinned, self.mode = block, pinned, check_mode(mode)
         self.balance = check_balance(balance)
         self.capacities = routing_capacities(capacity, loops, mode)
-        self.pending_loss: torch.Tensor | None = None
+        self.pending_loss = Pending()  # the balancing loss of the last training pass, until taken
         dd = {"device": device, "dtype": dtype}
         if mode == "token":  # one score per depth; one loop leaves nothing to choose (and nothing to learn)
             self.routers = nn.ModuleDict({"depth": nn.Linear(dim, loops, **dd)} if loops > 1 else {})
@@ -255,10 +267,10 @@ class TokenRouting(NotScriptable, nn.Module):
         return min(loop, self.loops - 1)
 
     def _routes(self, loop: int) -> bool:
-        """Whether `loop` updates only some tokens (the first never does; expert-choice not at capacity 1.0)."""
-        if loop == 0 or self.loops == 1:
-            return False
-        return self.mode == "token" or self.capacities[self._trained_loop(loop)] < 1.0
+        """Whether `loop` updates only some tokens: expert-choice below capacity 1.0, token-choice after loop 0."""
+        if self.mode == "token":
+            return loop > 0 and self.loops > 1
+        return self.capacities[self._trained_loop(loop)] < 1.0
 
     def tokens_updated(self, num_tokens: int, loop: int) -> int:
         """How many tokens a loop runs the block on (pinned ones included).
@@ -295,7 +307,7 @@ class TokenRouting(NotScriptable, nn.Module):
         tracing = isinstance(probs, torch.fx.Proxy)  # a traced graph keeps no loss of the tracing pass
         if self.training and torch.is_grad_enabled() and self.balance > 0 and not tracing:
             share = F.one_hot(depth, self.loops).to(probs.dtype).mean(dim=(0, 1))
-            self.pending_loss = self.balance * self.loops * (share * probs.mean(dim=(0, 1))).sum()
+            self.pending_loss[:] = [self.balance * self.loops * (share * probs.mean(dim=(0, 1))).sum()]
         return DepthChoice(depth, gate)
 
     def draw_drop_masks(self, x: torch.Tensor, loops: int) -> torch.Tensor | list[RoutedDraw] | None:
@@ -328,12 +340,24 @@ class TokenRouting(NotScriptable, nn.Module):
         chosen = scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # in token order
         return chosen, torch.sigmoid(scores.gather(1, chosen))
 
-    def _token_choice(self, loop: int, k: int,
+    def _token_choice(self, loop: int, num_tokens: int,
                       choice: DepthChoice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        reaching = choice.depth >= self._trained_loop(loop)  # beyond the trained loops the deepest tokens go on
-        priority = reaching.to(choice.gate.dtype) * 2 + choice.gate  # those reaching the loop first, gate in (0, 1)
-        chosen = priority.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
-        return chosen, choice.gate.gather(1, chosen), reaching.gather(1, chosen)
+        """The tokens loop `loop` gathers, their weights, and which of them it updates.
+
+        The loops before it are chosen again (a few top-k over the routed tokens; nothing of
+        the block runs), so that a token a full loop left out stops there for good: loop n
+        updates only tokens that loop n - 1 updated.
+        """
+        going_on = torch.ones_like(choice.depth, dtype=torch.bool)
+        for step in range(1, loop + 1):
+            # beyond the trained loops the deepest tokens go on
+            reaching = going_on & (choice.depth >= self._trained_loop(step))
+            k = self.tokens_updated(num_tokens, step) - self.pinned
+            priority = reaching.to(choice.gate.dtype) * 2 + choice.gate  # those reaching it first; gate in (0, 1)
+            chosen = priority.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+            updates = reaching.gather(1, chosen)
+            going_on = torch.zeros_like(going_on).scatter(1, chosen, updates)
+        return chosen, choice.gate.gather(1, chosen), updates
 
     def forward(self, x: torch.Tensor, loop: int = 0, mix: nn.Module | None = None,
                 drop_masks: torch.Tensor | RoutedDraw | None = None, attn_mask: torch.Tensor | None = None,
@@ -378,7 +402,8 @@ class TokenRouting(NotScriptable, nn.Module):
         k = self.tokens_updated(x.shape[1], loop) - self.pinned
         updates = None  # which gathered tokens are updated, when not all are
         if self.mode == "token":
-            chosen, weight, updates = self._token_choice(loop, k, draw.choice if draw else self.choose_depths(x))
+            choice = draw.choice if draw else self.choose_depths(x)
+            chosen, weight, updates = self._token_choice(loop, x.shape[1], choice)
         else:
             chosen, weight = self._expert_choice(x, loop, k)
         weight, index = weight.to(x.dtype), chosen + self.pinned

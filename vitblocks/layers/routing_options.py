@@ -130,6 +130,9 @@ def routing_capacities(capacity: float | Sequence[float] | str | None, loops: in
     bad = [c for c in values if not 0.0 < c <= 1.0]
     if bad:
         raise ValueError(f"capacity must be in (0, 1] (the share of tokens a loop updates), got {bad[0]!r}")
+    if mode == "token" and values[0] < 1.0:
+        raise ValueError(f"capacity={tuple(values)!r}: under token-choice every token takes the first loop, so its "
+                         "capacity must be 1.0; give the later loops' capacities after it")
     return values
 
 

@@ -230,6 +230,8 @@ class SReT(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.early_exit = None if early_exit is None else EarlyExit(**early_exit)
+        if self.early_exit is not None and num_classes == 0:
+            raise ValueError("early_exit needs a classifier to score the images at each exit: give num_classes > 0")
         if self.early_exit is not None:
             self.early_exit.exits(sum(layer.positions for layer in self.stages[-1].blocks))  # refuses a bad position
 

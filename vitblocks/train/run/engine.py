@@ -278,7 +278,7 @@ class Trainer:
             with sync, self._autocast():
                 loss = self.criterion(inputs, self.train_model(inputs), targets)
                 for weight, logits in exit_logits(self.model):  # deep supervision of early exits
-                    loss = loss + weight * self.criterion(inputs, logits, targets)
+                    loss = loss + weight * self._exit_loss(inputs, logits, targets)
                 routing = auxiliary_loss(self.model)  # token-choice's balancing loss, weighted by the model
                 if routing is not None:
                     loss = loss + routing
@@ -355,6 +355,11 @@ class Trainer:
         state = self.state
         raise TrainingInterrupted(cause, self.output_dir / LAST, state.step, state.epoch + (state.batch > 0),
                                   state.batch)
+
+    def _exit_loss(self, inputs: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """An early exit's loss: the loss on the (mixed) labels, without the teacher (one teacher pass a step)."""
+        base = getattr(self.criterion, "base", None)
+        return base(logits, targets) if base is not None else self.criterion(inputs, logits, targets)
 
     def _show_progress(self, bar: Any, loss: float | None, images: int, start: float) -> None:
         if loss is not None:
