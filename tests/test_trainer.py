@@ -242,7 +242,9 @@ def test_two_processes_compute_one_process_at_the_doubled_batch_and_reduce_only_
     one.fit(progress=False)
     two = torch.load(tmp_path / "two" / "rank0.pt", weights_only=True)
     for key, value in one.model.state_dict().items():
-        torch.testing.assert_close(two[key], value, atol=2e-6, rtol=1e-5, msg=key)
+        # AdamW divides by the root of tiny second moments: a weight whose gradient is near 0 moves by up to ~1e-5
+        # on float rounding of the two batch sizes alone
+        torch.testing.assert_close(two[key], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"{key}: {m}")
     assert float(read_metrics(tmp_path / "two")[0]["train_loss"]) == pytest.approx(
         float(read_metrics(tmp_path / "one")[0]["train_loss"]), rel=1e-5)
 

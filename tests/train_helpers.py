@@ -22,10 +22,12 @@ def tiny_config(output_dir, **overrides) -> TrainConfig:
 
 
 def doubled_batch_config(output_dir, batch_size) -> TrainConfig:
-    """A run with no randomness beyond the data order and no BatchNorm (a tiny ViT), 2 batches per
-    update: two processes at `batch_size` and one at twice it compute the same updates."""
+    """A run with no randomness beyond the data order and no BatchNorm (a tiny recursive ViT whose second
+    loop updates the half of the tokens its routers pick: DDP with routers), 2 batches per update: two
+    processes at `batch_size` and one at twice it compute the same updates."""
     return TrainConfig(
-        model=ModelConfig("vit_tiny_patch16_224", kwargs=dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)),
+        model=ModelConfig("deit_tiny_rec_patch16_224", kwargs=dict(patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                                                    routing={"capacity": 0.5})),
         data=DataConfig(dataset="synthetic", img_size=32, num_classes=4, batch_size=batch_size, workers=0,
                         synthetic_samples=64),
         augment=AugmentConfig(auto_augment=None, re_prob=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.0),
