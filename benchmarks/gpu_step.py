@@ -122,7 +122,7 @@ def stage_eager(setup: Setup, rows: Rows) -> None:
             for fused in (False, True) if name != "sret_t_unsliced" and not setup.dry_run else (True,):
                 label = f"{name} {'fused' if fused else 'foreach'}"
                 fns[label] = _step_fn(setup.model(name).train(), images, True, "bf16", fused)
-                profiles[label] = profile_step(fns[label], setup)
+                profiles[label] = profile_step(fns[label], setup, steps=1 if setup.dry_run else 3)
         for label, seconds in setup.timed(fns).items():
             rows.add(name=label, cudnn_benchmark=benchmark, img_s=setup.train_batch / seconds,
                      step_ms=1e3 * seconds, **profiles[label])

@@ -340,3 +340,25 @@ def test_beyond_the_trained_loops_the_block_is_told_the_loop_as_it_is():
     routing = TokenRouting(LoopRecorder(), DIM, loops=2, capacity=0.5)
     routing(torch.randn(1, 8, DIM), loop=5)  # router and capacity of loop 1, the block's own loop 5
     assert seen == [5]
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("sret_t", dict(embed_dims=(16, 32, 64), num_heads=(1, 2, 4), unique_blocks=(1, 1, 1), mlp_ratio=2.0,
+                    groups=((4, 1), (1,), (1,)), img_size=32, num_classes=4)),
+    ("deit_tiny_rec_patch16_224", dict(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=4)),
+])
+def test_a_routed_model_starts_from_a_static_ones_weights_through_timm(name, kwargs, tmp_path):
+    import timm
+
+    static = timm.create_model(name, **kwargs).eval()
+    torch.save(static.state_dict(), tmp_path / "static.pth")
+    routed = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "static.pth")),
+                               routing={"capacity": 1.0, "mode": "token"} if name == "sret_t" else {"capacity": 0.5},
+                               **kwargs).eval()
+    held = {k.replace(".block.block.", ".block."): v for k, v in routed.state_dict().items() if ".routers." not in k}
+    assert held.keys() == static.state_dict().keys()
+    # every trained weight in place (timm starts a head afresh for a class count other than its cfg's 1000)
+    assert all(torch.equal(v, static.state_dict()[k]) for k, v in held.items() if not k.startswith("head."))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert routed(x).shape == (2, 4)

@@ -244,7 +244,7 @@ def test_two_processes_compute_one_process_at_the_doubled_batch_and_reduce_only_
     for key, value in one.model.state_dict().items():
         # AdamW divides by the root of tiny second moments: a weight whose gradient is near 0 moves by up to ~1e-5
         # on float rounding of the two batch sizes alone
-        torch.testing.assert_close(two[key], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(two[key], value, atol=1e-5, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
     assert float(read_metrics(tmp_path / "two")[0]["train_loss"]) == pytest.approx(
         float(read_metrics(tmp_path / "one")[0]["train_loss"]), rel=1e-5)
 

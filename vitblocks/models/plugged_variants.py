@@ -31,6 +31,7 @@ from torch import nn
 from vitblocks.io import CheckpointError, read_checkpoint
 from vitblocks.models.plug import load_base_weights, make_recursive
 from vitblocks.models.recursion_plan import RecursionPlan
+from vitblocks.models.routed_weights import with_routers
 
 _PER_LOOP = dict(loops=2, mix="per_loop")
 _SHARED = dict(loops=2, share=True, mix="per_loop")
@@ -89,6 +90,7 @@ def _load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], plan: R
         except ValueError as error:
             raise CheckpointError(f"the base weights do not fit {variant}: {error}") from None
         return
+    state_dict = with_routers(state_dict, model)  # a static variant's weights into a routed one
     classifier = model.pretrained_cfg.get("classifier") or "head"
     for suffix in ("weight", "bias"):  # another class count: the head starts afresh, as timm does
         key = f"{classifier}.{suffix}"

@@ -21,6 +21,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_model_deprecations
 
 from vitblocks.models.official import convert_official_state_dict, is_official_state_dict, resize_position_weight
+from vitblocks.models.routed_weights import with_routers
 from vitblocks.models.sret import SReT, stage_grids
 
 _WEIGHT_KEYS = ("file", "url", "state_dict", "hf_hub_id")
@@ -34,11 +35,13 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: SReT) -> di
         model: The model to load into.
 
     Returns:
-        Weights in vitblocks layout, the position map resized to the model's grid.
+        Weights in vitblocks layout, the position map resized to the model's grid; a
+        static SReT's weights into a routed SReT keep their blocks under the routing
+        and take the model's fresh routers (`vitblocks.models.routed_weights`).
     """
     if is_official_state_dict(state_dict):
         return convert_official_state_dict(state_dict, model)
-    return resize_position_weight(dict(state_dict), model)
+    return resize_position_weight(with_routers(dict(state_dict), model), model)
 
 
 def _create_sret(variant: str, pretrained: bool = False, **kwargs: Any) -> SReT:
