@@ -155,7 +155,11 @@ class RoutedDraw:
 
 class Pending(list):
     """What a layer keeps from its last training pass for the trainer (losses, logits): a list that a
-    copy or a pickle of the model leaves empty, since it holds tensors of a finished graph."""
+    copy or a pickle of the model leaves empty, since it holds tensors of a finished graph.
+
+    Args:
+        iterable: The first items, as for `list`.
+    """
 
     def __deepcopy__(self, memo: dict) -> Pending:
         return type(self)()
