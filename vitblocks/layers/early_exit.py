@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vitblocks.layers.option_dict import check_option_dict
 from vitblocks.layers.routing import Pending, RoutedDraw
 from vitblocks.layers.shared_stack import SharedStack
 
@@ -49,13 +50,7 @@ def check_exit_options(early_exit: dict | None) -> None:
     Raises:
         ValueError: Naming what is wrong and the options there are.
     """
-    if early_exit is None:
-        return
-    if not isinstance(early_exit, dict):
-        raise ValueError(f"early_exit must be a dict of exit options, e.g. {{'threshold': 0.9}}, got {early_exit!r}")
-    unknown = sorted(set(early_exit) - set(EXIT_OPTIONS))
-    if unknown:
-        raise ValueError(f"early_exit: unknown option(s) {', '.join(unknown)} (options: {', '.join(EXIT_OPTIONS)})")
+    check_option_dict(early_exit, "early_exit", "exit options", "{'threshold': 0.9}", EXIT_OPTIONS)
 
 
 def _check_threshold(threshold: float) -> float:

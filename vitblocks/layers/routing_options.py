@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from vitblocks.layers.loop import check_loop_count
+from vitblocks.layers.option_dict import check_option_dict
 
 __all__ = ["DEFAULT_BALANCE", "DEFAULT_CAPACITY", "ROUTING_MODES", "ROUTING_OPTIONS", "check_routed_groups",
            "check_routing_options", "routing_capacities"]
@@ -39,13 +40,9 @@ def check_routing_options(routing: dict | None) -> None:
     Example:
         >>> check_routing_options({"mode": "token", "balance": 0.01})
     """
+    check_option_dict(routing, "routing", "token-routing options", "{'capacity': 0.5}", ROUTING_OPTIONS)
     if routing is None:
         return
-    if not isinstance(routing, dict):
-        raise ValueError(f"routing must be a dict of token-routing options, e.g. {{'capacity': 0.5}}, got {routing!r}")
-    unknown = sorted(set(routing) - set(ROUTING_OPTIONS))
-    if unknown:
-        raise ValueError(f"routing: unknown option(s) {', '.join(unknown)} (options: {', '.join(ROUTING_OPTIONS)})")
     check_mode(routing.get("mode", "expert"))
     check_balance(routing.get("balance", DEFAULT_BALANCE))
 
