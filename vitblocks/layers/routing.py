@@ -48,7 +48,7 @@ the static one.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -160,6 +160,9 @@ class Pending(list):
     Args:
         iterable: The first items, as for `list`.
     """
+
+    def __init__(self, iterable: Iterable = ()) -> None:
+        super().__init__(iterable)
 
     def __deepcopy__(self, memo: dict) -> Pending:
         return type(self)()
