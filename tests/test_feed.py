@@ -11,6 +11,7 @@ from timm.data import Mixup, create_transform
 from train_helpers import tiny_config
 from vitblocks.train import AugmentConfig, ConfigError, DataConfig, Trainer
 from vitblocks.train.data.datasets import eval_transform
+from vitblocks.train.data.decoders import DECODERS, torchcodec_available
 from vitblocks.train.data.draws import seed_draws
 from vitblocks.train.data.feed import ResidentBatches, default_workers, describe_feed
 from vitblocks.train.data.image_folder import load_image
@@ -169,7 +170,12 @@ def decode_config(tmp_path, root, decode):
     return config
 
 
-def test_decoding_on_the_device_matches_the_cpu_path_and_replaces_broken_files(tmp_path, jpegs, caplog):
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_decoding_on_the_device_matches_the_cpu_path_and_replaces_broken_files(tmp_path, jpegs, caplog, decoder,
+                                                                               monkeypatch):
+    if decoder == "torchcodec" and not torchcodec_available():
+        pytest.skip("torchcodec is not installed here")  # the dev extra installs it: CI runs both
+    monkeypatch.setenv("VITBLOCKS_DECODER", decoder)
     cpu, gpu = decode_config(tmp_path, jpegs, "cpu"), decode_config(tmp_path, jpegs, "gpu")
     (cpu_images, cpu_labels), (gpu_images, gpu_labels) = (next(iter(build_data(c).val_loader())) for c in (cpu, gpu))
     assert gpu_images.shape == cpu_images.shape == (4, 3, 32, 32) and torch.equal(gpu_labels, cpu_labels)
@@ -178,7 +184,8 @@ def test_decoding_on_the_device_matches_the_cpu_path_and_replaces_broken_files(t
 
     data = build_data(gpu)
     loader = data.train_loader()
-    assert "decoded (JPEG: nvJPEG on CUDA), cropped, normalized, randomly erased on cpu" in describe_feed(loader, 0)
+    assert (f"decoded by {decoder} (JPEG: nvJPEG on CUDA), cropped, normalized, randomly erased on cpu"
+            in describe_feed(loader, 0))
     data.train_sampler.set_epoch(0)
     torch.manual_seed(5), random.seed(5)
     first = [images for images, _ in loader]  # 13 files, one broken: replaced by another image of its batch
@@ -187,7 +194,8 @@ def test_decoding_on_the_device_matches_the_cpu_path_and_replaces_broken_files(t
     assert len(first) == 3 and all(images.shape == (4, 3, 32, 32) for images in first)
     assert "skipped an image that cannot be decoded" in caplog.text
 
-    Trainer(gpu).fit(progress=False)
+    if decoder == "torchvision":  # training through the feed once is enough
+        Trainer(gpu).fit(progress=False)
     with pytest.raises(ConfigError, match=r"data.decode='gpu' .* no RandAugment or color jitter"):
         decode_config(tmp_path, jpegs, "gpu").__class__(**{**vars(gpu), "augment": AugmentConfig()})
 

@@ -3,9 +3,10 @@
 A small model on one GPU trains on thousands of images a second, more than PIL decoding
 and cropping on the host's cores can give (about 150-250 images per second per core at
 224 px). With `data.decode="gpu"` the loader's workers only read each file's bytes; the
-main process hands each batch's JPEGs to `torchvision.io.decode_jpeg(..., device=...)`
-(nvJPEG on CUDA, batched) and crops, resizes and flips every image there. Files that are
-not JPEG (PNG, TIFF, ...) are decoded on the host by the same rules as the CPU path
+main process hands each batch's JPEGs to one batched `decode_jpeg` call on the device
+(TorchCodec's, or torchvision's where TorchCodec is not installed: `vitblocks.train.data.decoders`;
+nvJPEG on CUDA) and crops, resizes and flips every image there. Files that are not JPEG
+(PNG, TIFF, ...) are decoded on the host by the same rules as the CPU path
 (`vitblocks.train.data.image_folder.load_image`) and copied over.
 
 The crops and flips are drawn from the main process's torch generator, which checkpoints
@@ -25,9 +26,9 @@ from typing import NamedTuple
 import torch
 import torchvision.transforms.v2.functional as TF
 from timm.data.random_erasing import RandomErasing
-from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
+from vitblocks.train.data.decoders import image_decoder
 from vitblocks.train.data.image_folder import UNREADABLE, load_image
 from vitblocks.train.errors import DataError
 from vitblocks.train.process.logs import logger
@@ -123,10 +124,10 @@ class DeviceDecode:
         images: list[torch.Tensor | None] = [None] * len(encoded)
         if jpeg:
             try:
-                decoded = decode_jpeg([encoded[i] for i in jpeg], mode=ImageReadMode.RGB, device=self.device)
+                decoded = image_decoder().decode_jpegs([encoded[i] for i in jpeg], self.device)
                 for i, image in zip(jpeg, decoded):
                     images[i] = image
-            except RuntimeError:  # one bad file fails the batch call: decode them one by one
+            except (RuntimeError, ValueError):  # one bad file fails the batch call: decode them one by one
                 for i in jpeg:
                     images[i] = self._one_jpeg(encoded[i])
         for i, image in enumerate(images):
@@ -143,8 +144,8 @@ class DeviceDecode:
 
     def _one_jpeg(self, data: torch.Tensor) -> torch.Tensor | None:
         try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError as error:
+            return image_decoder().decode_jpegs([data], self.device)[0]
+        except (RuntimeError, ValueError) as error:
             return self._skipped(error)
 
     def _on_host(self, data: torch.Tensor) -> torch.Tensor | None:

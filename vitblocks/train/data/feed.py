@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from vitblocks.train.config.schema import TrainConfig
 from vitblocks.train.data.datasets import ResumableSampler, sample_form
+from vitblocks.train.data.decoders import image_decoder
 from vitblocks.train.data.device_decode import DecodedBatches, DeviceDecode, collate_encoded
 from vitblocks.train.data.draws import SeededDraws
 from vitblocks.train.data.timm_datasets import is_stream
@@ -104,7 +105,8 @@ def describe_feed(loader: object, workers: int | None) -> str:
     count = f"{worker_count(workers)} workers" + (" (data.workers=None: auto)" if workers is None else "")
     if isinstance(loader, DecodedBatches):
         erased = ", randomly erased" if loader.random_erasing is not None else ""
-        return (f"file bytes from {count}, decoded (JPEG: nvJPEG on CUDA), cropped, normalized{erased} on "
+        return (f"file bytes from {count}, decoded by {image_decoder().name} (JPEG: nvJPEG on CUDA), cropped, "
+                f"normalized{erased} on "
                 f"{loader.device} (data.decode='gpu')")
     if isinstance(loader, StreamBatches):
         count = f"{loader.workers} workers" + (" (data.workers=None: auto)" if workers is None else "")
