@@ -5,6 +5,8 @@
     layers      <- attention
     models      <- layers, attention, io
     train, eval, summary, profiling   <- models and below
+    deploy      <- eval, train and below (a run folder's model, data and preprocessing)
+    export, predict                   <- deploy (the two deployment commands)
     vitblocks (the package root)       <- re-exports; imported by nothing inside
 
 Inside `train/`, each room has one role and imports only the rooms below it:
@@ -25,7 +27,8 @@ import pytest
 
 PACKAGE = Path(__file__).parents[1] / "vitblocks"
 
-RANKS = {"io": 0, "attention": 1, "layers": 2, "models": 3, "train": 4, "eval": 4, "summary": 4, "profiling": 4}
+RANKS = {"io": 0, "attention": 1, "layers": 2, "models": 3, "train": 4, "eval": 4, "summary": 4, "profiling": 4,
+         "deploy": 5, "export": 6, "predict": 6}
 
 
 def module_name(path: Path) -> str:

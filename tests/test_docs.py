@@ -32,7 +32,7 @@ def test_python_examples_run(code, tmp_path, monkeypatch):
     environment = os.environ.copy()
     try:
         exec(compile(code, "docs", "exec"), {"__name__": "__main__"})  # as a script runs it
-    finally:  # an example may set variables for its own process (deploy.md's AOTInductor checks)
+    finally:  # an example may set environment variables for its own process
         os.environ.clear()
         os.environ.update(environment)
 

@@ -182,17 +182,47 @@ def run(checkpoint: str, data_root: str | None = None, overrides: list[str] | No
         config = apply_overrides(foreign_config(foreign, model, model_kwargs or {}, data_root, checkpoint),
                                  list(overrides or []) + ([f"data.batch_size={batch_size}"] if batch_size else []))
         return _evaluate(config, foreign.weights, checkpoint, {}, loops, exit_threshold)
-    state = _trainer_checkpoint(checkpoint)
-    stored = state["config"]
-    # the weights come from the checkpoint itself: never follow file paths or downloads named in its config
-    stored["model"]["kwargs"] = {k: v for k, v in stored["model"].get("kwargs", {}).items() if k not in WEIGHT_SOURCES}
-    config = from_dict(stored)
+    state = trainer_checkpoint(checkpoint)
     extra = list(overrides or [])
     if data_root:
         extra += ["data.dataset=imagefolder", f"data.root={data_root!r}"]
     if batch_size is not None:
         extra.append(f"data.batch_size={batch_size}")
-    config = apply_overrides(config, extra)
+    config = apply_overrides(stored_config(state), extra)
+    return _evaluate(config, checkpoint_weights(state, checkpoint, ema), checkpoint, state, loops, exit_threshold)
+
+
+def stored_config(state: dict[str, Any]) -> TrainConfig:
+    """The config a trainer checkpoint was written with, without the weight sources it names.
+
+    The weights come from the checkpoint itself: file paths or downloads named in its
+    config (`pretrained`, `checkpoint_path`, ...) are never followed.
+
+    Args:
+        state: The checkpoint.
+
+    Returns:
+        The config.
+    """
+    stored = state["config"]
+    stored["model"]["kwargs"] = {k: v for k, v in stored["model"].get("kwargs", {}).items() if k not in WEIGHT_SOURCES}
+    return from_dict(stored)
+
+
+def checkpoint_weights(state: dict[str, Any], checkpoint: str, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The model's (or the EMA's) weights in a trainer checkpoint, checked to be finite.
+
+    Args:
+        state: The checkpoint.
+        checkpoint: Its path, for messages.
+        ema: Take the EMA weights.
+
+    Returns:
+        The weights.
+
+    Raises:
+        CheckpointError: If there are no EMA weights, or the weights hold NaN or infinity.
+    """
     weights = state["ema"] if ema else state["model"]
     if weights is None:
         raise CheckpointError(f"{checkpoint} holds no EMA weights (the run had ema_decay=None)")
@@ -201,13 +231,24 @@ def run(checkpoint: str, data_root: str | None = None, overrides: list[str] | No
         raise CheckpointError(
             f"the {'EMA ' if ema else ''}weights in {checkpoint} are not finite (NaN or infinity in {len(broken)} "
             f"tensors: {', '.join(broken[:5])}{', ...' if len(broken) > 5 else ''}): the run had diverged when it "
-            "was written. Evaluate an earlier checkpoint."
+            "was written. Use an earlier checkpoint."
         )
-    return _evaluate(config, weights, checkpoint, state, loops, exit_threshold)
+    return weights
 
 
-def _trainer_checkpoint(path: str) -> dict[str, Any]:
-    """A trainer checkpoint; another trainer's file gets an error saying how to evaluate it."""
+def trainer_checkpoint(path: str) -> dict[str, Any]:
+    """Read a trainer checkpoint; another trainer's file gets an error saying how to evaluate it.
+
+    Args:
+        path: A `last.pth` / `best.pth`.
+
+    Returns:
+        The checkpoint.
+
+    Raises:
+        CheckpointError: If it cannot be read, or is another trainer's (naming `--model`).
+        FileNotFoundError: If it does not exist.
+    """
     try:
         return load_training_checkpoint(path)
     except CheckpointError as error:
@@ -225,14 +266,7 @@ def _evaluate(config: TrainConfig, weights: dict[str, torch.Tensor], checkpoint:
               loops: int | None, exit_threshold: float | None = None) -> dict[str, float]:
     classes = check_classes(checkpoint, state, config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(config, load_base=False)  # a converted model's base weights are not needed
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as error:
-        detail = " ".join(str(error).split())[:500]
-        raise CheckpointError(f"the weights in {checkpoint} do not fit {config.model.name} with {config.model.kwargs} "
-                              f"({detail}); give the model's arguments with --model-kwargs "
-                              "(e.g. embed_dim=...)") from None
+    model = trained_model(config, weights, checkpoint)
     if loops is not None:
         set_loops(model, loops)
     if exit_threshold is not None:
@@ -254,6 +288,31 @@ def _evaluate(config: TrainConfig, weights: dict[str, torch.Tensor], checkpoint:
     if counted:
         metrics.update(applications=counted[-1].positions_run(), positions=counted[-1].positions)
     return metrics
+
+
+def trained_model(config: TrainConfig, weights: dict[str, torch.Tensor], checkpoint: str) -> torch.nn.Module:
+    """Build a run's model and load its weights.
+
+    Args:
+        config: The run's config.
+        weights: Its weights (the model's or the EMA's).
+        checkpoint: Where they came from, for messages.
+
+    Returns:
+        The model, on the CPU, in the mode it was built in.
+
+    Raises:
+        CheckpointError: If the weights do not fit the model the config builds.
+    """
+    model = build_model(config, load_base=False)  # a converted model's base weights are not needed
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())[:500]
+        raise CheckpointError(f"the weights in {checkpoint} do not fit {config.model.name} with {config.model.kwargs} "
+                              f"({detail}); give the model's arguments with --model-kwargs "
+                              "(e.g. embed_dim=...)") from None
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:

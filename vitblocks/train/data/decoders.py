@@ -78,13 +78,34 @@ def image_decoder(name: str | None = None) -> ImageDecoder:
     return _torchcodec_decoder()
 
 
+def as_rgb8(image: torch.Tensor) -> torch.Tensor:
+    """A decoded image as one (3, H, W) uint8 frame, whatever the file held.
+
+    An animated file (GIF, WebP) gives its first frame; a 16-bit PNG is scaled to 8 bits.
+
+    Args:
+        image: A decoder's (3, H, W) or (frames, 3, H, W) RGB output, uint8 or uint16.
+
+    Returns:
+        (3, H, W) uint8.
+
+    Example:
+        >>> as_rgb8(torch.full((2, 3, 4, 4), 65535, dtype=torch.uint16)).unique().tolist()
+        [255]
+    """
+    if image.dim() == 4:
+        image = image[0]
+    if image.dtype != torch.uint8:
+        image = (image.float() * (255 / 65535)).round_().to(torch.uint8)
+    return image
+
+
 @functools.cache
 def _torchcodec_decoder() -> ImageDecoder:
     from torchcodec.decoders import decode_image, decode_jpeg
 
     def decode(data: torch.Tensor) -> torch.Tensor:
-        image = decode_image(data, mode="RGB")
-        return image[0] if image.dim() == 4 else image  # an animated image: its first frame
+        return as_rgb8(decode_image(data, mode="RGB"))
 
     def decode_jpegs(files: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         return list(decode_jpeg(list(files), mode="RGB", device=device))
@@ -97,7 +118,7 @@ def _torchvision_decoder() -> ImageDecoder:
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
     def decode(data: torch.Tensor) -> torch.Tensor:
-        return decode_image(data, mode=ImageReadMode.RGB)
+        return as_rgb8(decode_image(data, mode=ImageReadMode.RGB))
 
     def decode_jpegs(files: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         return list(decode_jpeg(list(files), mode=ImageReadMode.RGB, device=device))
