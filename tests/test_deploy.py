@@ -136,6 +136,29 @@ def test_int8_with_a_fixed_batch_calibrates_in_that_batch(run):
     assert [len(b) for b in deploy_int8.in_batches_of(calibration, 4)] == [4, 4, 4]
 
 
+def test_each_use_of_a_shared_int8_weight_gets_its_own_copy(run):
+    """Inductor packs an int8 weight into oneDNN's kernel only when one linear layer uses it: a recursive
+    block's loops must not share one (they fell back to float matrix products, slower than float)."""
+    model = load_source(run).model
+    x86, prepare_pt2e, convert_pt2e = deploy_int8._quantization_api()
+    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        prepared = prepare_pt2e(torch.export.export(model, (images,)).module(), quantizer)
+        prepared(images)
+        converted = convert_pt2e(prepared)
+        before = converted(images)
+
+        def shared():
+            return [n for n in converted.graph.nodes if n.op == "get_attr" and len(n.users) > 1
+                    and deploy_int8.functools.reduce(getattr, n.target.split("."), converted).dtype == torch.int8]
+
+        assert len(shared()) > 0  # the quickstart SReT loops its blocks
+        assert deploy_int8.unshare_quantized_weights(converted) > 0
+        assert shared() == [] and deploy_int8.unshare_quantized_weights(converted) == 0
+        torch.testing.assert_close(converted(images), before, atol=0, rtol=0)
+
+
 def test_export_refuses_what_it_cannot_do_before_writing(run, tmp_path, capsys, monkeypatch):
     def refused(args, *fragments):
         assert export.main(args) == 2

@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         if not 1 <= args.topk <= len(predictor.classes):
             raise DeployError(f"--topk must be between 1 and the model's {len(predictor.classes)} classes, "
                               f"got {args.topk}")
-        print(f"predicting {len(found.paths)} images with {predictor.description}; decoding with "
+        count = len(found.paths)
+        print(f"predicting {count} image{'' if count == 1 else 's'} with {predictor.description}; decoding with "
               f"{image_decoder().name}")
         predictions, skipped = predict(predictor, found.paths, args.topk, args.batch_size)
     except (DeployError, FileNotFoundError, ValueError) as error:

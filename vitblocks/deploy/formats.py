@@ -14,6 +14,7 @@ them.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable
@@ -181,13 +182,19 @@ def _load(path: str, fmt: str) -> Logits:
             raise DeployError(f"{path} cannot be loaded by onnxruntime: {' '.join(str(error).split())[:200]}") from None
         name = session.get_inputs()[0].name
         return lambda images: torch.from_numpy(session.run(None, {name: images.contiguous().numpy()})[0])
-    from torch._inductor import aoti_load_package
-
+    # torch's C++-extension module logs that it found no CUDA runtime when a CPU package loads
+    extension_log = logging.getLogger("torch.utils.cpp_extension")
+    level = extension_log.level
+    extension_log.setLevel(logging.ERROR)
     try:
+        from torch._inductor import aoti_load_package
+
         package = aoti_load_package(path)
     except Exception as error:  # noqa: BLE001 - the loader's own error types
         raise DeployError(f"{path} cannot be loaded as an AOTInductor package: "
                           f"{' '.join(str(error).split())[:200]}") from None
+    finally:
+        extension_log.setLevel(level)
 
     def run(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

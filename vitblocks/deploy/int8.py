@@ -10,6 +10,7 @@ the CPU has them). Without freezing the pairs stay and the model is slower than 
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 from collections.abc import Iterable, Iterator
@@ -85,7 +86,40 @@ def quantize_int8(model: nn.Module, example: torch.Tensor, dynamic_shapes: Any,
             raise DeployError("int8 calibration got no images: give --calibration-images N > 0 or a --calibration "
                               "folder with images")
         converted = convert_pt2e(prepared)
+        unshare_quantized_weights(converted)
         return torch.export.export(converted, (example,), dynamic_shapes=dynamic_shapes)
+
+
+def unshare_quantized_weights(graph: torch.fx.GraphModule) -> int:
+    """Give every use of a shared int8 weight its own copy, so Inductor packs each into oneDNN's int8 kernel.
+
+    A recursive block's weights serve every loop; after conversion each use dequantizes
+    the same int8 tensor, and Inductor's weight-prepacking pattern takes only a weight with
+    one user: the others would fall back to float matrix products on dequantized weights,
+    slower than the float model. Copying costs the int8 size of each extra use.
+
+    Args:
+        graph: A graph after `convert_pt2e` (changed in place).
+
+    Returns:
+        How many copies were made.
+    """
+    copies = 0
+    for node in list(graph.graph.nodes):
+        if node.op != "get_attr" or len(node.users) < 2:
+            continue
+        weight = functools.reduce(getattr, node.target.split("."), graph)
+        if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int8:
+            continue
+        for use, user in enumerate(list(node.users)[1:], start=1):
+            name = f"{node.target.replace('.', '_')}_use{use}"
+            graph.register_buffer(name, weight.clone())
+            with graph.graph.inserting_before(user):
+                user.replace_input_with(node, graph.graph.get_attr(name))
+            copies += 1
+    graph.graph.lint()
+    graph.recompile()
+    return copies
 
 
 def in_batches_of(batches: Iterable[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
@@ -102,8 +136,8 @@ def in_batches_of(batches: Iterable[torch.Tensor], size: int) -> Iterator[torch.
         Batches of exactly `size` images.
 
     Example:
-        >>> [len(b) for b in in_batches_of([torch.zeros(5, 3), torch.zeros(4, 3)], 4)]
-        [4, 4, 4]
+        >>> tuple(len(b) for b in in_batches_of([torch.zeros(5, 3), torch.zeros(4, 3)], 4))
+        (4, 4, 4)
     """
     images = [b for b in batches if len(b)]
     if not images:
