@@ -87,6 +87,7 @@ class TransformerBlock(NotScriptable, nn.Module):
         super().__init__()
         # only passed when set, so attention and MLP classes without these arguments still work
         dd = {k: v for k, v in {"device": device, "dtype": dtype}.items() if v is not None}
+        self.dim = dim
         self.norm1 = norm_layer(dim, **dd)
         self.attn = attn_layer(
             dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **attn_kwargs, **dd
@@ -157,6 +158,8 @@ class TransformerBlock(NotScriptable, nn.Module):
         Returns:
             Tensor of shape (B, N, C).
         """
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            check_tokens(x, self.dim, type(self).__name__)
         normed = self.norm1(x)
         if plan is not None:
             attn = self.attn(normed, plan=plan)
@@ -180,3 +183,29 @@ class TransformerBlock(NotScriptable, nn.Module):
         if masks is not None:
             return masks[0, 0], masks[0, 1]
         return tuple(d.gate(x) if isinstance(d, DropPath) else None for d in (self.drop_path1, self.drop_path2))
+
+
+def check_tokens(x: torch.Tensor, dim: int, layer: str) -> None:
+    """Refuse tokens that are not (batch, tokens, dim), naming the fix.
+
+    Args:
+        x: The input.
+        dim: The width the layer was built for.
+        layer: The layer's name, for the message.
+
+    Raises:
+        ValueError: For another number of dimensions or another width.
+
+    Example:
+        >>> check_tokens(torch.zeros(2, 49, 192), 192, "TransformerBlock")
+        >>> check_tokens(torch.zeros(2, 192, 7, 7), 192, "TransformerBlock")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: TransformerBlock takes tokens of shape (batch, tokens, 192), got (2, 192, 7, 7): flatten...
+    """
+    if x.dim() != 3:
+        hint = ": flatten a feature map first, x.flatten(2).transpose(1, 2)" if x.dim() == 4 else ""
+        raise ValueError(f"{layer} takes tokens of shape (batch, tokens, {dim}), got {tuple(x.shape)}{hint}")
+    if x.shape[-1] != dim:
+        raise ValueError(f"{layer} was built with dim={dim} but got tokens of width {x.shape[-1]} "
+                         f"(shape {tuple(x.shape)}): build it with dim={x.shape[-1]}, or project the tokens to {dim}")

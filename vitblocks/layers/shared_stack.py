@@ -9,6 +9,7 @@ regional compilation, mix layers, test-time depth and loop selection live here o
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,6 +43,13 @@ def mix_layers(mix: MixSpec, count: int) -> tuple[nn.Module | None, bool]:
         return mix, True
     if not callable(mix):
         raise TypeError(f"mix must be an nn.Module, a factory of them, or None; got {type(mix).__name__}")
+    if isinstance(mix, type):
+        try:
+            inspect.signature(mix).bind()
+        except TypeError as error:
+            raise TypeError(f"mix={mix.__name__} is called with no arguments once per loop, but {error}: give a "
+                            f"factory that supplies them, e.g. mix=lambda: {mix.__name__}(dim) or "
+                            f"functools.partial({mix.__name__}, dim)") from None
     layers = [mix() for _ in range(count)]
     for layer in layers:
         if not isinstance(layer, nn.Module):

@@ -1,0 +1,38 @@
+"""What a first model built from the blocks hits: refusals that say what to do instead of torch's raw errors."""
+
+import functools
+
+import pytest
+import torch
+
+from vitblocks import NonLinearMix, Recursive, TransformerBlock
+
+
+@pytest.fixture(scope="module")
+def block():
+    return TransformerBlock(dim=32, num_heads=2, groups=(4, 2))
+
+
+def test_a_mix_class_that_needs_arguments_is_refused_with_the_factory_to_write_instead(block):
+    with pytest.raises(TypeError, match=r"mix=NonLinearMix is called with no arguments once per loop, but .*'dim'.*"
+                                        r"mix=lambda: NonLinearMix\(dim\)"):
+        Recursive(block, loops=2, mix=NonLinearMix)
+    stage = Recursive(block, loops=2, mix=functools.partial(NonLinearMix, 32))  # the advice works
+    assert len(stage.mix) == 2 and stage(torch.randn(2, 17, 32)).shape == (2, 17, 32)
+
+
+def test_a_group_schedule_longer_than_the_loops_is_refused(block):
+    with pytest.raises(ValueError, match=r"attn has groups=\(4, 2\), one count per loop for 2 loops, but Recursive "
+                                         r"runs 1: give groups=\(4,\) or loops=2"):
+        Recursive(block, loops=1)
+    assert Recursive(block, loops=3).loops == 3  # shorter than the loops: the last count repeats, as documented
+
+
+def test_a_block_names_the_shape_it_takes(block):
+    with pytest.raises(ValueError, match=r"takes tokens of shape \(batch, tokens, 32\), got \(2, 32, 4, 4\): "
+                                         r"flatten a feature map first"):
+        block(torch.randn(2, 32, 4, 4))
+    with pytest.raises(ValueError, match=r"built with dim=32 but got tokens of width 48 .*build it with dim=48"):
+        block(torch.randn(2, 16, 48))
+    with pytest.raises(ValueError, match=r"TransformerBlock was built with dim=32"):
+        Recursive(block, loops=2)(torch.randn(2, 16, 48))  # also inside a wrapper
