@@ -72,12 +72,14 @@ def main(argv: list[str] | None = None) -> int:
             run = Path(tmp) / "quickstart"
             Trainer(derive(load_recipe(ROOT / "recipes" / "quickstart.py"), output_dir=str(run))).fit(progress=False)
         row = measure(run, args.calibration_images)
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+               f"torch {torch.__version__}")
     text = (f"int8 against float32 on the quickstart's validation split ({machine}).\n\n"
             "| images | float32 top-1 | int8 top-1 | difference (points) | top-1 agreement | max abs. logit diff |\n"
             "|---:|---:|---:|---:|---:|---:|\n"
             f"| {row['images']} | {row['float32_top1']}% | {row['int8_top1']}% | "
-            f"{row['int8_top1'] - row['float32_top1']:+.2f} | {row['top1_agreement']}% | {row['max_abs_logit_diff']} |\n")
+            f"{row['int8_top1'] - row['float32_top1']:+.2f} | {row['top1_agreement']}% | "
+            f"{row['max_abs_logit_diff']} |\n")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "int8_accuracy.md").write_text(text)
     (args.out / "int8_accuracy.json").write_text(json.dumps({"machine": machine, **row}, indent=1))
