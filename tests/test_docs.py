@@ -56,6 +56,7 @@ def test_mkdocs_builds_strictly(tmp_path):
     assert "Recursive" in (tmp_path / "api" / "layers" / "index.html").read_text()
     assert "train.epochs" not in (tmp_path / "recipes" / "index.html").read_text()  # top-level keys have no prefix
     assert "optim.lr_per_512" in (tmp_path / "recipes" / "index.html").read_text()
+    assert not list(tmp_path.rglob("*.py"))  # docs/hooks.py and docs/figures.py are not published
 
 
 def documented_modules():

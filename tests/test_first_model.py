@@ -36,3 +36,14 @@ def test_a_block_names_the_shape_it_takes(block):
         block(torch.randn(2, 16, 48))
     with pytest.raises(ValueError, match=r"TransformerBlock was built with dim=32"):
         Recursive(block, loops=2)(torch.randn(2, 16, 48))  # also inside a wrapper
+
+
+def test_the_end_of_run_summary_lists_best_and_last(tmp_path):
+    from vitblocks.train.outputs.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path)
+    (tmp_path / "last.pth").write_bytes(b"")
+    assert folder.summary_files([])["checkpoints"] == f"{tmp_path / 'last.pth'} (last epoch)"
+    (tmp_path / "best.pth").write_bytes(b"")
+    assert folder.summary_files([])["checkpoints"] == f"{tmp_path / 'best.pth'} (best top-1), " \
+                                                      f"{tmp_path / 'last.pth'} (last epoch)"

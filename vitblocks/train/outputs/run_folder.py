@@ -449,11 +449,14 @@ class RunFolder:
             written: The final files just written (model folder, curves).
 
         Returns:
-            Checkpoints, metrics, weights, the timm model folder (when it has a config.json),
-            EMA weights (when written) and curves.
+            Checkpoints (best.pth when written, and last.pth), metrics, weights, the timm
+            model folder (when it has a config.json), EMA weights (when written) and curves.
         """
         names = {path.name for path in written}
-        files: dict[str, Path | str] = {"checkpoints": self.path / LAST, "metrics": self.path / METRICS,
+        checkpoints = f"{self.path / LAST} (last epoch)"
+        if (self.path / BEST).is_file():
+            checkpoints = f"{self.path / BEST} (best top-1), {checkpoints}"
+        files: dict[str, Path | str] = {"checkpoints": checkpoints, "metrics": self.path / METRICS,
                                         "weights": self.path / WEIGHTS}
         if MODEL_CONFIG in names:
             files["timm model"] = f"timm.create_model('local-dir:{self.path}', pretrained=True)"
