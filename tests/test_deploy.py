@@ -321,3 +321,26 @@ def test_preprocessing_refuses_what_it_cannot_reproduce():
         check_preprocessing({**config, "crop_mode": "border"})
     with pytest.raises(DeployError, match="interpolation 'magic' is not one of bicubic"):
         check_preprocessing({**config, "interpolation": "magic"})
+
+
+def test_the_run_folder_describes_the_preprocessing_the_digits_were_trained_with(run):
+    """timm's own transform, built from the run folder's config.json, feeds the model what training fed it."""
+    from vitblocks.train.data.datasets import build_dataset
+
+    config = load_source(run).config
+    model = timm.create_model(f"local-dir:{run}", pretrained=True).eval()
+    data_config = timm.data.resolve_data_config(model=model)
+    assert (data_config["interpolation"], data_config["crop_pct"]) == ("bilinear", 1.0)
+    transform = timm.data.create_transform(**data_config)
+    digits = load_digits()
+    order = torch.randperm(len(digits.target), generator=torch.Generator().manual_seed(config.seed))
+    val = order[:int(round(len(digits.target) * config.data.val_fraction))]
+    trained, labels = build_dataset(config, train=False).tensors
+    assert torch.equal(labels, torch.as_tensor(digits.target[val]))  # the same images, in the same order
+    files = torch.stack([transform(Image.fromarray((digits.images[i] / 16 * 255).round().astype(np.uint8))
+                                   .convert("RGB")) for i in val.tolist()])
+    assert (files - trained).abs().mean() < 0.02  # PIL's resize of 8-bit files against the trainer's of the floats
+    with torch.no_grad():
+        from_files, from_training = model(files).argmax(-1), model(trained).argmax(-1)
+    assert (from_files == from_training).float().mean() >= 0.98
+    assert abs((from_files == labels).float().mean() - (from_training == labels).float().mean()) <= 0.01

@@ -37,6 +37,7 @@ def run_train(capsys, *argv):
     ("model.kwargs.grad_checkpointing=sqrt", ["model.kwargs.grad_checkpointing='sqrt'", "model.grad_checkpointing"]),
     ("model.kwargs.img_size=64", ["model.kwargs.img_size=64", "data.img_size; set that instead"]),
     ("data.batch_size=64", ["0 batches of 64", "(32 images per process)", "or raise data.synthetic_samples"]),
+    ("optim.learning_rate=0.1", ["unknown config key 'optim.learning_rate'; did you mean optim.lr"]),  # first
 ])
 def test_bad_overrides_are_refused_before_any_work(tmp_path, capsys, override, fragments):
     recipe = write_tiny_recipe(tmp_path, tmp_path / "run")
@@ -231,3 +232,10 @@ def test_read_checkpoint_takes_safetensors_and_refuses_a_damaged_one(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:20])
     with pytest.raises(CheckpointError, match="could not read .*cut.safetensors.* as a safetensors file"):
         read_checkpoint(tmp_path / "cut.safetensors")
+
+
+def test_a_missing_data_root_is_named_rather_than_the_split_under_it(tmp_path, capsys):
+    recipe = write_tiny_recipe(tmp_path, tmp_path / "run")
+    code, err = run_train(capsys, recipe, "--no-progress", "--set", "data.dataset=imagefolder",
+                          f"data.root={tmp_path / 'data' / 'imagenet'}")
+    assert code == 2 and f"but {tmp_path / 'data'} does not exist" in err, err

@@ -158,7 +158,7 @@ class TransformerBlock(NotScriptable, nn.Module):
         Returns:
             Tensor of shape (B, N, C).
         """
-        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        if not (isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling()):
             check_tokens(x, self.dim, type(self).__name__)
         normed = self.norm1(x)
         if plan is not None:

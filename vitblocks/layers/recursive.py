@@ -6,7 +6,6 @@ from torch import nn
 
 from vitblocks.layers.loop import check_loop_count
 from vitblocks.layers.modes import CheckpointSetting
-from vitblocks.layers.schedule import GroupSchedule
 from vitblocks.layers.shared_stack import MixSpec, SharedStack, check_block
 
 
@@ -57,7 +56,6 @@ class Recursive(SharedStack):
     ) -> None:
         check_block(block)
         check_loop_count(loops)
-        check_schedules_fit(block, loops)
         super().__init__([block], (0,) * loops, mix, grad_checkpointing)
 
     def _store_block(self, index: int, block: nn.Module) -> None:
@@ -90,23 +88,3 @@ class Recursive(SharedStack):
     def _describe_positions(self) -> tuple[str, str]:
         return f"loops={self.loops}", "per-loop"
 
-
-def check_schedules_fit(block: nn.Module, loops: int) -> None:
-    """Refuse a block whose group schedule names more loops than it will run.
-
-    A schedule shorter than the loops repeats its last entry (the documented rule); a
-    longer one would silently never use its extra entries.
-
-    Args:
-        block: The block to repeat.
-        loops: Its applications.
-
-    Raises:
-        ValueError: Naming the layer, its schedule and the two ways to make them agree.
-    """
-    for name, module in block.named_modules():
-        schedule = getattr(module, "schedule", None)
-        if isinstance(schedule, GroupSchedule) and len(schedule.counts) > loops:
-            counts = schedule.counts
-            raise ValueError(f"{name or 'the block'} has groups={counts}, one count per loop for {len(counts)} "
-                             f"loops, but Recursive runs {loops}: give groups={counts[:loops]} or loops={len(counts)}")

@@ -127,10 +127,27 @@ def did_you_mean(name: str, choices: Iterable[str], cutoff: float = 0.6, prefix:
         otherwise: The hint when nothing is close.
 
     Returns:
-        The hint, or `otherwise`.
+        The hint, or `otherwise`. A choice that abbreviates the name by its words' initials
+        (`lr` for `learning_rate`), or that the name abbreviates, comes first.
+
+    Example:
+        >>> did_you_mean("learning_rate", ["clip_grad", "weight_decay", "lr"], cutoff=0.3)
+        '; did you mean lr or clip_grad?'
     """
-    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=cutoff)
+    choices = list(choices)
+    abbreviations = [c for c in choices if _abbreviates(c, name) or _abbreviates(name, c)]
+    close = abbreviations + [c for c in difflib.get_close_matches(name, choices, n=3, cutoff=cutoff)
+                             if c not in abbreviations]
+    close = close[:2] if abbreviations else close
     return f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else otherwise
+
+
+def _abbreviates(short: str, long: str) -> bool:
+    """Whether `short` is `long` with its last dotted name cut to its words' initials (optim.lr)."""
+    short_section, _, short_name = short.rpartition(".")
+    long_section, _, long_name = long.rpartition(".")
+    words = [w for w in long_name.split("_") if w]
+    return short_section == long_section and len(words) > 1 and short_name == "".join(w[0] for w in words)
 
 
 def field_hint(cls: type, name: str) -> Any:

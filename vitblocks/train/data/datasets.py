@@ -64,11 +64,15 @@ def split_folder(root: str | Path, split: str) -> Path:
 
 def _layout_help(root: Path, split: str) -> str:
     folder = split_folder(root, split)
+    missing = folder  # name the first folder that is missing, not the split under it
+    while not missing.parent.exists() and missing.parent != missing:
+        missing = missing.parent
     return (
         f"expected an ImageFolder tree at {root}:\n"
         f"    {root}/train/<class name>/<image>.jpg\n"
         f"    {root}/val/<class name>/<image>.jpg   (or validation/, valid/, eval/ as timm's scripts name it)\n"
-        f"but {folder} {'does not exist' if not folder.exists() else 'holds no images in class folders'}."
+        f"but {missing if not folder.exists() else folder} "
+        f"{'does not exist' if not folder.exists() else 'holds no images in class folders'}."
     )
 
 

@@ -44,11 +44,14 @@ def data_config(config: TrainConfig) -> dict[str, Any]:
         config: The run's config.
 
     Returns:
-        input_size, mean, std, crop_pct, crop_mode and interpolation.
+        input_size, mean, std, crop_pct, crop_mode and interpolation. The digits are
+        resized bilinearly to the image size, uncropped, whatever the data config says
+        (`vitblocks.train.data.datasets`), and their folder says so.
     """
     data = config.data
+    crop_pct, interpolation = (1.0, "bilinear") if data.dataset == "digits" else (data.crop_pct, data.interpolation)
     return {"input_size": (3, data.img_size, data.img_size), "mean": tuple(data.mean), "std": tuple(data.std),
-            "crop_pct": data.crop_pct, "crop_mode": "center", "interpolation": data.interpolation}
+            "crop_pct": crop_pct, "crop_mode": "center", "interpolation": interpolation}
 
 
 def model_args(config: TrainConfig) -> dict[str, Any]:
