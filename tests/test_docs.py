@@ -57,6 +57,16 @@ def test_mkdocs_builds_strictly(tmp_path):
     assert "train.epochs" not in (tmp_path / "recipes" / "index.html").read_text()  # top-level keys have no prefix
     assert "optim.lr_per_512" in (tmp_path / "recipes" / "index.html").read_text()
     assert not list(tmp_path.rglob("*.py"))  # docs/hooks.py and docs/figures.py are not published
+    examples = 0
+    for page in (tmp_path / "api").rglob("index.html"):
+        html = page.read_text()
+        assert "<blockquote>" not in html and "::</p>" not in html, page  # doctests and RST literals as code
+        sections = html.split('class="doc-section-title">Examples:</span></p>')[1:]
+        assert all(section.lstrip().startswith('<div class="highlight"><pre><span></span><code>')
+                   for section in sections), page
+        examples += len(sections)
+    in_source = sum(p.read_text().count("Examples:\n") for p in (ROOT / "vitblocks").rglob("*.py"))
+    assert examples >= in_source > 40  # every docstring example is on a page, rendered as code
 
 
 def documented_modules():

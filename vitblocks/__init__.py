@@ -2,7 +2,7 @@
 
 Importing the package registers its models with timm (`timm.create_model("sret_t")`).
 
-Example:
+Examples:
     >>> from vitblocks import Recursive, TransformerBlock
     >>> stage = Recursive(TransformerBlock(dim=192, num_heads=3), loops=2)
     >>> sum(p.numel() for p in stage.parameters())

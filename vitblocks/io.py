@@ -97,7 +97,7 @@ def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
     Returns:
         The names, in the dict's order; empty when every value is finite.
 
-    Example:
+    Examples:
         >>> non_finite_tensors({"w": torch.ones(2), "b": torch.tensor([float("nan")]), "n": torch.tensor([3])})
         ['b']
     """

@@ -23,7 +23,7 @@ class PeakMemory(TorchDispatchMode):
         peak: Most bytes held at once.
         current: Bytes still held (e.g. parameter gradients after a backward pass).
 
-    Example:
+    Examples:
         >>> import torch
         >>> with PeakMemory() as memory:
         ...     y = torch.ones(1024) * 2   # the ones are freed after the product is made

@@ -92,7 +92,7 @@ def summarize(model: nn.Module, img_size: int | None = None) -> list[Row]:
     Returns:
         One row per part of the model that has parameters or MACs, then a "total" row.
 
-    Example:
+    Examples:
         >>> import timm, vitblocks
         >>> rows = summarize(timm.create_model("sret_t"))
         >>> rows[-1].params, round(rows[-1].macs / 1e9, 3)
@@ -223,7 +223,7 @@ def paper_top1() -> dict[str, float]:
     Returns:
         Top-1 by pretrained name, e.g. `{"sret_t.in1k": 76.0, "sret_t.distill_in1k": 77.6, ...}`.
 
-    Example:
+    Examples:
         >>> paper_top1()["sret_t.distill_in1k"]
         77.6
     """

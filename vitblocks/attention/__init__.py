@@ -1,6 +1,6 @@
 """Multi-head attention over token groups, with xformers, SDPA and math kernels.
 
-Example:
+Examples:
     >>> import torch
     >>> from vitblocks.attention import group_attention
     >>> q = k = v = torch.randn(2, 64, 4, 16)   # (batch, tokens, heads, head_dim)

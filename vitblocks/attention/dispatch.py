@@ -65,7 +65,7 @@ def attention_backend(name: str) -> Iterator[None]:
     Raises:
         ValueError: For an unknown backend name.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from vitblocks.attention import attention_backend, group_attention
         >>> q = torch.randn(1, 8, 2, 4)
@@ -131,7 +131,7 @@ def auto_order(q: torch.Tensor, kv_len: int | None = None) -> list[AttentionBack
     Returns:
         Backends, first choice first.
 
-    Example:
+    Examples:
         >>> " > ".join(b.name for b in auto_order(torch.empty(1, 196, 3, 64)))
         'xformers > sdpa > math'
         >>> " > ".join(b.name for b in auto_order(torch.empty(1, 196, 3, 64, dtype=torch.bfloat16)))
@@ -230,7 +230,7 @@ def group_attention(
         ValueError: If the shapes disagree or the groups do not fit the tokens.
         AttentionBackendError: If a backend chosen by name cannot run the input.
 
-    Example:
+    Examples:
         >>> import torch
         >>> q = torch.randn(2, 10, 3, 8)
         >>> group_attention(q, q, q, groups=4, backend="math").shape

@@ -52,7 +52,7 @@ def group_runs(num_tokens: int, num_groups: int) -> list[tuple[int, int, int]]:
     Returns:
         The runs as (start offset, group count, group size).
 
-    Example:
+    Examples:
         >>> group_runs(10, 4)
         [(0, 2, 3), (6, 2, 2)]
     """
@@ -84,7 +84,7 @@ class TokenGroups:
     Raises:
         ValueError: If the counts are out of range.
 
-    Example:
+    Examples:
         >>> TokenGroups(num_tokens=10, num_groups=4).sizes
         (3, 3, 2, 2)
     """

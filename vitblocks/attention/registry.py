@@ -35,7 +35,7 @@ def register_backend(backend: AttentionBackend, replace: bool = False) -> Attent
     Raises:
         ValueError: For an empty or reserved name, or a name already registered.
 
-    Example:
+    Examples:
         >>> from vitblocks.attention import BACKENDS, AttentionBackend, register_backend, unregister_backend
         >>> class Doubled(AttentionBackend):
         ...     name, priority = "doubled_math", -1
@@ -75,7 +75,7 @@ def backend_names() -> tuple[str, ...]:
     Returns:
         "auto", then the registered backends, highest priority first.
 
-    Example:
+    Examples:
         >>> backend_names()
         ('auto', 'xformers', 'sdpa', 'math')
     """

@@ -35,7 +35,7 @@ def is_decodable(path: Path) -> bool:
     Returns:
         True for JPEG, PNG, WebP and GIF names, any case.
 
-    Example:
+    Examples:
         >>> is_decodable(Path("a/B.JPG")), is_decodable(Path("notes.txt"))
         (True, False)
     """
@@ -125,7 +125,7 @@ def first_sentence(message: str, limit: int = 160) -> str:
     Returns:
         The shortened message.
 
-    Example:
+    Examples:
         >>> first_sentence("Unsupported image format. Supported formats are JPEG, PNG.")
         'Unsupported image format.'
     """

@@ -135,7 +135,7 @@ def in_batches_of(batches: Iterable[torch.Tensor], size: int) -> Iterator[torch.
     Yields:
         Batches of exactly `size` images.
 
-    Example:
+    Examples:
         >>> tuple(len(b) for b in in_batches_of([torch.zeros(5, 3), torch.zeros(4, 3)], 4))
         (4, 4, 4)
     """

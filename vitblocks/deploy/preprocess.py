@@ -66,7 +66,7 @@ def preprocess(image: torch.Tensor, preprocessing: dict[str, Any]) -> torch.Tens
     Returns:
         (3, height, width) float32, normalized.
 
-    Example:
+    Examples:
         >>> image = torch.full((3, 40, 60), 255, dtype=torch.uint8)
         >>> config = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.875,
         ...           "interpolation": "bicubic"}

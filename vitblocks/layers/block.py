@@ -23,13 +23,13 @@ torch.fx.wrap("scaled_residual")  # torch.fx records it as one call: it branches
 class TransformerBlock(NotScriptable, nn.Module):
     """Pre-norm transformer block with optional learnable residual scalars.
 
-    Without residual scalars::
+    Without residual scalars:
 
         u   = x + DropPath(Attn(LN1(x)))
         out = u + DropPath(MLP(LN2(u)))
 
     With `residual_scalars=True` (SReT's block) each of the four terms gets its own
-    learnable scalar, initialised to 1::
+    learnable scalar, initialised to 1:
 
         u   = a1*x + a2*DropPath(Attn(LN1(x)))
         out = a3*u + a4*DropPath(MLP(LN2(u)))
@@ -57,7 +57,7 @@ class TransformerBlock(NotScriptable, nn.Module):
         **attn_kwargs: Further arguments for `attn_layer`, e.g. `groups=(8, 2)`,
             `backend="math"`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> block = TransformerBlock(dim=192, num_heads=3, groups=(8, 2))
         >>> block(torch.randn(2, 64, 192), loop=1).shape
@@ -196,7 +196,7 @@ def check_tokens(x: torch.Tensor, dim: int, layer: str) -> None:
     Raises:
         ValueError: For another number of dimensions or another width.
 
-    Example:
+    Examples:
         >>> check_tokens(torch.zeros(2, 49, 192), 192, "TransformerBlock")
         >>> check_tokens(torch.zeros(2, 192, 7, 7), 192, "TransformerBlock")  # doctest: +ELLIPSIS
         Traceback (most recent call last):

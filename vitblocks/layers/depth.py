@@ -30,7 +30,7 @@ def set_loops(model: nn.Module, loops: int) -> int:
         ValueError: If `loops` is invalid, the model has no shared block, or a
             `SharedSequence` is not cycle-scheduled.
 
-    Example:
+    Examples:
         >>> import timm, torch, vitblocks
         >>> from vitblocks.layers import set_loops
         >>> model = timm.create_model("sret_t", img_size=64).eval()

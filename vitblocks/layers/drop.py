@@ -21,7 +21,7 @@ class DropPath(nn.Module):
     Raises:
         ValueError: For a rate outside [0, 1).
 
-    Example:
+    Examples:
         >>> import torch
         >>> drop = DropPath(0.25).train()
         >>> out = drop(torch.ones(1000, 3))

@@ -85,7 +85,7 @@ class EarlyExit(nn.Module):
     Raises:
         ValueError: For a bad threshold, weight or exit position.
 
-    Example:
+    Examples:
         >>> from vitblocks.layers import Recursive, TransformerBlock
         >>> layers = [Recursive(TransformerBlock(dim=8, num_heads=2), loops=3)]
         >>> head = torch.nn.Linear(8, 4)

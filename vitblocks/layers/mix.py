@@ -32,7 +32,7 @@ class NonLinearMix(nn.Module):
         device: Where the parameters live.
         dtype: Dtype of the parameters.
 
-    Example:
+    Examples:
         >>> import torch
         >>> mix = NonLinearMix(192)
         >>> mix(torch.randn(2, 49, 192)).shape

@@ -95,7 +95,7 @@ def parse_checkpointing(setting: CheckpointSetting, argument: str = "grad_checkp
     Raises:
         ValueError: For anything else.
 
-    Example:
+    Examples:
         >>> parse_checkpointing(True), parse_checkpointing("sqrt"), parse_checkpointing(False)
         (<CheckpointMode.LOOP: 'loop'>, <CheckpointMode.SQRT: 'sqrt'>, None)
     """

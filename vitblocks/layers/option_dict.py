@@ -20,7 +20,7 @@ def check_option_dict(setting: object, name: str, what: str, example: str, optio
     Raises:
         ValueError: Naming what is wrong and the options there are.
 
-    Example:
+    Examples:
         >>> check_option_dict({"threshold": 0.9}, "early_exit", "exit options", "{'threshold': 0.9}", ("threshold",))
     """
     if setting is None:

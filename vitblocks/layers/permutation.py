@@ -63,7 +63,7 @@ def random_permutation(
     Returns:
         int64 tensor of shape (num_tokens,).
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> a = random_permutation(5)
         >>> _ = torch.manual_seed(0)
@@ -90,7 +90,7 @@ def fixed_permutation(num_tokens: int, seed: int = 0, device: torch.device | Non
     Returns:
         int64 tensor of shape (num_tokens,).
 
-    Example:
+    Examples:
         >>> fixed_permutation(6, seed=1).sort().values.tolist()
         [0, 1, 2, 3, 4, 5]
     """
@@ -154,7 +154,7 @@ def cached_fixed_permutation(
     Returns:
         int64 tensor of shape (num_tokens,); do not modify it in place.
 
-    Example:
+    Examples:
         >>> cached_fixed_permutation(6, 1).equal(fixed_permutation(6, seed=1))
         True
     """

@@ -32,7 +32,7 @@ class ConvPool(nn.Module):
     Raises:
         ValueError: If `out_dim` is not a multiple of `in_dim`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> ConvPool(64, 128)(torch.randn(1, 64, 28, 28)).shape
         torch.Size([1, 128, 14, 14])

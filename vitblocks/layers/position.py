@@ -39,7 +39,7 @@ class PositionMap(nn.Module):
         device: Where the map lives.
         dtype: Dtype of the map.
 
-    Example:
+    Examples:
         >>> import torch
         >>> pos = PositionMap(64, 28)
         >>> pos(torch.zeros(1, 64, 48, 48)).shape

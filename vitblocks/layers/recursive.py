@@ -38,7 +38,7 @@ class Recursive(SharedStack):
         TypeError: If `block` or what `mix` gives is not an nn.Module, or the block's
             forward takes `loop` without its class declaring `loop_aware`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from vitblocks import NonLinearMix, Recursive, TransformerBlock
         >>> stage = Recursive(TransformerBlock(dim=192, num_heads=3), loops=2,

@@ -38,7 +38,7 @@ def compile_regions(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
     Raises:
         ValueError: If the model has no `Recursive` block (use `torch.compile(model)`).
 
-    Example:
+    Examples:
         >>> import timm, torch, vitblocks
         >>> model = compile_regions(timm.create_model("sret_t", img_size=64, loops=10, mix="shared"))
         >>> sum(block.compiled for block in model.modules() if isinstance(block, SharedStack))

@@ -57,7 +57,7 @@ class RelaxedBlock(NotScriptable, nn.Module):
             is negative or above a targeted linear's full rank, or a relaxation that
             finds nothing to relax in the block.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from vitblocks.layers import Recursive, RelaxedBlock, TransformerBlock
         >>> stage = Recursive(RelaxedBlock(TransformerBlock(dim=64, num_heads=2), loops=2, rank=4), loops=2)
@@ -164,7 +164,7 @@ def relax_recursion(model: nn.Module, relaxation: Relaxation | Mapping[str, Any]
     Raises:
         ValueError: If the model has no shared block, or from `Relaxation` / `RelaxedBlock`.
 
-    Example:
+    Examples:
         >>> import timm, vitblocks
         >>> from vitblocks.layers import relax_recursion
         >>> model = timm.create_model("sret_t", img_size=64)

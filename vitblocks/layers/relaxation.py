@@ -39,7 +39,7 @@ class Relaxation:
         ValueError: If `rank` is not an int >= 0 or "full", `targets` is empty, or a
             flag is not a bool.
 
-    Example:
+    Examples:
         >>> Relaxation.parse({"rank": 8, "targets": "qkv"})
         Relaxation(rank=8, targets=('qkv',), norms=False, biases=False, layer_scale=False)
     """

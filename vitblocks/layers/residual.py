@@ -81,7 +81,7 @@ def scaled_residual(
     Returns:
         The sum, in the dtype of `x` and `y` (the wider of them).
 
-    Example:
+    Examples:
         >>> x, y = torch.ones(2, 3), torch.full((2, 3), 2.0)
         >>> scaled_residual(x, torch.tensor([0.5]), y, torch.tensor([1.0]), torch.tensor([[1.0], [0.0]]))
         tensor([[2.5000, 2.5000, 2.5000],

@@ -182,7 +182,7 @@ def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:
     Returns:
         Their sum (already weighted by each layer's `balance`), or None if no layer has one.
 
-    Example:
+    Examples:
         >>> from vitblocks.layers import Recursive, TransformerBlock
         >>> block = TokenRouting(TransformerBlock(dim=8, num_heads=2), dim=8, loops=2, mode="token")
         >>> _ = Recursive(block, loops=2)(torch.randn(2, 5, 8))
@@ -221,7 +221,7 @@ class TokenRouting(NotScriptable, nn.Module):
         ValueError: For a bad capacity, mode, balance or `pinned`, or a routed loop whose
             attention slices tokens into groups.
 
-    Example:
+    Examples:
         >>> from vitblocks.layers import Recursive, TransformerBlock
         >>> routed = TokenRouting(TransformerBlock(dim=32, num_heads=2), dim=32, loops=3, capacity=0.5, pinned=1)
         >>> Recursive(routed, loops=3)(torch.randn(2, 17, 32)).shape

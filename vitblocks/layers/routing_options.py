@@ -37,7 +37,7 @@ def check_routing_options(routing: dict | None) -> None:
     Raises:
         ValueError: Naming what is wrong and the options there are.
 
-    Example:
+    Examples:
         >>> check_routing_options({"mode": "token", "balance": 0.01})
     """
     check_option_dict(routing, "routing", "token-routing options", "{'capacity': 0.5}", ROUTING_OPTIONS)
@@ -102,7 +102,7 @@ def routing_capacities(capacity: float | Sequence[float] | str | None, loops: in
     Raises:
         ValueError: For a capacity outside (0, 1], or a sequence whose length is not `loops`.
 
-    Example:
+    Examples:
         >>> routing_capacities(0.5, 3)
         (1.0, 0.5, 0.5)
         >>> routing_capacities((1.0, 0.5, 0.25), 3)
@@ -146,7 +146,7 @@ def check_routed_groups(capacities: Sequence[float], schedule: object, where: st
     Raises:
         ValueError: Naming the loop and the schedule that fits.
 
-    Example:
+    Examples:
         >>> from vitblocks.layers import GroupSchedule
         >>> check_routed_groups((1.0, 0.5), GroupSchedule.parse((4, 1)), "the block")
     """

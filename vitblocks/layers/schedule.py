@@ -22,7 +22,7 @@ class GroupSchedule:
     Attributes:
         counts: Positive group counts, one per loop (at least one).
 
-    Example:
+    Examples:
         >>> schedule = GroupSchedule.parse((8, 2))
         >>> schedule.at(0), schedule.at(1), schedule.at(5)
         (8, 2, 2)
@@ -115,7 +115,7 @@ class GroupSchedule:
         Raises:
             ValueError: Naming the schedule, the tokens, and what to change.
 
-        Example:
+        Examples:
             >>> GroupSchedule((8, 2)).check_fits(4, loop=1)
             >>> GroupSchedule((8, 2)).check_fits(4, where="a 2x2 map")
             Traceback (most recent call last):

@@ -35,7 +35,7 @@ class SharedSequence(SharedStack):
         ValueError: For an invalid assignment.
         TypeError: If a block or what `mix` gives is not an nn.Module.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from vitblocks.layers import SharedSequence, TransformerBlock
         >>> blocks = [TransformerBlock(dim=64, num_heads=2) for _ in range(3)]

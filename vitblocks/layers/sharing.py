@@ -46,7 +46,7 @@ def sharing_assignment(share: Sharing, num_positions: int, loops: int = 2, where
         ValueError: For an unknown name, or an explicit assignment of the wrong length,
             with an index out of range, or leaving a unique block unused.
 
-    Example:
+    Examples:
         >>> sharing_assignment("consecutive", 6), sharing_assignment("cycle", 6)
         ((0, 0, 1, 1, 2, 2), (0, 1, 2, 0, 1, 2))
     """
@@ -102,7 +102,7 @@ def is_consecutive(assignment: Sequence[int]) -> bool:
     Returns:
         True if each block is used in one run (it can then be a `Recursive`).
 
-    Example:
+    Examples:
         >>> is_consecutive((0, 0, 1, 1, 2)), is_consecutive((0, 1, 0, 1))
         (True, False)
     """
@@ -123,7 +123,7 @@ def runs_of(assignment: Sequence[int]) -> list[list[int]]:
     Returns:
         Positions per run.
 
-    Example:
+    Examples:
         >>> runs_of((0, 0, 1, 2, 2))
         [[0, 1], [2], [3, 4]]
     """
@@ -145,7 +145,7 @@ def loop_indices(assignment: Sequence[int]) -> tuple[int, ...]:
     Returns:
         The loop index of every position.
 
-    Example:
+    Examples:
         >>> loop_indices((0, 1, 2, 0, 1, 2))
         (0, 0, 0, 1, 1, 1)
     """

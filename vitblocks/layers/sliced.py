@@ -66,7 +66,7 @@ class SlicedGroupAttention(NotScriptable, nn.Module):
         ValueError: For a `dim` not divisible by `num_heads`, a bad `groups` schedule
             or an unknown policy; at call time, for more groups than patch tokens.
 
-    Example:
+    Examples:
         >>> import torch
         >>> attn = SlicedGroupAttention(dim=64, num_heads=2, groups=(8, 2))
         >>> attn(torch.randn(2, 196, 64), loop=1).shape

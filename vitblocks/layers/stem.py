@@ -20,7 +20,7 @@ def downsampled_size(size: tuple[int, int], stride: int) -> tuple[int, int]:
     Returns:
         (height, width) of the reduced map.
 
-    Example:
+    Examples:
         >>> downsampled_size((224, 224), 8), downsampled_size((100, 61), 8)
         ((28, 28), (13, 8))
     """
@@ -72,7 +72,7 @@ class ConvStem(nn.Module):
         device: Where the parameters live.
         dtype: Dtype of the parameters.
 
-    Example:
+    Examples:
         >>> import torch
         >>> ConvStem(3, 64)(torch.randn(1, 3, 224, 224)).shape
         torch.Size([1, 64, 28, 28])

@@ -50,7 +50,7 @@ def takes_img_size(name: str) -> bool:
         True for ViTs, SReT and other models built at a fixed size; False for models
         that run at any size and take no such argument (most CNNs).
 
-    Example:
+    Examples:
         >>> takes_img_size("sret_t"), takes_img_size("resnet18")
         (True, False)
     """

@@ -1,6 +1,6 @@
 """timm's DeiT-Tiny, PiT-Ti and Swin-T made recursive, registered with timm.
 
-Each variant builds its base model with timm and rewrites it with `make_recursive`::
+Each variant builds its base model with timm and rewrites it with `make_recursive`:
 
     model = timm.create_model("deit_tiny_rec_sliced_patch16_224", num_classes=10)
 

@@ -19,7 +19,7 @@ def registered_models(pattern: str = "*") -> list[str]:
     Returns:
         The names, sorted.
 
-    Example:
+    Examples:
         >>> import vitblocks
         >>> "sret_t" in registered_models() and "deit_tiny_patch16_224" not in registered_models()
         True

@@ -130,7 +130,7 @@ def did_you_mean(name: str, choices: Iterable[str], cutoff: float = 0.6, prefix:
         The hint, or `otherwise`. A choice that abbreviates the name by its words' initials
         (`lr` for `learning_rate`), or that the name abbreviates, comes first.
 
-    Example:
+    Examples:
         >>> did_you_mean("learning_rate", ["clip_grad", "weight_decay", "lr"], cutoff=0.3)
         '; did you mean lr or clip_grad?'
     """

@@ -24,7 +24,7 @@ def is_timm_dataset(name: str) -> bool:
     Returns:
         True for "wds/...", "hfds/...", "hfids/...", "tfds/..." and "torch/...".
 
-    Example:
+    Examples:
         >>> is_timm_dataset("wds/imagenet"), is_timm_dataset("imagefolder")
         (True, False)
     """

@@ -1,6 +1,6 @@
 """Recipes: loading a config from a recipe file, changing it, and its plain-data form.
 
-A recipe derived from another changes typed fields with `derive`::
+A recipe derived from another changes typed fields with `derive`:
 
     config = derive(load_recipe(RECIPES / "sret_t_imagenet.py"), model={"name": "sret_s"}, epochs=100)
 
@@ -91,7 +91,7 @@ def migrated(data: dict[str, Any]) -> dict[str, Any]:
     Returns:
         A copy in today's spelling.
 
-    Example:
+    Examples:
         >>> old = {"model": {"name": "sret_t", "kwargs": {"backend": "math"}, "backend": "auto"}}
         >>> new = migrated(old)["model"]
         >>> new["backend"], new["kwargs"]
@@ -218,7 +218,7 @@ def check_allowed_fields(names: Iterable[str], config: TrainConfig) -> tuple[str
     Raises:
         ConfigError: For a name that is no field, with the closest ones.
 
-    Example:
+    Examples:
         >>> check_allowed_fields(["seed", "model.kwargs.drop_path_rate"], TrainConfig())
         ('seed', 'model.kwargs.drop_path_rate')
     """
@@ -259,7 +259,7 @@ def derive_recipe(recipe_file: str | Path, base: str, overrides: list[str]) -> T
     Returns:
         The base recipe's config with the overrides applied.
 
-    Example:
+    Examples:
         >>> config = derive_recipe("recipes/sret_lt.py", "sret_pit.py", ["model.name=sret_lt"])
         >>> config.model.name, config.schedule.warmup_epochs
         ('sret_lt', 30)
@@ -288,7 +288,7 @@ def derive(config: TrainConfig, **changes: Any) -> TrainConfig:
     Raises:
         ConfigError: For an unknown field (with the closest valid ones) or a bad value.
 
-    Example:
+    Examples:
         >>> base = load_recipe("recipes/sret_t_imagenet.py")
         >>> config = derive(base, model={"name": "sret_lt"}, epochs=100)
         >>> config.model.name, config.epochs, config.schedule.warmup_epochs

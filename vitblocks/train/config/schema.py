@@ -1,6 +1,6 @@
 """The training configuration's schema: one typed dataclass per section, fields with their rules.
 
-A recipe is a Python file that assigns a `TrainConfig` to the name `config`::
+A recipe is a Python file that assigns a `TrainConfig` to the name `config`:
 
     from vitblocks.train import TrainConfig, DataConfig
     config = TrainConfig(model=ModelConfig("sret_t"), data=DataConfig(root="/data/imagenet"))

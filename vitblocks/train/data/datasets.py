@@ -51,7 +51,7 @@ def split_folder(root: str | Path, split: str) -> Path:
         E.g. `root/validation` for a tree made for timm's scripts; `root/<split>` when
         none exists.
 
-    Example:
+    Examples:
         >>> split_folder("/nowhere", "val").name
         'val'
     """
@@ -181,7 +181,7 @@ def sample_form(config: TrainConfig) -> str:
     Returns:
         "tensors", "uint8" or "bytes".
 
-    Example:
+    Examples:
         >>> from vitblocks.train import DataConfig, TrainConfig
         >>> sample_form(TrainConfig(data=DataConfig(dataset="imagefolder", root="data")))
         'uint8'

@@ -89,7 +89,7 @@ def as_rgb8(image: torch.Tensor) -> torch.Tensor:
     Returns:
         (3, H, W) uint8.
 
-    Example:
+    Examples:
         >>> as_rgb8(torch.full((2, 3, 4, 4), 65535, dtype=torch.uint16)).unique().tolist()
         [255]
     """

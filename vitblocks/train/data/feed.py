@@ -68,7 +68,7 @@ def default_workers(processes_per_node: int = 1, cpus: int | None = None) -> int
     Returns:
         The worker count.
 
-    Example:
+    Examples:
         >>> default_workers(8, cpus=96), default_workers(1, cpus=2)
         (11, 1)
     """
@@ -161,7 +161,7 @@ def batch_count(samples: int, batch_size: int, drop_last: bool) -> int:
     Returns:
         The count.
 
-    Example:
+    Examples:
         >>> batch_count(10, 4, drop_last=True), batch_count(10, 4, drop_last=False)
         (2, 3)
     """
@@ -219,7 +219,7 @@ def feed_for(config: TrainConfig, train: bool) -> Feed:
     Returns:
         The feed.
 
-    Example:
+    Examples:
         >>> from vitblocks.train import DataConfig, TrainConfig
         >>> feed_for(TrainConfig(data=DataConfig(dataset="synthetic")), train=True).normalize is None
         True

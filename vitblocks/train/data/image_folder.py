@@ -54,7 +54,7 @@ def is_image(name: str) -> bool:
     Returns:
         Whether its suffix is an image suffix.
 
-    Example:
+    Examples:
         >>> is_image("a.JPEG"), is_image("labels.txt")
         (True, False)
     """
@@ -73,7 +73,7 @@ def class_order(name: str) -> tuple[list[int | str], str]:
     Returns:
         The key.
 
-    Example:
+    Examples:
         >>> sorted(["c10", "c2", "C1"], key=class_order)
         ['C1', 'c2', 'c10']
     """

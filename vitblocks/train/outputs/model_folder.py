@@ -11,7 +11,7 @@ into its output folder and at each new best into `best/` beside it:
                             std, crop and interpolation, and the class names in label
                             order (`label_names`)
 
-so that, with nothing else known::
+so that, with nothing else known:
 
     model = timm.create_model("local-dir:runs/quickstart", pretrained=True)
     model = timm.create_model("local-dir:runs/quickstart/best", pretrained=True)

@@ -114,7 +114,7 @@ def resume_changes(saved: dict[str, Any], current: dict[str, Any], identity: dic
     Returns:
         The changes, one per field; empty when the run continues the checkpoint's.
 
-    Example:
+    Examples:
         >>> saved = {"config": {"seed": 0, "model": {"name": "sret_t", "kwargs": {"embed_dims": [8, 16]}}}}
         >>> now = {"seed": 1, "model": {"name": "sret_t", "kwargs": {"embed_dims": (8, 16)}}}
         >>> print(*[change.field for change in resume_changes(saved, now)])

@@ -103,7 +103,7 @@ class RunFolder:
     Args:
         path: The output folder.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> folder = RunFolder(tempfile.mkdtemp())
         >>> folder.write_metrics([{"epoch": 1, "val_top1": 50.0}])

@@ -52,7 +52,7 @@ class RunLock:
     Args:
         output_dir: The run folder (created if needed).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> with RunLock(tempfile.mkdtemp()) as lock:
         ...     lock.holder()["pid"] == os.getpid()

@@ -61,7 +61,7 @@ def listed(names: list[str], limit: int = 6) -> str:
     Returns:
         E.g. "c1, c2, c10, ...".
 
-    Example:
+    Examples:
         >>> listed(["a", "b", "c"], 2), listed(["a"])
         ('a, b, ...', 'a')
     """

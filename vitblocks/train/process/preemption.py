@@ -81,7 +81,7 @@ def describe_worker_death(text: str) -> str:
     Returns:
         E.g. "loader worker pid 1234 was killed by SIGKILL (most likely the out-of-memory killer: ...)".
 
-    Example:
+    Examples:
         >>> describe_worker_death("DataLoader worker (pid 7) is killed by signal: Bus error. ")[:47]
         'loader worker pid 7 was killed by SIGBUS (most '
     """
@@ -178,7 +178,7 @@ class StopSignals:
         at_once: Raise `StopRequested` on a stop signal instead of recording it (start-up,
             where there is no step to finish); settable while entered.
 
-    Example:
+    Examples:
         >>> with StopSignals() as stop:
         ...     stop.received is None
         True

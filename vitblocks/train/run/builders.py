@@ -1,7 +1,7 @@
 """The parts of a training run, each built from the config by one function.
 
 `Trainer` calls these for every part it is not handed, and `vitblocks.eval` reuses
-them, so a part can be built, tested or replaced on its own::
+them, so a part can be built, tested or replaced on its own:
 
     model = build_model(config, device)
     data = build_data(config, runtime)

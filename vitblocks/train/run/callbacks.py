@@ -3,7 +3,7 @@
 The `Trainer` calls every callback's hooks in order, each with the run's `RunView`
 (`vitblocks.train.run.hooks`): what a callback may read and do, not the trainer itself. The default list
 (`default_callbacks`) stops a run whose loss is no longer finite, checkpoints mid-epoch
-on a cadence, evaluates the EMA weights, and logs metrics. Add your own::
+on a cadence, evaluates the EMA weights, and logs metrics. Add your own:
 
     class PrintLr(Callback):
         def on_step_end(self, run):

@@ -44,7 +44,7 @@ def describe_compile(value: Any, device: torch.device) -> str:
     Returns:
         E.g. "compile=none (model.compile='auto' on cuda: eager until a GPU run has timed the modes)".
 
-    Example:
+    Examples:
         >>> describe_compile(True, torch.device("cpu"))
         'compile=model (model.compile=True)'
     """

@@ -67,7 +67,7 @@ class Trainer:
         log_all_ranks: Show the log records of every process, not only the main one's
             (see `vitblocks.train.process.logs`).
 
-    Example:
+    Examples:
         >>> from vitblocks.train import Trainer, load_recipe
         >>> trainer = Trainer(load_recipe("recipes/quickstart.py"))  # doctest: +SKIP
         >>> trainer.fit()  # doctest: +SKIP

@@ -22,7 +22,7 @@ def autocast_for(precision: str, device_type: str) -> contextlib.AbstractContext
     Raises:
         ValueError: For another precision.
 
-    Example:
+    Examples:
         >>> with autocast_for("bf16", "cpu"):
         ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
         torch.bfloat16
