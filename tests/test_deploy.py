@@ -344,3 +344,25 @@ def test_the_run_folder_describes_the_preprocessing_the_digits_were_trained_with
         from_files, from_training = model(files).argmax(-1), model(trained).argmax(-1)
     assert (from_files == from_training).float().mean() >= 0.98
     assert abs((from_files == labels).float().mean() - (from_training == labels).float().mean()) <= 0.01
+
+
+def test_eval_names_the_data_split_and_image_count_it_scored(run, capsys):
+    from vitblocks import eval as evaluation
+
+    assert evaluation.main([str(run / "best.pth")]) == 0
+    out = capsys.readouterr().out
+    assert "scoring sret_t on 359 images: the validation split (20%) of scikit-learn's digits" in out
+    assert "top-1 " in out.splitlines()[-1]
+
+
+def test_summary_takes_a_run_folder(run, tmp_path, capsys):
+    from vitblocks import summary
+
+    params = sum(p.numel() for p in load_source(run).model.parameters())
+    for spec in (str(run), f"local-dir:{run}"):
+        summary.main([spec])
+        out = capsys.readouterr().out
+        total = next(line for line in out.splitlines() if line.startswith("total"))
+        assert f"local-dir:{run} @ 32x32" in out and total.split()[1] == f"{params:,}", out
+    with pytest.raises(SystemExit, match="holds no config.json: give a run folder the trainer wrote"):
+        summary.main([str(tmp_path)])

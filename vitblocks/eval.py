@@ -277,6 +277,7 @@ def _evaluate(config: TrainConfig, weights: dict[str, torch.Tensor], checkpoint:
     except DataError as error:
         raise DataError(error.problem, "Give the dataset root with --data /path/to/dataset (it needs a val/ "
                                        "folder of class folders), or change the stored config with --set.") from None
+    logger.info(f"scoring {config.model.name} on {len(data.val_set)} images: {validation_data(config)}")
     precision = config.precision
     if precision == "fp16" and device.type != "cuda":
         logger.info("the run's precision fp16 needs a CUDA device: evaluating in fp32 (--set precision=bf16 for bf16)")
@@ -288,6 +289,30 @@ def _evaluate(config: TrainConfig, weights: dict[str, torch.Tensor], checkpoint:
     if counted:
         metrics.update(applications=counted[-1].positions_run(), positions=counted[-1].positions)
     return metrics
+
+
+def validation_data(config: TrainConfig) -> str:
+    """Which data and split a config's validation images come from, for the evaluation's report.
+
+    Args:
+        config: The config the data is built from.
+
+    Returns:
+        E.g. "the validation split (20%) of scikit-learn's digits" or a folder's path.
+
+    Examples:
+        >>> from vitblocks.train import DataConfig, TrainConfig
+        >>> validation_data(TrainConfig(data=DataConfig(dataset="digits", val_fraction=0.2)))
+        "the validation split (20%) of scikit-learn's digits"
+    """
+    data = config.data
+    if data.dataset == "digits":
+        return f"the validation split ({data.val_fraction:.0%}) of scikit-learn's digits"
+    if data.dataset == "synthetic":
+        return "synthetic validation images"
+    if data.dataset == "imagefolder":
+        return f"the validation split {split_folder(Path(data.root), 'val')}"
+    return f"the validation split of {data.dataset} at {data.root}"
 
 
 def trained_model(config: TrainConfig, weights: dict[str, torch.Tensor], checkpoint: str) -> torch.nn.Module:

@@ -259,6 +259,13 @@ def update_between_markers(path: str | Path, table: str, markers: tuple[str, str
 def _resolve(patterns: list[str], tags: bool = False) -> list[str]:
     names = []
     for pattern in patterns:
+        if pattern.startswith("local-dir:") or Path(pattern).is_dir():
+            folder = Path(pattern.removeprefix("local-dir:"))
+            if not (folder / "config.json").is_file():
+                raise SystemExit(f"error: {folder} holds no config.json: give a run folder the trainer wrote (its "
+                                 "config.json describes the model), or a registered model name")
+            names.append(f"local-dir:{folder}")
+            continue
         found = timm.list_models(pattern) if any(c in pattern for c in "*?[") else [pattern]
         if tags and found and all(timm.is_model(n) for n in found):
             found = [tagged for n in found for tagged in (timm.list_models(n, include_tags=True) or [n])]
@@ -303,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     from vitblocks.models.create import create_model_at_size
 
     parser = argparse.ArgumentParser(prog="python -m vitblocks.summary", description=__doc__.split("\n")[0])
-    parser.add_argument("models", nargs="+", help="model names or glob patterns, e.g. sret_t or 'sret*'")
+    parser.add_argument("models", nargs="+", help="model names, glob patterns or run folders, e.g. sret_t, 'sret*', "
+                                                  "runs/quickstart or local-dir:runs/quickstart")
     parser.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's)")
     parser.add_argument("--zoo", action="store_true", help="one markdown row per model instead of per-part tables")
     parser.add_argument("--tags", action="store_true", help="with --zoo: one row per pretrained tag (model.tag)")
