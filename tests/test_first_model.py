@@ -40,3 +40,21 @@ def test_the_end_of_run_summary_lists_best_and_last(tmp_path):
     (tmp_path / "best.pth").write_bytes(b"")
     assert folder.summary_files([])["checkpoints"] == f"{tmp_path / 'best.pth'} (best top-1), " \
                                                       f"{tmp_path / 'last.pth'} (last epoch)"
+
+
+def test_tracing_records_no_input_check_as_a_warning():
+    """torch.jit.trace warns on every Python bool taken from a traced shape; the input checks skip under a trace.
+
+    What still warns is the group layout computed from the token count (a constant of the traced size by design)
+    and the position map's fast path."""
+    import warnings
+
+    import timm
+
+    model = timm.create_model("sret_t", img_size=64).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.jit.trace(model, torch.randn(1, 3, 64, 64))
+    sources = {w.filename.split("/vitblocks/")[-1] for w in caught
+               if issubclass(w.category, torch.jit.TracerWarning) and "/vitblocks/" in w.filename}
+    assert sources <= {"attention/groups.py", "layers/position.py"}, sources

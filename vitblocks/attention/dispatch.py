@@ -236,7 +236,8 @@ def group_attention(
         >>> group_attention(q, q, q, groups=4, backend="math").shape
         torch.Size([2, 10, 3, 8])
     """
-    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+    tracing = torch.jit.is_tracing()  # a trace records no check (and would warn on each)
+    if not tracing and (q.dim() != 4 or k.shape != q.shape or v.shape != q.shape):
         raise ValueError(
             "q, k and v must share one shape (batch, tokens, heads, head_dim); got "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
@@ -249,7 +250,7 @@ def group_attention(
                 f"{error}. group_attention takes (batch, tokens, heads, head_dim) tensors and got "
                 f"{tuple(q.shape)}; if yours are (batch, heads, tokens, head_dim), pass q.transpose(1, 2)"
             ) from None
-    elif groups.num_prefix_tokens + groups.num_tokens != q.shape[1]:
+    elif not tracing and groups.num_prefix_tokens + groups.num_tokens != q.shape[1]:
         raise ValueError(
             f"groups describe {groups.num_prefix_tokens} + {groups.num_tokens} tokens "
             f"but the input has {q.shape[1]}"

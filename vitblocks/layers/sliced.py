@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -166,7 +167,8 @@ class SlicedGroupAttention(NotScriptable, nn.Module):
         Raises:
             ValueError: If the loop's group count exceeds the patch tokens.
         """
-        self.schedule.check_fits(num_tokens, where="patch tokens", loop=loop)
+        if not torch.jit.is_tracing():  # a trace records no check
+            self.schedule.check_fits(num_tokens, where="patch tokens", loop=loop)
         num_groups = self.groups_at(loop)
         perm = self.permutation_at(num_tokens, loop, device)
         if perm is None:
@@ -245,7 +247,7 @@ def sliced_attention_forward(
     """
     if attn_mask is not None or is_causal:
         raise ValueError(_NO_MASK)
-    if x.dim() != 3 or x.shape[-1] != attn.qkv.in_features:
+    if not torch.jit.is_tracing() and (x.dim() != 3 or x.shape[-1] != attn.qkv.in_features):
         raise ValueError(f"SlicedGroupAttention expects tokens of shape (batch, tokens, {attn.qkv.in_features}), "
                          f"got {tuple(x.shape)}; flatten a (B, C, H, W) map with x.flatten(2).transpose(1, 2)")
     if loop < 0:
@@ -258,9 +260,13 @@ def sliced_attention_forward(
         x = permute_tokens_with_inverse(x, plan.perm, plan.inverse, attn.num_prefix_tokens)
     q, k, v = attn.qkv(x).reshape(batch, length, 3, attn.num_heads, attn.head_dim).unbind(2)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    with warnings.catch_warnings():
+        # a trace holds the group layout of its input size as constants, which is what tracing means
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        groups = TokenGroups(num_tokens, plan.num_groups, attn.num_prefix_tokens)
     x = group_attention(
         q, k, v,
-        TokenGroups(num_tokens, plan.num_groups, attn.num_prefix_tokens),
+        groups,
         scale=attn.scale,
         dropout_p=attn.attn_drop if attn.training else 0.0,
         backend=attn.backend,

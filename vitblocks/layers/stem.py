@@ -43,7 +43,7 @@ def checked_images(x: torch.Tensor, in_chans: int) -> torch.Tensor:
     Raises:
         ValueError: If `x` is not (B, in_chans, H, W), naming its shape and the fix.
     """
-    if x.ndim == 4 and x.shape[1] == in_chans:
+    if torch.jit.is_tracing() or (x.ndim == 4 and x.shape[1] == in_chans):  # a trace records no check
         return x
     expected = f"images of shape (batch, {in_chans}, height, width), got {tuple(x.shape)}"
     if x.ndim == 3 and x.shape[0] == in_chans:
