@@ -21,6 +21,14 @@ def test_a_mix_class_that_needs_arguments_is_refused_with_the_factory_to_write_i
     assert len(stage.mix) == 2 and stage(torch.randn(2, 17, 32)).shape == (2, 17, 32)
 
 
+def test_a_group_schedule_longer_than_the_loops_is_refused(block):
+    with pytest.raises(ValueError, match=r"attn has groups=\(4, 2\), one count per loop for 2 loops, but Recursive "
+                                         r"runs 1: give groups=\(4,\) or loops=2"):
+        Recursive(block, loops=1)
+    assert Recursive(block, loops=3).loops == 3  # shorter than the loops: the last count repeats, as documented
+    assert Recursive(block, loops=1, check_groups=False).loops == 1  # a stage-wide schedule, as SReT's stages
+
+
 def test_a_block_names_the_shape_it_takes(block):
     with pytest.raises(ValueError, match=r"takes tokens of shape \(batch, tokens, 32\), got \(2, 32, 4, 4\): "
                                          r"flatten a feature map first"):

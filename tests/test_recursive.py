@@ -32,7 +32,7 @@ def test_one_loop_equals_the_block(heads, n, schedule):
     schedule = tuple(min(g, n) for g in schedule)
     block = TransformerBlock(dim, heads, groups=schedule).eval()
     x = torch.randn(2, n, dim)
-    assert Recursive(block, loops=1)(x).equal(block(x))
+    assert Recursive(block, loops=1, check_groups=False)(x).equal(block(x))
 
 
 def test_loops_apply_the_block_repeatedly_with_their_index():

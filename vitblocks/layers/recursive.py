@@ -6,6 +6,7 @@ from torch import nn
 
 from vitblocks.layers.loop import check_loop_count
 from vitblocks.layers.modes import CheckpointSetting
+from vitblocks.layers.schedule import GroupSchedule
 from vitblocks.layers.shared_stack import MixSpec, SharedStack, check_block
 
 
@@ -32,9 +33,13 @@ class Recursive(SharedStack):
             that are checkpointed as a whole (nested checkpointing), so memory grows
             with sqrt(loops) at the cost of one more forward pass; for very deep
             recursion.
+        check_groups: Refuse a block whose group schedule names more loops than `loops`
+            (its extra counts would never be used). Pass False where one stage-wide
+            schedule serves blocks of several loop counts, as SReT's stages do.
 
     Raises:
-        ValueError: If `loops` is not an int >= 1 or `grad_checkpointing` is unknown.
+        ValueError: If `loops` is not an int >= 1, `grad_checkpointing` is unknown, or
+            (with `check_groups`) a group schedule is longer than the loops.
         TypeError: If `block` or what `mix` gives is not an nn.Module, or the block's
             forward takes `loop` without its class declaring `loop_aware`.
 
@@ -53,9 +58,12 @@ class Recursive(SharedStack):
         loops: int = 2,
         mix: MixSpec = None,
         grad_checkpointing: CheckpointSetting = False,
+        check_groups: bool = True,
     ) -> None:
         check_block(block)
         check_loop_count(loops)
+        if check_groups:
+            check_schedules_fit(block, loops)
         super().__init__([block], (0,) * loops, mix, grad_checkpointing)
 
     def _store_block(self, index: int, block: nn.Module) -> None:
@@ -88,3 +96,23 @@ class Recursive(SharedStack):
     def _describe_positions(self) -> tuple[str, str]:
         return f"loops={self.loops}", "per-loop"
 
+
+def check_schedules_fit(block: nn.Module, loops: int) -> None:
+    """Refuse a block whose group schedule names more loops than it will run.
+
+    A schedule shorter than the loops repeats its last entry (the documented rule); a
+    longer one would silently never use its extra entries.
+
+    Args:
+        block: The block to repeat.
+        loops: Its applications.
+
+    Raises:
+        ValueError: Naming the layer, its schedule and the two ways to make them agree.
+    """
+    for name, module in block.named_modules():
+        schedule = getattr(module, "schedule", None)
+        if isinstance(schedule, GroupSchedule) and len(schedule.counts) > loops:
+            counts = schedule.counts
+            raise ValueError(f"{name or 'the block'} has groups={counts}, one count per loop for {len(counts)} "
+                             f"loops, but Recursive runs {loops}: give groups={counts[:loops]} or loops={len(counts)}")

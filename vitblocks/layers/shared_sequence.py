@@ -101,5 +101,7 @@ def shared_layers(
         The layers, in order.
     """
     if is_consecutive(assignment):
-        return [Recursive(unique_block(assignment[run[0]]), loops=len(run), mix=mix()) for run in runs_of(assignment)]
+        # a stage-wide group schedule serves runs of every length here
+        return [Recursive(unique_block(assignment[run[0]]), loops=len(run), mix=mix(), check_groups=False)
+                for run in runs_of(assignment)]
     return [SharedSequence([unique_block(u) for u in range(max(assignment) + 1)], assignment, mix=mix())]

@@ -260,9 +260,12 @@ def sliced_attention_forward(
         x = permute_tokens_with_inverse(x, plan.perm, plan.inverse, attn.num_prefix_tokens)
     q, k, v = attn.qkv(x).reshape(batch, length, 3, attn.num_heads, attn.head_dim).unbind(2)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    with warnings.catch_warnings():
-        # a trace holds the group layout of its input size as constants, which is what tracing means
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+    if torch.jit.is_tracing():
+        with warnings.catch_warnings():
+            # a trace holds the group layout of its input size as constants, which is what tracing means
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            groups = TokenGroups(num_tokens, plan.num_groups, attn.num_prefix_tokens)
+    else:
         groups = TokenGroups(num_tokens, plan.num_groups, attn.num_prefix_tokens)
     x = group_attention(
         q, k, v,
