@@ -25,18 +25,13 @@ from vitblocks import export
 from vitblocks.deploy.formats import load_artifact
 from vitblocks.deploy.source import load_source
 from vitblocks.train import Trainer, derive, load_recipe
-from vitblocks.train.config.recipe import apply_overrides
-from vitblocks.train.run.builders import build_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def labelled_validation(run: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Every preprocessed image of a run's validation split, with its label."""
-    source = load_source(run)
-    config = apply_overrides(source.config, ["data.workers=0"])
-    data = build_data(config, train=False, classes=source.classes)
-    images, labels = zip(*[(x.float(), y) for x, y in data.val_loader(torch.device("cpu"))])
+    images, labels = zip(*load_source(run).validation_batches())
     return torch.cat(images), torch.cat(labels)
 
 

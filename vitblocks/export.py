@@ -21,7 +21,15 @@ from pathlib import Path
 import torch
 
 from vitblocks.deploy.errors import DeployError
-from vitblocks.deploy.formats import FORMATS, MAX_BATCH, OTHER_FORMAT, check_exportable, export_model, load_artifact
+from vitblocks.deploy.formats import (
+    FORMATS,
+    MAX_BATCH,
+    OTHER_FORMAT,
+    check_exportable,
+    check_format,
+    export_model,
+    load_artifact,
+)
 from vitblocks.deploy.images import decoded_batches, list_images
 from vitblocks.deploy.manifest import compare, manifest_path, write_manifest
 from vitblocks.deploy.source import Source, load_source
@@ -97,8 +105,7 @@ def run(spec: str, fmt: str, output: str | None = None, batch: int | None = None
         DeployError: For anything that cannot be exported as asked (before any file is
             written), or an artifact that is written but does not run (it is removed).
     """
-    if fmt not in FORMATS:
-        raise DeployError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    check_format(fmt)  # before the model is read
     if batch is not None and not 1 <= batch <= MAX_BATCH:
         raise DeployError(f"--batch must be 'dynamic' or a batch size from 1 to {MAX_BATCH}, got {batch}")
     if check_images < 1 or calibration_count < 1:

@@ -14,7 +14,6 @@ them.
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable
@@ -27,6 +26,7 @@ from vitblocks.deploy.errors import DeployError
 from vitblocks.deploy.int8 import check_int8_available, quantize_int8
 from vitblocks.io import replacing
 from vitblocks.layers.early_exit import EarlyExit
+from vitblocks.train.process.logs import quieted
 
 FORMATS = {"onnx": "model.onnx", "pt2": "model.pt2", "int8": "model_int8.pt2"}
 """Each format's artifact file name."""
@@ -43,6 +43,19 @@ Logits = Callable[[torch.Tensor], torch.Tensor]
 OTHER_FORMAT = {"onnx": "pt2", "pt2": "onnx", "int8": "pt2"}
 
 
+def check_format(fmt: str) -> None:
+    """Refuse a format that is not one of `FORMATS`.
+
+    Args:
+        fmt: The format asked for.
+
+    Raises:
+        DeployError: Naming the formats there are.
+    """
+    if fmt not in FORMATS:
+        raise DeployError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+
+
 def check_exportable(model: nn.Module, fmt: str) -> None:
     """Refuse, before anything is traced, a format or model that cannot be exported.
 
@@ -54,8 +67,7 @@ def check_exportable(model: nn.Module, fmt: str) -> None:
         DeployError: For an unknown format, int8 without torchao or off x86, or a model
             whose early exits stop images (its batch shrinks by the data).
     """
-    if fmt not in FORMATS:
-        raise DeployError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    check_format(fmt)
     exits = [m for m in model.modules() if isinstance(m, EarlyExit) and m.threshold <= 1]
     if exits:
         raise DeployError(f"the model stops confident images early (exit threshold {exits[0].threshold}): the batch "
@@ -182,19 +194,15 @@ def _load(path: str, fmt: str) -> Logits:
             raise DeployError(f"{path} cannot be loaded by onnxruntime: {' '.join(str(error).split())[:200]}") from None
         name = session.get_inputs()[0].name
         return lambda images: torch.from_numpy(session.run(None, {name: images.contiguous().numpy()})[0])
-    # torch's C++-extension module logs that it found no CUDA runtime when a CPU package loads
-    extension_log = logging.getLogger("torch.utils.cpp_extension")
-    level = extension_log.level
-    extension_log.setLevel(logging.ERROR)
     try:
-        from torch._inductor import aoti_load_package
+        # torch's C++-extension module logs that it found no CUDA runtime when a CPU package loads
+        with quieted("torch.utils.cpp_extension"):
+            from torch._inductor import aoti_load_package
 
-        package = aoti_load_package(path)
+            package = aoti_load_package(path)
     except Exception as error:  # noqa: BLE001 - the loader's own error types
         raise DeployError(f"{path} cannot be loaded as an AOTInductor package: "
                           f"{' '.join(str(error).split())[:200]}") from None
-    finally:
-        extension_log.setLevel(level)
 
     def run(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -11,7 +11,6 @@ the CPU has them). Without freezing the pairs stay and the model is slower than 
 from __future__ import annotations
 
 import functools
-import logging
 import platform
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from vitblocks.deploy.errors import DeployError
+from vitblocks.train.process.logs import quieted
 
 X86 = ("x86_64", "amd64", "i386", "i686")
 
@@ -42,15 +42,9 @@ def check_int8_available() -> None:
 
 
 def _quantization_api() -> tuple[Any, Any, Any]:
-    # torchao logs a deprecation note of torch's pytree on import; it says nothing about this use
-    pytree_log = logging.getLogger("torch.utils._pytree")
-    level = pytree_log.level
-    pytree_log.setLevel(logging.ERROR)
-    try:
+    with quieted("torch.utils._pytree"):  # torchao's import logs a deprecation note of torch's pytree
         import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    finally:
-        pytree_log.setLevel(level)
     return x86, prepare_pt2e, convert_pt2e
 
 

@@ -14,6 +14,7 @@ against and calibrate int8 with.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,8 @@ class Source:
     preprocessing: dict[str, Any]
     classes: list[str]
     config: TrainConfig | None = None
+    _read: torch.Tensor | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    _split_ends: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
 
     @property
     def img_size(self) -> int:
@@ -93,17 +96,35 @@ class Source:
             torch.randn(skip, *self.preprocessing["input_size"], generator=generator)  # not the calibration images
         return torch.randn(count, *self.preprocessing["input_size"], generator=generator), f"random images ({reason})"
 
-    def _validation_images(self, count: int) -> torch.Tensor:
+    def validation_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The run's validation split, preprocessed, in its order, with labels (read here, no loader workers).
+
+        Yields:
+            Batches of float32 images (N, 3, H, W) and their labels (N,).
+
+        Raises:
+            DeployError: For a model name, which has no data.
+            DataError: If the run's data cannot be read here.
+        """
+        if self.config is None:
+            raise DeployError(f"{self.origin} has no validation data: give a run folder or a checkpoint")
         config = apply_overrides(self.config, ["data.workers=0"])
-        data = build_data(config, train=False, classes=self.classes)
-        taken: list[torch.Tensor] = []
-        for images, _ in data.val_loader(torch.device("cpu")):
-            taken.append(images.float())
-            if sum(len(t) for t in taken) >= count:
-                break
-        if not taken:
-            raise DataError(f"the validation split of {config.data.dataset} is empty")
-        return torch.cat(taken)[:count]
+        for images, labels in build_data(config, train=False, classes=self.classes).val_loader(torch.device("cpu")):
+            yield images.float(), labels
+
+    def _validation_images(self, count: int) -> torch.Tensor:
+        # the first `count` images of the split, read once per source however often asked for
+        if self._read is None or (len(self._read) < count and not self._split_ends):
+            taken: list[torch.Tensor] = []
+            for images, _ in self.validation_batches():
+                taken.append(images)
+                if sum(len(t) for t in taken) >= count:
+                    break
+            if not taken:
+                raise DataError(f"the validation split of {self.config.data.dataset} is empty")
+            self._read = torch.cat(taken)
+            self._split_ends = len(self._read) < count
+        return self._read[:count]
 
 
 def load_source(spec: str | Path, ema: bool = False) -> Source:

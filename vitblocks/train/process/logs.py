@@ -10,8 +10,10 @@ root configuration does not print them twice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 
 logger = logging.getLogger("vitblocks.train")
 
@@ -66,3 +68,22 @@ def listed(names: list[str], limit: int = 6) -> str:
         ('a, b, ...', 'a')
     """
     return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+@contextlib.contextmanager
+def quieted(name: str) -> Iterator[None]:
+    """Let a library's logger say only errors for a while (notes it logs that say nothing about our use).
+
+    Args:
+        name: The logger, e.g. "torch.utils.cpp_extension".
+
+    Yields:
+        Nothing; the level is restored on exit.
+    """
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
