@@ -366,3 +366,19 @@ def test_summary_takes_a_run_folder(run, tmp_path, capsys):
         assert f"local-dir:{run} @ 32x32" in out and total.split()[1] == f"{params:,}", out
     with pytest.raises(SystemExit, match="holds no config.json: give a run folder the trainer wrote"):
         summary.main([str(tmp_path)])
+
+
+def test_the_check_passes_over_only_the_runs_own_calibration_images(run, photos, tmp_path, monkeypatch):
+    """Calibrated on the run's split, the check takes the images after those; on a folder, the split from its start."""
+    def written(model, fmt, path, *args, **kwargs):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+        return path
+
+    monkeypatch.setattr(export, "export_model", written)  # the check's choice of images, not the compile
+    monkeypatch.setattr(export, "load_artifact", lambda *args, **kwargs: load_source(run).model)
+    own = export.run(str(run), "int8", str(tmp_path / "own"), check_images=359)
+    folder = export.run(str(run), "int8", str(tmp_path / "folder"), check_images=359, calibration_folder=str(photos[0]))
+    assert own["check"]["data"].endswith("overlapping the calibration images: the split holds 359")
+    assert folder["check"]["data"] == "the run's validation split (digits)" and folder["check"]["images"] == 359
+    assert folder["calibration"]["images"] == 24 and own["calibration"]["images"] == 256

@@ -117,13 +117,15 @@ def run(spec: str, fmt: str, output: str | None = None, batch: int | None = None
         set_exit_threshold(source.model, exit_threshold)
     check_exportable(source.model, fmt)
     folder = Path(output) if output else default_output(spec)
+    # the run's images after those int8 calibrates on when it takes the run's own (where the split holds
+    # enough), read first: the calibration images then come from the same read of the split
+    own_calibration = fmt == "int8" and calibration_folder is None
+    images, origin = source.images(check_images, skip=calibration_count if own_calibration else 0)
     calibration = None
     batches: list[torch.Tensor] = []
     if fmt == "int8":
-        batches, origin = calibration_images(source, calibration_count, calibration_folder)
-        calibration = {"images": sum(len(b) for b in batches), "data": origin}
-    # the run's images after the calibration images, where the split holds enough
-    images, origin = source.images(check_images, skip=calibration["images"] if calibration else 0)
+        batches, calibration_origin = calibration_images(source, calibration_count, calibration_folder)
+        calibration = {"images": sum(len(b) for b in batches), "data": calibration_origin}
     example = torch.randn(batch or 2, *source.preprocessing["input_size"])
     target = folder / FORMATS[fmt]
     manifest_path(target).unlink(missing_ok=True)  # a new artifact never sits beside the last one's manifest
