@@ -318,7 +318,7 @@ def stage_attention(setup: Setup, rows: Rows) -> None:
                for _ in range(3)]
         grad = torch.randn_like(qkv[0])
         fns = {}
-        for backend in available_backends(setup.device, setup.dtype):
+        for backend in available_backends(setup.device, setup.dtype, head_dim):
             fns[backend] = _attention_call(qkv, groups, prefix, backend, grad)
         for kernel, choice in _sdpa_kernels().items():
             fns[f"sdpa/{kernel}"] = _attention_call(qkv, groups, prefix, "sdpa", grad, choice)

@@ -341,3 +341,40 @@ def test_auto_follows_timms_fused_attention_switch():
         assert select_backend(q).name == "sdpa"
     finally:
         set_fused_attn(before)
+
+
+def test_auto_tries_sdpa_before_xformers_as_measured_on_the_gpu():
+    assert [b.name for b in auto_order(torch.randn(1, 16, 2, 8))] == ["sdpa", "xformers", "math"]
+
+
+def test_the_backend_context_is_honoured_inside_a_full_compiled_graph():
+    q = torch.randn(1, 12, 2, 8)
+    with attention_backend("math"):
+        compiled = torch.compile(lambda t: group_attention(t, t, t, 3), fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(q), group_attention(q, q, q, 3, backend="math"))
+
+
+@pytest.mark.parametrize("head_dim", [6, 42])
+def test_sdpa_with_zero_padded_heads_gives_the_same_output_and_gradients(head_dim):
+    from vitblocks.attention.backends import sdpa_attention
+
+    torch.manual_seed(0)
+    qkv = [torch.randn(2, 9, 3, head_dim, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    scale = head_dim**-0.5
+    padded = sdpa_attention(*qkv, scale, 0.0, head_multiple=8)
+    grads = torch.autograd.grad(padded.square().sum(), qkv)
+    plain = sdpa_attention(*qkv, scale, 0.0)
+    expected = torch.autograd.grad(plain.square().sum(), qkv)
+    assert padded.shape == plain.shape == (2, 9, 3, head_dim)
+    torch.testing.assert_close(padded, plain)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_available_backends_probes_a_real_head_size(monkeypatch):
+    sizes = []
+    monkeypatch.setattr(backends_module.SdpaBackend, "extra_reasons",
+                        lambda self, q, capable: sizes.append(q.shape[-1]) or [])
+    assert "sdpa" in available_backends("cpu")
+    assert "sdpa" in available_backends("cpu", head_dim=42)
+    assert sizes == [32, 42]

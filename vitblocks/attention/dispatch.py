@@ -57,7 +57,7 @@ def attention_backend(name: str) -> Iterator[None]:
     """Use backend `name` for every attention call in this block that names none itself.
 
     Args:
-        name: One of "auto", "xformers", "sdpa", "math".
+        name: One of "auto", "sdpa", "xformers", "math".
 
     Returns:
         A context manager; the previous choice is restored on exit.
@@ -81,6 +81,13 @@ def attention_backend(name: str) -> Iterator[None]:
         _chosen_in_context.reset(token)
 
 
+@torch.compiler.assume_constant_result
+def _context_choice() -> str | None:
+    # torch 2.11's Dynamo cannot trace ContextVar.get and split the graph at every
+    # attention call; read while tracing, the choice becomes a constant of the graph.
+    return _chosen_in_context.get()
+
+
 def requested_backend(backend: str | None = None) -> str:
     """The backend name in force for a call.
 
@@ -92,7 +99,7 @@ def requested_backend(backend: str | None = None) -> str:
     """
     if backend is not None:
         return _check_name(backend, "the backend argument")
-    chosen = _chosen_in_context.get()
+    chosen = _context_choice()
     if chosen is not None:
         return chosen
     return _check_name(os.environ.get(ENV_VAR, AUTO), f"the {ENV_VAR} environment variable")
@@ -133,9 +140,9 @@ def auto_order(q: torch.Tensor, kv_len: int | None = None) -> list[AttentionBack
 
     Examples:
         >>> " > ".join(b.name for b in auto_order(torch.empty(1, 196, 3, 64)))
-        'xformers > sdpa > math'
+        'sdpa > xformers > math'
         >>> " > ".join(b.name for b in auto_order(torch.empty(1, 196, 3, 64, dtype=torch.bfloat16)))
-        'math > xformers > sdpa'
+        'math > sdpa > xformers'
     """
     order = list(BACKENDS.values())
     explicit = not use_fused_attn() or auto_prefers_math(q, q.shape[1] if kv_len is None else kv_len)
@@ -179,17 +186,21 @@ def select_backend(
     return chosen
 
 
-def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:
+def available_backends(
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, head_dim: int = 32
+) -> list[str]:
     """Backends that can run on a device and dtype.
 
     Args:
         device: The device to check.
         dtype: The tensor dtype to check.
+        head_dim: Channels per head of the probe input (xformers' kernels refuse some
+            sizes, 1 among them).
 
     Returns:
         Backend names in the order `auto` tries them.
     """
-    probe = torch.empty(1, 1, 1, 1, device=device, dtype=dtype)
+    probe = torch.empty(1, 1, 1, head_dim, device=device, dtype=dtype)
     return [name for name, b in BACKENDS.items() if not b.unsupported_reasons(probe, 0.0)]
 
 

@@ -77,7 +77,7 @@ def backend_names() -> tuple[str, ...]:
 
     Examples:
         >>> backend_names()
-        ('auto', 'xformers', 'sdpa', 'math')
+        ('auto', 'sdpa', 'xformers', 'math')
     """
     return (AUTO, *BACKENDS)
 
