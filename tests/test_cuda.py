@@ -210,3 +210,16 @@ def test_sdpa_on_heads_of_42_channels_is_padded_and_matches_float64():
     assert out.shape == q.shape and relative_error(out, ref) <= 1e-2
     for tensor, expected in zip(inputs, ref_grads):
         assert relative_error(tensor.grad, expected) <= 1e-2
+
+
+def test_pooling_repeats_channels_for_cuda_inputs_by_default(monkeypatch):
+    from vitblocks.layers import ConvPool, pool
+
+    calls = []
+    real = pool.depthwise_on_repeated_channels
+    monkeypatch.setattr(pool, "depthwise_on_repeated_channels", lambda *a: calls.append(1) or real(*a))
+    default, grouped = ConvPool(64, 128).cuda(), ConvPool(64, 128, repeat_input=False).cuda()
+    grouped.load_state_dict(default.state_dict())
+    x = torch.randn(2, 64, 28, 28, device="cuda").contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(default(x), grouped(x), atol=1e-4, rtol=1e-4)
+    assert calls == [1]

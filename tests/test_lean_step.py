@@ -185,7 +185,7 @@ def test_graphs_mode_is_refused_with_its_reasons(tmp_path):
 def test_pooling_on_repeated_channels_is_the_grouped_convolution():
     from vitblocks.layers import ConvPool
 
-    grouped, repeated = ConvPool(8, 16), ConvPool(8, 16, repeat_input=True)
+    grouped, repeated = ConvPool(8, 16, repeat_input=False), ConvPool(8, 16, repeat_input=True)
     repeated.load_state_dict(grouped.state_dict())
     x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
     grad = torch.randn(2, 16, 5, 5)
@@ -252,3 +252,19 @@ def test_an_input_gradient_penalty_through_sret_with_stochastic_depth_matches_pl
         assert (a is None) == (b is None), name
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_pooling_repeats_channels_by_default_only_for_cuda_inputs(monkeypatch):
+    from vitblocks.layers import ConvPool, pool
+
+    calls = []
+    real = pool.depthwise_on_repeated_channels
+    monkeypatch.setattr(pool, "depthwise_on_repeated_channels", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(1, 8, 9, 9)
+    default = ConvPool(8, 16)
+    assert default.repeat_input is None
+    default(x)
+    assert calls == []  # a CPU input: the grouped convolution
+    ConvPool(8, 16, repeat_input=True)(x)
+    assert calls == [1]
+    assert torch.equal(torch.fx.symbolic_trace(default)(x), default(x))
