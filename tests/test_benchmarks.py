@@ -275,3 +275,29 @@ def test_dynamic_page_shows_the_tables_of_its_committed_run():
     for r in run["rows"]:
         if "img_s" in r and r["kind"] == "static":
             assert r["img_s"] == r["baseline_img_s"]
+
+
+def test_benchmarks_page_shows_the_gpu_check_tables_of_its_committed_rows():
+    import re
+
+    from benchmarks.gpu_tables import markdown, read_runs
+
+    folder = ROOT / "docs" / "benchmarks" / "cuda-check"
+    rows = read_runs([folder / "rows-run1.jsonl", folder / "rows-run2.jsonl"])
+    tables = markdown(rows)
+    assert tables == (folder / "tables.md").read_text()
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    shown = re.search(r"<!-- gpu-check:start -->\n(.*)\n<!-- gpu-check:end -->", page, flags=re.S).group(1)
+    assert shown.strip() == tables.strip()
+    assert {r["device"] for r in rows} == {"NVIDIA H200"}
+    # the ranges the prose quotes, recomputed from the rows
+    speeds: dict[tuple, dict[str, float]] = {}
+    for row in rows:
+        if row["stage"] == "attention" and "img_s" in row:
+            speeds.setdefault(tuple(row[k] for k in ("model", "tokens", "groups", "heads", "head_dim")), {})[
+                row["kernel"]] = row["img_s"]
+    for other, quoted in (("xformers", "by {}x"), ("math", "`math` by {}x")):
+        ratios = [s["sdpa"] / s[other] for key, s in speeds.items() if other in s and key[0] != "sret_s"]
+        assert quoted.format(f"{min(ratios):.1f}-{max(ratios):.1f}") in " ".join(page.split())
+    ratios = [s["sdpa"] / s["xformers"] for s in speeds.values() if "xformers" in s]
+    assert min(ratios) > 1.0  # the auto rule: sdpa before xformers at every measured shape
