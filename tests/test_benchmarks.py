@@ -301,3 +301,12 @@ def test_benchmarks_page_shows_the_gpu_check_tables_of_its_committed_rows():
         assert quoted.format(f"{min(ratios):.1f}-{max(ratios):.1f}") in " ".join(page.split())
     ratios = [s["sdpa"] / s["xformers"] for s in speeds.values() if "xformers" in s]
     assert min(ratios) > 1.0  # the auto rule: sdpa before xformers at every measured shape
+
+
+def test_gpu_check_runs_what_no_gpu_run_has_measured_first(tmp_path):
+    from benchmarks.gpu_check import stages
+    from benchmarks.gpu_step import STAGES
+
+    names = [stage.name for stage in stages(tmp_path, dry_run=False)]
+    assert names[:5] == ["compiled-sret", "compiled-deit", "inference", "mfu", "tests"]
+    assert sorted(set(names) & set(STAGES)) == sorted(STAGES) and len(names) == len(set(names))
