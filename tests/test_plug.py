@@ -304,3 +304,28 @@ def test_trained_variants_reload_through_timms_weight_paths(name, tmp_path, monk
     with pytest.raises(CheckpointError, match="do not fit"):
         timm.create_model(other, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "w.pth")),
                           num_classes=3, **SMALL[other.split("_")[0]])
+
+
+def test_a_loop_view_is_the_blocks_class_seeing_the_wrapper_as_it_is_at_the_call():
+    import pickle
+
+    from timm.models.vision_transformer import Block
+
+    from vitblocks.models.families import LoopAwareBlock, _loop_view, loop_view_class
+
+    model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    make_recursive(model, loops=2)
+    wrapper = next(m for m in model.modules() if isinstance(m, LoopAwareBlock))
+    assert loop_view_class(Block) is loop_view_class(Block)
+    bound = object()
+    view = _loop_view(wrapper, bound)
+    assert isinstance(view, Block) and view.attn is bound and view.norm1 is wrapper.norm1
+    model.eval()
+    assert view.training is False
+    model.train()
+    assert view.training is True
+    x = torch.randn(2, 3, 32, 32)
+    restored = pickle.loads(pickle.dumps(model)).eval()
+    torch.testing.assert_close(restored(x), model.eval()(x))
+    compiled = torch.compile(model, fullgraph=True, backend="eager")  # one graph: no break per block application
+    torch.testing.assert_close(compiled(x), model(x))

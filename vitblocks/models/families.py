@@ -23,19 +23,53 @@ from vitblocks.layers.loop_plan import LoopPlan
 from vitblocks.layers.schedule import GroupSchedule
 from vitblocks.layers.scripting import NotScriptable
 
+_LOOP_VIEW_CLASSES: dict[type, type] = {}
+
+
+def loop_view_class(block_class: type) -> type:
+    """The class of a wrapped block's per-call views: a subclass of the block's class.
+
+    A view holds only the wrapper and the call's bound attention; every other attribute
+    falls through to the wrapper, so the view sees its parts, parameters and training
+    flag as they are at the call. One class per block class, made when a block is first
+    wrapped (`torch.compile` traces creating an instance, but in torch 2.11 not copying
+    a module's `__dict__`, which split the graph at every block application).
+
+    Args:
+        block_class: The wrapped block's class.
+
+    Returns:
+        The view class, made once and kept.
+    """
+    view_class = _LOOP_VIEW_CLASSES.get(block_class)
+    if view_class is None:
+
+        def __init__(self: Any, wrapper: nn.Module, attn: Any) -> None:
+            object.__setattr__(self, "_loop_wrapper", wrapper)  # no nn.Module.__init__: the parts are the wrapper's
+            object.__setattr__(self, "_loop_attn", attn)
+
+        def __getattr__(self: Any, name: str) -> Any:
+            if name.startswith("_loop_"):
+                raise AttributeError(name)
+            if name == "attn":
+                return self._loop_attn
+            return getattr(self._loop_wrapper, name)
+
+        view_class = type(f"{block_class.__name__}LoopView", (block_class,),
+                          {"__init__": __init__, "__getattr__": __getattr__, "__module__": __name__})
+        _LOOP_VIEW_CLASSES[block_class] = view_class
+    return view_class
+
 
 def _loop_view(wrapper: LoopAwareBlock, attn: Any) -> nn.Module:
-    """One call's view of a wrapped block: an instance of the block's own class that shares
-    the wrapper's parts, with the attention bound to the call's loop.
+    """One call's view of a wrapped block: an instance of (a subclass of) the block's own
+    class that shares the wrapper's parts, with the attention bound to the call's loop.
 
     Being an instance of that class, its `forward` may call `super()` or check
     `isinstance(self, ...)`; being a fresh object per call, nothing about the loop is
     stored on any module.
     """
-    view = object.__new__(wrapper.block_class)
-    view.__dict__.update(wrapper.__dict__)
-    view.__dict__["_modules"] = {**wrapper._modules, "attn": attn}
-    return view
+    return loop_view_class(wrapper.block_class)(wrapper, attn)
 
 
 class LoopAwareBlock(NotScriptable, nn.Module):
@@ -57,6 +91,7 @@ class LoopAwareBlock(NotScriptable, nn.Module):
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
         self.block_class = type(block)
+        loop_view_class(self.block_class)  # made here, outside any trace
         self._sliced = isinstance(getattr(block, "attn", None), SlicedGroupAttention)
         for name, child in block.named_children():
             self.add_module(name, child)
