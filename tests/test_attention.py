@@ -347,11 +347,16 @@ def test_auto_tries_sdpa_before_xformers_as_measured_on_the_gpu():
     assert [b.name for b in auto_order(torch.randn(1, 16, 2, 8))] == ["sdpa", "xformers", "math"]
 
 
-def test_the_backend_context_is_honoured_inside_a_full_compiled_graph():
-    q = torch.randn(1, 12, 2, 8)
+def test_the_backend_context_is_compiled_into_a_full_graph_when_traced(recording):
+    q = torch.randn(1, 12, 2, 4)
+    compiled = torch.compile(lambda t: group_attention(t, t, t, 3), fullgraph=True, backend="eager")
     with attention_backend("math"):
-        compiled = torch.compile(lambda t: group_attention(t, t, t, 3), fullgraph=True, backend="eager")
         torch.testing.assert_close(compiled(q), group_attention(q, q, q, 3, backend="math"))
+    assert recording.calls == 0  # traced under "math", although auto would take the recording backend
+    compiled(q)  # outside the block the graph keeps its traced choice (documented)
+    assert recording.calls == 0
+    group_attention(q, q, q, 3)  # eager calls follow the context: auto, the recording backend
+    assert recording.calls == 1
 
 
 @pytest.mark.parametrize("head_dim", [6, 42])
@@ -369,6 +374,9 @@ def test_sdpa_with_zero_padded_heads_gives_the_same_output_and_gradients(head_di
     torch.testing.assert_close(padded, plain)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want)
+    v = torch.randn(2, 9, 3, 5, dtype=torch.float64)  # values may have their own head size
+    torch.testing.assert_close(sdpa_attention(qkv[0], qkv[1], v, scale, 0.0, head_multiple=8),
+                               sdpa_attention(qkv[0], qkv[1], v, scale, 0.0))
 
 
 def test_available_backends_probes_a_real_head_size(monkeypatch):

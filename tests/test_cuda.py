@@ -9,6 +9,7 @@ import copy
 import pytest
 import timm
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import vitblocks  # noqa: F401  (registers the models)
 from conftest import requires_cuda
@@ -205,8 +206,10 @@ def test_sdpa_on_heads_of_42_channels_is_padded_and_matches_float64():
     grad = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16, generator=gen)
     ref, ref_grads = reference_and_grads(q, k, v, grad, n, g, prefix)
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-    out = group_attention(*inputs, g, num_prefix_tokens=prefix, backend="sdpa")
-    out.backward(grad)
+    # the memory-efficient kernel refuses 42-channel heads: this runs only because sdpa pads them
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        out = group_attention(*inputs, g, num_prefix_tokens=prefix, backend="sdpa")
+        out.backward(grad)
     assert out.shape == q.shape and relative_error(out, ref) <= 1e-2
     for tensor, expected in zip(inputs, ref_grads):
         assert relative_error(tensor.grad, expected) <= 1e-2

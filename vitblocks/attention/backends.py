@@ -172,13 +172,19 @@ class MathBackend(AttentionBackend):
 
 
 CUDA_HEAD_DIM_MULTIPLE = 8
-"""Head size that `sdpa` pads CUDA inputs up to a multiple of.
+"""Head size that `sdpa` pads half-precision CUDA inputs up to a multiple of.
 
-PyTorch's fused CUDA kernels take only head sizes that are multiples of 8; other sizes
-fall back to slower kernels. On an H200 in bfloat16, SReT-S's 42-channel heads ran
-attention forward + backward 1.6-1.9x faster zero-padded to 48 at every sliced shape
-(docs/benchmarks/cuda/attention.md, `benchmarks.gpu_step attention`).
+PyTorch's memory-efficient and cuDNN attention kernels take only head sizes that are
+multiples of 8. On an H200 in bfloat16, SReT-S's 42-channel heads ran attention forward
++ backward 1.6-1.9x faster when padded to 48 before the call, at every sliced shape;
+padding inside the call measured 1.1-1.4x against the unpadded run, across two runs on
+two machines (docs/benchmarks.md, "GPU check, 2026-12-04").
 """
+
+
+def _pad_heads(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    pad = -t.shape[-1] % multiple
+    return F.pad(t, (0, pad)) if pad else t
 
 
 def sdpa_attention(
@@ -193,13 +199,13 @@ def sdpa_attention(
     Args:
         q: Queries (B, Nq, H, D).
         k: Keys (B, Nk, H, D).
-        v: Values (B, Nk, H, D).
+        v: Values (B, Nk, H, Dv).
         scale: Factor applied to the query-key products.
         dropout_p: Dropout probability on the attention weights.
-        head_multiple: Pad D up to a multiple of this (1: no padding).
+        head_multiple: Pad D and Dv up to multiples of this (1: no padding).
 
     Returns:
-        Output of shape (B, Nq, H, D).
+        Output of shape (B, Nq, H, Dv).
 
     Examples:
         >>> q = torch.randn(2, 5, 3, 6)
@@ -207,27 +213,27 @@ def sdpa_attention(
         >>> torch.allclose(out, sdpa_attention(q, q, q, 6**-0.5, 0.0), atol=1e-6)
         True
     """
-    head_dim = q.shape[-1]
-    pad = -head_dim % head_multiple
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if pad:
-        q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+    if head_multiple == 1:  # no shape arithmetic at all: traces stay free of size-dependent branches
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale).transpose(1, 2)
+    value_dim = v.shape[-1]
+    q, k, v = (_pad_heads(t, head_multiple) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    return (out[..., :head_dim] if pad else out).transpose(1, 2)
+    return out[..., :value_dim].transpose(1, 2)
 
 
 class SdpaBackend(AttentionBackend):
     """PyTorch's `scaled_dot_product_attention` (flash / memory-efficient / cuDNN / math).
 
-    On CUDA, heads whose size is not a multiple of `CUDA_HEAD_DIM_MULTIPLE` are
-    zero-padded so that a fused kernel runs them.
+    On CUDA in float16 and bfloat16, heads whose size is not a multiple of
+    `CUDA_HEAD_DIM_MULTIPLE` are zero-padded so that a fused kernel runs them.
     """
 
     name = "sdpa"
     priority = 10
 
     def attend(self, q, k, v, scale, dropout_p):
-        multiple = CUDA_HEAD_DIM_MULTIPLE if q.is_cuda else 1
+        multiple = CUDA_HEAD_DIM_MULTIPLE if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else 1
         return sdpa_attention(q, k, v, scale, dropout_p, multiple)
 
 
@@ -287,7 +293,7 @@ class XformersBackend(AttentionBackend):
     `auto` tries it after `sdpa`: on an H200 in bfloat16 (xformers 0.0.35, torch 2.11)
     it ran sliced attention forward + backward at 0.35-0.55x SDPA's speed at every
     sliced shape of SReT-T, the sliced DeiT-Tiny and PiT-Ti
-    (docs/benchmarks/cuda/attention.md). Ask for it by name to use it.
+    (docs/benchmarks.md, "GPU check, 2026-12-04"). Ask for it by name to use it.
     """
 
     name = "xformers"

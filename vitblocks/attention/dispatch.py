@@ -6,18 +6,24 @@ A backend is chosen, first match wins, by:
 2. the innermost `attention_backend(...)` context;
 3. the environment variable `VITBLOCKS_ATTENTION` (read at every call);
 4. `"auto"`: the first backend in `auto_order` that supports the input: registered
-   backends by priority (xformers, sdpa, math), except that bfloat16 on the CPU with at
+   backends by priority (sdpa, xformers, math), except that bfloat16 on the CPU with at
    most `CPU_BF16_MATH_MAX_KEYS` keys per group tries `math` first (see
-   `auto_prefers_math`). On CUDA the order is what was measured: on an
-   NVIDIA H200 in bfloat16, SDPA beat `math` at every SReT-T attention shape, by
-   1.2-2.4x in training and 2-5x in inference (docs/benchmarks.md, "GPU: NVIDIA H200",
-   group "attention"); xformers is only picked where its kernels actually run here.
+   `auto_prefers_math`). On CUDA the order is what was measured: on an NVIDIA H200 in
+   bfloat16, SDPA ran sliced attention forward + backward 1.8-2.9x faster than xformers
+   and 1.3-2.0x faster than `math` at every sliced shape of SReT-T, the sliced DeiT-Tiny
+   and PiT-Ti (docs/benchmarks.md, "GPU check, 2026-12-04"). As SDPA runs every
+   floating-point input, `auto` reaches xformers only where SDPA is unregistered; ask for
+   it by name.
 
 A backend named explicitly that cannot run the input raises `AttentionBackendError`
 with every reason; `auto` never raises for that, because `math` runs everything.
 
 The context is a `contextvars.ContextVar`: each thread (and asyncio task) sees its own
 choice, so concurrent `attention_backend(...)` blocks do not leak into each other.
+`torch.compile` reads it once, while tracing, and compiles that choice into the graph:
+a compiled model keeps the backend of the context it was first called in. To switch,
+compile again (a new `torch.compile(model)`, or `torch._dynamo.reset()`), or name the
+backend on the layers (`backend=`), which the graph then follows.
 """
 
 from __future__ import annotations
@@ -231,7 +237,7 @@ def group_attention(
             `TokenGroups`, which carries its own).
         scale: Factor on query-key products; defaults to D ** -0.5.
         dropout_p: Dropout probability on the attention weights.
-        backend: "auto", a registered backend ("xformers", "sdpa", "math", ...), or
+        backend: "auto", a registered backend ("sdpa", "xformers", "math", ...), or
             None for the context / environment choice.
 
     Returns:

@@ -51,7 +51,7 @@ class ModelConfig:
         kwargs: Extra `timm.create_model` arguments, e.g. `{"drop_path_rate": 0.1}`.
         grad_checkpointing: Activation checkpointing: False, True ("loop"), or "sqrt"
             for vitblocks recursive models.
-        backend: Attention backend of vitblocks layers: auto, xformers, sdpa, math, or
+        backend: Attention backend of vitblocks layers: auto, sdpa, xformers, math, or
             any registered backend.
         compile: "none" (or False): eager; "model" (or True): `torch.compile(model)`;
             "regional": each shared block compiled once (`vitblocks.compile_regions`),
