@@ -325,7 +325,11 @@ def test_a_loop_view_is_the_blocks_class_seeing_the_wrapper_as_it_is_at_the_call
     model.train()
     assert view.training is True
     x = torch.randn(2, 3, 32, 32)
+    from vitblocks.models import families
+
+    families._LOOP_VIEW_CLASSES.pop(Block)  # as in a new process, where no block was wrapped yet
     restored = pickle.loads(pickle.dumps(model)).eval()
+    assert Block in families._LOOP_VIEW_CLASSES  # made on unpickling, before any trace
     torch.testing.assert_close(restored(x), model.eval()(x))
     compiled = torch.compile(model, fullgraph=True, backend="eager")  # one graph: no break per block application
     torch.testing.assert_close(compiled(x), model(x))

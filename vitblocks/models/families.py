@@ -31,9 +31,15 @@ def loop_view_class(block_class: type) -> type:
 
     A view holds only the wrapper and the call's bound attention; every other attribute
     falls through to the wrapper, so the view sees its parts, parameters and training
-    flag as they are at the call. One class per block class, made when a block is first
-    wrapped (`torch.compile` traces creating an instance, but in torch 2.11 not copying
-    a module's `__dict__`, which split the graph at every block application).
+    flag as they are at the call. One class per block class, made when a block is
+    wrapped or unpickled, outside any trace (`torch.compile` traces creating an
+    instance, but in torch 2.11 not copying a module's `__dict__`, which split the graph
+    at every block application).
+
+    What a block's `forward` may do to `self` is what reading allows: it reads its parts
+    and attributes, calls `super()` and checks `isinstance`; assigning a module or
+    buffer to `self` inside `forward` is not supported, and `type(self)` is this
+    subclass, named `<Block>LoopView`.
 
     Args:
         block_class: The wrapped block's class.
@@ -55,8 +61,9 @@ def loop_view_class(block_class: type) -> type:
                 return self._loop_attn
             return getattr(self._loop_wrapper, name)
 
-        view_class = type(f"{block_class.__name__}LoopView", (block_class,),
-                          {"__init__": __init__, "__getattr__": __getattr__, "__module__": __name__})
+        name = f"{block_class.__name__}LoopView"
+        view_class = type(name, (block_class,), {"__init__": __init__, "__getattr__": __getattr__,
+                                                  "__module__": __name__, "__qualname__": name})
         _LOOP_VIEW_CLASSES[block_class] = view_class
     return view_class
 
@@ -99,6 +106,10 @@ class LoopAwareBlock(NotScriptable, nn.Module):
             self.register_parameter(name, param)
         for name, buffer in block.named_buffers(recurse=False):
             self.register_buffer(name, buffer)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        loop_view_class(self.block_class)  # an unpickled model in a new process: made here, not while tracing
 
     def loop_plan(self, x: torch.Tensor, loop: int) -> Any:
         """The sliced attention's plan for one loop (see `SlicedGroupAttention.loop_plan`).
