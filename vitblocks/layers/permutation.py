@@ -158,8 +158,9 @@ def cached_fixed_permutation(
         >>> cached_fixed_permutation(6, 1).equal(fixed_permutation(6, seed=1))
         True
     """
-    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
-        # torch.compile: the values enter the graph as constants
+    if torch.compiler.is_dynamo_compiling():
+        # torch.compile (and a strict export): the values enter the graph as constants. Not
+        # is_exporting(): torch 2.11's Dynamo answers True to it inside torch.compile too
         return torch.tensor(_fixed_permutation_values(num_tokens, seed, inverse), dtype=torch.int64, device=device)
     return _fixed_permutation_constant(num_tokens, seed, inverse, str(torch.device(device or "cpu")))
 
