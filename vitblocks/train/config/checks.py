@@ -113,10 +113,13 @@ def check_optimizer_and_schedule(opt: str, sched: str) -> None:
         raise ConfigError(f"optim.opt={opt!r} is not one of timm's optimizers{did_you_mean(opt, names)}")
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     try:
-        create_scheduler_v2(probe, sched, num_epochs=2, updates_per_epoch=1)
-    except Exception:  # noqa: BLE001 - timm raises differently for unknown or malformed names
+        # timm raises differently for unknown or malformed names, and timm 1.0.29 returns no schedule
+        built = create_scheduler_v2(probe, sched, num_epochs=2, updates_per_epoch=1)[0] is not None
+    except Exception:  # noqa: BLE001
+        built = False
+    if not built:
         raise ConfigError(f"schedule.sched={sched!r} is not a schedule timm builds"
-                          f"{did_you_mean(sched, _SCHEDULE_NAMES)} (one of {', '.join(_SCHEDULE_NAMES)})") from None
+                          f"{did_you_mean(sched, _SCHEDULE_NAMES)} (one of {', '.join(_SCHEDULE_NAMES)})")
 
 
 WEIGHT_SOURCES = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path")

@@ -87,7 +87,7 @@ def model_config_json(model: nn.Module, config: TrainConfig, classes: list[str] 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "config.json"
         try:
-            _write_config(str(path), model, config, classes)
+            _write_config(path, model, config, classes)
         # a constructor argument JSON cannot hold (a class, a function), or a timm without this helper
         except (ValueError, TypeError, ImportError) as error:
             logger.warning(f"{config.output_dir}: no config.json, as timm cannot describe this model ({error}); load "
@@ -96,11 +96,11 @@ def model_config_json(model: nn.Module, config: TrainConfig, classes: list[str] 
         return path.read_text()
 
 
-def _write_config(path: str, model: nn.Module, config: TrainConfig, classes: list[str] | None) -> None:
+def _write_config(path: Path, model: nn.Module, config: TrainConfig, classes: list[str] | None) -> None:
     """timm's config.json of the model, describing this run's weights and preprocessing."""
     from timm.models._hub import save_config_for_hf  # save_for_hf's config half (its weights write is not atomic)
 
-    save_config_for_hf(model, path, model_args=model_args(config))
+    save_config_for_hf(model, path, model_args=model_args(config))  # a Path: timm 1.0.29 calls path.open
     settings = json.loads(Path(path).read_text())
     cfg = settings["pretrained_cfg"]
     for key in ("origin_url", "paper_name", "paper_ids", "notes", "license", "hf_hub_id", "url", "file"):
