@@ -3,12 +3,13 @@
     bash benchmarks/gpu_check.sh OUTPUT_DIR            # on a GPU machine (see the script)
     python -m benchmarks.gpu_check OUTPUT_DIR --dry-run  # the same stages on CPU, tiny sizes
 
-Stages run in order of importance, what no GPU run has measured yet first — the
+Stages run in order of importance, the targets' measurements and the tests first — the
 environment (with whether xformers' kernels load), compiled steps and CUDA graphs of
 sret_t and deit_tiny, inference, SReT-S's FLOP utilisation (`benchmarks.gpu_step`), the
-CUDA tests, the trainer end to end, the profiler table, then eager steps, the attention
-kernels at every sliced shape, pooling, routing, the official-computation and
-recursion-memory rows (`benchmarks.run`) and JPEG decoding — each in its own process under a time limit
+CUDA tests, the trainer end to end, the profiler table; then what the 2026-12-04 run
+measured (eager steps, the attention kernels at every sliced shape, pooling, routing)
+and the longer stages (the official-computation and recursion-memory rows of
+`benchmarks.run`, JPEG decoding in the trainer) — each in its own process under a time limit
 taken from one overall budget, so a slow or failing stage costs only itself and the
 summary is always written. Measurements land in OUTPUT_DIR/rows.jsonl as they are made;
 with them `environment.json`, `logs/<stage>.log`, the benchmark report (`cuda/`), the
@@ -86,8 +87,8 @@ def stages(out: Path, dry_run: bool) -> list[Stage]:
                   "epochs=5", "precision=bf16"]
         profile = ["--batch-size", "256", "--precision", "bf16"]
         bench = ["--suite", "cuda", "--precision", "bf16", "--groups", "vs_naive,recursion"]
-        # what no GPU run has measured yet first (the 2026-12-04 run measured attention, pool
-        # and dynamic, and its budget ran out before the trainer and the tests)
+        # the targets' measurements first (the 2026-12-04 run measured attention, pool and
+        # dynamic, and its budget ran out before the trainer and the tests)
         measured = [
             Stage("compiled-sret", [*step, "compiled-sret", str(out)], 130),
             Stage("compiled-deit", [*step, "compiled-deit", str(out)], 80),
